@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Start the local services the product needs, installing what is missing.
+# Sourced by scripts/test.sh and scripts/run.sh; safe to run on its own:
+#   bash scripts/services.sh redis postgres
+# Each service is started only when it is not already answering on its
+# standard loopback port, and installed with apt-get only when it is missing.
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+apt_install() {
+  if [ -z "${_VEDFOLNIR_APT_UPDATED:-}" ]; then
+    log "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    _VEDFOLNIR_APT_UPDATED=1
+  fi
+  log "installing $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+wait_for() {
+  local what=$1; shift
+  for _ in $(seq 1 100); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  log "$what did not come up"; return 1
+}
+
+ensure_redis() {
+  if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then return 0; fi
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server redis-tools
+  log "starting redis on 127.0.0.1:6379 (no persistence)"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
+    --appendonly no --dir /var/lib/redis --logfile /var/log/redis/vedfolnir.log
+  wait_for redis redis-cli -h 127.0.0.1 -p 6379 ping
+}
+
+ensure_postgres() {
+  if pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then return 0; fi
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    apt_install postgresql
+    # Trust local TCP connections, as the development machines do.
+    for hba in /etc/postgresql/*/main/pg_hba.conf; do
+      sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+    done
+  fi
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  log "starting postgresql $version on 127.0.0.1:5432"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  wait_for postgresql pg_isready -h 127.0.0.1 -p 5432
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  set -euo pipefail
+  for s in "${@:-redis postgres}"; do
+    for one in $s; do "ensure_$one"; done
+  done
+fi

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command: start what the tests need, then format check, clippy with
+# -D warnings and the whole suite against the real Redis and PostgreSQL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/services.sh
+ensure_redis
+ensure_postgres
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/vedfolnir-sessions/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked --no-fail-fast

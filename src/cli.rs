@@ -1,0 +1,376 @@
+//! The operator CLI, `vedfolnir-sessions`.
+//!
+//! Every command prints JSON on stdout. On failure it prints one line on
+//! stderr (`error: …`) and exits non-zero: 1 when the thing asked about does
+//! not exist or is unhealthy, 2 for every other failure (bad configuration,
+//! Redis unreachable, invalid input).
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value, json};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::event::{DestroyReason, Platform};
+use crate::id::SessionId;
+use crate::session::{Changes, NewSession};
+use crate::store::SessionStore;
+
+/// Operate the vedfolnir session store.
+#[derive(Debug, Parser)]
+#[command(name = "vedfolnir-sessions", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, inspect, change and end single sessions.
+    #[command(subcommand)]
+    Session(SessionCmd),
+    /// A user's sessions.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Active sessions, stream length, the users with most sessions.
+    Stats {
+        /// How many users to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Redis reachability and latency; exits 1 when unhealthy.
+    Health,
+}
+
+/// `session …` commands.
+#[derive(Debug, Subcommand)]
+pub enum SessionCmd {
+    /// Create a session for a user; prints the token once.
+    Create {
+        /// The user's id (a number is stored as a number).
+        #[arg(long)]
+        user_id: String,
+        /// The user's name.
+        #[arg(long)]
+        username: String,
+        /// The user's email.
+        #[arg(long)]
+        email: Option<String>,
+        /// The user's role.
+        #[arg(long)]
+        role: Option<String>,
+    },
+    /// Print a session's JSON; exits 1 when there is none.
+    Show {
+        /// The session id (64 hex characters).
+        session_id: String,
+    },
+    /// Set keys: `KEY=JSON_VALUE` (a value that is not JSON is taken as a string).
+    Set {
+        /// The session id.
+        session_id: String,
+        /// `KEY=JSON_VALUE` pairs.
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Remove keys.
+    Unset {
+        /// The session id.
+        session_id: String,
+        /// Keys to remove.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Switch the session's platform connection.
+    SwitchPlatform(SwitchPlatformArgs),
+    /// End a session (reason `admin` unless given).
+    Destroy {
+        /// The session id.
+        session_id: String,
+        /// logout, rotated, logout_all, evicted, fingerprint or admin.
+        #[arg(long, default_value = "admin")]
+        reason: String,
+    },
+}
+
+/// Arguments of `session switch-platform`.
+#[derive(Debug, Args)]
+pub struct SwitchPlatformArgs {
+    /// The session id.
+    pub session_id: String,
+    /// The platform connection's id.
+    #[arg(long)]
+    pub platform_connection_id: i64,
+    /// Display name.
+    #[arg(long)]
+    pub platform_name: String,
+    /// Platform type (mastodon, pixelfed, …).
+    #[arg(long)]
+    pub platform_type: String,
+    /// Instance URL.
+    #[arg(long)]
+    pub platform_instance_url: String,
+}
+
+/// `user …` commands.
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// The user's live sessions as a JSON list.
+    Sessions {
+        /// The user's id.
+        user_id: String,
+    },
+    /// End every session of the user.
+    LogoutAll {
+        /// The user's id.
+        user_id: String,
+    },
+}
+
+/// A command failure: the exit code and the message for stderr.
+#[derive(Debug)]
+pub struct Failure {
+    /// 1: not found or unhealthy; 2: anything else.
+    pub code: u8,
+    /// One line.
+    pub message: String,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        let code = match e {
+            Error::NotFound(_) | Error::Ended { .. } => 1,
+            _ => 2,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::config::ConfigError> for Failure {
+    fn from(e: crate::config::ConfigError) -> Self {
+        Failure {
+            code: 2,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn session_id(text: &str) -> Result<SessionId, Failure> {
+    text.parse().map_err(|e| {
+        invalid(format!(
+            "{e}: {:?}",
+            text.chars().take(80).collect::<String>()
+        ))
+    })
+}
+
+/// A user id argument: a whole number is stored as a JSON number, as the
+/// seed application does; anything else as a string.
+pub fn user_id_value(text: &str) -> Value {
+    text.parse::<i64>()
+        .map(Value::from)
+        .unwrap_or_else(|_| Value::String(text.to_owned()))
+}
+
+fn parse_reason(text: &str) -> Result<DestroyReason, Failure> {
+    serde_json::from_value(Value::String(text.to_owned())).map_err(|_| {
+        invalid(format!(
+            "unknown reason {text:?}: logout, rotated, logout_all, evicted, fingerprint or admin"
+        ))
+    })
+}
+
+/// Runs the parsed command and returns the JSON to print.
+pub async fn run(cli: Cli, config: Config) -> Result<Value, Failure> {
+    let store = match SessionStore::connect(&config).await {
+        Ok(s) => s,
+        Err(e) if matches!(cli.command, Command::Health) => {
+            println!(
+                "{:#}",
+                json!({"healthy": false, "redis_reachable": false, "error": e.to_string()})
+            );
+            return Err(Failure {
+                code: 1,
+                message: format!("unhealthy: {e}"),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match cli.command {
+        Command::Session(cmd) => session(&store, cmd).await,
+        Command::User(UserCmd::Sessions { user_id }) => {
+            let list = store.user_sessions(&user_id).await?;
+            Ok(Value::Array(
+                list.into_iter()
+                    .map(|(id, s)| json!({"session_id": id, "session": s}))
+                    .collect(),
+            ))
+        }
+        Command::User(UserCmd::LogoutAll { user_id }) => {
+            let ended = store
+                .destroy_all_for_user(&user_id, DestroyReason::LogoutAll)
+                .await?;
+            Ok(json!({"user_id": user_id, "destroyed": ended}))
+        }
+        Command::Stats { top } => Ok(
+            serde_json::to_value(store.stats(top).await?).map_err(|e| invalid(e.to_string()))?
+        ),
+        Command::Health => {
+            let h = store.health().await;
+            let v = serde_json::to_value(&h).map_err(|e| invalid(e.to_string()))?;
+            if h.healthy {
+                Ok(v)
+            } else {
+                println!("{v:#}");
+                Err(Failure {
+                    code: 1,
+                    message: format!(
+                        "unhealthy: {}",
+                        h.error.unwrap_or_else(|| "redis unreachable".to_owned())
+                    ),
+                })
+            }
+        }
+    }
+}
+
+async fn session(store: &SessionStore, cmd: SessionCmd) -> Result<Value, Failure> {
+    match cmd {
+        SessionCmd::Create {
+            user_id,
+            username,
+            email,
+            role,
+        } => {
+            let mut new = NewSession::for_user(user_id_value(&user_id), username);
+            if let Some(e) = email {
+                new = new.with("email", e);
+            }
+            if let Some(r) = role {
+                new = new.with("role", r);
+            }
+            let c = store.create(new).await?;
+            Ok(json!({
+                "session_id": c.session_id,
+                "token": c.token.expose(),
+                "session": c.session,
+                "evicted": c.evicted,
+            }))
+        }
+        SessionCmd::Show { session_id: id } => {
+            let id = session_id(&id)?;
+            match store.get(&id).await? {
+                Some(s) => Ok(serde_json::to_value(&s).map_err(|e| invalid(e.to_string()))?),
+                None => match store.tombstone(&id).await? {
+                    Some(status) => Err(Error::Ended {
+                        session_id: id,
+                        status: status.as_str().to_owned(),
+                    }
+                    .into()),
+                    None => Err(Error::NotFound(id).into()),
+                },
+            }
+        }
+        SessionCmd::Set {
+            session_id: id,
+            pairs,
+        } => {
+            let id = session_id(&id)?;
+            let mut set = Map::new();
+            for p in pairs {
+                let (k, v) = p
+                    .split_once('=')
+                    .ok_or_else(|| invalid(format!("expected KEY=JSON_VALUE, got {p:?}")))?;
+                if k.is_empty() {
+                    return Err(invalid(format!("empty key in {p:?}")));
+                }
+                let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
+                set.insert(k.to_owned(), value);
+            }
+            let s = store.update(&id, Changes { set, unset: vec![] }).await?;
+            Ok(serde_json::to_value(&s).map_err(|e| invalid(e.to_string()))?)
+        }
+        SessionCmd::Unset {
+            session_id: id,
+            keys,
+        } => {
+            let id = session_id(&id)?;
+            let s = store
+                .update(
+                    &id,
+                    Changes {
+                        set: Map::new(),
+                        unset: keys,
+                    },
+                )
+                .await?;
+            Ok(serde_json::to_value(&s).map_err(|e| invalid(e.to_string()))?)
+        }
+        SessionCmd::SwitchPlatform(a) => {
+            let id = session_id(&a.session_id)?;
+            let s = store
+                .switch_platform(
+                    &id,
+                    Platform {
+                        platform_connection_id: a.platform_connection_id,
+                        platform_name: a.platform_name,
+                        platform_type: a.platform_type,
+                        platform_instance_url: a.platform_instance_url,
+                    },
+                )
+                .await?;
+            Ok(serde_json::to_value(&s).map_err(|e| invalid(e.to_string()))?)
+        }
+        SessionCmd::Destroy {
+            session_id: id,
+            reason,
+        } => {
+            let id = session_id(&id)?;
+            let reason = parse_reason(&reason)?;
+            if store.destroy(&id, reason).await? {
+                Ok(json!({"session_id": id, "destroyed": true, "reason": reason}))
+            } else {
+                Err(Error::NotFound(id).into())
+            }
+        }
+    }
+}
+
+/// The binary's entry point: parse, configure, run, print.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init_cli_logging();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => return fail(&e.into()),
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&invalid(format!("cannot start the runtime: {e}"))),
+    };
+    match rt.block_on(run(cli, config)) {
+        Ok(v) => {
+            println!("{v:#}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => fail(&f),
+    }
+}
+
+fn fail(f: &Failure) -> ExitCode {
+    eprintln!("error: {}", f.message.replace('\n', " "));
+    ExitCode::from(f.code)
+}

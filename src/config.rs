@@ -1,0 +1,465 @@
+//! Configuration from the environment, with the Vedfolnir application's names
+//! and defaults.
+//!
+//! [`Config::from_env`] reads every variable once at start and validates it;
+//! a bad value is a [`ConfigError`] that names the variable and the value
+//! (secrets are shown redacted). [`Config::default`] is the same as an empty
+//! environment. The README's configuration table lists every variable.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use url::Url;
+
+/// A configuration variable with a value that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {var}={value:?}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable.
+    pub var: &'static str,
+    /// The offending value (redacted when it holds a secret).
+    pub value: String,
+    /// What a valid value looks like.
+    pub reason: String,
+}
+
+/// `SameSite` cookie attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    /// `SameSite=Strict`.
+    Strict,
+    /// `SameSite=Lax` (the default).
+    Lax,
+    /// `SameSite=None` (requires `Secure`).
+    None,
+}
+
+impl SameSite {
+    /// The attribute's value as written in `Set-Cookie`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SameSite::Strict => "Strict",
+            SameSite::Lax => "Lax",
+            SameSite::None => "None",
+        }
+    }
+}
+
+/// The session cookie's attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieConfig {
+    /// `SESSION_COOKIE_NAME` (`session`).
+    pub name: String,
+    /// `SESSION_COOKIE_HTTPONLY` (true).
+    pub http_only: bool,
+    /// `SESSION_COOKIE_SECURE` (true).
+    pub secure: bool,
+    /// `SESSION_COOKIE_SAMESITE` (`Lax`).
+    pub same_site: SameSite,
+    /// `SESSION_COOKIE_MAX_AGE` (7200 s).
+    pub max_age: Duration,
+}
+
+/// Where Redis is. Holds the password; its `Debug` and [`RedisTarget::redacted`]
+/// forms never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    url: Url,
+}
+
+impl RedisTarget {
+    /// Parses a `redis://` or `rediss://` URL.
+    pub fn parse(var: &'static str, text: &str) -> Result<Self, ConfigError> {
+        let url = Url::parse(text).map_err(|e| ConfigError {
+            var,
+            value: redact_text(text),
+            reason: format!("not a URL ({e})"),
+        })?;
+        if !matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+            return Err(ConfigError {
+                var,
+                value: redact_url(&url),
+                reason: "the scheme must be redis://, rediss:// or unix://".to_owned(),
+            });
+        }
+        Ok(RedisTarget { url })
+    }
+
+    /// The full URL, password included, for the Redis client only.
+    pub fn expose_url(&self) -> &str {
+        self.url.as_str()
+    }
+
+    /// The URL with any password replaced by `***`, safe to log.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisTarget({})", self.redacted())
+    }
+}
+
+fn redact_url(url: &Url) -> String {
+    let mut u = url.clone();
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    u.to_string()
+}
+
+fn redact_text(text: &str) -> String {
+    // An unparseable URL may still hold a password before its last '@'.
+    match text.rfind('@') {
+        Some(at) => {
+            let start = text
+                .find("://")
+                .map(|s| s + 3)
+                .filter(|s| *s <= at)
+                .unwrap_or(0);
+            format!("{}***{}", &text[..start], &text[at..])
+        }
+        None => text.to_owned(),
+    }
+}
+
+/// Everything the library, the worker and the CLI need to know.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// `REDIS_URL`, or built from `REDIS_HOST`, `REDIS_PORT`, `REDIS_DB`,
+    /// `REDIS_PASSWORD`, `REDIS_SSL`.
+    pub redis: RedisTarget,
+    /// `SESSION_STORAGE`: only `redis` is supported.
+    pub session_storage: String,
+    /// `REDIS_SESSION_PREFIX` (`vedfolnir:session:`).
+    pub session_prefix: String,
+    /// `REDIS_EVENT_STREAM` (`vedfolnir:events`).
+    pub event_stream: String,
+    /// `REDIS_SESSION_TIMEOUT` (7200 s): idle lifetime of a session.
+    pub session_timeout: Duration,
+    /// `SESSION_TOUCH_INTERVAL` (60 s): at most one `touched` event per interval.
+    pub touch_interval: Duration,
+    /// `SESSION_MAX_BYTES` (65536): largest session JSON accepted.
+    pub max_bytes: usize,
+    /// `SESSION_MAX_PER_USER` (0 = unlimited).
+    pub max_per_user: u32,
+    /// `SESSION_TOMBSTONE_TTL` (86400 s): how long an ended session's id is
+    /// remembered, so no in-flight request can bring it back.
+    pub tombstone_ttl: Duration,
+    /// `SESSION_MAX_RETRIES` (100): attempts on version conflicts before `Conflict`.
+    pub max_retries: u32,
+    /// `REDIS_TIMEOUT_MS` (2000): connect and response timeout for store commands.
+    pub redis_timeout: Duration,
+    /// Cookie attributes.
+    pub cookie: CookieConfig,
+    /// `DB_SESSION_FALLBACK` (true): serve sessions from the audit database
+    /// while Redis is unreachable.
+    pub db_fallback: bool,
+    /// `DB_SESSION_SYNC` (true): commit every mutation to the audit database
+    /// before returning.
+    pub db_sync: bool,
+    /// `DATABASE_URL` (`sqlite://vedfolnir-audit.sqlite?mode=rwc`).
+    pub database_url: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // An empty environment is always valid.
+        match Config::from_lookup(|_| None) {
+            Ok(c) => c,
+            Err(e) => unreachable!("defaults are valid: {e}"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Config::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads and validates variables from a map (tests, embedding).
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Config::from_lookup(|k| vars.get(k).cloned())
+    }
+
+    /// Reads and validates variables through a lookup function.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let var = |k: &str| {
+            get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let redis = match var("REDIS_URL") {
+            Some(u) => RedisTarget::parse("REDIS_URL", &u)?,
+            None => {
+                let host = var("REDIS_HOST").unwrap_or_else(|| "localhost".to_owned());
+                let port: u16 = parse(&var, "REDIS_PORT", 6379, "a TCP port (1-65535)")?;
+                let db: u32 = parse(&var, "REDIS_DB", 0, "a database index (0, 1, …)")?;
+                let ssl = parse_bool(&var, "REDIS_SSL", false)?;
+                let scheme = if ssl { "rediss" } else { "redis" };
+                let mut url =
+                    Url::parse(&format!("{scheme}://placeholder/")).map_err(|e| ConfigError {
+                        var: "REDIS_HOST",
+                        value: host.clone(),
+                        reason: e.to_string(),
+                    })?;
+                url.set_host(Some(&host)).map_err(|e| ConfigError {
+                    var: "REDIS_HOST",
+                    value: host.clone(),
+                    reason: format!("not a host name ({e})"),
+                })?;
+                let _ = url.set_port(Some(port));
+                url.set_path(&db.to_string());
+                if let Some(pw) = get("REDIS_PASSWORD").filter(|p| !p.is_empty()) {
+                    let _ = url.set_password(Some(&pw));
+                }
+                RedisTarget { url }
+            }
+        };
+        let session_storage = var("SESSION_STORAGE").unwrap_or_else(|| "redis".to_owned());
+        if session_storage != "redis" {
+            return Err(ConfigError {
+                var: "SESSION_STORAGE",
+                value: session_storage,
+                reason: "only `redis` is supported".to_owned(),
+            });
+        }
+        let session_prefix =
+            var("REDIS_SESSION_PREFIX").unwrap_or_else(|| "vedfolnir:session:".to_owned());
+        let event_stream =
+            var("REDIS_EVENT_STREAM").unwrap_or_else(|| "vedfolnir:events".to_owned());
+        let secs = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
+            let n: u64 = parse(&var, name, default, "a whole number of seconds, at least 1")?;
+            if n == 0 {
+                return Err(ConfigError {
+                    var: name,
+                    value: "0".to_owned(),
+                    reason: "a whole number of seconds, at least 1".to_owned(),
+                });
+            }
+            Ok(Duration::from_secs(n))
+        };
+        let session_timeout = secs("REDIS_SESSION_TIMEOUT", 7200)?;
+        let touch_interval = secs("SESSION_TOUCH_INTERVAL", 60)?;
+        let tombstone_ttl = secs("SESSION_TOMBSTONE_TTL", 86_400)?;
+        let max_bytes: usize = parse(&var, "SESSION_MAX_BYTES", 65_536, "a number of bytes")?;
+        if max_bytes < 256 {
+            return Err(ConfigError {
+                var: "SESSION_MAX_BYTES",
+                value: max_bytes.to_string(),
+                reason: "at least 256 bytes".to_owned(),
+            });
+        }
+        let max_per_user: u32 = parse(
+            &var,
+            "SESSION_MAX_PER_USER",
+            0,
+            "a whole number (0 = unlimited)",
+        )?;
+        let max_retries: u32 = parse(&var, "SESSION_MAX_RETRIES", 100, "a whole number")?;
+        let timeout_ms: u64 = parse(&var, "REDIS_TIMEOUT_MS", 2000, "milliseconds")?;
+        let same_site = match var("SESSION_COOKIE_SAMESITE")
+            .unwrap_or_else(|| "Lax".to_owned())
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "lax" => SameSite::Lax,
+            "strict" => SameSite::Strict,
+            "none" => SameSite::None,
+            _ => {
+                return Err(ConfigError {
+                    var: "SESSION_COOKIE_SAMESITE",
+                    value: var("SESSION_COOKIE_SAMESITE").unwrap_or_default(),
+                    reason: "one of Lax, Strict, None".to_owned(),
+                });
+            }
+        };
+        let cookie = CookieConfig {
+            name: var("SESSION_COOKIE_NAME").unwrap_or_else(|| "session".to_owned()),
+            http_only: parse_bool(&var, "SESSION_COOKIE_HTTPONLY", true)?,
+            secure: parse_bool(&var, "SESSION_COOKIE_SECURE", true)?,
+            same_site,
+            max_age: Duration::from_secs(parse(
+                &var,
+                "SESSION_COOKIE_MAX_AGE",
+                7200,
+                "a whole number of seconds",
+            )?),
+        };
+        if !cookie
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        {
+            return Err(ConfigError {
+                var: "SESSION_COOKIE_NAME",
+                value: cookie.name,
+                reason: "a cookie name (letters, digits and !#$%&'*+-.^_`|~)".to_owned(),
+            });
+        }
+        Ok(Config {
+            redis,
+            session_storage,
+            session_prefix,
+            event_stream,
+            session_timeout,
+            touch_interval,
+            max_bytes,
+            max_per_user,
+            tombstone_ttl,
+            max_retries,
+            redis_timeout: Duration::from_millis(timeout_ms.max(1)),
+            cookie,
+            db_fallback: parse_bool(&var, "DB_SESSION_FALLBACK", true)?,
+            db_sync: parse_bool(&var, "DB_SESSION_SYNC", true)?,
+            database_url: var("DATABASE_URL")
+                .unwrap_or_else(|| "sqlite://vedfolnir-audit.sqlite?mode=rwc".to_owned()),
+        })
+    }
+
+    /// Builder: another key namespace (session prefix and stream), as tests
+    /// and the demo use to keep their keys apart.
+    pub fn with_namespace(mut self, namespace: &str) -> Self {
+        self.session_prefix = format!("{namespace}session:");
+        self.event_stream = format!("{namespace}events");
+        self
+    }
+
+    /// Builder: another idle timeout.
+    pub fn with_session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout;
+        self
+    }
+
+    /// Builder: another touch interval.
+    pub fn with_touch_interval(mut self, interval: Duration) -> Self {
+        self.touch_interval = interval;
+        self
+    }
+
+    /// Builder: another per-user limit.
+    pub fn with_max_per_user(mut self, max: u32) -> Self {
+        self.max_per_user = max;
+        self
+    }
+
+    /// Builder: another size limit.
+    pub fn with_max_bytes(mut self, max: usize) -> Self {
+        self.max_bytes = max;
+        self
+    }
+
+    /// Builder: another Redis.
+    pub fn with_redis(mut self, target: RedisTarget) -> Self {
+        self.redis = target;
+        self
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    var: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: T,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    match var(name) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| ConfigError {
+            var: name,
+            value: v,
+            reason: format!("expected {expected}"),
+        }),
+    }
+}
+
+fn parse_bool(
+    var: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match var(name) {
+        None => Ok(default),
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(ConfigError {
+                var: name,
+                value: v,
+                reason: "expected true or false".to_owned(),
+            }),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_map(&m)
+    }
+
+    #[test]
+    fn defaults_are_the_seed_applications() {
+        let c = Config::default();
+        assert_eq!(c.redis.expose_url(), "redis://localhost:6379/0");
+        assert_eq!(c.session_prefix, "vedfolnir:session:");
+        assert_eq!(c.event_stream, "vedfolnir:events");
+        assert_eq!(c.session_timeout, Duration::from_secs(7200));
+        assert_eq!(c.cookie.name, "session");
+        assert!(c.cookie.http_only && c.cookie.secure);
+        assert_eq!(c.cookie.same_site, SameSite::Lax);
+        assert_eq!(c.cookie.max_age, Duration::from_secs(7200));
+        assert!(c.db_fallback && c.db_sync);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_value() {
+        let e = cfg(&[("REDIS_SESSION_TIMEOUT", "soon")]).expect_err("invalid");
+        assert_eq!(e.var, "REDIS_SESSION_TIMEOUT");
+        assert!(
+            e.to_string().contains("REDIS_SESSION_TIMEOUT=\"soon\""),
+            "{e}"
+        );
+        let e = cfg(&[("SESSION_COOKIE_SECURE", "maybe")]).expect_err("invalid");
+        assert_eq!(e.var, "SESSION_COOKIE_SECURE");
+        let e = cfg(&[("SESSION_COOKIE_SAMESITE", "sideways")]).expect_err("invalid");
+        assert_eq!(e.value, "sideways");
+        let e = cfg(&[("REDIS_PORT", "99999")]).expect_err("invalid");
+        assert_eq!(e.var, "REDIS_PORT");
+        let e = cfg(&[("REDIS_SESSION_TIMEOUT", "0")]).expect_err("invalid");
+        assert_eq!(e.var, "REDIS_SESSION_TIMEOUT");
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let c = cfg(&[
+            ("REDIS_HOST", "cache.internal"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_DB", "2"),
+            ("REDIS_PASSWORD", "ZkjBdCsoodbvY6EpXF"),
+            ("REDIS_SSL", "true"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.redis.expose_url(),
+            "rediss://:ZkjBdCsoodbvY6EpXF@cache.internal:6380/2"
+        );
+        assert!(!format!("{c:?}").contains("ZkjBdCsoodbvY6EpXF"));
+        assert_eq!(c.redis.redacted(), "rediss://:***@cache.internal:6380/2");
+        let e =
+            cfg(&[("REDIS_URL", "http://:ZkjBdCsoodbvY6EpXF@localhost/0")]).expect_err("scheme");
+        assert!(!e.to_string().contains("ZkjBdCsoodbvY6EpXF"), "{e}");
+        let e = cfg(&[("REDIS_URL", "redis//:ZkjBdCsoodbvY6EpXF@local host")]).expect_err("url");
+        assert!(!e.to_string().contains("ZkjBdCsoodbvY6EpXF"), "{e}");
+    }
+}

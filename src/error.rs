@@ -1,0 +1,84 @@
+//! The library's error type.
+//!
+//! One enum for the whole store boundary. Conflicts, missing sessions and ended
+//! sessions are distinct variants so callers can match on them: a web layer
+//! turns `Ended` into a fresh anonymous session, a CLI turns `NotFound` into
+//! exit code 1, and a retry loop looks for `Conflict`.
+
+use crate::config::ConfigError;
+use crate::id::SessionId;
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong in a store operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid; the inner error names the variable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    /// Redis could not be reached or answered with an error.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+
+    /// Concurrent writers kept changing the session; the change was not applied.
+    #[error("session {session_id} changed concurrently {attempts} times; giving up")]
+    Conflict {
+        /// The session that was contended.
+        session_id: SessionId,
+        /// How many attempts were made.
+        attempts: u32,
+    },
+
+    /// No live session has this id (never existed or past its deadline).
+    #[error("session {0} not found")]
+    NotFound(SessionId),
+
+    /// The session was destroyed or expired; it can never be written again.
+    #[error("session {session_id} has ended ({status})")]
+    Ended {
+        /// The ended session.
+        session_id: SessionId,
+        /// `destroyed` or `expired`.
+        status: String,
+    },
+
+    /// The folded session is larger than `SESSION_MAX_BYTES`; nothing was written.
+    #[error("session would be {size} bytes, over the limit of {max} (SESSION_MAX_BYTES)")]
+    TooLarge {
+        /// Size of the encoded session JSON.
+        size: usize,
+        /// The configured limit.
+        max: usize,
+    },
+
+    /// The caller asked for something invalid (a reserved key, a bad id, …).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// Data read back from Redis or the stream could not be decoded.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+
+    /// The database behind the audit trail failed.
+    #[error("database: {0}")]
+    Database(#[from] sea_orm::DbErr),
+}
+
+impl Error {
+    /// True when the error means Redis could not be reached at all (as
+    /// opposed to Redis answering with an error).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+            }
+            _ => false,
+        }
+    }
+}

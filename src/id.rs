@@ -1,0 +1,179 @@
+//! Session tokens and session ids.
+//!
+//! The browser holds a [`Token`]: 256 random bits from the operating system's
+//! CSPRNG, base64url without padding (43 characters). Nothing on the server
+//! side ever stores it. Redis keys, stream entries, the audit database and
+//! logs carry only the [`SessionId`], `hex(SHA-256(token))`, so a copy of any
+//! of them lets no one present a valid cookie.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::TryRngCore as _;
+use rand::rngs::OsRng;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+/// Number of random bytes in a token.
+pub const TOKEN_BYTES: usize = 32;
+/// Length of a token's text form.
+pub const TOKEN_LEN: usize = 43;
+
+/// The bearer secret carried in the cookie. Its `Debug` form is redacted so it
+/// cannot leak into logs by accident; use [`Token::expose`] where the value
+/// must really be written (the `Set-Cookie` header, the CLI's one-time output).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// A fresh token from the OS CSPRNG.
+    ///
+    /// # Panics
+    /// Only if the operating system cannot provide randomness at all, in which
+    /// case no secure session can be issued.
+    #[allow(clippy::expect_used)]
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; TOKEN_BYTES];
+        OsRng
+            .try_fill_bytes(&mut bytes)
+            .expect("the operating system's random number generator failed");
+        Token(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// Parses untrusted cookie text. Anything but 43 base64url characters that
+    /// decode to 32 bytes is refused, without echoing the input.
+    pub fn parse(text: &str) -> Result<Self, InvalidToken> {
+        if text.len() != TOKEN_LEN {
+            return Err(InvalidToken);
+        }
+        match URL_SAFE_NO_PAD.decode(text) {
+            Ok(bytes) if bytes.len() == TOKEN_BYTES => Ok(Token(text.to_owned())),
+            _ => Err(InvalidToken),
+        }
+    }
+
+    /// The token text, for the `Set-Cookie` header and nowhere else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The session id this token stands for.
+    pub fn session_id(&self) -> SessionId {
+        let digest = Sha256::digest(self.0.as_bytes());
+        SessionId(hex::encode(digest))
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// A cookie value that is not a token this product issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid session token")]
+pub struct InvalidToken;
+
+/// `hex(SHA-256(token))`: 64 lowercase hex characters. Safe to store and log.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An id that is not 64 lowercase hex characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("session id must be 64 lowercase hex characters")]
+pub struct InvalidSessionId;
+
+impl FromStr for SessionId {
+    type Err = InvalidSessionId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(SessionId(s.to_owned()))
+        } else {
+            Err(InvalidSessionId)
+        }
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({})", self.0)
+    }
+}
+
+impl Serialize for SessionId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_has_256_bits_and_round_trips() {
+        let t = Token::generate();
+        assert_eq!(t.expose().len(), TOKEN_LEN);
+        assert_eq!(Token::parse(t.expose()), Ok(t.clone()));
+        assert_ne!(Token::generate(), t, "two tokens must differ");
+    }
+
+    #[test]
+    fn session_id_is_sha256_hex_of_token() {
+        let t = Token::parse("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA").expect("valid");
+        let id = t.session_id();
+        assert_eq!(id.as_str().len(), 64);
+        assert_eq!(
+            id.as_str(),
+            hex::encode(Sha256::digest(
+                b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+            ))
+        );
+        assert!(!id.as_str().contains(t.expose()));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused() {
+        for bad in [
+            "",
+            "short",
+            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
+            "é",
+        ] {
+            assert_eq!(Token::parse(bad), Err(InvalidToken));
+        }
+        let t = Token::generate();
+        assert!(Token::parse(&t.expose()[..42]).is_err(), "truncated");
+        assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+    }
+
+    #[test]
+    fn session_id_parsing() {
+        assert!("A".repeat(64).parse::<SessionId>().is_err());
+        assert!("a".repeat(63).parse::<SessionId>().is_err());
+        assert!("a".repeat(64).parse::<SessionId>().is_ok());
+    }
+}

@@ -1,0 +1,487 @@
+//! Session state and the fold that builds it from events.
+//!
+//! A [`Session`] is the seed application's flat JSON object: the well-known
+//! fields (`user_id`, `username`, `email`, `role`, the four platform fields,
+//! `csrf_token`, `created_at`, `last_activity`, `_last_updated`) beside the
+//! application's own keys, plus `_version`, the `seq` of the last event
+//! applied. [`Session::apply`] is the one fold of the product: the store runs
+//! it before every write and the audit database runs it to rebuild sessions.
+//! It is pure and total; the store validates changes before it folds them.
+//!
+//! The JSON encoding is canonical (keys sorted, `_version` last), so the bytes
+//! in Redis and in the audit snapshot are identical for the same history.
+
+use serde::de::Error as _;
+use serde::ser::SerializeMap as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::event::{Event, EventKind, Platform};
+use crate::time::Timestamp;
+
+/// Keys the store maintains itself; applications cannot set or unset them.
+pub const RESERVED_KEYS: [&str; 4] = ["_version", "_last_updated", "created_at", "last_activity"];
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Usable.
+    #[default]
+    Live,
+    /// Ended by a `destroyed` event.
+    Destroyed,
+    /// Ended by an `expired` event.
+    Expired,
+}
+
+impl Status {
+    /// `live`, `destroyed` or `expired`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Live => "live",
+            Status::Destroyed => "destroyed",
+            Status::Expired => "expired",
+        }
+    }
+}
+
+/// A session's state: its flat fields and its version.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Session {
+    data: Map<String, Value>,
+    version: u64,
+    status: Status,
+}
+
+impl Session {
+    /// Folds one event into the state. Pure: the same state and event always
+    /// give the same result. `_version` becomes the event's `seq`.
+    pub fn apply(&self, event: &Event) -> Session {
+        let mut next = self.clone();
+        next.version = event.seq;
+        let at = Value::String(event.occurred_at.to_string());
+        match &event.kind {
+            EventKind::Created { fields, .. } => {
+                next.data = fields
+                    .iter()
+                    .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                next.data.insert("created_at".to_owned(), at.clone());
+                next.data.insert("last_activity".to_owned(), at.clone());
+                next.data.insert("_last_updated".to_owned(), at);
+                next.status = Status::Live;
+            }
+            EventKind::Updated { set, unset } => {
+                for k in unset {
+                    if !RESERVED_KEYS.contains(&k.as_str()) {
+                        next.data.remove(k);
+                    }
+                }
+                for (k, v) in set {
+                    if !RESERVED_KEYS.contains(&k.as_str()) {
+                        next.data.insert(k.clone(), v.clone());
+                    }
+                }
+                next.data.insert("last_activity".to_owned(), at.clone());
+                next.data.insert("_last_updated".to_owned(), at);
+            }
+            EventKind::Touched { last_activity } => {
+                next.data.insert(
+                    "last_activity".to_owned(),
+                    Value::String(last_activity.to_string()),
+                );
+                next.data.insert("_last_updated".to_owned(), at);
+            }
+            EventKind::PlatformSwitched(p) => {
+                next.data.insert(
+                    "platform_connection_id".to_owned(),
+                    Value::from(p.platform_connection_id),
+                );
+                next.data.insert(
+                    "platform_name".to_owned(),
+                    Value::String(p.platform_name.clone()),
+                );
+                next.data.insert(
+                    "platform_type".to_owned(),
+                    Value::String(p.platform_type.clone()),
+                );
+                next.data.insert(
+                    "platform_instance_url".to_owned(),
+                    Value::String(p.platform_instance_url.clone()),
+                );
+                next.data.insert("last_activity".to_owned(), at.clone());
+                next.data.insert("_last_updated".to_owned(), at);
+            }
+            EventKind::Destroyed { .. } => next.status = Status::Destroyed,
+            EventKind::Expired { .. } => next.status = Status::Expired,
+        }
+        next
+    }
+
+    /// Folds a whole history, oldest first. `None` for an empty history.
+    pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<Session> {
+        let mut it = events.into_iter();
+        let first = it.next()?;
+        Some(it.fold(Session::default().apply(first), |s, e| s.apply(e)))
+    }
+
+    /// `_version`: the seq of the last event applied.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Live, destroyed or expired.
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// One field.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        if key == "_version" {
+            return None;
+        }
+        self.data.get(key)
+    }
+
+    /// All fields but `_version`.
+    pub fn data(&self) -> &Map<String, Value> {
+        &self.data
+    }
+
+    /// The application's fields: everything but the keys the store maintains.
+    pub fn app_fields(&self) -> Map<String, Value> {
+        self.data
+            .iter()
+            .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The user, as text (`1` for the number 1), `None` when anonymous.
+    pub fn user_id(&self) -> Option<String> {
+        user_id_of(&self.data)
+    }
+
+    /// `last_activity`, when present and well-formed.
+    pub fn last_activity(&self) -> Option<Timestamp> {
+        self.timestamp("last_activity")
+    }
+
+    /// `created_at`, when present and well-formed.
+    pub fn created_at(&self) -> Option<Timestamp> {
+        self.timestamp("created_at")
+    }
+
+    /// The platform fields, when all four are present.
+    pub fn platform(&self) -> Option<Platform> {
+        Some(Platform {
+            platform_connection_id: self.data.get("platform_connection_id")?.as_i64()?,
+            platform_name: self.data.get("platform_name")?.as_str()?.to_owned(),
+            platform_type: self.data.get("platform_type")?.as_str()?.to_owned(),
+            platform_instance_url: self.data.get("platform_instance_url")?.as_str()?.to_owned(),
+        })
+    }
+
+    fn timestamp(&self, key: &str) -> Option<Timestamp> {
+        self.data.get(key)?.as_str()?.parse().ok()
+    }
+
+    /// The canonical JSON text, as stored in Redis and in the audit snapshot.
+    pub fn to_json(&self) -> String {
+        // A map of JSON values always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses stored session JSON.
+    pub fn from_json(text: &str) -> Result<Session, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// Marks the state with a status without an event (used when reading a
+    /// snapshot whose status is kept beside the JSON).
+    pub fn with_status(mut self, status: Status) -> Session {
+        self.status = status;
+        self
+    }
+}
+
+/// The user id of a flat field map, as text.
+pub fn user_id_of(data: &Map<String, Value>) -> Option<String> {
+    match data.get("user_id")? {
+        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    }
+}
+
+impl Serialize for Session {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.data.len() + 1))?;
+        for (k, v) in &self.data {
+            m.serialize_entry(k, v)?;
+        }
+        m.serialize_entry("_version", &self.version)?;
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Session {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut data = Map::<String, Value>::deserialize(d)?;
+        let version = data
+            .remove("_version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| D::Error::custom("session JSON has no unsigned `_version`"))?;
+        Ok(Session {
+            data,
+            version,
+            status: Status::Live,
+        })
+    }
+}
+
+/// A change to a session's application keys: one `updated` event.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    /// Keys to set.
+    pub set: Map<String, Value>,
+    /// Keys to remove.
+    pub unset: Vec<String>,
+}
+
+impl Changes {
+    /// No change yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets a key.
+    pub fn with_set(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.set.insert(key.into(), value.into());
+        self
+    }
+
+    /// Removes a key.
+    pub fn with_unset(mut self, key: impl Into<String>) -> Self {
+        self.unset.push(key.into());
+        self
+    }
+
+    /// True when nothing would change.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.unset.is_empty()
+    }
+
+    /// The first reserved key this change touches, if any.
+    pub fn reserved_key(&self) -> Option<&str> {
+        self.set
+            .keys()
+            .map(String::as_str)
+            .chain(self.unset.iter().map(String::as_str))
+            .find(|k| RESERVED_KEYS.contains(k))
+    }
+}
+
+/// The initial fields of a new session: the seed application's user fields
+/// and any application keys.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NewSession {
+    /// Initial flat fields.
+    pub fields: Map<String, Value>,
+}
+
+impl NewSession {
+    /// An anonymous session with no fields.
+    pub fn anonymous() -> Self {
+        Self::default()
+    }
+
+    /// A session for a logged-in user, with the seed application's fields.
+    pub fn for_user(user_id: impl Into<Value>, username: impl Into<String>) -> Self {
+        let mut fields = Map::new();
+        fields.insert("user_id".to_owned(), user_id.into());
+        fields.insert("username".to_owned(), Value::String(username.into()));
+        NewSession { fields }
+    }
+
+    /// Sets one field.
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.fields.insert(key.into(), value.into());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{DestroyReason, SCHEMA_VERSION};
+    use crate::id::SessionId;
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    fn ev(seq: u64, kind: EventKind) -> Event {
+        Event {
+            event_id: Uuid::now_v7(),
+            session_id: "cd".repeat(32).parse::<SessionId>().expect("valid"),
+            seq,
+            occurred_at: "2025-08-20T16:38:25.802836+00:00".parse().expect("valid"),
+            user_id: Some("1".to_owned()),
+            schema: SCHEMA_VERSION,
+            kind,
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn fold_follows_the_seed_fields() {
+        let fields = NewSession::for_user(1, "admin")
+            .with("email", "admin@example.com")
+            .with("role", "admin")
+            .fields;
+        let created = ev(
+            1,
+            EventKind::Created {
+                fields,
+                rotated_from: None,
+            },
+        );
+        let s = Session::fold([&created]).expect("one event");
+        assert_eq!(s.version(), 1);
+        assert_eq!(s.user_id().as_deref(), Some("1"));
+        assert_eq!(s.get("created_at"), s.get("last_activity"));
+        let upd = ev(
+            2,
+            EventKind::Updated {
+                set: Map::from_iter([("theme".to_owned(), Value::from("dark"))]),
+                unset: vec!["email".to_owned()],
+            },
+        );
+        let s = s.apply(&upd);
+        assert_eq!(s.version(), 2);
+        assert_eq!(s.get("theme"), Some(&Value::from("dark")));
+        assert_eq!(s.get("email"), None);
+        let json = s.to_json();
+        assert!(json.ends_with(r#""_version":2}"#), "{json}");
+        assert_eq!(Session::from_json(&json).expect("parses"), s);
+        let ended = s.apply(&ev(
+            3,
+            EventKind::Destroyed {
+                reason: DestroyReason::Logout,
+            },
+        ));
+        assert_eq!(ended.status(), Status::Destroyed);
+        assert_eq!(ended.version(), 3);
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1.0e300f64..1.0e300).prop_map(Value::from),
+            any::<String>().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(any::<String>(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn json_map() -> impl Strategy<Value = Map<String, Value>> {
+        prop::collection::btree_map(any::<String>(), json_value(), 0..12)
+            .prop_map(|m| m.into_iter().collect())
+    }
+
+    fn timestamp() -> impl Strategy<Value = Timestamp> {
+        (0i64..4_102_444_800_000_000).prop_map(|us| {
+            Timestamp::from_datetime(chrono::DateTime::from_timestamp_micros(us).expect("in range"))
+        })
+    }
+
+    fn kind() -> impl Strategy<Value = EventKind> {
+        prop_oneof![
+            (json_map(), any::<bool>()).prop_map(|(fields, rot)| EventKind::Created {
+                fields,
+                rotated_from: rot.then(|| "ef".repeat(32).parse().expect("valid")),
+            }),
+            (json_map(), prop::collection::vec(any::<String>(), 0..6))
+                .prop_map(|(set, unset)| EventKind::Updated { set, unset }),
+            timestamp().prop_map(|last_activity| EventKind::Touched { last_activity }),
+            (
+                any::<i64>(),
+                any::<String>(),
+                any::<String>(),
+                any::<String>()
+            )
+                .prop_map(|(id, n, t, u)| EventKind::PlatformSwitched(Platform {
+                    platform_connection_id: id,
+                    platform_name: n,
+                    platform_type: t,
+                    platform_instance_url: u,
+                })),
+            prop_oneof![
+                Just(DestroyReason::Logout),
+                Just(DestroyReason::Rotated),
+                Just(DestroyReason::LogoutAll),
+                Just(DestroyReason::Evicted),
+                Just(DestroyReason::Fingerprint),
+                Just(DestroyReason::Admin),
+            ]
+            .prop_map(|reason| EventKind::Destroyed { reason }),
+            timestamp().prop_map(|deadline| EventKind::Expired { deadline }),
+        ]
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        (
+            kind(),
+            1u64..u64::MAX,
+            timestamp(),
+            proptest::option::of("[a-zA-Z0-9_é]{1,12}"),
+            proptest::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01"),
+        )
+            .prop_map(|(kind, seq, occurred_at, user_id, traceparent)| Event {
+                event_id: Uuid::now_v7(),
+                session_id: "0f".repeat(32).parse().expect("valid"),
+                seq,
+                occurred_at,
+                user_id,
+                schema: SCHEMA_VERSION,
+                kind,
+                traceparent,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn stream_codec_round_trips(e in event()) {
+            let fields = e
+                .to_fields()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            prop_assert_eq!(Event::from_fields(&fields), Ok(e.clone()));
+            let json = serde_json::to_string(&e).expect("encodes");
+            prop_assert_eq!(serde_json::from_str::<Event>(&json).expect("decodes"), e);
+        }
+
+        #[test]
+        fn fold_is_deterministic_and_sessions_round_trip(events in prop::collection::vec(event(), 1..12)) {
+            let a = Session::fold(&events).expect("non-empty");
+            let b = Session::fold(&events).expect("non-empty");
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(a.to_json(), b.to_json());
+            prop_assert_eq!(a.version(), events.last().map(|e| e.seq).unwrap_or_default());
+            let back = Session::from_json(&a.to_json()).expect("decodes");
+            prop_assert_eq!(back.data(), a.data());
+            prop_assert_eq!(back.version(), a.version());
+            prop_assert_eq!(back.to_json(), a.to_json());
+        }
+    }
+}

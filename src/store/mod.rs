@@ -1,0 +1,314 @@
+//! The session store: the write path and the read path over Redis.
+//!
+//! Every mutation folds the event in Rust ([`Session::apply`]), then runs one
+//! invocation of `src/lua/session.lua`, which checks the expected version and
+//! the tombstone, appends the event to the stream and stores the folded JSON
+//! (or deletes it and leaves a tombstone), and keeps the user and expiry
+//! indexes, all atomically. On a version conflict the script returns the
+//! current JSON; the store folds the change again on top of it and retries,
+//! up to `SESSION_MAX_RETRIES` times, then returns [`Error::Conflict`].
+//!
+//! The read path is one `GET`. [`SessionStore::load`] adds sliding expiry: it
+//! appends a `touched` event when the last activity is older than
+//! `SESSION_TOUCH_INTERVAL`, and writes nothing otherwise.
+
+mod ops;
+mod script;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::id::{SessionId, Token};
+use crate::keys::Keys;
+use crate::session::{Session, Status};
+
+pub use ops::Created;
+
+/// The event-sourced session store. Cheap to clone; clones share one
+/// multiplexed, self-reconnecting Redis connection.
+#[derive(Clone)]
+pub struct SessionStore {
+    conn: ConnectionManager,
+    keys: Arc<Keys>,
+    config: Arc<Config>,
+}
+
+impl std::fmt::Debug for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore")
+            .field("redis", &self.config.redis)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionStore {
+    /// Connects to the configured Redis. Fails when it cannot be reached
+    /// within `REDIS_TIMEOUT_MS`.
+    #[tracing::instrument(skip_all, fields(redis = %config.redis.redacted()), err)]
+    pub async fn connect(config: &Config) -> Result<Self> {
+        let client = redis::Client::open(config.redis.expose_url())?;
+        let cm = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.redis_timeout))
+            .set_response_timeout(Some(config.redis_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, cm).await?;
+        Ok(SessionStore {
+            conn,
+            keys: Arc::new(Keys::new(config)),
+            config: Arc::new(config.clone()),
+        })
+    }
+
+    /// The configuration this store runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A handle on the shared connection, for operations outside the store
+    /// (the worker, the CLI's statistics).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The session behind a cookie token, with sliding expiry (see
+    /// [`SessionStore::load`]).
+    pub async fn load_by_token(&self, token: &Token) -> Result<Option<Session>> {
+        self.load(&token.session_id()).await
+    }
+
+    /// Reads a session with one `GET`. When its last activity is older than
+    /// the touch interval it appends one `touched` event (which also refreshes
+    /// the TTL); inside the interval it writes nothing. A missing, expired or
+    /// destroyed session is `None`.
+    #[tracing::instrument(skip_all, fields(session_id = %id), err)]
+    pub async fn load(&self, id: &SessionId) -> Result<Option<Session>> {
+        let Some(session) = self.get(id).await? else {
+            return Ok(None);
+        };
+        if !self.touch_due(&session) {
+            return Ok(Some(session));
+        }
+        match self.touch_at(id, session.clone()).await {
+            Ok(s) => Ok(Some(s)),
+            // Someone else wrote (and so refreshed it) or ended it meanwhile.
+            Err(Error::Conflict { .. }) => Ok(Some(session)),
+            Err(Error::NotFound(_) | Error::Ended { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads a session with one `GET` and never writes.
+    pub async fn get(&self, id: &SessionId) -> Result<Option<Session>> {
+        let json: Option<String> = self.conn.clone().get(self.keys.session(id)).await?;
+        json.map(|j| parse_session(id, &j)).transpose()
+    }
+
+    /// True when the session's last activity is at least one touch interval old.
+    pub fn touch_due(&self, session: &Session) -> bool {
+        match session.last_activity() {
+            Some(t) => {
+                let age = chrono::Utc::now().signed_duration_since(t.datetime());
+                age.to_std().is_ok_and(|a| a >= self.config.touch_interval)
+            }
+            None => true,
+        }
+    }
+
+    /// Whether an id that has no live key ended (and how) or never existed.
+    pub async fn tombstone(&self, id: &SessionId) -> Result<Option<Status>> {
+        let ledger: Option<String> = self.conn.clone().get(self.keys.ledger(id)).await?;
+        Ok(ledger.and_then(|l| match l.split('|').nth(1) {
+            Some("destroyed") => Some(Status::Destroyed),
+            Some("expired") => Some(Status::Expired),
+            _ => None,
+        }))
+    }
+
+    /// Live sessions of one user, oldest first.
+    pub async fn user_sessions(&self, user_id: &str) -> Result<Vec<(SessionId, Session)>> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn.zrange(self.keys.user(user_id), 0, -1).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|i| format!("{}{}", self.keys.session_prefix, i))
+            .collect();
+        let values: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, json) in ids.into_iter().zip(values) {
+            let (Ok(sid), Some(json)) = (id.parse::<SessionId>(), json) else {
+                continue;
+            };
+            let s = parse_session(&sid, &json)?;
+            out.push((sid, s));
+        }
+        Ok(out)
+    }
+
+    /// Counts for operators: live sessions, stream length, busiest users.
+    pub async fn stats(&self, top: usize) -> Result<Stats> {
+        let mut conn = self.conn.clone();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let active: u64 = conn.zcount(&self.keys.expiry, now_ms, "+inf").await?;
+        let indexed: u64 = conn.zcard(&self.keys.expiry).await?;
+        let stream_length: u64 = conn.xlen(&self.keys.stream).await?;
+        let mut users: Vec<String> = Vec::new();
+        let pattern = format!("{}*", self.keys.user_prefix);
+        let mut iter: redis::AsyncIter<'_, String> = conn.scan_match(&pattern).await?;
+        while let Some(k) = futures::StreamExt::next(&mut iter).await {
+            users.push(k?);
+        }
+        drop(iter);
+        let mut pipe = redis::pipe();
+        for u in &users {
+            pipe.zcard(u);
+        }
+        let counts: Vec<u64> = if users.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await?
+        };
+        let mut top_users: Vec<UserCount> = users
+            .iter()
+            .zip(counts)
+            .filter(|(_, c)| *c > 0)
+            .map(|(k, c)| UserCount {
+                user_id: k[self.keys.user_prefix.len()..].to_owned(),
+                sessions: c,
+            })
+            .collect();
+        top_users.sort_by(|a, b| b.sessions.cmp(&a.sessions).then(a.user_id.cmp(&b.user_id)));
+        top_users.truncate(top);
+        Ok(Stats {
+            active_sessions: active,
+            awaiting_expiry: indexed.saturating_sub(active),
+            stream_length,
+            users_with_sessions: users.len() as u64,
+            top_users,
+        })
+    }
+
+    /// Pings Redis, measures the round trip, and checks the settings the
+    /// product relies on (an eviction policy that could drop session keys or
+    /// the stream is reported as a warning).
+    pub async fn health(&self) -> Health {
+        let mut conn = self.conn.clone();
+        let start = Instant::now();
+        let ping: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+        let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let mut warnings = Vec::new();
+        let (reachable, error) = match ping {
+            Ok(_) => (true, None),
+            Err(e) => (false, Some(e.to_string())),
+        };
+        let mut policy = None;
+        let mut used_memory = None;
+        if reachable {
+            let cfg: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async(&mut conn)
+                .await;
+            if let Ok(v) = cfg {
+                policy = v.get(1).cloned();
+            }
+            if let Some(w) = policy.as_deref().and_then(eviction_warning) {
+                warnings.push(w);
+            }
+            let info: redis::RedisResult<String> = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut conn)
+                .await;
+            used_memory = info.ok().and_then(|i| {
+                i.lines()
+                    .find_map(|l| l.strip_prefix("used_memory:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            });
+        }
+        Health {
+            healthy: reachable,
+            redis_reachable: reachable,
+            latency_ms,
+            maxmemory_policy: policy,
+            used_memory_bytes: used_memory,
+            warnings,
+            error,
+        }
+    }
+}
+
+/// The warning for a `maxmemory-policy` under which Redis may evict session
+/// keys, indexes or the event stream. The product requires `noeviction` or a
+/// `volatile-*` policy (which only evicts keys with a TTL: sessions that would
+/// expire anyway, never the stream or the indexes).
+pub fn eviction_warning(policy: &str) -> Option<String> {
+    policy.starts_with("allkeys-").then(|| {
+        format!(
+            "maxmemory-policy is {policy}: Redis may evict the event stream and indexes; \
+             use noeviction (or volatile-lru) for vedfolnir-sessions"
+        )
+    })
+}
+
+fn parse_session(id: &SessionId, json: &str) -> Result<Session> {
+    Session::from_json(json).map_err(|e| Error::Corrupt(format!("session {id}: {e}")))
+}
+
+/// Operator statistics.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    /// Sessions whose deadline is in the future.
+    pub active_sessions: u64,
+    /// Sessions past their deadline that the reaper has not expired yet.
+    pub awaiting_expiry: u64,
+    /// Entries in the event stream.
+    pub stream_length: u64,
+    /// Users with a session index.
+    pub users_with_sessions: u64,
+    /// The users with the most sessions.
+    pub top_users: Vec<UserCount>,
+}
+
+/// One user's session count.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserCount {
+    /// The user.
+    pub user_id: String,
+    /// Sessions in their index.
+    pub sessions: u64,
+}
+
+/// The result of a health check.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    /// True when everything needed to serve sessions works.
+    pub healthy: bool,
+    /// Redis answered `PING`.
+    pub redis_reachable: bool,
+    /// Round trip of the `PING`, in milliseconds.
+    pub latency_ms: f64,
+    /// Redis's `maxmemory-policy`, when it could be read.
+    pub maxmemory_policy: Option<String>,
+    /// Redis's `used_memory`, when it could be read.
+    pub used_memory_bytes: Option<u64>,
+    /// Settings that put sessions or the log at risk.
+    pub warnings: Vec<String>,
+    /// The error when Redis could not be reached.
+    pub error: Option<String>,
+}

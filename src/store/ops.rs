@@ -1,0 +1,476 @@
+//! The mutations: create, update, touch, switch_platform, rotate, destroy,
+//! destroy_all_for_user, and the reaper's expire.
+
+use std::time::Duration;
+
+use rand::Rng as _;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::SessionStore;
+use super::script::{self, Reply};
+use crate::error::{Error, Result};
+use crate::event::{DestroyReason, Event, EventKind, Platform, SCHEMA_VERSION};
+use crate::id::{SessionId, Token};
+use crate::session::{Changes, NewSession, Session, user_id_of};
+use crate::time::Timestamp;
+
+/// A new session: the token for the cookie (returned once, never stored), its
+/// id, its state, and any sessions of the same user that the per-user limit
+/// ended to make room.
+#[derive(Debug, Clone)]
+pub struct Created {
+    /// The bearer token for the cookie.
+    pub token: Token,
+    /// `hex(SHA-256(token))`.
+    pub session_id: SessionId,
+    /// The session as stored.
+    pub session: Session,
+    /// Sessions destroyed with reason `evicted`.
+    pub evicted: Vec<SessionId>,
+}
+
+/// Event metadata shared by the events of one call.
+struct Meta {
+    occurred_at: Timestamp,
+    traceparent: Option<String>,
+}
+
+impl Meta {
+    fn now() -> Self {
+        Meta {
+            occurred_at: Timestamp::now(),
+            traceparent: crate::telemetry::current_traceparent(),
+        }
+    }
+
+    fn event(
+        &self,
+        session_id: &SessionId,
+        seq: u64,
+        user_id: Option<String>,
+        kind: EventKind,
+    ) -> Event {
+        Event {
+            event_id: Uuid::now_v7(),
+            session_id: session_id.clone(),
+            seq,
+            occurred_at: self.occurred_at,
+            user_id,
+            schema: SCHEMA_VERSION,
+            kind,
+            traceparent: self.traceparent.clone(),
+        }
+    }
+
+    fn push(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.occurred_at.to_string())
+            .arg(SCHEMA_VERSION)
+            .arg(self.traceparent.as_deref().unwrap_or(""));
+    }
+}
+
+fn ids(n: usize) -> Vec<String> {
+    (0..n).map(|_| Uuid::now_v7().to_string()).collect()
+}
+
+fn parse_ids(ids: Vec<String>) -> Vec<SessionId> {
+    ids.into_iter().filter_map(|i| i.parse().ok()).collect()
+}
+
+impl SessionStore {
+    fn ttl_ms(&self) -> u64 {
+        self.config.session_timeout.as_millis() as u64
+    }
+
+    fn tomb_ms(&self) -> u64 {
+        self.config.tombstone_ttl.as_millis() as u64
+    }
+
+    fn checked_json(&self, session: &Session) -> Result<String> {
+        let json = session.to_json();
+        if json.len() > self.config.max_bytes {
+            return Err(Error::TooLarge {
+                size: json.len(),
+                max: self.config.max_bytes,
+            });
+        }
+        Ok(json)
+    }
+
+    async fn missing(&self, id: &SessionId) -> Error {
+        match self.tombstone(id).await {
+            Ok(Some(status)) => Error::Ended {
+                session_id: id.clone(),
+                status: status.as_str().to_owned(),
+            },
+            Ok(None) => Error::NotFound(id.clone()),
+            Err(e) => e,
+        }
+    }
+
+    async fn backoff(attempt: u32) {
+        if attempt < 3 {
+            tokio::task::yield_now().await;
+        } else {
+            let cap = u64::from(attempt.min(10));
+            let us = rand::rng().random_range(0..cap * 500);
+            tokio::time::sleep(Duration::from_micros(us)).await;
+        }
+    }
+
+    /// Creates a session and returns its token, once. When the user already
+    /// has `SESSION_MAX_PER_USER` sessions, the oldest is destroyed with
+    /// reason `evicted` in the same atomic step.
+    #[tracing::instrument(skip_all, fields(session_id), err)]
+    pub async fn create(&self, new: NewSession) -> Result<Created> {
+        self.create_inner(new.fields, None).await
+    }
+
+    async fn create_inner(
+        &self,
+        fields: Map<String, Value>,
+        rotated_from: Option<(SessionId, u64, DestroyReason)>,
+    ) -> Result<Created> {
+        let as_changes = Changes {
+            set: fields.clone(),
+            unset: Vec::new(),
+        };
+        if let Some(k) = as_changes.reserved_key() {
+            return Err(Error::InvalidInput(format!(
+                "`{k}` is maintained by the store"
+            )));
+        }
+        let user = user_id_of(&fields);
+        let mut spare = usize::from(user.is_some() && self.config.max_per_user > 0);
+        loop {
+            let token = Token::generate();
+            let id = token.session_id();
+            tracing::Span::current().record("session_id", tracing::field::display(&id));
+            let meta = Meta::now();
+            let created = meta.event(
+                &id,
+                1,
+                user.clone(),
+                EventKind::Created {
+                    fields: fields.clone(),
+                    rotated_from: rotated_from.as_ref().map(|r| r.0.clone()),
+                },
+            );
+            let session = Session::default().apply(&created);
+            let json = self.checked_json(&session)?;
+            let mut inv;
+            match &rotated_from {
+                None => {
+                    inv = script::invocation(&self.keys, "create");
+                    inv.arg(id.as_str())
+                        .arg(&json)
+                        .arg(self.ttl_ms())
+                        .arg(self.tomb_ms())
+                        .arg(user.as_deref().unwrap_or(""))
+                        .arg(self.config.max_per_user)
+                        .arg(created.event_id.to_string())
+                        .arg(created.kind.payload_json());
+                }
+                Some((old, expected, reason)) => {
+                    inv = script::invocation(&self.keys, "rotate");
+                    let end = EventKind::Destroyed { reason: *reason };
+                    inv.arg(old.as_str())
+                        .arg(*expected)
+                        .arg(id.as_str())
+                        .arg(&json)
+                        .arg(self.ttl_ms())
+                        .arg(self.tomb_ms())
+                        .arg(user.as_deref().unwrap_or(""))
+                        .arg(self.config.max_per_user)
+                        .arg(Uuid::now_v7().to_string())
+                        .arg(end.payload_json())
+                        .arg(created.event_id.to_string())
+                        .arg(created.kind.payload_json());
+                }
+            }
+            meta.push(&mut inv);
+            inv.arg(ids(spare));
+            match script::run(&inv, &mut self.conn.clone()).await? {
+                Reply::Ok(_, evicted) => {
+                    return Ok(Created {
+                        token,
+                        session_id: id,
+                        session,
+                        evicted: parse_ids(evicted),
+                    });
+                }
+                Reply::NeedIds(n) => spare = n,
+                Reply::Exists => continue,
+                Reply::Conflict(_) => {
+                    return Err(Error::Conflict {
+                        session_id: rotated_from.map(|r| r.0).unwrap_or(id),
+                        attempts: 1,
+                    });
+                }
+                Reply::Missing | Reply::Ended(_) => {
+                    let old = rotated_from.map(|r| r.0).unwrap_or(id);
+                    return Err(self.missing(&old).await);
+                }
+                other => {
+                    return Err(Error::Corrupt(format!(
+                        "create: unexpected reply {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The common loop of `update`, `touch` and `switch_platform`: fold the
+    /// change on the current state, write it if the version still matches,
+    /// otherwise fold again on the state the script returned.
+    async fn write(
+        &self,
+        id: &SessionId,
+        mut current: Session,
+        change: impl Fn(&Session) -> EventKind,
+    ) -> Result<Session> {
+        let attempts = self.config.max_retries.max(1);
+        for attempt in 1..=attempts {
+            let meta = Meta::now();
+            let kind = change(&current);
+            let type_name = kind.type_name();
+            let draft = meta.event(id, current.version() + 1, None, kind);
+            let next = current.apply(&draft);
+            let event = Event {
+                user_id: next.user_id(),
+                ..draft
+            };
+            let json = self.checked_json(&next)?;
+            let mut inv = script::invocation(&self.keys, "write");
+            inv.arg(id.as_str())
+                .arg(current.version())
+                .arg(&json)
+                .arg(self.ttl_ms())
+                .arg(self.tomb_ms())
+                .arg(event.user_id.as_deref().unwrap_or(""))
+                .arg(type_name)
+                .arg(event.event_id.to_string())
+                .arg(event.kind.payload_json());
+            meta.push(&mut inv);
+            match script::run(&inv, &mut self.conn.clone()).await? {
+                Reply::Ok(..) => return Ok(next),
+                Reply::Conflict(Some(json)) => {
+                    current = super::parse_session(id, &json)?;
+                    Self::backoff(attempt).await;
+                }
+                Reply::Conflict(None) | Reply::Missing | Reply::Ended(_) => {
+                    return Err(self.missing(id).await);
+                }
+                other => {
+                    return Err(Error::Corrupt(format!("write: unexpected reply {other:?}")));
+                }
+            }
+        }
+        Err(Error::Conflict {
+            session_id: id.clone(),
+            attempts,
+        })
+    }
+
+    async fn current(&self, id: &SessionId) -> Result<Session> {
+        match self.get(id).await? {
+            Some(s) => Ok(s),
+            None => Err(self.missing(id).await),
+        }
+    }
+
+    /// Sets and removes application keys: one `updated` event. Keys the store
+    /// maintains (`_version`, `_last_updated`, `created_at`,
+    /// `last_activity`) are refused. Concurrent updates of different keys all
+    /// survive.
+    #[tracing::instrument(skip_all, fields(session_id = %id), err)]
+    pub async fn update(&self, id: &SessionId, changes: Changes) -> Result<Session> {
+        if let Some(k) = changes.reserved_key() {
+            return Err(Error::InvalidInput(format!(
+                "`{k}` is maintained by the store"
+            )));
+        }
+        let current = self.current(id).await?;
+        self.write(id, current, |_| EventKind::Updated {
+            set: changes.set.clone(),
+            unset: changes.unset.clone(),
+        })
+        .await
+    }
+
+    /// Appends a `touched` event now, refreshing `last_activity` and the TTL.
+    #[tracing::instrument(skip_all, fields(session_id = %id), err)]
+    pub async fn touch(&self, id: &SessionId) -> Result<Session> {
+        let current = self.current(id).await?;
+        self.touch_at(id, current).await
+    }
+
+    /// Touch with one attempt: a conflict means another write just refreshed
+    /// the session, which is all a touch wants.
+    pub(super) async fn touch_at(&self, id: &SessionId, current: Session) -> Result<Session> {
+        let meta = Meta::now();
+        let kind = EventKind::Touched {
+            last_activity: meta.occurred_at,
+        };
+        let draft = meta.event(id, current.version() + 1, current.user_id(), kind);
+        let next = current.apply(&draft);
+        let json = self.checked_json(&next)?;
+        let mut inv = script::invocation(&self.keys, "write");
+        inv.arg(id.as_str())
+            .arg(current.version())
+            .arg(&json)
+            .arg(self.ttl_ms())
+            .arg(self.tomb_ms())
+            .arg(draft.user_id.as_deref().unwrap_or(""))
+            .arg("touched")
+            .arg(draft.event_id.to_string())
+            .arg(draft.kind.payload_json());
+        meta.push(&mut inv);
+        match script::run(&inv, &mut self.conn.clone()).await? {
+            Reply::Ok(..) => Ok(next),
+            Reply::Conflict(_) => Err(Error::Conflict {
+                session_id: id.clone(),
+                attempts: 1,
+            }),
+            _ => Err(self.missing(id).await),
+        }
+    }
+
+    /// Moves the session to another platform connection: one
+    /// `platform_switched` event.
+    #[tracing::instrument(skip_all, fields(session_id = %id), err)]
+    pub async fn switch_platform(&self, id: &SessionId, platform: Platform) -> Result<Session> {
+        let current = self.current(id).await?;
+        self.write(id, current, |_| {
+            EventKind::PlatformSwitched(platform.clone())
+        })
+        .await
+    }
+
+    /// Replaces the session's id (session fixation defence): the old id is
+    /// destroyed with reason `rotated` and tombstoned, and a new session
+    /// carrying the old one's application fields plus `changes` is created
+    /// with `rotated_from`, in one atomic step. Returns the new token.
+    #[tracing::instrument(skip_all, fields(session_id = %id), err)]
+    pub async fn rotate(&self, id: &SessionId, changes: Changes) -> Result<Created> {
+        if let Some(k) = changes.reserved_key() {
+            return Err(Error::InvalidInput(format!(
+                "`{k}` is maintained by the store"
+            )));
+        }
+        let attempts = self.config.max_retries.max(1);
+        for attempt in 1..=attempts {
+            let current = self.current(id).await?;
+            let mut fields = current.app_fields();
+            for k in &changes.unset {
+                fields.remove(k);
+            }
+            for (k, v) in &changes.set {
+                fields.insert(k.clone(), v.clone());
+            }
+            match self
+                .create_inner(
+                    fields,
+                    Some((id.clone(), current.version(), DestroyReason::Rotated)),
+                )
+                .await
+            {
+                Err(Error::Conflict { .. }) => Self::backoff(attempt).await,
+                other => return other,
+            }
+        }
+        Err(Error::Conflict {
+            session_id: id.clone(),
+            attempts,
+        })
+    }
+
+    /// Ends a session: one `destroyed` event, the key deleted, a tombstone
+    /// left so that no in-flight request can bring it back. Returns false
+    /// when there was no live session to end.
+    #[tracing::instrument(skip_all, fields(session_id = %id, reason = reason.as_str()), err)]
+    pub async fn destroy(&self, id: &SessionId, reason: DestroyReason) -> Result<bool> {
+        let meta = Meta::now();
+        let kind = EventKind::Destroyed { reason };
+        let mut inv = script::invocation(&self.keys, "end");
+        inv.arg(id.as_str())
+            .arg(-1)
+            .arg("destroyed")
+            .arg("destroyed")
+            .arg(self.tomb_ms())
+            .arg(Uuid::now_v7().to_string())
+            .arg(kind.payload_json());
+        meta.push(&mut inv);
+        match script::run(&inv, &mut self.conn.clone()).await? {
+            Reply::Ok(..) => Ok(true),
+            Reply::Missing | Reply::Ended(_) => Ok(false),
+            other => Err(Error::Corrupt(format!(
+                "destroy: unexpected reply {other:?}"
+            ))),
+        }
+    }
+
+    /// Logs a user out everywhere: every live session of the user is
+    /// destroyed in one atomic step. Returns the ids that were ended.
+    #[tracing::instrument(skip_all, fields(user_id = user_id), err)]
+    pub async fn destroy_all_for_user(
+        &self,
+        user_id: &str,
+        reason: DestroyReason,
+    ) -> Result<Vec<SessionId>> {
+        if user_id.is_empty() {
+            return Err(Error::InvalidInput("empty user id".to_owned()));
+        }
+        let mut spare = 4;
+        loop {
+            let meta = Meta::now();
+            let mut inv = script::invocation(&self.keys, "destroy_user");
+            inv.arg(user_id)
+                .arg(self.tomb_ms())
+                .arg(EventKind::Destroyed { reason }.payload_json());
+            meta.push(&mut inv);
+            inv.arg(ids(spare));
+            match script::run(&inv, &mut self.conn.clone()).await? {
+                Reply::Ok(first, rest) => {
+                    let mut all = Vec::with_capacity(rest.len() + 1);
+                    if !first.is_empty() {
+                        all.push(first);
+                    }
+                    all.extend(rest);
+                    return Ok(parse_ids(all));
+                }
+                Reply::NeedIds(n) => spare = n + 4,
+                other => {
+                    return Err(Error::Corrupt(format!(
+                        "destroy_all_for_user: unexpected reply {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Appends the `expired` event for a session whose deadline (`deadline_ms`,
+    /// its score in the expiry index) has passed, unless it was touched since
+    /// or another reaper already did. Returns true when this call expired it.
+    pub async fn expire(&self, id: &SessionId, deadline_ms: i64) -> Result<bool> {
+        let meta = Meta::now();
+        let deadline = Timestamp::from_millis(deadline_ms)
+            .ok_or_else(|| Error::Corrupt(format!("deadline {deadline_ms} out of range")))?;
+        let kind = EventKind::Expired { deadline };
+        let mut inv = script::invocation(&self.keys, "expire");
+        inv.arg(id.as_str())
+            .arg(deadline_ms)
+            .arg(self.tomb_ms())
+            .arg(Uuid::now_v7().to_string())
+            .arg(kind.payload_json());
+        meta.push(&mut inv);
+        match script::run(&inv, &mut self.conn.clone()).await? {
+            Reply::Ok(..) => Ok(true),
+            Reply::Skip | Reply::Gone => Ok(false),
+            other => Err(Error::Corrupt(format!(
+                "expire: unexpected reply {other:?}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The one Lua script behind every mutation, and its replies.
+//!
+//! The script is sent with `EVALSHA`; on `NOSCRIPT` (after a Redis restart, a
+//! `SCRIPT FLUSH` or a failover) redis-rs loads it again and retries, so no
+//! operator action is ever needed.
+
+use std::sync::LazyLock;
+
+use redis::aio::ConnectionLike;
+use redis::{Script, ScriptInvocation};
+
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/session.lua")));
+
+/// What the script answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reply {
+    /// Done: the stream id of the (last) event appended and extra values.
+    Ok(String, Vec<String>),
+    /// The version moved on; the current JSON when the session still exists.
+    Conflict(Option<String>),
+    /// No live session (never existed, or past its deadline).
+    Missing,
+    /// Tombstoned: `destroyed` or `expired`.
+    Ended(String),
+    /// The new id is taken (only with a broken random source).
+    Exists,
+    /// More pre-generated event ids are needed.
+    NeedIds(usize),
+    /// The reaper's candidate was touched or is not due.
+    Skip,
+    /// The reaper's candidate has no ledger any more.
+    Gone,
+}
+
+/// Starts an invocation with the keys and prefixes every operation takes.
+pub(crate) fn invocation<'a>(keys: &Keys, op: &str) -> ScriptInvocation<'a> {
+    let mut inv = SCRIPT.prepare_invoke();
+    inv.key(&keys.stream)
+        .key(&keys.expiry)
+        .arg(op)
+        .arg(&keys.session_prefix)
+        .arg(&keys.ledger_prefix)
+        .arg(&keys.user_prefix);
+    inv
+}
+
+/// Runs an invocation and decodes its reply.
+pub(crate) async fn run(
+    inv: &ScriptInvocation<'_>,
+    conn: &mut impl ConnectionLike,
+) -> Result<Reply> {
+    let parts: Vec<String> = inv.invoke_async(conn).await?;
+    let mut it = parts.into_iter();
+    let tag = it.next().unwrap_or_default();
+    let reply = match tag.as_str() {
+        "ok" => {
+            let sid = it.next().unwrap_or_default();
+            Reply::Ok(sid, it.collect())
+        }
+        "conflict" => Reply::Conflict(it.next()),
+        "missing" => Reply::Missing,
+        "ended" => Reply::Ended(it.next().unwrap_or_default()),
+        "exists" => Reply::Exists,
+        "need_ids" => Reply::NeedIds(it.next().and_then(|n| n.parse().ok()).unwrap_or(1)),
+        "skip" => Reply::Skip,
+        "gone" => Reply::Gone,
+        other => {
+            return Err(Error::Corrupt(format!(
+                "unexpected reply {other:?} from the session script"
+            )));
+        }
+    };
+    Ok(reply)
+}

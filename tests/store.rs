@@ -1,0 +1,580 @@
+//! The store's contract against the real Redis: invariants 1, 2, 3, 5, 6, 10
+//! of the design, the limits, and script recovery.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestContext;
+use redis::AsyncCommands as _;
+use serde_json::{Value, json};
+use vedfolnir_sessions::{
+    Changes, DestroyReason, Error, NewSession, Platform, Session, SessionStore, Status,
+};
+
+fn admin() -> NewSession {
+    NewSession::for_user(1, "admin")
+        .with("email", "admin@example.com")
+        .with("role", "admin")
+}
+
+#[tokio::test]
+async fn read_your_writes_across_two_stores() {
+    let ctx = TestContext::new().await;
+    let other = ctx.other_store().await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    let seen = other
+        .get(&c.session_id)
+        .await
+        .expect("get")
+        .expect("visible");
+    assert_eq!(seen, c.session);
+    for i in 0..20 {
+        ctx.store
+            .update(&c.session_id, Changes::new().with_set("counter", i))
+            .await
+            .expect("update");
+        let s = other.get(&c.session_id).await.expect("get").expect("live");
+        assert_eq!(s.get("counter"), Some(&json!(i)), "write {i} not visible");
+        assert_eq!(s.version(), 2 + i as u64);
+    }
+}
+
+#[tokio::test]
+async fn session_json_and_stream_fields_follow_the_design() {
+    let ctx = TestContext::new().await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    let raw: String = ctx
+        .conn()
+        .get(ctx.session_key(&c.session_id))
+        .await
+        .expect("get");
+    let v: Value = serde_json::from_str(&raw).expect("json");
+    for k in [
+        "user_id",
+        "username",
+        "email",
+        "role",
+        "created_at",
+        "last_activity",
+        "_last_updated",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k} in {raw}");
+    }
+    assert_eq!(v["_version"], json!(1));
+    assert_eq!(v["user_id"], json!(1));
+    let ts = v["created_at"].as_str().expect("string");
+    assert!(ts.ends_with("+00:00") && ts.len() == 32, "timestamp {ts}");
+    let events = ctx.events_of(&c.session_id).await;
+    assert_eq!(events.len(), 1);
+    let e = &events[0];
+    let mut names: Vec<_> = e.keys().cloned().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "event_id",
+            "occurred_at",
+            "payload",
+            "schema",
+            "seq",
+            "session_id",
+            "type",
+            "user_id"
+        ]
+    );
+    assert_eq!(e["type"], "created");
+    assert_eq!(e["seq"], "1");
+    assert_eq!(e["user_id"], "1");
+    assert_eq!(e["schema"], "1");
+    let id = uuid::Uuid::parse_str(&e["event_id"]).expect("uuid");
+    assert_eq!(id.get_version_num(), 7);
+    // The projection is exactly the fold of the log.
+    let decoded: Vec<_> = events
+        .iter()
+        .map(|f| vedfolnir_sessions::Event::from_fields(f).expect("decodes"))
+        .collect();
+    assert_eq!(Session::fold(&decoded).expect("folds").to_json(), raw);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_updates_lose_nothing() {
+    let ctx = TestContext::new().await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let store = if i % 2 == 0 {
+            ctx.store.clone()
+        } else {
+            ctx.other_store().await
+        };
+        let id = c.session_id.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .update(&id, Changes::new().with_set(format!("key{i}"), i))
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("join").expect("update");
+    }
+    let s = ctx
+        .store
+        .get(&c.session_id)
+        .await
+        .expect("get")
+        .expect("live");
+    for i in 0..50 {
+        assert_eq!(s.get(&format!("key{i}")), Some(&json!(i)), "key{i} lost");
+    }
+    assert_eq!(s.version(), 51);
+    let seqs: Vec<u64> = ctx
+        .events_of(&c.session_id)
+        .await
+        .iter()
+        .map(|e| e["seq"].parse().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (1..=51).collect::<Vec<u64>>());
+    // Replaying the log gives the stored JSON byte for byte.
+    let events: Vec<_> = ctx
+        .events_of(&c.session_id)
+        .await
+        .iter()
+        .map(|f| vedfolnir_sessions::Event::from_fields(f).expect("decodes"))
+        .collect();
+    assert_eq!(Session::fold(&events).expect("fold"), s);
+}
+
+#[tokio::test]
+async fn destroy_racing_updates_never_resurrects() {
+    let ctx = TestContext::new().await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    let barrier = Arc::new(tokio::sync::Barrier::new(21));
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = ctx.other_store().await;
+        let id = c.session_id.clone();
+        let b = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            b.wait().await;
+            store
+                .update(&id, Changes::new().with_set(format!("k{i}"), i))
+                .await
+        }));
+    }
+    let store = ctx.store.clone();
+    let id = c.session_id.clone();
+    let b = barrier.clone();
+    let destroyer = tokio::spawn(async move {
+        b.wait().await;
+        store.destroy(&id, DestroyReason::Logout).await
+    });
+    let mut ok_versions = Vec::new();
+    for t in tasks {
+        match t.await.expect("join") {
+            Ok(s) => ok_versions.push(s.version()),
+            Err(Error::Ended { status, .. }) => assert_eq!(status, "destroyed"),
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert!(destroyer.await.expect("join").expect("destroy"));
+    let exists: bool = ctx
+        .conn()
+        .exists(ctx.session_key(&c.session_id))
+        .await
+        .expect("exists");
+    assert!(!exists, "a live key was left behind");
+    assert_eq!(ctx.store.load(&c.session_id).await.expect("load"), None);
+    let events = ctx.events_of(&c.session_id).await;
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "destroyed");
+    let destroyed_seq: u64 = last["seq"].parse().expect("seq");
+    assert_eq!(destroyed_seq as usize, events.len(), "seq contiguous");
+    assert!(ok_versions.iter().all(|v| *v < destroyed_seq));
+    // Every update after the destroy fails with a typed error.
+    for _ in 0..3 {
+        let e = ctx
+            .store
+            .update(&c.session_id, Changes::new().with_set("late", true))
+            .await
+            .expect_err("must fail");
+        assert!(
+            matches!(e, Error::Ended { ref status, .. } if status == "destroyed"),
+            "{e:?}"
+        );
+    }
+    assert!(matches!(
+        ctx.store.touch(&c.session_id).await,
+        Err(Error::Ended { .. })
+    ));
+    assert_eq!(ctx.events_of(&c.session_id).await.len(), events.len());
+}
+
+#[tokio::test]
+async fn ttl_is_set_on_create_and_refreshed_by_touch() {
+    let ctx = TestContext::with(|c| {
+        c.with_session_timeout(Duration::from_secs(60))
+            .with_touch_interval(Duration::from_secs(1))
+    })
+    .await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    let key = ctx.session_key(&c.session_id);
+    let ttl: i64 = ctx.conn().pttl(&key).await.expect("pttl");
+    assert!((58_000..=60_000).contains(&ttl), "ttl {ttl}");
+    // Loads inside the touch interval write nothing.
+    let before = ctx.stream_len().await;
+    for _ in 0..2 {
+        assert!(ctx.store.load(&c.session_id).await.expect("load").is_some());
+    }
+    assert_eq!(
+        ctx.stream_len().await,
+        before,
+        "loads inside the interval wrote"
+    );
+    // Age the key, then let the interval pass: the next load touches once.
+    let _: () = ctx.conn().pexpire(&key, 5_000).await.expect("pexpire");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let s = ctx
+        .store
+        .load(&c.session_id)
+        .await
+        .expect("load")
+        .expect("live");
+    assert_eq!(s.version(), 2);
+    let ttl: i64 = ctx.conn().pttl(&key).await.expect("pttl");
+    assert!(ttl > 50_000, "touch did not refresh the ttl: {ttl}");
+    let events = ctx.events_of(&c.session_id).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1]["type"], "touched");
+    assert!(s.last_activity() > c.session.last_activity());
+    assert!(ctx.store.load(&c.session_id).await.expect("load").is_some());
+    assert_eq!(
+        ctx.events_of(&c.session_id).await.len(),
+        2,
+        "second load wrote"
+    );
+    // The expiry index holds the Redis-clock deadline.
+    let score: f64 = ctx
+        .conn()
+        .zscore(format!("{}expiry", ctx.namespace), c.session_id.as_str())
+        .await
+        .expect("zscore");
+    let now_ms = chrono::Utc::now().timestamp_millis() as f64;
+    assert!(
+        (score - now_ms - 60_000.0).abs() < 2_000.0,
+        "deadline {score} vs {now_ms}"
+    );
+}
+
+#[tokio::test]
+async fn missing_expired_and_destroyed_sessions_load_as_none() {
+    let ctx = TestContext::with(|c| c.with_session_timeout(Duration::from_secs(1))).await;
+    let unknown = vedfolnir_sessions::Token::generate().session_id();
+    assert_eq!(ctx.store.load(&unknown).await.expect("load"), None);
+    assert!(matches!(
+        ctx.store
+            .update(&unknown, Changes::new().with_set("a", 1))
+            .await,
+        Err(Error::NotFound(_))
+    ));
+    let c = ctx.store.create(admin()).await.expect("create");
+    let store = ctx.store.clone();
+    let id = c.session_id.clone();
+    ctx.eventually("the session to expire", Duration::from_secs(5), || {
+        let store = store.clone();
+        let id = id.clone();
+        async move { store.get(&id).await.expect("get").is_none() }
+    })
+    .await;
+    assert_eq!(ctx.store.load(&c.session_id).await.expect("load"), None);
+    // An expired (not yet reaped) session cannot be written either.
+    assert!(matches!(
+        ctx.store
+            .update(&c.session_id, Changes::new().with_set("a", 1))
+            .await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn the_token_is_stored_nowhere() {
+    let ctx = TestContext::new().await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    ctx.store
+        .update(&c.session_id, Changes::new().with_set("theme", "dark"))
+        .await
+        .expect("update");
+    let r = ctx
+        .store
+        .rotate(&c.session_id, Changes::new().with_set("csrf_token", "x"))
+        .await
+        .expect("rotate");
+    let tokens = [c.token.expose().to_owned(), r.token.expose().to_owned()];
+    assert_eq!(c.session_id, c.token.session_id());
+    let mut conn = ctx.conn();
+    let keys = ctx.keys().await;
+    assert!(
+        keys.len() >= 5,
+        "expected session, ledger, index keys: {keys:?}"
+    );
+    let mut seen = String::new();
+    for k in &keys {
+        seen.push_str(k);
+        let t: String = redis::cmd("TYPE")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .expect("type");
+        match t.as_str() {
+            "string" => seen.push_str(&conn.get::<_, String>(k).await.expect("get")),
+            "zset" => {
+                let m: Vec<String> = conn.zrange(k, 0, -1).await.expect("zrange");
+                seen.push_str(&m.join(","));
+            }
+            "stream" => {}
+            other => panic!("unexpected key type {other} for {k}"),
+        }
+    }
+    for e in ctx.stream().await {
+        for (k, v) in e {
+            seen.push_str(&k);
+            seen.push_str(&v);
+        }
+    }
+    assert!(
+        seen.contains(c.session_id.as_str()),
+        "sanity: the id is stored"
+    );
+    for t in &tokens {
+        assert!(!seen.contains(t.as_str()), "token found in redis");
+    }
+}
+
+#[tokio::test]
+async fn oversized_sessions_are_refused_and_nothing_is_written() {
+    let ctx = TestContext::with(|c| c.with_max_bytes(2048)).await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    let before_len = ctx.stream_len().await;
+    let before: String = ctx
+        .conn()
+        .get(ctx.session_key(&c.session_id))
+        .await
+        .expect("get");
+    let e = ctx
+        .store
+        .update(
+            &c.session_id,
+            Changes::new().with_set("blob", "x".repeat(4096)),
+        )
+        .await
+        .expect_err("too large");
+    assert!(
+        matches!(e, Error::TooLarge { max: 2048, size } if size > 4096),
+        "{e:?}"
+    );
+    assert_eq!(ctx.stream_len().await, before_len);
+    let after: String = ctx
+        .conn()
+        .get(ctx.session_key(&c.session_id))
+        .await
+        .expect("get");
+    assert_eq!(after, before);
+    let e = ctx
+        .store
+        .create(admin().with("blob", "y".repeat(4096)))
+        .await
+        .expect_err("too large");
+    assert!(matches!(e, Error::TooLarge { .. }));
+    assert_eq!(ctx.stream_len().await, before_len);
+    // Deep and wide JSON below the limit is fine; reserved keys are refused.
+    let mut deep = json!(1);
+    for _ in 0..100 {
+        deep = json!([deep]);
+    }
+    ctx.store
+        .update(&c.session_id, Changes::new().with_set("deep", deep))
+        .await
+        .expect("deep json within the limit");
+    assert!(matches!(
+        ctx.store
+            .update(&c.session_id, Changes::new().with_set("_version", 99))
+            .await,
+        Err(Error::InvalidInput(_))
+    ));
+}
+
+#[tokio::test]
+async fn the_per_user_limit_evicts_the_oldest() {
+    let ctx = TestContext::with(|c| c.with_max_per_user(2)).await;
+    let first = ctx.store.create(admin()).await.expect("create");
+    let second = ctx.store.create(admin()).await.expect("create");
+    assert!(second.evicted.is_empty());
+    let other_user = ctx
+        .store
+        .create(NewSession::for_user(2, "user"))
+        .await
+        .expect("create");
+    let third = ctx.store.create(admin()).await.expect("create");
+    assert_eq!(third.evicted, vec![first.session_id.clone()]);
+    assert_eq!(ctx.store.get(&first.session_id).await.expect("get"), None);
+    assert!(
+        ctx.store
+            .get(&second.session_id)
+            .await
+            .expect("get")
+            .is_some()
+    );
+    assert!(
+        ctx.store
+            .get(&other_user.session_id)
+            .await
+            .expect("get")
+            .is_some()
+    );
+    let ev = ctx.events_of(&first.session_id).await;
+    let last = ev.last().expect("events");
+    assert_eq!(last["type"], "destroyed");
+    assert_eq!(last["payload"], r#"{"reason":"evicted"}"#);
+    assert_eq!(last["seq"], "2");
+    let mine: Vec<_> = ctx
+        .store
+        .user_sessions("1")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(mine, vec![second.session_id, third.session_id]);
+}
+
+#[tokio::test]
+async fn rotation_tombstones_the_old_id() {
+    let ctx = TestContext::new().await;
+    let anon = ctx
+        .store
+        .create(NewSession::anonymous().with("cart", json!([1, 2])))
+        .await
+        .expect("create");
+    let r = ctx
+        .store
+        .rotate(
+            &anon.session_id,
+            Changes::new()
+                .with_set("user_id", 1)
+                .with_set("username", "admin"),
+        )
+        .await
+        .expect("rotate");
+    assert_ne!(r.session_id, anon.session_id);
+    assert_eq!(r.session.get("cart"), Some(&json!([1, 2])));
+    assert_eq!(r.session.user_id().as_deref(), Some("1"));
+    assert_eq!(ctx.store.load(&anon.session_id).await.expect("load"), None);
+    assert_eq!(
+        ctx.store
+            .tombstone(&anon.session_id)
+            .await
+            .expect("tombstone"),
+        Some(Status::Destroyed)
+    );
+    let old = ctx.events_of(&anon.session_id).await;
+    assert_eq!(
+        old.last().expect("event")["payload"],
+        r#"{"reason":"rotated"}"#
+    );
+    let new = ctx.events_of(&r.session_id).await;
+    let payload: Value = serde_json::from_str(&new[0]["payload"]).expect("json");
+    assert_eq!(payload["rotated_from"], json!(anon.session_id.as_str()));
+    assert!(matches!(
+        ctx.store
+            .update(&anon.session_id, Changes::new().with_set("a", 1))
+            .await,
+        Err(Error::Ended { .. })
+    ));
+    assert!(matches!(
+        ctx.store.rotate(&anon.session_id, Changes::new()).await,
+        Err(Error::Ended { .. })
+    ));
+    let mine = ctx.store.user_sessions("1").await.expect("list");
+    assert_eq!(mine.len(), 1);
+}
+
+#[tokio::test]
+async fn platform_switch_and_logout_everywhere() {
+    let ctx = TestContext::new().await;
+    let a = ctx.store.create(admin()).await.expect("create");
+    let b = ctx.store.create(admin()).await.expect("create");
+    let u = ctx
+        .store
+        .create(NewSession::for_user(2, "user"))
+        .await
+        .expect("create");
+    let p = Platform {
+        platform_connection_id: 123,
+        platform_name: "My Platform".to_owned(),
+        platform_type: "mastodon".to_owned(),
+        platform_instance_url: "https://mastodon.example.com".to_owned(),
+    };
+    let s = ctx
+        .store
+        .switch_platform(&a.session_id, p.clone())
+        .await
+        .expect("switch");
+    assert_eq!(s.platform(), Some(p));
+    assert_eq!(
+        ctx.events_of(&a.session_id).await[1]["type"],
+        "platform_switched"
+    );
+    let mut ended = ctx
+        .store
+        .destroy_all_for_user("1", DestroyReason::LogoutAll)
+        .await
+        .expect("logout all");
+    ended.sort();
+    let mut expected = vec![a.session_id.clone(), b.session_id.clone()];
+    expected.sort();
+    assert_eq!(ended, expected);
+    for id in [&a.session_id, &b.session_id] {
+        assert_eq!(ctx.store.get(id).await.expect("get"), None);
+        let ev = ctx.events_of(id).await;
+        assert_eq!(
+            ev.last().expect("event")["payload"],
+            r#"{"reason":"logout_all"}"#
+        );
+    }
+    assert!(ctx.store.get(&u.session_id).await.expect("get").is_some());
+    assert!(ctx.store.user_sessions("1").await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn the_store_survives_script_flush() {
+    let ctx = TestContext::new().await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut ctx.conn())
+        .await
+        .expect("script flush");
+    let s = ctx
+        .store
+        .update(&c.session_id, Changes::new().with_set("after_flush", true))
+        .await
+        .expect("update after SCRIPT FLUSH");
+    assert_eq!(s.version(), 2);
+    ctx.store
+        .create(admin())
+        .await
+        .expect("create after SCRIPT FLUSH");
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_a_typed_error() {
+    let cfg = vedfolnir_sessions::Config::default().with_redis(
+        vedfolnir_sessions::config::RedisTarget::parse("REDIS_URL", "redis://127.0.0.1:1/0")
+            .expect("url"),
+    );
+    let e = SessionStore::connect(&cfg)
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(e.is_unavailable(), "{e:?}");
+}
