@@ -20,6 +20,8 @@
 //! - [`audit`]: the audit database entities.
 //! - [`cli`]: the operator CLI behind the `vedfolnir-sessions` binary.
 //! - [`error`]: the error type.
+//! - `web` (feature `web`, on by default): the tower layer, the axum
+//!   extractor and the tower-sessions adapter.
 //!
 //! # Example
 //!
@@ -47,6 +49,8 @@ pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+#[cfg(feature = "web")]
+pub mod web;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -1,0 +1,2 @@
+//! Web integration (feature `web`): the tower layer and axum extractor, and
+//! the tower-sessions adapter.
