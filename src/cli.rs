@@ -43,6 +43,33 @@ pub enum Command {
     },
     /// Redis reachability and latency; exits 1 when unhealthy.
     Health,
+    /// Apply the audit database migrations (`DATABASE_URL`).
+    Migrate,
+    /// The audit trail of a session, or of a user over a time range.
+    History(HistoryArgs),
+}
+
+/// Arguments of `history`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["session_id", "user"])))]
+pub struct HistoryArgs {
+    /// The session id.
+    pub session_id: Option<String>,
+    /// A user's events instead of one session's.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// From this instant (RFC 3339), inclusive.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Until this instant (RFC 3339), exclusive.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many events (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: u64,
+    /// A JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `session …` commands.
@@ -193,8 +220,63 @@ fn parse_reason(text: &str) -> Result<DestroyReason, Failure> {
     })
 }
 
-/// Runs the parsed command and returns the JSON to print.
-pub async fn run(cli: Cli, config: Config) -> Result<Value, Failure> {
+/// What a command prints: JSON, or text for people.
+#[derive(Debug)]
+pub enum Output {
+    /// Printed as pretty JSON.
+    Json(Value),
+    /// Printed as is.
+    Text(String),
+}
+
+fn timestamp_arg(
+    name: &str,
+    text: Option<String>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, Failure> {
+    text.map(|t| {
+        t.parse::<crate::time::Timestamp>()
+            .map(|t| t.datetime())
+            .map_err(|_| invalid(format!("--{name} must be an RFC 3339 timestamp, got {t:?}")))
+    })
+    .transpose()
+}
+
+/// Runs the parsed command and returns what to print.
+pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
+    match cli.command {
+        Command::Migrate => {
+            let db = crate::audit::db::connect(&config.database_url).await?;
+            let applied = crate::audit::db::migrate(&db).await?;
+            return Ok(Output::Json(json!({"applied": applied, "pending": 0})));
+        }
+        Command::History(h) => {
+            let query = crate::audit::history::HistoryQuery {
+                session_id: h
+                    .session_id
+                    .as_deref()
+                    .map(session_id)
+                    .transpose()?
+                    .map(|s| s.to_string()),
+                user_id: h.user,
+                since: timestamp_arg("since", h.since)?,
+                until: timestamp_arg("until", h.until)?,
+                limit: h.limit,
+            };
+            let db = crate::audit::db::connect(&config.database_url).await?;
+            crate::audit::db::require_current_schema(&db).await?;
+            let rows = crate::audit::history::history(&db, &query).await?;
+            return Ok(if h.json {
+                Output::Json(serde_json::to_value(&rows).map_err(|e| invalid(e.to_string()))?)
+            } else {
+                Output::Text(crate::audit::history::render_table(&rows))
+            });
+        }
+        _ => {}
+    }
+    run_store(cli, config).await.map(Output::Json)
+}
+
+async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
     let store = match SessionStore::connect(&config).await {
         Ok(s) => s,
         Err(e) if matches!(cli.command, Command::Health) => {
@@ -228,6 +310,7 @@ pub async fn run(cli: Cli, config: Config) -> Result<Value, Failure> {
         Command::Stats { top } => Ok(
             serde_json::to_value(store.stats(top).await?).map_err(|e| invalid(e.to_string()))?
         ),
+        Command::Migrate | Command::History(_) => Err(invalid("not a store command")),
         Command::Health => {
             let h = store.health().await;
             let v = serde_json::to_value(&h).map_err(|e| invalid(e.to_string()))?;
@@ -362,8 +445,12 @@ pub fn main() -> ExitCode {
         Err(e) => return fail(&invalid(format!("cannot start the runtime: {e}"))),
     };
     match rt.block_on(run(cli, config)) {
-        Ok(v) => {
+        Ok(Output::Json(v)) => {
             println!("{v:#}");
+            ExitCode::SUCCESS
+        }
+        Ok(Output::Text(t)) => {
+            print!("{t}");
             ExitCode::SUCCESS
         }
         Err(f) => fail(&f),

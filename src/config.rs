@@ -361,7 +361,7 @@ impl Config {
     }
 }
 
-fn parse<T: std::str::FromStr>(
+pub(crate) fn parse<T: std::str::FromStr>(
     var: &impl Fn(&str) -> Option<String>,
     name: &'static str,
     default: T,
@@ -377,7 +377,7 @@ fn parse<T: std::str::FromStr>(
     }
 }
 
-fn parse_bool(
+pub(crate) fn parse_bool(
     var: &impl Fn(&str) -> Option<String>,
     name: &'static str,
     default: bool,

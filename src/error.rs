@@ -62,6 +62,10 @@ pub enum Error {
     #[error("corrupt data: {0}")]
     Corrupt(String),
 
+    /// The audit database's schema is not the one this build expects.
+    #[error("{0}")]
+    Schema(String),
+
     /// The database behind the audit trail failed.
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),

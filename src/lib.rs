@@ -16,6 +16,8 @@
 //! - [`session`]: session state and the one fold, [`session::Session::apply`].
 //! - [`keys`]: the Redis key layout.
 //! - [`store`]: the write path (one Lua script per mutation) and the read path.
+//! - [`reaper`]: the expiry reaper (`expired` events from the expiry index).
+//! - [`worker`]: the worker process: audit consumer and reaper.
 //! - [`telemetry`]: trace context carried into events.
 //! - [`audit`]: the audit database entities.
 //! - [`cli`]: the operator CLI behind the `vedfolnir-sessions` binary.
@@ -45,12 +47,14 @@ pub mod error;
 pub mod event;
 pub mod id;
 pub mod keys;
+pub mod reaper;
 pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod time;
 #[cfg(feature = "web")]
 pub mod web;
+pub mod worker;
 
 pub use config::Config;
 pub use error::{Error, Result};

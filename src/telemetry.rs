@@ -20,3 +20,14 @@ pub fn init_cli_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// Logging for long-running services (the worker, the example app): stderr,
+/// `info` unless `RUST_LOG` says otherwise.
+pub fn init_service_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

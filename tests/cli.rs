@@ -52,17 +52,7 @@ impl Cli {
 
 impl Drop for Cli {
     fn drop(&mut self) {
-        if let Ok(client) = redis::Client::open(self.url.as_str()) {
-            if let Ok(mut conn) = client.get_connection() {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{}*", self.namespace))
-                    .query(&mut conn)
-                    .unwrap_or_default();
-                if !keys.is_empty() {
-                    let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(keys).query(&mut conn);
-                }
-            }
-        }
+        common::delete_namespace(&self.namespace);
     }
 }
 

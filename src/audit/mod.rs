@@ -1,7 +1,19 @@
-//! The audit database: entities of the tables that `migrations/` creates.
+//! The audit database: every event exactly once, each session's latest
+//! snapshot, and the dead letters.
 //!
-//! `session_events` keeps every event exactly once, `session_snapshots` the
-//! latest folded state of each session, `dead_letters` the stream entries
-//! that could not be decoded.
+//! - [`entity`]: the SeaORM entities of the tables `migrations/` creates.
+//! - [`db`]: connecting, migrating, refusing a schema that is behind.
+//! - [`sink`]: one transaction per batch: events, conflicts, snapshots,
+//!   dead letters.
+//! - [`consumer`]: the consumer group `audit` that feeds the sink from the
+//!   stream, acks after commit and trims what is acked.
+//! - [`history`]: reading a session's or a user's audit trail.
 
+pub mod consumer;
+pub mod db;
 pub mod entity;
+pub mod history;
+pub mod sink;
+
+pub use consumer::{AuditConsumer, ConsumerConfig};
+pub use sink::{AuditSink, BatchOutcome, DeadLetter, Incoming};

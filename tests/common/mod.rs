@@ -3,6 +3,8 @@
 //! server. The namespace's keys are deleted when the context drops.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod db;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -136,19 +138,23 @@ impl TestContext {
 
 impl Drop for TestContext {
     fn drop(&mut self) {
-        // Best effort: remove this test's keys so the shared server stays clean.
-        let Ok(client) = redis::Client::open(redis_url()) else {
-            return;
-        };
-        let Ok(mut conn) = client.get_connection() else {
-            return;
-        };
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.namespace))
-            .query(&mut conn)
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(keys).query(&mut conn);
-        }
+        delete_namespace(&self.namespace);
+    }
+}
+
+/// Best effort: removes a test namespace's keys so the shared server stays clean.
+pub fn delete_namespace(namespace: &str) {
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_connection() else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{namespace}*"))
+        .query(&mut conn)
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(keys).query(&mut conn);
     }
 }

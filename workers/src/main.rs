@@ -1,1 +1,87 @@
-fn main() {}
+//! `vedfolnir-worker`: the audit consumer and the expiry reaper.
+//!
+//! Thin over [`vedfolnir_sessions::worker::run`]: parses the configuration,
+//! installs logging, and turns SIGINT/SIGTERM into a graceful shutdown (the
+//! batch in hand is committed and acknowledged, then the process exits 0).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use vedfolnir_sessions::Config;
+use vedfolnir_sessions::audit::ConsumerConfig;
+use vedfolnir_sessions::reaper::ReaperConfig;
+use vedfolnir_sessions::worker::{self, Parts};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Only {
+    Audit,
+    Reaper,
+}
+
+/// Audit consumer and expiry reaper for vedfolnir-sessions.
+#[derive(Debug, Parser)]
+#[command(name = "vedfolnir-worker", version, about)]
+struct Args {
+    /// Run only one part (default: both).
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+    /// How long a shutdown may take before the process gives up, seconds.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    vedfolnir_sessions::telemetry::init_service_logging();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    let consumer = ConsumerConfig::from_env()?;
+    let reaper = ReaperConfig::from_env()?;
+    let parts = match args.only {
+        None => Parts::Both,
+        Some(Only::Audit) => Parts::Audit,
+        Some(Only::Reaper) => Parts::Reaper,
+    };
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    let drain = Duration::from_secs(args.drain_timeout);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; finishing the batch in hand");
+        signals.cancel();
+        tokio::time::sleep(drain).await;
+        tracing::error!("shutdown took longer than the drain timeout; exiting");
+        // The drain timeout is a hard bound: nothing acknowledged is lost by
+        // stopping here, the unacknowledged batch is redelivered.
+        #[allow(clippy::exit)]
+        std::process::exit(1);
+    });
+    worker::run(&config, parts, consumer, reaper, shutdown)
+        .await
+        .context("worker failed")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

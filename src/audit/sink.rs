@@ -1,0 +1,413 @@
+//! Writing events into the audit database, exactly once in effect.
+//!
+//! [`AuditSink::write`] takes a batch of decoded events (and the dead letters
+//! found while decoding it) and, in one transaction:
+//!
+//! 1. inserts the events in multi-row statements, chunked under the
+//!    bind-parameter limits, skipping rows whose `event_id` is already there
+//!    (redelivery) — `ON CONFLICT DO NOTHING`;
+//! 2. finds events that were skipped because *another* event already holds
+//!    their `(session_id, seq)` and records them as dead letters, so neither
+//!    side is dropped silently;
+//! 3. folds each touched session forward from its snapshot with the one fold
+//!    ([`Session::apply`]) and upserts the snapshot only when the new `seq` is
+//!    higher than the stored one;
+//! 4. inserts the dead letters.
+//!
+//! The caller acknowledges the stream entries only after this commits.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Alias, Expr, OnConflict};
+use sea_orm::{
+    ColumnTrait as _, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait as _,
+    ExprTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, Set,
+    TransactionTrait as _,
+};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::entity::session_events::EventSource;
+use super::entity::session_snapshots::SnapshotStatus;
+use super::entity::{dead_letters, session_events, session_snapshots};
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::session::{Session, Status};
+
+/// Rows per multi-row insert: 12 columns × 1000 stays well under both
+/// SQLite's 32766 and PostgreSQL's 65535 bind parameters.
+const CHUNK: usize = 1000;
+
+/// One event on its way into the database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    /// The stream entry id; `None` for events written in fallback mode.
+    pub stream_id: Option<String>,
+    /// The decoded event.
+    pub event: Event,
+}
+
+/// A stream entry that will not become an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The stream it came from.
+    pub stream: String,
+    /// Its stream entry id.
+    pub stream_id: String,
+    /// The raw fields, as a JSON object of field → value.
+    pub fields: String,
+    /// Why it was set aside.
+    pub reason: String,
+    /// How often it was delivered.
+    pub deliveries: i64,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Events inserted now.
+    pub inserted: u64,
+    /// Events that were already there (redelivered).
+    pub duplicates: u64,
+    /// Events refused because their `(session_id, seq)` was taken by another event.
+    pub seq_conflicts: u64,
+    /// Snapshots moved forward.
+    pub snapshots: u64,
+    /// Dead letters written (including the seq conflicts).
+    pub dead_letters: u64,
+}
+
+/// The write side of the audit database.
+#[derive(Debug, Clone)]
+pub struct AuditSink {
+    db: DatabaseConnection,
+    session_timeout: Duration,
+    stream: String,
+}
+
+impl AuditSink {
+    /// A sink over an open, migrated database. `session_timeout` turns an
+    /// event's time into the session's deadline (`expires_at`); `stream` names
+    /// the stream in dead letters.
+    pub fn new(
+        db: DatabaseConnection,
+        session_timeout: Duration,
+        stream: impl Into<String>,
+    ) -> Self {
+        AuditSink {
+            db,
+            session_timeout,
+            stream: stream.into(),
+        }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Writes a batch in one transaction (see the module docs).
+    #[tracing::instrument(skip_all, fields(events = batch.len(), dead = dead.len()), err)]
+    pub async fn write(&self, batch: &[Incoming], dead: &[DeadLetter]) -> Result<BatchOutcome> {
+        let txn = self.db.begin().await?;
+        let out = self.write_in(&txn, batch, dead).await?;
+        txn.commit().await?;
+        Ok(out)
+    }
+
+    async fn write_in(
+        &self,
+        txn: &DatabaseTransaction,
+        batch: &[Incoming],
+        dead: &[DeadLetter],
+    ) -> Result<BatchOutcome> {
+        let mut out = BatchOutcome::default();
+        let recorded_at = Utc::now();
+        // The same event twice in one batch would be one row anyway.
+        let mut seen = HashSet::new();
+        let batch: Vec<&Incoming> = batch
+            .iter()
+            .filter(|i| seen.insert(i.event.event_id))
+            .collect();
+        for chunk in batch.chunks(CHUNK) {
+            let rows = chunk.iter().map(|i| event_row(i, recorded_at));
+            let n = session_events::Entity::insert_many(rows)
+                .on_conflict(OnConflict::new().do_nothing().to_owned())
+                .exec_without_returning(txn)
+                .await?;
+            out.inserted += n;
+        }
+        // Which events are now in the table, under which event id per place?
+        let mut present: HashSet<Uuid> = HashSet::new();
+        for chunk in batch.chunks(CHUNK) {
+            let ids: Vec<Uuid> = chunk.iter().map(|i| i.event.event_id).collect();
+            let found: Vec<Uuid> = session_events::Entity::find()
+                .select_only()
+                .column(session_events::Column::EventId)
+                .filter(session_events::Column::EventId.is_in(ids))
+                .into_tuple()
+                .all(txn)
+                .await?;
+            present.extend(found);
+        }
+        let mut dead: Vec<DeadLetter> = dead.to_vec();
+        let mut accepted: Vec<&Incoming> = Vec::with_capacity(batch.len());
+        for i in &batch {
+            if present.contains(&i.event.event_id) {
+                accepted.push(i);
+            } else {
+                out.seq_conflicts += 1;
+                dead.push(DeadLetter {
+                    stream: self.stream.clone(),
+                    stream_id: i
+                        .stream_id
+                        .clone()
+                        .unwrap_or_else(|| format!("fallback-{}", i.event.event_id)),
+                    fields: fields_json(&i.event),
+                    reason: format!(
+                        "seq {} of session {} is already held by another event",
+                        i.event.seq, i.event.session_id
+                    ),
+                    deliveries: 1,
+                });
+            }
+        }
+        out.duplicates = (accepted.len() as u64).saturating_sub(out.inserted);
+        out.snapshots = self.advance_snapshots(txn, &accepted).await?;
+        for chunk in dead.chunks(CHUNK) {
+            let rows = chunk.iter().map(|d| dead_letters::ActiveModel {
+                id: Default::default(),
+                stream: Set(d.stream.clone()),
+                stream_id: Set(d.stream_id.clone()),
+                fields: Set(d.fields.clone()),
+                reason: Set(d.reason.clone()),
+                deliveries: Set(d.deliveries),
+                recorded_at: Set(recorded_at),
+            });
+            let n = dead_letters::Entity::insert_many(rows)
+                .on_conflict(OnConflict::new().do_nothing().to_owned())
+                .exec_without_returning(txn)
+                .await?;
+            out.dead_letters += n;
+        }
+        Ok(out)
+    }
+
+    /// Folds every session of the batch forward from its snapshot.
+    async fn advance_snapshots(
+        &self,
+        txn: &DatabaseTransaction,
+        batch: &[&Incoming],
+    ) -> Result<u64> {
+        let mut by_session: BTreeMap<&str, Vec<&Incoming>> = BTreeMap::new();
+        for i in batch {
+            by_session
+                .entry(i.event.session_id.as_str())
+                .or_default()
+                .push(i);
+        }
+        let mut snapshots: HashMap<String, session_snapshots::Model> = HashMap::new();
+        let ids: Vec<&str> = by_session.keys().copied().collect();
+        for chunk in ids.chunks(CHUNK) {
+            let rows = session_snapshots::Entity::find()
+                .filter(session_snapshots::Column::SessionId.is_in(chunk.iter().copied()))
+                .all(txn)
+                .await?;
+            snapshots.extend(rows.into_iter().map(|r| (r.session_id.clone(), r)));
+        }
+        let mut upserts = Vec::new();
+        for (sid, mut events) in by_session {
+            events.sort_by_key(|i| i.event.seq);
+            let (mut state, from) = match snapshots.get(sid) {
+                Some(s) => (
+                    Session::from_json(&s.state)
+                        .map_err(|e| Error::Corrupt(format!("snapshot of {sid}: {e}")))?
+                        .with_status(status_of(s.status)),
+                    s.seq as u64,
+                ),
+                None => (Session::default(), 0),
+            };
+            let pending: Vec<&Incoming> =
+                events.into_iter().filter(|i| i.event.seq > from).collect();
+            if pending.is_empty() {
+                continue;
+            }
+            let contiguous = pending
+                .iter()
+                .enumerate()
+                .all(|(k, i)| i.event.seq == from + 1 + k as u64);
+            let run: Vec<Incoming> = if contiguous {
+                pending.into_iter().cloned().collect()
+            } else {
+                // Out of order (a claimed entry, an earlier gap): fold from
+                // the table, which holds every event committed so far.
+                self.history_after(txn, sid, from).await?
+            };
+            let mut last: Option<&Incoming> = None;
+            let mut deadline_from: Option<&Incoming> = None;
+            for i in &run {
+                if i.event.seq != state.version() + 1 {
+                    break;
+                }
+                state = state.apply(&i.event);
+                if state.status() == Status::Live {
+                    deadline_from = Some(i);
+                }
+                last = Some(i);
+            }
+            let Some(last) = last else { continue };
+            let expires_at = match (state.status(), deadline_from) {
+                (Status::Live, Some(i)) => Some(self.deadline(i)),
+                _ => None,
+            };
+            upserts.push(session_snapshots::ActiveModel {
+                session_id: Set(sid.to_owned()),
+                user_id: Set(state.user_id().or_else(|| last.event.user_id.clone())),
+                state: Set(state.to_json()),
+                seq: Set(state.version() as i64),
+                status: Set(snapshot_status(state.status())),
+                expires_at: Set(expires_at),
+                updated_at: Set(Utc::now()),
+            });
+        }
+        let n = upserts.len() as u64;
+        for chunk in upserts.chunks(CHUNK) {
+            use session_snapshots::Column as C;
+            let on_conflict = OnConflict::column(C::SessionId)
+                .update_columns([
+                    C::UserId,
+                    C::State,
+                    C::Seq,
+                    C::Status,
+                    C::ExpiresAt,
+                    C::UpdatedAt,
+                ])
+                .action_and_where(
+                    Expr::col((session_snapshots::Entity, C::Seq))
+                        .lt(Expr::col((Alias::new("excluded"), C::Seq))),
+                )
+                .to_owned();
+            session_snapshots::Entity::insert_many(chunk.to_vec())
+                .on_conflict(on_conflict)
+                .exec_without_returning(txn)
+                .await?;
+        }
+        Ok(n)
+    }
+
+    async fn history_after(
+        &self,
+        txn: &DatabaseTransaction,
+        session_id: &str,
+        after: u64,
+    ) -> Result<Vec<Incoming>> {
+        let rows = session_events::Entity::find()
+            .filter(session_events::Column::SessionId.eq(session_id))
+            .filter(session_events::Column::Seq.gt(after as i64))
+            .order_by_asc(session_events::Column::Seq)
+            .all(txn)
+            .await?;
+        rows.into_iter().map(|r| incoming_from_row(&r)).collect()
+    }
+
+    /// When a session written by this event runs out: Redis's clock at the
+    /// append (the stream id's milliseconds) plus the timeout. Events written
+    /// without a stream id use the writer's clock.
+    pub fn deadline(&self, i: &Incoming) -> DateTime<Utc> {
+        let base = i
+            .stream_id
+            .as_deref()
+            .and_then(stream_id_millis)
+            .and_then(DateTime::from_timestamp_millis)
+            .unwrap_or_else(|| i.event.occurred_at.datetime());
+        base + chrono::Duration::from_std(self.session_timeout).unwrap_or_default()
+    }
+}
+
+/// The milliseconds part of a stream id (`1732780800000-0`).
+pub fn stream_id_millis(id: &str) -> Option<i64> {
+    id.split('-').next()?.parse().ok()
+}
+
+fn event_row(i: &Incoming, recorded_at: DateTime<Utc>) -> session_events::ActiveModel {
+    let e = &i.event;
+    session_events::ActiveModel {
+        id: Default::default(),
+        event_id: Set(e.event_id),
+        session_id: Set(e.session_id.to_string()),
+        seq: Set(e.seq as i64),
+        event_type: Set(e.kind.type_name().to_owned()),
+        user_id: Set(e.user_id.clone()),
+        occurred_at: Set(e.occurred_at.datetime()),
+        recorded_at: Set(recorded_at),
+        stream_id: Set(i.stream_id.clone()),
+        schema_version: Set(e.schema as i32),
+        payload: Set(e.kind.payload_json()),
+        traceparent: Set(e.traceparent.clone()),
+        source: Set(if i.stream_id.is_some() {
+            EventSource::Stream
+        } else {
+            EventSource::Fallback
+        }),
+    }
+}
+
+/// Rebuilds an event from its audit row.
+pub fn incoming_from_row(r: &session_events::Model) -> Result<Incoming> {
+    let mut fields = HashMap::with_capacity(9);
+    fields.insert("event_id".to_owned(), r.event_id.to_string());
+    fields.insert("session_id".to_owned(), r.session_id.clone());
+    fields.insert("seq".to_owned(), r.seq.to_string());
+    fields.insert("type".to_owned(), r.event_type.clone());
+    fields.insert(
+        "occurred_at".to_owned(),
+        crate::time::Timestamp::from_datetime(r.occurred_at).to_string(),
+    );
+    fields.insert("user_id".to_owned(), r.user_id.clone().unwrap_or_default());
+    fields.insert("schema".to_owned(), r.schema_version.to_string());
+    fields.insert("payload".to_owned(), r.payload.clone());
+    if let Some(tp) = &r.traceparent {
+        fields.insert("traceparent".to_owned(), tp.clone());
+    }
+    let event = Event::from_fields(&fields)
+        .map_err(|e| Error::Corrupt(format!("audit row {}: {e}", r.event_id)))?;
+    Ok(Incoming {
+        stream_id: r.stream_id.clone(),
+        event,
+    })
+}
+
+pub(crate) fn fields_json(e: &Event) -> String {
+    let m: Map<String, Value> = e
+        .to_fields()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), Value::String(v)))
+        .collect();
+    Value::Object(m).to_string()
+}
+
+/// The snapshot column's value for a fold status.
+pub fn snapshot_status(s: Status) -> SnapshotStatus {
+    match s {
+        Status::Live => SnapshotStatus::Live,
+        Status::Destroyed => SnapshotStatus::Destroyed,
+        Status::Expired => SnapshotStatus::Expired,
+    }
+}
+
+/// The fold status of a snapshot column's value.
+pub fn status_of(s: SnapshotStatus) -> Status {
+    match s {
+        SnapshotStatus::Live => Status::Live,
+        SnapshotStatus::Destroyed => Status::Destroyed,
+        SnapshotStatus::Expired => Status::Expired,
+    }
+}
+
+/// Runs a statement-free round trip to tell "the database is down" from "this
+/// batch is bad".
+pub async fn reachable(db: &impl ConnectionTrait) -> bool {
+    db.execute_unprepared("SELECT 1").await.is_ok()
+}

@@ -1,0 +1,135 @@
+//! The expiry reaper: turns every idle timeout into an `expired` event.
+//!
+//! Redis deletes a session key when its TTL runs out, silently. The reaper
+//! reads the expiry index (session id → deadline on Redis's clock) for
+//! deadlines that have passed and runs the same atomic script path as every
+//! other mutation to append one `expired` event per session, tombstone it and
+//! clean the indexes. The script re-checks the deadline and the ledger, so a
+//! session touched just before its deadline is left alone and two reapers
+//! never expire one session twice. Keyspace notifications are not used: Redis
+//! does not deliver them reliably.
+
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, parse};
+use crate::error::Result;
+use crate::id::SessionId;
+use crate::store::SessionStore;
+
+/// Reaper settings.
+#[derive(Debug, Clone)]
+pub struct ReaperConfig {
+    /// `REAPER_INTERVAL_MS` (1000): pause between sweeps that found nothing.
+    pub interval: Duration,
+    /// `REAPER_BATCH` (500): sessions examined per sweep.
+    pub batch: usize,
+}
+
+impl ReaperConfig {
+    /// From the environment.
+    pub fn from_env() -> std::result::Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// From a lookup function.
+    pub fn from_lookup(
+        get: impl Fn(&str) -> Option<String>,
+    ) -> std::result::Result<Self, ConfigError> {
+        let var = |k: &str| {
+            get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        Ok(ReaperConfig {
+            interval: Duration::from_millis(parse(
+                &var,
+                "REAPER_INTERVAL_MS",
+                1000,
+                "milliseconds",
+            )?),
+            batch: parse::<usize>(&var, "REAPER_BATCH", 500, "a number of sessions")?.max(1),
+        })
+    }
+}
+
+impl Default for ReaperConfig {
+    fn default() -> Self {
+        ReaperConfig {
+            interval: Duration::from_millis(1000),
+            batch: 500,
+        }
+    }
+}
+
+/// The reaper over one store.
+#[derive(Debug, Clone)]
+pub struct Reaper {
+    store: SessionStore,
+    cfg: ReaperConfig,
+}
+
+impl Reaper {
+    /// A reaper for this store's expiry index.
+    pub fn new(store: SessionStore, cfg: ReaperConfig) -> Self {
+        Reaper { store, cfg }
+    }
+
+    /// One sweep: expires up to `batch` sessions whose deadline has passed
+    /// (Redis's clock). Returns how many this call expired.
+    pub async fn sweep(&self) -> Result<usize> {
+        let mut conn = self.store.connection();
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_ms = secs * 1000 + micros / 1000;
+        let due: Vec<(String, f64)> = conn
+            .zrangebyscore_limit_withscores(
+                &self.store.keys().expiry,
+                "-inf",
+                now_ms,
+                0,
+                self.cfg.batch as isize,
+            )
+            .await?;
+        let mut expired = 0;
+        for (id, score) in due {
+            let Ok(sid) = id.parse::<SessionId>() else {
+                let _: redis::RedisResult<u64> = conn.zrem(&self.store.keys().expiry, &id).await;
+                continue;
+            };
+            if self.store.expire(&sid, score as i64).await? {
+                tracing::debug!(session_id = %sid, "expired");
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Sweeps until `shutdown` is cancelled. A sweep that filled its batch is
+    /// followed at once by the next.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<u64> {
+        let mut total = 0u64;
+        while !shutdown.is_cancelled() {
+            let pause = match self.sweep().await {
+                Ok(n) => {
+                    total += n as u64;
+                    if n >= self.cfg.batch {
+                        Duration::ZERO
+                    } else {
+                        self.cfg.interval
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(err = %e, "reaper sweep failed");
+                    self.cfg.interval
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        Ok(total)
+    }
+}
