@@ -47,6 +47,29 @@ pub enum Command {
     Migrate,
     /// The audit trail of a session, or of a user over a time range.
     History(HistoryArgs),
+    /// Rebuild Redis from the audit database; with `--at`, write the state
+    /// of sessions as of an instant to a file instead (Redis untouched).
+    Replay(ReplayArgs),
+    /// Compare Redis, the snapshots and the event history; exit 1 on any
+    /// divergence.
+    Verify,
+}
+
+/// Arguments of `replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Point in time (RFC 3339): fold history up to this instant.
+    #[arg(long)]
+    pub at: Option<String>,
+    /// With `--at`: only this session.
+    #[arg(long, requires = "at")]
+    pub session: Option<String>,
+    /// With `--at`: only this user's sessions.
+    #[arg(long, requires = "at")]
+    pub user: Option<String>,
+    /// With `--at`: where to write the JSON (default: stdout).
+    #[arg(long, requires = "at")]
+    pub output: Option<std::path::PathBuf>,
 }
 
 /// Arguments of `history`.
@@ -271,9 +294,80 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
                 Output::Text(crate::audit::history::render_table(&rows))
             });
         }
+        Command::Replay(r) => return replay(r, config).await,
+        Command::Verify => {
+            let db = crate::audit::db::connect(&config.database_url).await?;
+            crate::audit::db::require_current_schema(&db).await?;
+            let store = SessionStore::connect(&config).await?;
+            let report = crate::recovery::verify(&store, &db).await?;
+            let v = serde_json::to_value(&report).map_err(|e| invalid(e.to_string()))?;
+            if report.ok {
+                return Ok(Output::Json(v));
+            }
+            println!("{v:#}");
+            return Err(Failure {
+                code: 1,
+                message: format!(
+                    "{} divergence(s) between Redis and the audit database",
+                    report.divergences.len()
+                ),
+            });
+        }
         _ => {}
     }
     run_store(cli, config).await.map(Output::Json)
+}
+
+async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
+    let db = crate::audit::db::connect(&config.database_url).await?;
+    crate::audit::db::require_current_schema(&db).await?;
+    if let Some(at) = timestamp_arg("at", r.at)? {
+        let selection = crate::recovery::Selection {
+            session_id: r
+                .session
+                .as_deref()
+                .map(session_id)
+                .transpose()?
+                .map(|s| s.to_string()),
+            user_id: r.user,
+        };
+        let sessions = crate::recovery::state_at(&db, at, &selection).await?;
+        let doc = json!({
+            "at": crate::time::Timestamp::from_datetime(at),
+            "sessions": sessions,
+        });
+        return match r.output {
+            Some(path) => {
+                let text =
+                    serde_json::to_string_pretty(&doc).map_err(|e| invalid(e.to_string()))?;
+                std::fs::write(&path, text + "\n")
+                    .map_err(|e| invalid(format!("cannot write {}: {e}", path.display())))?;
+                Ok(Output::Json(json!({
+                    "at": doc["at"],
+                    "sessions": doc["sessions"].as_array().map_or(0, Vec::len),
+                    "output": path.display().to_string(),
+                })))
+            }
+            None => Ok(Output::Json(doc)),
+        };
+    }
+    let store = SessionStore::connect(&config).await?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "replay {bar:40} {pos}/{len} sessions ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let summary = crate::recovery::replay(&store, &db, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .await?;
+    bar.finish_and_clear();
+    Ok(Output::Json(
+        serde_json::to_value(&summary).map_err(|e| invalid(e.to_string()))?,
+    ))
 }
 
 async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
@@ -310,7 +404,9 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
         Command::Stats { top } => Ok(
             serde_json::to_value(store.stats(top).await?).map_err(|e| invalid(e.to_string()))?
         ),
-        Command::Migrate | Command::History(_) => Err(invalid("not a store command")),
+        Command::Migrate | Command::History(_) | Command::Replay(_) | Command::Verify => {
+            Err(invalid("not a store command"))
+        }
         Command::Health => {
             let h = store.health().await;
             let v = serde_json::to_value(&h).map_err(|e| invalid(e.to_string()))?;

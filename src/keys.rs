@@ -9,6 +9,8 @@
 //! | `vedfolnir:seq:<id>` | string, PX TTL | the ledger: `<seq>\|<status>\|<user_id>` |
 //! | `vedfolnir:expiry` | sorted set | session id → deadline (ms, Redis clock) |
 //! | `vedfolnir:user:<user_id>` | sorted set | session id → creation time (µs, Redis clock) |
+//! | `vedfolnir:marker` | string | set by the worker; its absence means Redis lost its data |
+//! | `vedfolnir:recovering` | string, PX TTL | set while the worker replays after a loss |
 //!
 //! The session prefix comes from `REDIS_SESSION_PREFIX` and the stream from
 //! `REDIS_EVENT_STREAM`. The other keys live in the namespace of the session
@@ -35,6 +37,11 @@ pub struct Keys {
     pub stream: String,
     /// Expiry index, `<ns>expiry`.
     pub expiry: String,
+    /// Loss-detection marker, `<ns>marker`: set by the worker, gone when
+    /// Redis lost its data.
+    pub marker: String,
+    /// Set while the worker rebuilds Redis after a loss, `<ns>recovering`.
+    pub recovering: String,
     /// Namespace of the non-session keys.
     pub namespace: String,
 }
@@ -53,6 +60,8 @@ impl Keys {
             user_prefix: format!("{namespace}user:"),
             stream: config.event_stream.clone(),
             expiry: format!("{namespace}expiry"),
+            marker: format!("{namespace}marker"),
+            recovering: format!("{namespace}recovering"),
             namespace,
         }
     }

@@ -16,6 +16,7 @@
 //! - [`session`]: session state and the one fold, [`session::Session::apply`].
 //! - [`keys`]: the Redis key layout.
 //! - [`store`]: the write path (one Lua script per mutation) and the read path.
+//! - [`recovery`]: replay into Redis, point-in-time state, verify.
 //! - [`reaper`]: the expiry reaper (`expired` events from the expiry index).
 //! - [`worker`]: the worker process: audit consumer and reaper.
 //! - [`telemetry`]: trace context carried into events.
@@ -48,6 +49,7 @@ pub mod event;
 pub mod id;
 pub mod keys;
 pub mod reaper;
+pub mod recovery;
 pub mod session;
 pub mod store;
 pub mod telemetry;

@@ -20,6 +20,17 @@ pub enum Parts {
     Reaper,
 }
 
+/// `HEAL_CHECK_MS` (1000): how often the worker checks that Redis still has
+/// its data.
+fn heal_interval() -> std::time::Duration {
+    let ms = std::env::var("HEAL_CHECK_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1000)
+        .max(10);
+    std::time::Duration::from_millis(ms)
+}
+
 /// Runs the worker until `shutdown` is cancelled. The audit consumer refuses
 /// to start on an audit schema that is behind (`vedfolnir-sessions migrate`).
 pub async fn run(
@@ -38,7 +49,14 @@ pub async fn run(
     if parts != Parts::Reaper {
         let db = audit::db::connect(&config.database_url).await?;
         audit::db::require_current_schema(&db).await?;
-        let sink = AuditSink::new(db, config.session_timeout, config.event_stream.clone());
+        let sink = AuditSink::new(
+            db.clone(),
+            config.session_timeout,
+            config.event_stream.clone(),
+        );
+        let healer = crate::recovery::Healer::new(store.clone(), db, heal_interval());
+        let token = shutdown.clone();
+        tasks.spawn(async move { healer.run(token).await.map(|_| ()) });
         let mut c = AuditConsumer::new(config, sink, consumer).await?;
         c.ensure_group().await?;
         tracing::info!(consumer = %c.name(), "audit consumer started");

@@ -217,6 +217,23 @@ impl AuditSink {
                 .await?;
             snapshots.extend(rows.into_iter().map(|r| (r.session_id.clone(), r)));
         }
+        // The newest seq each session has in the table now (this batch
+        // included): a batch that is contiguous but not the newest (an older
+        // entry claimed late, a synchronous write racing the consumer) must
+        // still fold up to it.
+        let mut newest: HashMap<String, i64> = HashMap::new();
+        for chunk in ids.chunks(CHUNK) {
+            let rows: Vec<(String, Option<i64>)> = session_events::Entity::find()
+                .select_only()
+                .column(session_events::Column::SessionId)
+                .column_as(session_events::Column::Seq.max(), "max_seq")
+                .filter(session_events::Column::SessionId.is_in(chunk.iter().copied()))
+                .group_by(session_events::Column::SessionId)
+                .into_tuple()
+                .all(txn)
+                .await?;
+            newest.extend(rows.into_iter().filter_map(|(s, m)| Some((s, m?))));
+        }
         let mut upserts = Vec::new();
         for (sid, mut events) in by_session {
             events.sort_by_key(|i| i.event.seq);
@@ -231,17 +248,19 @@ impl AuditSink {
             };
             let pending: Vec<&Incoming> =
                 events.into_iter().filter(|i| i.event.seq > from).collect();
-            if pending.is_empty() {
+            let table_newest = newest.get(sid).copied().unwrap_or(0) as u64;
+            if pending.is_empty() && table_newest <= from {
                 continue;
             }
             let contiguous = pending
                 .iter()
                 .enumerate()
                 .all(|(k, i)| i.event.seq == from + 1 + k as u64);
-            let run: Vec<Incoming> = if contiguous {
+            let batch_newest = pending.last().map_or(from, |i| i.event.seq);
+            let run: Vec<Incoming> = if contiguous && batch_newest == table_newest {
                 pending.into_iter().cloned().collect()
             } else {
-                // Out of order (a claimed entry, an earlier gap): fold from
+                // Out of order, or newer events already committed: fold from
                 // the table, which holds every event committed so far.
                 self.history_after(txn, sid, from).await?
             };
@@ -410,4 +429,101 @@ pub fn status_of(s: SnapshotStatus) -> Status {
 /// batch is bad".
 pub async fn reachable(db: &impl ConnectionTrait) -> bool {
     db.execute_unprepared("SELECT 1").await.is_ok()
+}
+
+/// What a fallback append found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FallbackOutcome {
+    /// The events are committed.
+    Written,
+    /// The session moved on: its current state (`None` when it has ended or
+    /// does not exist).
+    Conflict(Option<Session>),
+}
+
+/// A session as the audit database knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSession {
+    /// The folded state, with its status.
+    pub session: Session,
+    /// When it runs out, for live sessions.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl AuditSink {
+    /// The snapshot of one session.
+    pub async fn snapshot(&self, session_id: &str) -> Result<Option<StoredSession>> {
+        let row = session_snapshots::Entity::find_by_id(session_id.to_owned())
+            .one(&self.db)
+            .await?;
+        row.map(|r| {
+            Ok(StoredSession {
+                session: Session::from_json(&r.state)
+                    .map_err(|e| Error::Corrupt(format!("snapshot of {session_id}: {e}")))?
+                    .with_status(status_of(r.status)),
+                expires_at: r.expires_at,
+            })
+        })
+        .transpose()
+    }
+
+    /// Live snapshots of one user.
+    pub async fn live_sessions_of(&self, user_id: &str) -> Result<Vec<String>> {
+        let rows: Vec<String> = session_snapshots::Entity::find()
+            .select_only()
+            .column(session_snapshots::Column::SessionId)
+            .filter(session_snapshots::Column::UserId.eq(user_id))
+            .filter(session_snapshots::Column::Status.eq(SnapshotStatus::Live))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows)
+    }
+
+    /// Fallback mode (Redis unreachable): appends events straight to the
+    /// database, each checked against the snapshot's `seq` (`expected`, 0 for
+    /// a new session), in one transaction. `source` is `fallback` and
+    /// `stream_id` is null. A concurrent writer makes it a conflict, never a
+    /// lost update.
+    pub async fn append_fallback(&self, writes: &[(u64, Event)]) -> Result<FallbackOutcome> {
+        let txn = self.db.begin().await?;
+        for (expected, event) in writes {
+            let row = session_snapshots::Entity::find_by_id(event.session_id.to_string())
+                .one(&txn)
+                .await?;
+            let current = row.as_ref().map_or(0, |r| r.seq as u64);
+            let live = row
+                .as_ref()
+                .is_none_or(|r| r.status == SnapshotStatus::Live);
+            if current != *expected || !live {
+                let state = match row {
+                    Some(r) if r.status == SnapshotStatus::Live => {
+                        Session::from_json(&r.state).ok()
+                    }
+                    _ => None,
+                };
+                txn.rollback().await?;
+                return Ok(FallbackOutcome::Conflict(state));
+            }
+            let incoming = Incoming {
+                stream_id: None,
+                event: event.clone(),
+            };
+            let inserted = session_events::Entity::insert(event_row(&incoming, Utc::now()))
+                .exec_without_returning(&txn)
+                .await;
+            if let Err(e) = inserted {
+                txn.rollback().await?;
+                return match e.sql_err() {
+                    Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => {
+                        Ok(FallbackOutcome::Conflict(None))
+                    }
+                    _ => Err(e.into()),
+                };
+            }
+            self.advance_snapshots(&txn, &[&incoming]).await?;
+        }
+        txn.commit().await?;
+        Ok(FallbackOutcome::Written)
+    }
 }

@@ -148,9 +148,9 @@ local function evict(user, max, skip, ids, tomb)
   local ended = {}
   for i = 1, excess do
     local id, seq = live[i][1], live[i][2]
-    append(id, seq + 1, 'destroyed', user, '{"reason":"evicted"}', ids[i])
+    local xid = append(id, seq + 1, 'destroyed', user, '{"reason":"evicted"}', ids[i])
     store_end(id, seq + 1, 'destroyed', user, tomb)
-    ended[#ended + 1] = id
+    ended[#ended + 1] = id .. ' ' .. int(seq + 1) .. ' ' .. xid
   end
   return ended
 end
@@ -209,7 +209,7 @@ elseif op == 'end' then
   end
   local sid = append(id, seq + 1, kind, user, payload, event_id)
   store_end(id, seq + 1, status, user, tomb)
-  return { 'ok', sid, int(seq + 1) }
+  return { 'ok', sid, int(seq + 1), user }
 elseif op == 'rotate' then
   local old = arg()
   local expected = tonumber(arg())
@@ -236,11 +236,11 @@ elseif op == 'rotate' then
   if not ended then
     return { 'need_ids', int(need) }
   end
-  append(old, seq + 1, 'destroyed', old_user, end_payload, end_id)
+  local oxid = append(old, seq + 1, 'destroyed', old_user, end_payload, end_id)
   store_end(old, seq + 1, 'destroyed', old_user, tomb)
   local sid = append(new, 1, 'created', user, create_payload, create_id)
   store_live(new, 1, json, ttl, tomb, user, nil)
-  return { 'ok', sid, unpack(ended) }
+  return { 'ok', sid, oxid, old_user, unpack(ended) }
 elseif op == 'destroy_user' then
   local user = arg()
   local tomb = tonumber(arg())
@@ -251,11 +251,11 @@ elseif op == 'destroy_user' then
   if #live > #ids then
     return { 'need_ids', int(#live) }
   end
-  local ended = { 'ok' }
+  local ended = { 'ok', '' }
   for i, s in ipairs(live) do
-    append(s[1], s[2] + 1, 'destroyed', user, payload, ids[i])
+    local xid = append(s[1], s[2] + 1, 'destroyed', user, payload, ids[i])
     store_end(s[1], s[2] + 1, 'destroyed', user, tomb)
-    ended[#ended + 1] = s[1]
+    ended[#ended + 1] = s[1] .. ' ' .. int(s[2] + 1) .. ' ' .. xid
   end
   return ended
 elseif op == 'expire' then
@@ -281,5 +281,47 @@ elseif op == 'expire' then
   local sid = append(id, seq + 1, 'expired', user, payload, event_id)
   store_end(id, seq + 1, 'expired', user, tomb)
   return { 'ok', sid, int(seq + 1), user }
+elseif op == 'restore' then
+  -- Replay from the audit database: re-materialize a live session unless
+  -- Redis already holds it at the same or a newer seq (or has ended it).
+  local id = arg()
+  local json = arg()
+  local seq = tonumber(arg())
+  local user = arg()
+  local deadline = tonumber(arg())
+  local tomb = tonumber(arg())
+  local have = read_ledger(id)
+  if have and have > seq then
+    return { 'newer', int(have) }
+  end
+  if have and have == seq then
+    return { 'current', int(have) }
+  end
+  local remaining = deadline - now
+  if remaining <= 0 then
+    return { 'expired' }
+  end
+  redis.call('SET', sp .. id, json, 'PX', remaining)
+  redis.call('SET', lp .. id, int(seq) .. '|live|' .. user, 'PX', remaining + tomb)
+  redis.call('ZADD', expiry, deadline, id)
+  if user ~= '' then
+    redis.call('ZADD', up .. user, 'NX', now_us, id)
+  end
+  return { 'ok', '' }
+elseif op == 'retire' then
+  -- Projection of an end that was recorded in the audit database while Redis
+  -- was unreachable: delete the key and leave the tombstone, unless Redis
+  -- already holds the same or a newer seq. The event is already audited.
+  local id = arg()
+  local seq = tonumber(arg())
+  local status = arg()
+  local user = arg()
+  local tomb = tonumber(arg())
+  local have = read_ledger(id)
+  if have and have >= seq then
+    return { 'current', int(have) }
+  end
+  store_end(id, seq, status, user, tomb)
+  return { 'ok', '' }
 end
 return redis.error_reply('unknown operation ' .. tostring(op))

@@ -12,16 +12,20 @@
 //! appends a `touched` event when the last activity is older than
 //! `SESSION_TOUCH_INTERVAL`, and writes nothing otherwise.
 
+mod fallback;
 mod ops;
-mod script;
+pub(crate) mod script;
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 
+use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::id::{SessionId, Token};
@@ -32,11 +36,36 @@ pub use ops::Created;
 
 /// The event-sourced session store. Cheap to clone; clones share one
 /// multiplexed, self-reconnecting Redis connection.
+///
+/// With an audit database attached ([`SessionStore::with_audit`]) it also:
+/// - commits every mutation to the database before returning when
+///   `DB_SESSION_SYNC` is on;
+/// - keeps working while Redis is unreachable when `DB_SESSION_FALLBACK` is
+///   on: loads read the snapshots, mutations are appended to the database
+///   (`source = fallback`), and the sessions changed meanwhile are projected
+///   into Redis as soon as it answers again;
+/// - while Redis is recovering from a loss of its data (the worker's marker
+///   key is gone, or its `recovering` flag is set), serves a load that misses
+///   in Redis from the snapshot and puts the session back into Redis.
 #[derive(Clone)]
 pub struct SessionStore {
     conn: ConnectionManager,
     keys: Arc<Keys>,
     config: Arc<Config>,
+    audit: Option<AuditSink>,
+    shared: Arc<Shared>,
+}
+
+/// State shared by the clones of one store.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Sessions written in fallback mode and not yet projected into Redis.
+    dirty: Mutex<BTreeSet<SessionId>>,
+    has_dirty: AtomicBool,
+    /// When the recovery state was last read, and what it was.
+    recovery_checked: Mutex<Option<(Instant, bool)>>,
+    /// Mutations written to the database because Redis was unreachable.
+    fallback_writes: AtomicU64,
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -64,7 +93,31 @@ impl SessionStore {
             conn,
             keys: Arc::new(Keys::new(config)),
             config: Arc::new(config.clone()),
+            audit: None,
+            shared: Arc::new(Shared::default()),
         })
+    }
+
+    /// Attaches the audit database, for `DB_SESSION_SYNC`,
+    /// `DB_SESSION_FALLBACK` and reads during recovery.
+    pub fn with_audit(mut self, sink: AuditSink) -> Self {
+        self.audit = Some(sink);
+        self
+    }
+
+    /// The attached audit database.
+    pub fn audit(&self) -> Option<&AuditSink> {
+        self.audit.as_ref()
+    }
+
+    /// Mutations written to the database because Redis was unreachable.
+    pub fn fallback_writes(&self) -> u64 {
+        self.shared.fallback_writes.load(Ordering::Relaxed)
+    }
+
+    /// Sessions changed in fallback mode that Redis does not have yet.
+    pub fn pending_projection(&self) -> usize {
+        self.shared.dirty.lock().map(|d| d.len()).unwrap_or(0)
     }
 
     /// The configuration this store runs with.
@@ -110,10 +163,33 @@ impl SessionStore {
         }
     }
 
-    /// Reads a session with one `GET` and never writes.
+    /// Reads a session with one `GET` and never writes (but see the type's
+    /// docs for what happens while Redis is unreachable or recovering).
     pub async fn get(&self, id: &SessionId) -> Result<Option<Session>> {
-        let json: Option<String> = self.conn.clone().get(self.keys.session(id)).await?;
-        json.map(|j| parse_session(id, &j)).transpose()
+        let json: redis::RedisResult<Option<String>> =
+            self.conn.clone().get(self.keys.session(id)).await;
+        match json {
+            Ok(Some(j)) => {
+                self.project_pending().await;
+                parse_session(id, &j).map(Some)
+            }
+            Ok(None) => {
+                self.project_pending().await;
+                if self.audit.is_some() && self.recovering().await {
+                    self.restore_from_audit(id).await
+                } else {
+                    Ok(None)
+                }
+            }
+            Err(e) => {
+                let e = Error::from(e);
+                if e.is_unavailable() && self.fallback_enabled() {
+                    self.fallback_get(id).await
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// True when the session's last activity is at least one touch interval old.
@@ -129,7 +205,21 @@ impl SessionStore {
 
     /// Whether an id that has no live key ended (and how) or never existed.
     pub async fn tombstone(&self, id: &SessionId) -> Result<Option<Status>> {
-        let ledger: Option<String> = self.conn.clone().get(self.keys.ledger(id)).await?;
+        let ledger: Option<String> = match self.conn.clone().get(self.keys.ledger(id)).await {
+            Ok(l) => l,
+            Err(e) if self.fallback_enabled() => {
+                let e = Error::from(e);
+                if !e.is_unavailable() {
+                    return Err(e);
+                }
+                return Ok(self
+                    .fallback_snapshot(id)
+                    .await?
+                    .map(|s| s.session.status())
+                    .filter(|s| *s != Status::Live));
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(ledger.and_then(|l| match l.split('|').nth(1) {
             Some("destroyed") => Some(Status::Destroyed),
             Some("expired") => Some(Status::Expired),

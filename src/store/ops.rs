@@ -1,5 +1,11 @@
 //! The mutations: create, update, touch, switch_platform, rotate, destroy,
 //! destroy_all_for_user, and the reaper's expire.
+//!
+//! Each one folds in Rust, runs the script once, and then (with
+//! `DB_SESSION_SYNC`) commits the events it appended to the audit database.
+//! When Redis cannot be reached and `DB_SESSION_FALLBACK` is on, the same
+//! events are appended to the audit database instead, against the snapshot's
+//! version.
 
 use std::time::Duration;
 
@@ -9,6 +15,8 @@ use uuid::Uuid;
 
 use super::SessionStore;
 use super::script::{self, Reply};
+use crate::audit::Incoming;
+use crate::audit::sink::FallbackOutcome;
 use crate::error::{Error, Result};
 use crate::event::{DestroyReason, Event, EventKind, Platform, SCHEMA_VERSION};
 use crate::id::{SessionId, Token};
@@ -44,15 +52,16 @@ impl Meta {
         }
     }
 
-    fn event(
+    fn event_with_id(
         &self,
+        event_id: Uuid,
         session_id: &SessionId,
         seq: u64,
         user_id: Option<String>,
         kind: EventKind,
     ) -> Event {
         Event {
-            event_id: Uuid::now_v7(),
+            event_id,
             session_id: session_id.clone(),
             seq,
             occurred_at: self.occurred_at,
@@ -63,10 +72,53 @@ impl Meta {
         }
     }
 
+    fn event(
+        &self,
+        session_id: &SessionId,
+        seq: u64,
+        user_id: Option<String>,
+        kind: EventKind,
+    ) -> Event {
+        self.event_with_id(Uuid::now_v7(), session_id, seq, user_id, kind)
+    }
+
     fn push(&self, inv: &mut redis::ScriptInvocation<'_>) {
         inv.arg(self.occurred_at.to_string())
             .arg(SCHEMA_VERSION)
             .arg(self.traceparent.as_deref().unwrap_or(""));
+    }
+
+    /// The `destroyed` events the script composed itself (evictions, logout
+    /// everywhere), from its `"<id> <seq> <stream id>"` entries and the event
+    /// ids it was given, in order.
+    fn composed(
+        &self,
+        entries: &[String],
+        ids: &[String],
+        user: Option<&str>,
+        reason: DestroyReason,
+    ) -> Vec<Incoming> {
+        entries
+            .iter()
+            .zip(ids)
+            .filter_map(|(entry, eid)| {
+                let mut parts = entry.split(' ');
+                let sid = parts.next()?.parse::<SessionId>().ok()?;
+                let seq = parts.next()?.parse::<u64>().ok()?;
+                let xid = parts.next()?.to_owned();
+                let event_id = eid.parse::<Uuid>().ok()?;
+                Some(Incoming {
+                    stream_id: Some(xid),
+                    event: self.event_with_id(
+                        event_id,
+                        &sid,
+                        seq,
+                        user.map(str::to_owned),
+                        EventKind::Destroyed { reason },
+                    ),
+                })
+            })
+            .collect()
     }
 }
 
@@ -74,8 +126,30 @@ fn ids(n: usize) -> Vec<String> {
     (0..n).map(|_| Uuid::now_v7().to_string()).collect()
 }
 
-fn parse_ids(ids: Vec<String>) -> Vec<SessionId> {
-    ids.into_iter().filter_map(|i| i.parse().ok()).collect()
+fn first_ids(entries: &[String]) -> Vec<SessionId> {
+    entries
+        .iter()
+        .filter_map(|e| e.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+fn streamed(stream_id: String, event: Event) -> Incoming {
+    Incoming {
+        stream_id: Some(stream_id),
+        event,
+    }
+}
+
+/// Where a write ended up.
+enum Written {
+    /// Redis took it; the stream id.
+    Redis(String),
+    /// The audit database took it (fallback).
+    Database,
+    /// The version moved on; the current state when the session still lives.
+    Conflict(Option<Session>),
+    /// No live session.
+    Gone,
 }
 
 impl SessionStore {
@@ -119,6 +193,25 @@ impl SessionStore {
         }
     }
 
+    /// Runs a script invocation; when Redis is unreachable and the fallback is
+    /// on, appends `fallback` to the audit database instead.
+    async fn run_or_fallback(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        fallback: &[(u64, Event)],
+    ) -> Result<std::result::Result<Reply, FallbackOutcome>> {
+        match script::run(inv, &mut self.conn.clone()).await {
+            Ok(r) => {
+                self.project_pending().await;
+                Ok(Ok(r))
+            }
+            Err(e) if e.is_unavailable() && self.fallback_enabled() => {
+                Ok(Err(self.fallback_append(fallback).await?))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Creates a session and returns its token, once. When the user already
     /// has `SESSION_MAX_PER_USER` sessions, the oldest is destroyed with
     /// reason `evicted` in the same atomic step.
@@ -130,7 +223,7 @@ impl SessionStore {
     async fn create_inner(
         &self,
         fields: Map<String, Value>,
-        rotated_from: Option<(SessionId, u64, DestroyReason)>,
+        rotated_from: Option<(SessionId, Session, DestroyReason)>,
     ) -> Result<Created> {
         let as_changes = Changes {
             set: fields.clone(),
@@ -159,7 +252,10 @@ impl SessionStore {
             );
             let session = Session::default().apply(&created);
             let json = self.checked_json(&session)?;
+            let spare_ids = ids(spare);
             let mut inv;
+            let mut fallback = Vec::with_capacity(2);
+            let mut ended_old = None;
             match &rotated_from {
                 None => {
                     inv = script::invocation(&self.keys, "create");
@@ -172,47 +268,78 @@ impl SessionStore {
                         .arg(created.event_id.to_string())
                         .arg(created.kind.payload_json());
                 }
-                Some((old, expected, reason)) => {
+                Some((old, current, reason)) => {
                     inv = script::invocation(&self.keys, "rotate");
-                    let end = EventKind::Destroyed { reason: *reason };
+                    let end = meta.event(
+                        old,
+                        current.version() + 1,
+                        current.user_id(),
+                        EventKind::Destroyed { reason: *reason },
+                    );
                     inv.arg(old.as_str())
-                        .arg(*expected)
+                        .arg(current.version())
                         .arg(id.as_str())
                         .arg(&json)
                         .arg(self.ttl_ms())
                         .arg(self.tomb_ms())
                         .arg(user.as_deref().unwrap_or(""))
                         .arg(self.config.max_per_user)
-                        .arg(Uuid::now_v7().to_string())
-                        .arg(end.payload_json())
+                        .arg(end.event_id.to_string())
+                        .arg(end.kind.payload_json())
                         .arg(created.event_id.to_string())
                         .arg(created.kind.payload_json());
+                    fallback.push((current.version(), end.clone()));
+                    ended_old = Some(end);
                 }
             }
             meta.push(&mut inv);
-            inv.arg(ids(spare));
-            match script::run(&inv, &mut self.conn.clone()).await? {
-                Reply::Ok(_, evicted) => {
-                    return Ok(Created {
-                        token,
-                        session_id: id,
-                        session,
-                        evicted: parse_ids(evicted),
-                    });
+            inv.arg(&spare_ids);
+            fallback.push((0, created.clone()));
+            let done = |evicted| Created {
+                token: token.clone(),
+                session_id: id.clone(),
+                session: session.clone(),
+                evicted,
+            };
+            match self.run_or_fallback(&inv, &fallback).await? {
+                Ok(Reply::Ok(xid, extra)) => {
+                    let (entries, mut events) = match ended_old {
+                        None => (extra, Vec::new()),
+                        Some(end) => {
+                            let mut it = extra.into_iter();
+                            let oxid = it.next().unwrap_or_default();
+                            let old_user = it.next().filter(|u| !u.is_empty());
+                            let end = Event {
+                                user_id: old_user,
+                                ..end
+                            };
+                            (it.collect(), vec![streamed(oxid, end)])
+                        }
+                    };
+                    events.push(streamed(xid, created));
+                    events.extend(meta.composed(
+                        &entries,
+                        &spare_ids,
+                        user.as_deref(),
+                        DestroyReason::Evicted,
+                    ));
+                    self.sync(events).await?;
+                    return Ok(done(first_ids(&entries)));
                 }
-                Reply::NeedIds(n) => spare = n,
-                Reply::Exists => continue,
-                Reply::Conflict(_) => {
+                Ok(Reply::NeedIds(n)) => spare = n,
+                Ok(Reply::Exists) => continue,
+                Ok(Reply::Conflict(_)) | Err(FallbackOutcome::Conflict(_)) => {
                     return Err(Error::Conflict {
                         session_id: rotated_from.map(|r| r.0).unwrap_or(id),
                         attempts: 1,
                     });
                 }
-                Reply::Missing | Reply::Ended(_) => {
+                Err(FallbackOutcome::Written) => return Ok(done(Vec::new())),
+                Ok(Reply::Missing | Reply::Ended(_)) => {
                     let old = rotated_from.map(|r| r.0).unwrap_or(id);
                     return Err(self.missing(&old).await);
                 }
-                other => {
+                Ok(other) => {
                     return Err(Error::Corrupt(format!(
                         "create: unexpected reply {other:?}"
                     )));
@@ -221,9 +348,56 @@ impl SessionStore {
         }
     }
 
-    /// The common loop of `update`, `touch` and `switch_platform`: fold the
-    /// change on the current state, write it if the version still matches,
-    /// otherwise fold again on the state the script returned.
+    /// One attempt at writing a folded event (Redis, or the database in
+    /// fallback mode).
+    async fn write_once(
+        &self,
+        id: &SessionId,
+        current: &Session,
+        next: &Session,
+        event: &Event,
+        meta: &Meta,
+    ) -> Result<Written> {
+        let json = self.checked_json(next)?;
+        let mut inv = script::invocation(&self.keys, "write");
+        inv.arg(id.as_str())
+            .arg(current.version())
+            .arg(&json)
+            .arg(self.ttl_ms())
+            .arg(self.tomb_ms())
+            .arg(event.user_id.as_deref().unwrap_or(""))
+            .arg(event.kind.type_name())
+            .arg(event.event_id.to_string())
+            .arg(event.kind.payload_json());
+        meta.push(&mut inv);
+        Ok(
+            match self
+                .run_or_fallback(&inv, &[(current.version(), event.clone())])
+                .await?
+            {
+                Ok(Reply::Ok(xid, _)) => Written::Redis(xid),
+                Ok(Reply::Conflict(Some(json))) => {
+                    Written::Conflict(Some(super::parse_session(id, &json)?))
+                }
+                Ok(Reply::Conflict(None) | Reply::Missing | Reply::Ended(_)) => Written::Gone,
+                Ok(other) => {
+                    return Err(Error::Corrupt(format!("write: unexpected reply {other:?}")));
+                }
+                Err(FallbackOutcome::Written) => Written::Database,
+                Err(FallbackOutcome::Conflict(state)) => match state {
+                    Some(s) => Written::Conflict(Some(s)),
+                    None => match self.fallback_get(id).await? {
+                        Some(s) => Written::Conflict(Some(s)),
+                        None => Written::Gone,
+                    },
+                },
+            },
+        )
+    }
+
+    /// The common loop of `update` and `switch_platform`: fold the change on
+    /// the current state, write it if the version still matches, otherwise
+    /// fold again on the state the script returned.
     async fn write(
         &self,
         id: &SessionId,
@@ -233,38 +407,23 @@ impl SessionStore {
         let attempts = self.config.max_retries.max(1);
         for attempt in 1..=attempts {
             let meta = Meta::now();
-            let kind = change(&current);
-            let type_name = kind.type_name();
-            let draft = meta.event(id, current.version() + 1, None, kind);
+            let draft = meta.event(id, current.version() + 1, None, change(&current));
             let next = current.apply(&draft);
             let event = Event {
                 user_id: next.user_id(),
                 ..draft
             };
-            let json = self.checked_json(&next)?;
-            let mut inv = script::invocation(&self.keys, "write");
-            inv.arg(id.as_str())
-                .arg(current.version())
-                .arg(&json)
-                .arg(self.ttl_ms())
-                .arg(self.tomb_ms())
-                .arg(event.user_id.as_deref().unwrap_or(""))
-                .arg(type_name)
-                .arg(event.event_id.to_string())
-                .arg(event.kind.payload_json());
-            meta.push(&mut inv);
-            match script::run(&inv, &mut self.conn.clone()).await? {
-                Reply::Ok(..) => return Ok(next),
-                Reply::Conflict(Some(json)) => {
-                    current = super::parse_session(id, &json)?;
+            match self.write_once(id, &current, &next, &event, &meta).await? {
+                Written::Redis(xid) => {
+                    self.sync(vec![streamed(xid, event)]).await?;
+                    return Ok(next);
+                }
+                Written::Database => return Ok(next),
+                Written::Conflict(Some(s)) => {
+                    current = s;
                     Self::backoff(attempt).await;
                 }
-                Reply::Conflict(None) | Reply::Missing | Reply::Ended(_) => {
-                    return Err(self.missing(id).await);
-                }
-                other => {
-                    return Err(Error::Corrupt(format!("write: unexpected reply {other:?}")));
-                }
+                Written::Conflict(None) | Written::Gone => return Err(self.missing(id).await),
             }
         }
         Err(Error::Conflict {
@@ -313,27 +472,19 @@ impl SessionStore {
         let kind = EventKind::Touched {
             last_activity: meta.occurred_at,
         };
-        let draft = meta.event(id, current.version() + 1, current.user_id(), kind);
-        let next = current.apply(&draft);
-        let json = self.checked_json(&next)?;
-        let mut inv = script::invocation(&self.keys, "write");
-        inv.arg(id.as_str())
-            .arg(current.version())
-            .arg(&json)
-            .arg(self.ttl_ms())
-            .arg(self.tomb_ms())
-            .arg(draft.user_id.as_deref().unwrap_or(""))
-            .arg("touched")
-            .arg(draft.event_id.to_string())
-            .arg(draft.kind.payload_json());
-        meta.push(&mut inv);
-        match script::run(&inv, &mut self.conn.clone()).await? {
-            Reply::Ok(..) => Ok(next),
-            Reply::Conflict(_) => Err(Error::Conflict {
+        let event = meta.event(id, current.version() + 1, current.user_id(), kind);
+        let next = current.apply(&event);
+        match self.write_once(id, &current, &next, &event, &meta).await? {
+            Written::Redis(xid) => {
+                self.sync(vec![streamed(xid, event)]).await?;
+                Ok(next)
+            }
+            Written::Database => Ok(next),
+            Written::Conflict(_) => Err(Error::Conflict {
                 session_id: id.clone(),
                 attempts: 1,
             }),
-            _ => Err(self.missing(id).await),
+            Written::Gone => Err(self.missing(id).await),
         }
     }
 
@@ -370,10 +521,7 @@ impl SessionStore {
                 fields.insert(k.clone(), v.clone());
             }
             match self
-                .create_inner(
-                    fields,
-                    Some((id.clone(), current.version(), DestroyReason::Rotated)),
-                )
+                .create_inner(fields, Some((id.clone(), current, DestroyReason::Rotated)))
                 .await
             {
                 Err(Error::Conflict { .. }) => Self::backoff(attempt).await,
@@ -391,24 +539,62 @@ impl SessionStore {
     /// when there was no live session to end.
     #[tracing::instrument(skip_all, fields(session_id = %id, reason = reason.as_str()), err)]
     pub async fn destroy(&self, id: &SessionId, reason: DestroyReason) -> Result<bool> {
-        let meta = Meta::now();
-        let kind = EventKind::Destroyed { reason };
-        let mut inv = script::invocation(&self.keys, "end");
-        inv.arg(id.as_str())
-            .arg(-1)
-            .arg("destroyed")
-            .arg("destroyed")
-            .arg(self.tomb_ms())
-            .arg(Uuid::now_v7().to_string())
-            .arg(kind.payload_json());
-        meta.push(&mut inv);
-        match script::run(&inv, &mut self.conn.clone()).await? {
-            Reply::Ok(..) => Ok(true),
-            Reply::Missing | Reply::Ended(_) => Ok(false),
-            other => Err(Error::Corrupt(format!(
-                "destroy: unexpected reply {other:?}"
-            ))),
+        let attempts = self.config.max_retries.max(1);
+        for attempt in 1..=attempts {
+            let meta = Meta::now();
+            let kind = EventKind::Destroyed { reason };
+            let event_id = Uuid::now_v7();
+            let mut inv = script::invocation(&self.keys, "end");
+            inv.arg(id.as_str())
+                .arg(-1)
+                .arg("destroyed")
+                .arg("destroyed")
+                .arg(self.tomb_ms())
+                .arg(event_id.to_string())
+                .arg(kind.payload_json());
+            meta.push(&mut inv);
+            let reply = match script::run(&inv, &mut self.conn.clone()).await {
+                // In fallback mode the end is checked against the snapshot.
+                Err(e) if e.is_unavailable() && self.fallback_enabled() => {
+                    let Some(current) = self.fallback_get(id).await? else {
+                        return Ok(false);
+                    };
+                    let event = meta.event_with_id(
+                        event_id,
+                        id,
+                        current.version() + 1,
+                        current.user_id(),
+                        kind,
+                    );
+                    match self.fallback_append(&[(current.version(), event)]).await? {
+                        FallbackOutcome::Written => return Ok(true),
+                        FallbackOutcome::Conflict(_) => {
+                            Self::backoff(attempt).await;
+                            continue;
+                        }
+                    }
+                }
+                other => other?,
+            };
+            self.project_pending().await;
+            return match reply {
+                Reply::Ok(xid, extra) => {
+                    let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
+                    let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
+                    let event = meta.event_with_id(event_id, id, seq, user, kind);
+                    self.sync(vec![streamed(xid, event)]).await?;
+                    Ok(true)
+                }
+                Reply::Missing | Reply::Ended(_) => Ok(false),
+                other => Err(Error::Corrupt(format!(
+                    "destroy: unexpected reply {other:?}"
+                ))),
+            };
         }
+        Err(Error::Conflict {
+            session_id: id.clone(),
+            attempts,
+        })
     }
 
     /// Logs a user out everywhere: every live session of the user is
@@ -425,20 +611,36 @@ impl SessionStore {
         let mut spare = 4;
         loop {
             let meta = Meta::now();
+            let spare_ids = ids(spare);
             let mut inv = script::invocation(&self.keys, "destroy_user");
             inv.arg(user_id)
                 .arg(self.tomb_ms())
                 .arg(EventKind::Destroyed { reason }.payload_json());
             meta.push(&mut inv);
-            inv.arg(ids(spare));
-            match script::run(&inv, &mut self.conn.clone()).await? {
-                Reply::Ok(first, rest) => {
-                    let mut all = Vec::with_capacity(rest.len() + 1);
-                    if !first.is_empty() {
-                        all.push(first);
+            inv.arg(&spare_ids);
+            let reply = match script::run(&inv, &mut self.conn.clone()).await {
+                Err(e) if e.is_unavailable() && self.fallback_enabled() => {
+                    // Best effort, one session at a time, from the snapshots.
+                    let mut ended = Vec::new();
+                    let live = match &self.audit {
+                        Some(a) => a.live_sessions_of(user_id).await?,
+                        None => Vec::new(),
+                    };
+                    for sid in live.iter().filter_map(|s| s.parse::<SessionId>().ok()) {
+                        if self.destroy(&sid, reason).await? {
+                            ended.push(sid);
+                        }
                     }
-                    all.extend(rest);
-                    return Ok(parse_ids(all));
+                    return Ok(ended);
+                }
+                other => other?,
+            };
+            self.project_pending().await;
+            match reply {
+                Reply::Ok(_, entries) => {
+                    let events = meta.composed(&entries, &spare_ids, Some(user_id), reason);
+                    self.sync(events).await?;
+                    return Ok(first_ids(&entries));
                 }
                 Reply::NeedIds(n) => spare = n + 4,
                 other => {
@@ -458,15 +660,22 @@ impl SessionStore {
         let deadline = Timestamp::from_millis(deadline_ms)
             .ok_or_else(|| Error::Corrupt(format!("deadline {deadline_ms} out of range")))?;
         let kind = EventKind::Expired { deadline };
+        let event_id = Uuid::now_v7();
         let mut inv = script::invocation(&self.keys, "expire");
         inv.arg(id.as_str())
             .arg(deadline_ms)
             .arg(self.tomb_ms())
-            .arg(Uuid::now_v7().to_string())
+            .arg(event_id.to_string())
             .arg(kind.payload_json());
         meta.push(&mut inv);
         match script::run(&inv, &mut self.conn.clone()).await? {
-            Reply::Ok(..) => Ok(true),
+            Reply::Ok(xid, extra) => {
+                let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
+                let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
+                let event = meta.event_with_id(event_id, id, seq, user, kind);
+                self.sync(vec![streamed(xid, event)]).await?;
+                Ok(true)
+            }
             Reply::Skip | Reply::Gone => Ok(false),
             other => Err(Error::Corrupt(format!(
                 "expire: unexpected reply {other:?}"

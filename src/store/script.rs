@@ -33,6 +33,61 @@ pub(crate) enum Reply {
     Skip,
     /// The reaper's candidate has no ledger any more.
     Gone,
+    /// Replay: Redis holds a newer seq.
+    Newer,
+    /// Replay: Redis holds the same seq.
+    Current,
+    /// Replay: the deadline has passed.
+    Expired,
+}
+
+/// `SCRIPT LOAD`s the script so that pipelined `EVALSHA`s find it.
+pub(crate) async fn load(conn: &mut impl ConnectionLike) -> Result<()> {
+    SCRIPT.prepare_invoke().load_async(conn).await?;
+    Ok(())
+}
+
+/// A bare `EVALSHA` of the script with the common keys and prefixes, for
+/// pipelines (which cannot fall back to `EVAL` by themselves).
+pub(crate) fn evalsha(keys: &Keys, op: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(SCRIPT.get_hash())
+        .arg(2)
+        .arg(&keys.stream)
+        .arg(&keys.expiry)
+        .arg(op)
+        .arg(&keys.session_prefix)
+        .arg(&keys.ledger_prefix)
+        .arg(&keys.user_prefix);
+    cmd
+}
+
+/// Decodes one reply of the script.
+pub(crate) fn decode(parts: Vec<String>) -> Result<Reply> {
+    let mut it = parts.into_iter();
+    let tag = it.next().unwrap_or_default();
+    let reply = match tag.as_str() {
+        "ok" => {
+            let sid = it.next().unwrap_or_default();
+            Reply::Ok(sid, it.collect())
+        }
+        "conflict" => Reply::Conflict(it.next()),
+        "missing" => Reply::Missing,
+        "ended" => Reply::Ended(it.next().unwrap_or_default()),
+        "exists" => Reply::Exists,
+        "need_ids" => Reply::NeedIds(it.next().and_then(|n| n.parse().ok()).unwrap_or(1)),
+        "skip" => Reply::Skip,
+        "gone" => Reply::Gone,
+        "newer" => Reply::Newer,
+        "current" => Reply::Current,
+        "expired" => Reply::Expired,
+        other => {
+            return Err(Error::Corrupt(format!(
+                "unexpected reply {other:?} from the session script"
+            )));
+        }
+    };
+    Ok(reply)
 }
 
 /// Starts an invocation with the keys and prefixes every operation takes.
@@ -53,25 +108,5 @@ pub(crate) async fn run(
     conn: &mut impl ConnectionLike,
 ) -> Result<Reply> {
     let parts: Vec<String> = inv.invoke_async(conn).await?;
-    let mut it = parts.into_iter();
-    let tag = it.next().unwrap_or_default();
-    let reply = match tag.as_str() {
-        "ok" => {
-            let sid = it.next().unwrap_or_default();
-            Reply::Ok(sid, it.collect())
-        }
-        "conflict" => Reply::Conflict(it.next()),
-        "missing" => Reply::Missing,
-        "ended" => Reply::Ended(it.next().unwrap_or_default()),
-        "exists" => Reply::Exists,
-        "need_ids" => Reply::NeedIds(it.next().and_then(|n| n.parse().ok()).unwrap_or(1)),
-        "skip" => Reply::Skip,
-        "gone" => Reply::Gone,
-        other => {
-            return Err(Error::Corrupt(format!(
-                "unexpected reply {other:?} from the session script"
-            )));
-        }
-    };
-    Ok(reply)
+    decode(parts)
 }
