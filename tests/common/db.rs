@@ -44,8 +44,12 @@ impl TestDb {
                 format!("{}/{name}", pg_base_url())
             }
         };
-        let db = vedfolnir_sessions::audit::db::connect(&url).await.expect("connect");
-        vedfolnir_sessions::audit::db::migrate(&db).await.expect("migrate");
+        let db = vedfolnir_sessions::audit::db::connect(&url)
+            .await
+            .expect("connect");
+        vedfolnir_sessions::audit::db::migrate(&db)
+            .await
+            .expect("migrate");
         TestDb {
             url,
             db,
@@ -73,7 +77,10 @@ impl Drop for TestDb {
                 let _ = std::process::Command::new("psql")
                     .arg(format!("{base}/postgres"))
                     .arg("-qc")
-                    .arg(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
+                    .arg(format!(
+                        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                        self.name
+                    ))
                     .output();
             }
         }
