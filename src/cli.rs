@@ -53,6 +53,22 @@ pub enum Command {
     /// Compare Redis, the snapshots and the event history; exit 1 on any
     /// divergence.
     Verify,
+    /// A scripted day of simulated app servers, a loss of Redis data and
+    /// the healing (needs a running worker on the same configuration).
+    Demo {
+        /// Simulated app servers.
+        #[arg(long, default_value_t = 4)]
+        app_servers: usize,
+        /// Simulated users.
+        #[arg(long, default_value_t = 40)]
+        users: usize,
+        /// Length of the scripted day, seconds.
+        #[arg(long, default_value_t = 12)]
+        day: u64,
+        /// Print the closing report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Arguments of `replay`.
@@ -295,6 +311,27 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
             });
         }
         Command::Replay(r) => return replay(r, config).await,
+        Command::Demo {
+            app_servers,
+            users,
+            day,
+            json,
+        } => {
+            let db = crate::audit::db::connect(&config.database_url).await?;
+            crate::audit::db::require_current_schema(&db).await?;
+            let store = SessionStore::connect(&config).await?;
+            let cfg = crate::demo::DemoConfig {
+                app_servers: app_servers.max(1),
+                users: users.max(1),
+                day: std::time::Duration::from_secs(day.max(1)),
+            };
+            let report = crate::demo::run(store, db, cfg, |line| println!("{line}")).await?;
+            return Ok(if json {
+                Output::Json(serde_json::to_value(&report).map_err(|e| invalid(e.to_string()))?)
+            } else {
+                Output::Text(crate::demo::render(&report))
+            });
+        }
         Command::Verify => {
             let db = crate::audit::db::connect(&config.database_url).await?;
             crate::audit::db::require_current_schema(&db).await?;
@@ -404,9 +441,11 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
         Command::Stats { top } => Ok(
             serde_json::to_value(store.stats(top).await?).map_err(|e| invalid(e.to_string()))?
         ),
-        Command::Migrate | Command::History(_) | Command::Replay(_) | Command::Verify => {
-            Err(invalid("not a store command"))
-        }
+        Command::Migrate
+        | Command::History(_)
+        | Command::Replay(_)
+        | Command::Verify
+        | Command::Demo { .. } => Err(invalid("not a store command")),
         Command::Health => {
             let h = store.health().await;
             let v = serde_json::to_value(&h).map_err(|e| invalid(e.to_string()))?;

@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //!
+//! - [`demo`]: the scripted day, the loss of Redis data and the healing.
 //! - [`config`]: environment variables, defaults and validation.
 //! - [`id`]: cookie tokens and the `hex(SHA-256(token))` session ids.
 //! - [`time`]: the microsecond RFC 3339 timestamps of the JSON and the log.
@@ -44,6 +45,7 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod event;
 pub mod id;
