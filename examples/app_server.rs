@@ -1,0 +1,73 @@
+//! The example app server: an axum app that follows the Vedfolnir
+//! application's session flows on top of the session layer.
+//!
+//! ```sh
+//! cargo run --example app_server        # listens on APP_LISTEN (127.0.0.1:8080)
+//! ```
+//!
+//! Routes, users and settings are described in `examples/app_server/app.rs`
+//! and `docs/web.md`. The store reads the usual environment (`REDIS_URL`,
+//! `SESSION_COOKIE_*`, …); the app adds `APP_LISTEN`, `APP_USERS`
+//! (`name:password:role,…`) and `APP_FINGERPRINT` (`off`, `user-agent`, `ip`,
+//! `both`).
+
+#[path = "app_server/app.rs"]
+mod app;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use vedfolnir_sessions::Config;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::from_env()?;
+    let app_config = app::AppConfig::from_env()?;
+    let users = app::Users::from_spec(&app_config.users, argon2::Params::default())?;
+    let store = app::connect_store(&config).await?;
+    let listener = tokio::net::TcpListener::bind(app_config.listen)
+        .await
+        .with_context(|| format!("binding APP_LISTEN={}", app_config.listen))?;
+    println!(
+        "vedfolnir example app listening on http://{}",
+        listener.local_addr()?
+    );
+    println!("users: {}", users.names().join(", "));
+    let state = app::AppState {
+        users: Arc::new(users),
+        store: store.clone(),
+    };
+    let router = app::router(state, app::session_layer(store, app_config.fingerprint));
+    app::serve(listener, router, shutdown_signal(), Duration::from_secs(10)).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}
