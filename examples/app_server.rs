@@ -9,7 +9,8 @@
 //! and `docs/web.md`. The store reads the usual environment (`REDIS_URL`,
 //! `SESSION_COOKIE_*`, …); the app adds `APP_LISTEN`, `APP_USERS`
 //! (`name:password:role,…`) and `APP_FINGERPRINT` (`off`, `user-agent`, `ip`,
-//! `both`).
+//! `both`). `METRICS_LISTEN` serves Prometheus metrics at `/metrics`;
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` exports traces.
 
 #[path = "app_server/app.rs"]
 mod app;
@@ -19,17 +20,21 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use vedfolnir_sessions::Config;
+use vedfolnir_sessions::telemetry::export;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Logs; OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set; metrics.
+    let telemetry = export::install("vedfolnir-app").context("installing telemetry")?;
     let config = Config::from_env()?;
+    let metrics_shutdown = tokio_util::sync::CancellationToken::new();
+    if let Some(listen) = export::metrics_listen()? {
+        let addr = telemetry
+            .serve_metrics(listen, metrics_shutdown.clone())
+            .await
+            .with_context(|| format!("serving /metrics on METRICS_LISTEN={listen}"))?;
+        println!("metrics at http://{addr}/metrics");
+    }
     let app_config = app::AppConfig::from_env()?;
     let users = app::Users::from_spec(&app_config.users, argon2::Params::default())?;
     let store = app::connect_store(&config).await?;
@@ -47,6 +52,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let router = app::router(state, app::session_layer(store, app_config.fingerprint));
     app::serve(listener, router, shutdown_signal(), Duration::from_secs(10)).await?;
+    metrics_shutdown.cancel();
+    telemetry.shutdown();
     Ok(())
 }
 

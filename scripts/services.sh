@@ -52,6 +52,18 @@ ensure_postgres() {
   wait_for postgresql pg_isready -h 127.0.0.1 -p 5432
 }
 
+ensure_chromium() {
+  # The headless browser test (tests/browser.rs) drives Debian's chromium.
+  if command -v chromium >/dev/null 2>&1; then return 0; fi
+  apt_install chromium
+}
+
+ensure_promtool() {
+  # The alert rule checks use promtool from Debian's prometheus package.
+  if command -v promtool >/dev/null 2>&1; then return 0; fi
+  apt_install prometheus
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   set -euo pipefail
   for s in "${@:-redis postgres}"; do

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/services.sh
 ensure_redis
 ensure_postgres
+ensure_chromium
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/vedfolnir-sessions/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -14,5 +15,10 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== promtool: alert rules, their unit tests, the Prometheus configuration"
+ensure_promtool
+promtool check rules observability/prometheus/alerts.yml
+promtool check config observability/prometheus/prometheus.yml
+(cd observability/prometheus && promtool test rules alerts_test.yml)
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast

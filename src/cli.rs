@@ -53,6 +53,8 @@ pub enum Command {
     /// Compare Redis, the snapshots and the event history; exit 1 on any
     /// divergence.
     Verify,
+    /// Load benchmarks with a baseline measured in the same run.
+    Bench(crate::bench::BenchArgs),
     /// A scripted day of simulated app servers, a loss of Redis data and
     /// the healing (needs a running worker on the same configuration).
     Demo {
@@ -311,6 +313,9 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
             });
         }
         Command::Replay(r) => return replay(r, config).await,
+        Command::Bench(args) => {
+            return crate::bench::run(args, config).await.map_err(Failure::from);
+        }
         Command::Demo {
             app_servers,
             users,
@@ -445,7 +450,8 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
         | Command::History(_)
         | Command::Replay(_)
         | Command::Verify
-        | Command::Demo { .. } => Err(invalid("not a store command")),
+        | Command::Demo { .. }
+        | Command::Bench(_) => Err(invalid("not a store command")),
         Command::Health => {
             let h = store.health().await;
             let v = serde_json::to_value(&h).map_err(|e| invalid(e.to_string()))?;

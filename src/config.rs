@@ -154,6 +154,11 @@ pub struct Config {
     pub max_retries: u32,
     /// `REDIS_TIMEOUT_MS` (2000): connect and response timeout for store commands.
     pub redis_timeout: Duration,
+    /// `REDIS_WAIT_REPLICAS` (0 = off): after each mutation, wait until this
+    /// many replicas acknowledged it (`WAIT`), so a failover cannot lose it.
+    pub wait_replicas: u32,
+    /// `REDIS_WAIT_TIMEOUT_MS` (100): how long a mutation waits for replicas.
+    pub wait_timeout: Duration,
     /// Cookie attributes.
     pub cookie: CookieConfig,
     /// `DB_SESSION_FALLBACK` (true): serve sessions from the audit database
@@ -314,6 +319,13 @@ impl Config {
             tombstone_ttl,
             max_retries,
             redis_timeout: Duration::from_millis(timeout_ms.max(1)),
+            wait_replicas: parse(&var, "REDIS_WAIT_REPLICAS", 0, "a number of replicas")?,
+            wait_timeout: Duration::from_millis(parse(
+                &var,
+                "REDIS_WAIT_TIMEOUT_MS",
+                100,
+                "milliseconds",
+            )?),
             cookie,
             db_fallback: parse_bool(&var, "DB_SESSION_FALLBACK", true)?,
             db_sync: parse_bool(&var, "DB_SESSION_SYNC", true)?,
@@ -357,6 +369,20 @@ impl Config {
     /// Builder: another Redis.
     pub fn with_redis(mut self, target: RedisTarget) -> Self {
         self.redis = target;
+        self
+    }
+
+    /// Builder: another connect and response timeout for store commands.
+    pub fn with_redis_timeout(mut self, timeout: Duration) -> Self {
+        self.redis_timeout = timeout;
+        self
+    }
+
+    /// Builder: wait for `replicas` replicas (up to `timeout`) after each
+    /// mutation.
+    pub fn with_wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = replicas;
+        self.wait_timeout = timeout;
         self
     }
 }

@@ -54,6 +54,17 @@ pub enum Error {
         max: usize,
     },
 
+    /// `REDIS_WAIT_REPLICAS`: the mutation is applied on the primary, but
+    /// fewer replicas acknowledged it within `REDIS_WAIT_TIMEOUT_MS`; a
+    /// failover now could lose it.
+    #[error("the write reached {acknowledged} of {wanted} replicas in time (REDIS_WAIT_REPLICAS)")]
+    NotReplicated {
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that acknowledged.
+        acknowledged: u32,
+    },
+
     /// The caller asked for something invalid (a reserved key, a bad id, …).
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -22,6 +22,7 @@
 //! - [`worker`]: the worker process: audit consumer and reaper.
 //! - [`telemetry`]: trace context carried into events.
 //! - [`audit`]: the audit database entities.
+//! - [`bench`]: the benchmarks behind `vedfolnir-sessions bench`.
 //! - [`cli`]: the operator CLI behind the `vedfolnir-sessions` binary.
 //! - [`error`]: the error type.
 //! - `web` (feature `web`, on by default): the tower layer, the axum
@@ -43,6 +44,7 @@
 //! ```
 
 pub mod audit;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -66,3 +68,8 @@ pub use event::{DestroyReason, Event, EventKind, Platform};
 pub use id::{SessionId, Token};
 pub use session::{Changes, NewSession, Session, Status};
 pub use store::{Created, SessionStore};
+
+/// The README's code blocks, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}

@@ -100,6 +100,7 @@ impl Reaper {
             };
             if self.store.expire(&sid, score as i64).await? {
                 tracing::debug!(session_id = %sid, "expired");
+                crate::telemetry::metrics().expired.add(1, &[]);
                 expired += 1;
             }
         }

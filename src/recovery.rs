@@ -511,6 +511,9 @@ impl Healer {
         tracing::warn!(
             "the Redis marker is missing: Redis lost its data; replaying from the audit database"
         );
+        let m = crate::telemetry::metrics();
+        m.redis_loss_detected.add(1, &[]);
+        m.recovery_runs.add(1, &[]);
         let _: () = redis::cmd("SET")
             .arg(&keys.recovering)
             .arg(Utc::now().to_rfc3339())

@@ -2,6 +2,7 @@
 //! exactly-once delivery, snapshots, dead letters, trimming, expiry events,
 //! and a database outage behind a TCP proxy.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -426,19 +427,6 @@ async fn idle_sessions_expire_exactly_once(backend: Backend) {
     );
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Backend::Sqlite).await } )*
-        }
-        mod postgres {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Backend::Postgres).await } )*
-        }
-    };
-}
-
 on_both_backends!(
     every_event_exactly_once,
     malformed_entries_become_dead_letters,
@@ -446,3 +434,77 @@ on_both_backends!(
     the_stream_stays_bounded,
     idle_sessions_expire_exactly_once,
 );
+
+/// A database that is up but refuses for its own state (here: a lock it
+/// cannot get within `lock_timeout`) is retried; no valid event becomes a
+/// dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lock_timeouts_are_retried_not_dead_lettered() {
+    use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
+    // The consumer's own connection gives up on locks after 100 ms.
+    let impatient = vedfolnir_sessions::audit::db::connect(&format!(
+        "{}?options=-c%20lock_timeout%3D100ms",
+        db.url
+    ))
+    .await
+    .expect("connect");
+    let sink = AuditSink::new(
+        impatient,
+        ctx.config.session_timeout,
+        ctx.config.event_stream.clone(),
+    );
+    let mut c = AuditConsumer::new(&ctx.config, sink, consumer_config())
+        .await
+        .expect("consumer");
+    c.ensure_group().await.expect("group");
+    let s = ctx
+        .store
+        .create(NewSession::for_user(1, "admin"))
+        .await
+        .expect("create");
+    for n in 0..4 {
+        ctx.store
+            .update(&s.session_id, Changes::new().with_set("n", n))
+            .await
+            .expect("update");
+    }
+    let holder = db.db.begin().await.expect("begin");
+    holder
+        .execute_unprepared("LOCK TABLE session_events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let token = CancellationToken::new();
+    let task = tokio::spawn(c.run(token.clone()));
+    // Long enough for several refused attempts (100 ms each plus backoff).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        pending(&ctx).await,
+        5,
+        "nothing acknowledged while locked out"
+    );
+    holder.rollback().await.expect("unlock");
+    let db2 = db.db.clone();
+    ctx.eventually("the events to land", Duration::from_secs(20), || {
+        let db2 = db2.clone();
+        async move {
+            session_events::Entity::find()
+                .count(&db2)
+                .await
+                .unwrap_or(0)
+                == 5
+        }
+    })
+    .await;
+    token.cancel();
+    task.await.expect("join").expect("consumer");
+    assert_eq!(
+        dead_letters::Entity::find()
+            .count(&db.db)
+            .await
+            .expect("count"),
+        0
+    );
+    assert_eq!(seqs_of(&db, &s.session_id).await, vec![1, 2, 3, 4, 5]);
+}

@@ -28,15 +28,19 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use opentelemetry::KeyValue;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncCommands as _, RedisError, Value};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::sink::{AuditSink, BatchOutcome, DeadLetter, Incoming, fields_json, reachable};
 use crate::config::{Config, ConfigError, parse};
 use crate::error::Result;
 use crate::event::Event;
+use crate::telemetry::parse_traceparent;
 
 /// Settings of the audit consumer.
 #[derive(Debug, Clone)]
@@ -384,8 +388,42 @@ impl AuditConsumer {
                 Err(reason) => dead.push(self.dead_letter(&entry, reason, deliveries)),
             }
         }
-        let outcome = self.commit(&batch, &dead, shutdown).await?;
-        let acked: u64 = self.redis.xack(&self.stream, &self.cfg.group, &ids).await?;
+        // One span per batch, linked to the traces of the requests that
+        // caused its events: one trace runs from the request to the audit row.
+        let span = tracing::info_span!(
+            "audit batch",
+            entries = ids.len(),
+            inserted = tracing::field::Empty
+        );
+        let mut linked = std::collections::HashSet::new();
+        for i in &batch {
+            if let Some(sc) = i.event.traceparent.as_deref().and_then(parse_traceparent)
+                && linked.len() < 128
+                && linked.insert(sc.span_id())
+            {
+                span.add_link(sc);
+            }
+        }
+        let started = Instant::now();
+        let outcome = self
+            .commit(&batch, &dead, shutdown)
+            .instrument(span.clone())
+            .await?;
+        let acked: u64 = self
+            .redis
+            .xack(&self.stream, &self.cfg.group, &ids)
+            .instrument(span.clone())
+            .await?;
+        span.record("inserted", outcome.inserted);
+        let m = crate::telemetry::metrics();
+        m.audit_batch_size.record(ids.len() as u64, &[]);
+        m.audit_batch_duration
+            .record(started.elapsed().as_secs_f64(), &[]);
+        m.audit_events
+            .add(outcome.inserted, &[KeyValue::new("result", "inserted")]);
+        m.audit_events
+            .add(outcome.duplicates, &[KeyValue::new("result", "duplicate")]);
+        m.dead_letters.add(outcome.dead_letters, &[]);
         self.totals.batches += 1;
         self.totals.acked += acked;
         self.totals.inserted += outcome.inserted;
@@ -417,11 +455,13 @@ impl AuditConsumer {
             match self.sink.write(batch, dead).await {
                 Ok(o) => return Ok(o),
                 Err(e) => {
-                    if reachable(self.sink.db()).await {
-                        tracing::warn!(err = %e, "batch failed with the database up; isolating entries");
+                    if is_data_error(&e) && reachable(self.sink.db()).await {
+                        tracing::warn!(err = %e, "batch refused for its data; isolating entries");
                         return self.commit_one_by_one(batch, dead).await;
                     }
-                    tracing::warn!(err = %e, "audit database unreachable; retrying");
+                    // Unreachable, locked, a deadlock, a timeout: the batch is
+                    // fine, the database is not; try the same batch again.
+                    tracing::warn!(err = %e, "audit database unavailable; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Err(e),
                         _ = tokio::time::sleep(backoff) => {}
@@ -441,6 +481,8 @@ impl AuditConsumer {
         for i in batch {
             let o = match self.sink.write(std::slice::from_ref(i), &[]).await {
                 Ok(o) => o,
+                // Not this entry's fault: leave the batch unacknowledged.
+                Err(e) if !is_data_error(&e) => return Err(e),
                 Err(e) => {
                     let d = DeadLetter {
                         stream: self.stream.clone(),
@@ -541,6 +583,43 @@ fn min_id(a: &str, b: &str) -> String {
         a.to_owned()
     } else {
         b.to_owned()
+    }
+}
+
+/// True when the database refused a write because of the data itself
+/// (a constraint, a value out of range, a row that does not decode), as
+/// opposed to its own state (unreachable, locked, a deadlock, a timeout),
+/// which only calls for another try.
+pub fn is_data_error(e: &crate::error::Error) -> bool {
+    use crate::error::Error;
+    match e {
+        Error::Corrupt(_) | Error::InvalidInput(_) => true,
+        Error::Database(db) => {
+            if db.sql_err().is_some() {
+                return true;
+            }
+            let code = match db {
+                sea_orm::DbErr::Exec(sea_orm::RuntimeErr::SqlxError(x))
+                | sea_orm::DbErr::Query(sea_orm::RuntimeErr::SqlxError(x)) => match &**x {
+                    sea_orm::sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+                    _ => None,
+                },
+                _ => None,
+            };
+            code.is_some_and(|c| {
+                if c.len() == 5 {
+                    // PostgreSQL SQLSTATE classes 22 (data exception) and
+                    // 23 (integrity constraint violation).
+                    c.starts_with("22") || c.starts_with("23")
+                } else {
+                    // SQLite primary codes 19 (constraint), 20 (mismatch)
+                    // and 25 (range), plain or extended.
+                    c.parse::<u32>()
+                        .is_ok_and(|n| matches!(n & 0xff, 19 | 20 | 25))
+                }
+            })
+        }
+        _ => false,
     }
 }
 

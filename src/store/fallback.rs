@@ -29,15 +29,18 @@ impl SessionStore {
     }
 
     /// True while Redis is recovering from a loss of its data: the worker's
-    /// marker is missing or its `recovering` flag is set. Read at most once
-    /// a second, so misses from random cookies cost no database work
-    /// outside recovery.
+    /// marker is missing or its `recovering` flag is set. A miss costs this
+    /// one extra Redis round trip (an `MGET`), and database work only while
+    /// recovering, so random cookies never turn into database load outside
+    /// recovery. A "recovering" answer is trusted for a second.
     pub(super) async fn recovering(&self) -> bool {
+        // Only "recovering" is remembered: a remembered "all well" could hide
+        // a loss that happened since, and log out an audited user.
         if let Ok(guard) = self.shared.recovery_checked.lock()
-            && let Some((at, state)) = *guard
+            && let Some((at, true)) = *guard
             && at.elapsed() < RECOVERY_CHECK
         {
-            return state;
+            return true;
         }
         let reply: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
             .arg(&self.keys.marker)
@@ -178,6 +181,9 @@ impl SessionStore {
             self.shared
                 .fallback_writes
                 .fetch_add(writes.len() as u64, Ordering::Relaxed);
+            crate::telemetry::metrics()
+                .fallback_writes
+                .add(writes.len() as u64, &[]);
             self.mark_dirty(writes.iter().map(|(_, e)| e.session_id.clone()));
             tracing::warn!(
                 events = writes.len(),

@@ -82,20 +82,40 @@ impl SessionStore {
     /// within `REDIS_TIMEOUT_MS`.
     #[tracing::instrument(skip_all, fields(redis = %config.redis.redacted()), err)]
     pub async fn connect(config: &Config) -> Result<Self> {
+        let (client, cm) = Self::client(config)?;
+        let conn = ConnectionManager::new_with_config(client, cm).await?;
+        Ok(Self::from_parts(conn, config))
+    }
+
+    /// Like [`SessionStore::connect`], but connects on first use: the store
+    /// can be made while Redis is down (an app server that starts during an
+    /// outage serves from the audit database with `DB_SESSION_FALLBACK`).
+    pub fn connect_lazy(config: &Config) -> Result<Self> {
+        let (client, cm) = Self::client(config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, cm)?;
+        Ok(Self::from_parts(conn, config))
+    }
+
+    fn client(config: &Config) -> Result<(redis::Client, ConnectionManagerConfig)> {
         let client = redis::Client::open(config.redis.expose_url())?;
         let cm = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.redis_timeout))
             .set_response_timeout(Some(config.redis_timeout))
-            .set_number_of_retries(2)
+            // Fail fast: while Redis is down, every command would otherwise
+            // wait out a reconnect cycle before the fallback could answer.
+            .set_number_of_retries(0)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, cm).await?;
-        Ok(SessionStore {
+        Ok((client, cm))
+    }
+
+    fn from_parts(conn: ConnectionManager, config: &Config) -> Self {
+        SessionStore {
             conn,
             keys: Arc::new(Keys::new(config)),
             config: Arc::new(config.clone()),
             audit: None,
             shared: Arc::new(Shared::default()),
-        })
+        }
     }
 
     /// Attaches the audit database, for `DB_SESSION_SYNC`,
@@ -148,26 +168,40 @@ impl SessionStore {
     /// destroyed session is `None`.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn load(&self, id: &SessionId) -> Result<Option<Session>> {
-        let Some(session) = self.get(id).await? else {
-            return Ok(None);
-        };
-        if !self.touch_due(&session) {
-            return Ok(Some(session));
+        let started = std::time::Instant::now();
+        let result: Result<Option<Session>> = async {
+            let Some(session) = self.get(id).await? else {
+                return Ok(None);
+            };
+            if !self.touch_due(&session) {
+                return Ok(Some(session));
+            }
+            match self.touch_at(id, session.clone()).await {
+                Ok(s) => Ok(Some(s)),
+                // Someone else wrote (and so refreshed it) or ended it meanwhile.
+                Err(Error::Conflict { .. }) => Ok(Some(session)),
+                Err(Error::NotFound(_) | Error::Ended { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
         }
-        match self.touch_at(id, session.clone()).await {
-            Ok(s) => Ok(Some(s)),
-            // Someone else wrote (and so refreshed it) or ended it meanwhile.
-            Err(Error::Conflict { .. }) => Ok(Some(session)),
-            Err(Error::NotFound(_) | Error::Ended { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        .await;
+        crate::telemetry::record_operation("load", started, &result);
+        result
     }
 
     /// Reads a session with one `GET` and never writes (but see the type's
     /// docs for what happens while Redis is unreachable or recovering).
     pub async fn get(&self, id: &SessionId) -> Result<Option<Session>> {
-        let json: redis::RedisResult<Option<String>> =
-            self.conn.clone().get(self.keys.session(id)).await;
+        let key = self.keys.session(id);
+        let mut json: redis::RedisResult<Option<String>> = self.conn.clone().get(&key).await;
+        // A read is safe to repeat: the first command on a connection that
+        // Redis dropped (a restart) fails even when Redis is back.
+        if json
+            .as_ref()
+            .is_err_and(|e| e.is_connection_dropped() || e.is_io_error())
+        {
+            json = self.conn.clone().get(&key).await;
+        }
         match json {
             Ok(Some(j)) => {
                 self.project_pending().await;

@@ -193,6 +193,29 @@ impl SessionStore {
         }
     }
 
+    /// With `REDIS_WAIT_REPLICAS`: waits until that many replicas have the
+    /// writes of this connection. `WAIT` holds the shared connection while it
+    /// waits, so every command behind it waits too: the price of not losing
+    /// an acknowledged write to a failover.
+    async fn replicate(&self) -> Result<()> {
+        let wanted = self.config.wait_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let acknowledged: u32 = redis::cmd("WAIT")
+            .arg(wanted)
+            .arg(self.config.wait_timeout.as_millis() as u64)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        if acknowledged < wanted {
+            return Err(Error::NotReplicated {
+                wanted,
+                acknowledged,
+            });
+        }
+        Ok(())
+    }
+
     /// Runs a script invocation; when Redis is unreachable and the fallback is
     /// on, appends `fallback` to the audit database instead.
     async fn run_or_fallback(
@@ -202,6 +225,9 @@ impl SessionStore {
     ) -> Result<std::result::Result<Reply, FallbackOutcome>> {
         match script::run(inv, &mut self.conn.clone()).await {
             Ok(r) => {
+                if matches!(r, Reply::Ok(..)) {
+                    self.replicate().await?;
+                }
                 self.project_pending().await;
                 Ok(Ok(r))
             }
@@ -217,7 +243,10 @@ impl SessionStore {
     /// reason `evicted` in the same atomic step.
     #[tracing::instrument(skip_all, fields(session_id), err)]
     pub async fn create(&self, new: NewSession) -> Result<Created> {
-        self.create_inner(new.fields, None).await
+        let started = std::time::Instant::now();
+        let result: Result<Created> = async { self.create_inner(new.fields, None).await }.await;
+        crate::telemetry::record_operation("create", started, &result);
+        result
     }
 
     async fn create_inner(
@@ -421,6 +450,9 @@ impl SessionStore {
                 Written::Database => return Ok(next),
                 Written::Conflict(Some(s)) => {
                     current = s;
+                    let m = crate::telemetry::metrics();
+                    m.conflicts.add(1, &[]);
+                    m.retries.add(1, &[]);
                     Self::backoff(attempt).await;
                 }
                 Written::Conflict(None) | Written::Gone => return Err(self.missing(id).await),
@@ -445,24 +477,36 @@ impl SessionStore {
     /// survive.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn update(&self, id: &SessionId, changes: Changes) -> Result<Session> {
-        if let Some(k) = changes.reserved_key() {
-            return Err(Error::InvalidInput(format!(
-                "`{k}` is maintained by the store"
-            )));
+        let started = std::time::Instant::now();
+        let result: Result<Session> = async {
+            if let Some(k) = changes.reserved_key() {
+                return Err(Error::InvalidInput(format!(
+                    "`{k}` is maintained by the store"
+                )));
+            }
+            let current = self.current(id).await?;
+            self.write(id, current, |_| EventKind::Updated {
+                set: changes.set.clone(),
+                unset: changes.unset.clone(),
+            })
+            .await
         }
-        let current = self.current(id).await?;
-        self.write(id, current, |_| EventKind::Updated {
-            set: changes.set.clone(),
-            unset: changes.unset.clone(),
-        })
-        .await
+        .await;
+        crate::telemetry::record_operation("update", started, &result);
+        result
     }
 
     /// Appends a `touched` event now, refreshing `last_activity` and the TTL.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn touch(&self, id: &SessionId) -> Result<Session> {
-        let current = self.current(id).await?;
-        self.touch_at(id, current).await
+        let started = std::time::Instant::now();
+        let result: Result<Session> = async {
+            let current = self.current(id).await?;
+            self.touch_at(id, current).await
+        }
+        .await;
+        crate::telemetry::record_operation("touch", started, &result);
+        result
     }
 
     /// Touch with one attempt: a conflict means another write just refreshed
@@ -480,10 +524,13 @@ impl SessionStore {
                 Ok(next)
             }
             Written::Database => Ok(next),
-            Written::Conflict(_) => Err(Error::Conflict {
-                session_id: id.clone(),
-                attempts: 1,
-            }),
+            Written::Conflict(_) => {
+                crate::telemetry::metrics().conflicts.add(1, &[]);
+                Err(Error::Conflict {
+                    session_id: id.clone(),
+                    attempts: 1,
+                })
+            }
             Written::Gone => Err(self.missing(id).await),
         }
     }
@@ -492,11 +539,17 @@ impl SessionStore {
     /// `platform_switched` event.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn switch_platform(&self, id: &SessionId, platform: Platform) -> Result<Session> {
-        let current = self.current(id).await?;
-        self.write(id, current, |_| {
-            EventKind::PlatformSwitched(platform.clone())
-        })
-        .await
+        let started = std::time::Instant::now();
+        let result: Result<Session> = async {
+            let current = self.current(id).await?;
+            self.write(id, current, |_| {
+                EventKind::PlatformSwitched(platform.clone())
+            })
+            .await
+        }
+        .await;
+        crate::telemetry::record_operation("switch_platform", started, &result);
+        result
     }
 
     /// Replaces the session's id (session fixation defence): the old id is
@@ -505,33 +558,44 @@ impl SessionStore {
     /// with `rotated_from`, in one atomic step. Returns the new token.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn rotate(&self, id: &SessionId, changes: Changes) -> Result<Created> {
-        if let Some(k) = changes.reserved_key() {
-            return Err(Error::InvalidInput(format!(
-                "`{k}` is maintained by the store"
-            )));
+        let started = std::time::Instant::now();
+        let result: Result<Created> = async {
+            if let Some(k) = changes.reserved_key() {
+                return Err(Error::InvalidInput(format!(
+                    "`{k}` is maintained by the store"
+                )));
+            }
+            let attempts = self.config.max_retries.max(1);
+            for attempt in 1..=attempts {
+                let current = self.current(id).await?;
+                let mut fields = current.app_fields();
+                for k in &changes.unset {
+                    fields.remove(k);
+                }
+                for (k, v) in &changes.set {
+                    fields.insert(k.clone(), v.clone());
+                }
+                match self
+                    .create_inner(fields, Some((id.clone(), current, DestroyReason::Rotated)))
+                    .await
+                {
+                    Err(Error::Conflict { .. }) => {
+                        let m = crate::telemetry::metrics();
+                        m.conflicts.add(1, &[]);
+                        m.retries.add(1, &[]);
+                        Self::backoff(attempt).await
+                    }
+                    other => return other,
+                }
+            }
+            Err(Error::Conflict {
+                session_id: id.clone(),
+                attempts,
+            })
         }
-        let attempts = self.config.max_retries.max(1);
-        for attempt in 1..=attempts {
-            let current = self.current(id).await?;
-            let mut fields = current.app_fields();
-            for k in &changes.unset {
-                fields.remove(k);
-            }
-            for (k, v) in &changes.set {
-                fields.insert(k.clone(), v.clone());
-            }
-            match self
-                .create_inner(fields, Some((id.clone(), current, DestroyReason::Rotated)))
-                .await
-            {
-                Err(Error::Conflict { .. }) => Self::backoff(attempt).await,
-                other => return other,
-            }
-        }
-        Err(Error::Conflict {
-            session_id: id.clone(),
-            attempts,
-        })
+        .await;
+        crate::telemetry::record_operation("rotate", started, &result);
+        result
     }
 
     /// Ends a session: one `destroyed` event, the key deleted, a tombstone
@@ -539,62 +603,69 @@ impl SessionStore {
     /// when there was no live session to end.
     #[tracing::instrument(skip_all, fields(session_id = %id, reason = reason.as_str()), err)]
     pub async fn destroy(&self, id: &SessionId, reason: DestroyReason) -> Result<bool> {
-        let attempts = self.config.max_retries.max(1);
-        for attempt in 1..=attempts {
-            let meta = Meta::now();
-            let kind = EventKind::Destroyed { reason };
-            let event_id = Uuid::now_v7();
-            let mut inv = script::invocation(&self.keys, "end");
-            inv.arg(id.as_str())
-                .arg(-1)
-                .arg("destroyed")
-                .arg("destroyed")
-                .arg(self.tomb_ms())
-                .arg(event_id.to_string())
-                .arg(kind.payload_json());
-            meta.push(&mut inv);
-            let reply = match script::run(&inv, &mut self.conn.clone()).await {
-                // In fallback mode the end is checked against the snapshot.
-                Err(e) if e.is_unavailable() && self.fallback_enabled() => {
-                    let Some(current) = self.fallback_get(id).await? else {
-                        return Ok(false);
-                    };
-                    let event = meta.event_with_id(
-                        event_id,
-                        id,
-                        current.version() + 1,
-                        current.user_id(),
-                        kind,
-                    );
-                    match self.fallback_append(&[(current.version(), event)]).await? {
-                        FallbackOutcome::Written => return Ok(true),
-                        FallbackOutcome::Conflict(_) => {
-                            Self::backoff(attempt).await;
-                            continue;
+        let started = std::time::Instant::now();
+        let result: Result<bool> = async {
+            let attempts = self.config.max_retries.max(1);
+            for attempt in 1..=attempts {
+                let meta = Meta::now();
+                let kind = EventKind::Destroyed { reason };
+                let event_id = Uuid::now_v7();
+                let mut inv = script::invocation(&self.keys, "end");
+                inv.arg(id.as_str())
+                    .arg(-1)
+                    .arg("destroyed")
+                    .arg("destroyed")
+                    .arg(self.tomb_ms())
+                    .arg(event_id.to_string())
+                    .arg(kind.payload_json());
+                meta.push(&mut inv);
+                let reply = match script::run(&inv, &mut self.conn.clone()).await {
+                    // In fallback mode the end is checked against the snapshot.
+                    Err(e) if e.is_unavailable() && self.fallback_enabled() => {
+                        let Some(current) = self.fallback_get(id).await? else {
+                            return Ok(false);
+                        };
+                        let event = meta.event_with_id(
+                            event_id,
+                            id,
+                            current.version() + 1,
+                            current.user_id(),
+                            kind,
+                        );
+                        match self.fallback_append(&[(current.version(), event)]).await? {
+                            FallbackOutcome::Written => return Ok(true),
+                            FallbackOutcome::Conflict(_) => {
+                                Self::backoff(attempt).await;
+                                continue;
+                            }
                         }
                     }
-                }
-                other => other?,
-            };
-            self.project_pending().await;
-            return match reply {
-                Reply::Ok(xid, extra) => {
-                    let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
-                    let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
-                    let event = meta.event_with_id(event_id, id, seq, user, kind);
-                    self.sync(vec![streamed(xid, event)]).await?;
-                    Ok(true)
-                }
-                Reply::Missing | Reply::Ended(_) => Ok(false),
-                other => Err(Error::Corrupt(format!(
-                    "destroy: unexpected reply {other:?}"
-                ))),
-            };
+                    other => other?,
+                };
+                self.project_pending().await;
+                return match reply {
+                    Reply::Ok(xid, extra) => {
+                        self.replicate().await?;
+                        let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
+                        let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
+                        let event = meta.event_with_id(event_id, id, seq, user, kind);
+                        self.sync(vec![streamed(xid, event)]).await?;
+                        Ok(true)
+                    }
+                    Reply::Missing | Reply::Ended(_) => Ok(false),
+                    other => Err(Error::Corrupt(format!(
+                        "destroy: unexpected reply {other:?}"
+                    ))),
+                };
+            }
+            Err(Error::Conflict {
+                session_id: id.clone(),
+                attempts,
+            })
         }
-        Err(Error::Conflict {
-            session_id: id.clone(),
-            attempts,
-        })
+        .await;
+        crate::telemetry::record_operation("destroy", started, &result);
+        result
     }
 
     /// Logs a user out everywhere: every live session of the user is
@@ -605,51 +676,58 @@ impl SessionStore {
         user_id: &str,
         reason: DestroyReason,
     ) -> Result<Vec<SessionId>> {
-        if user_id.is_empty() {
-            return Err(Error::InvalidInput("empty user id".to_owned()));
-        }
-        let mut spare = 4;
-        loop {
-            let meta = Meta::now();
-            let spare_ids = ids(spare);
-            let mut inv = script::invocation(&self.keys, "destroy_user");
-            inv.arg(user_id)
-                .arg(self.tomb_ms())
-                .arg(EventKind::Destroyed { reason }.payload_json());
-            meta.push(&mut inv);
-            inv.arg(&spare_ids);
-            let reply = match script::run(&inv, &mut self.conn.clone()).await {
-                Err(e) if e.is_unavailable() && self.fallback_enabled() => {
-                    // Best effort, one session at a time, from the snapshots.
-                    let mut ended = Vec::new();
-                    let live = match &self.audit {
-                        Some(a) => a.live_sessions_of(user_id).await?,
-                        None => Vec::new(),
-                    };
-                    for sid in live.iter().filter_map(|s| s.parse::<SessionId>().ok()) {
-                        if self.destroy(&sid, reason).await? {
-                            ended.push(sid);
+        let started = std::time::Instant::now();
+        let result: Result<Vec<SessionId>> = async {
+            if user_id.is_empty() {
+                return Err(Error::InvalidInput("empty user id".to_owned()));
+            }
+            let mut spare = 4;
+            loop {
+                let meta = Meta::now();
+                let spare_ids = ids(spare);
+                let mut inv = script::invocation(&self.keys, "destroy_user");
+                inv.arg(user_id)
+                    .arg(self.tomb_ms())
+                    .arg(EventKind::Destroyed { reason }.payload_json());
+                meta.push(&mut inv);
+                inv.arg(&spare_ids);
+                let reply = match script::run(&inv, &mut self.conn.clone()).await {
+                    Err(e) if e.is_unavailable() && self.fallback_enabled() => {
+                        // Best effort, one session at a time, from the snapshots.
+                        let mut ended = Vec::new();
+                        let live = match &self.audit {
+                            Some(a) => a.live_sessions_of(user_id).await?,
+                            None => Vec::new(),
+                        };
+                        for sid in live.iter().filter_map(|s| s.parse::<SessionId>().ok()) {
+                            if self.destroy(&sid, reason).await? {
+                                ended.push(sid);
+                            }
                         }
+                        return Ok(ended);
                     }
-                    return Ok(ended);
-                }
-                other => other?,
-            };
-            self.project_pending().await;
-            match reply {
-                Reply::Ok(_, entries) => {
-                    let events = meta.composed(&entries, &spare_ids, Some(user_id), reason);
-                    self.sync(events).await?;
-                    return Ok(first_ids(&entries));
-                }
-                Reply::NeedIds(n) => spare = n + 4,
-                other => {
-                    return Err(Error::Corrupt(format!(
-                        "destroy_all_for_user: unexpected reply {other:?}"
-                    )));
+                    other => other?,
+                };
+                self.project_pending().await;
+                match reply {
+                    Reply::Ok(_, entries) => {
+                        self.replicate().await?;
+                        let events = meta.composed(&entries, &spare_ids, Some(user_id), reason);
+                        self.sync(events).await?;
+                        return Ok(first_ids(&entries));
+                    }
+                    Reply::NeedIds(n) => spare = n + 4,
+                    other => {
+                        return Err(Error::Corrupt(format!(
+                            "destroy_all_for_user: unexpected reply {other:?}"
+                        )));
+                    }
                 }
             }
         }
+        .await;
+        crate::telemetry::record_operation("destroy_all_for_user", started, &result);
+        result
     }
 
     /// Appends the `expired` event for a session whose deadline (`deadline_ms`,

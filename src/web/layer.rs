@@ -188,7 +188,20 @@ where
         // Use the service that was polled ready; leave a fresh clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let span = tracing::info_span!("session", session_id = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "session",
+            method = %req.method(),
+            path = req.uri().path(),
+            session_id = tracing::field::Empty
+        );
+        // Continue the caller's trace (W3C `traceparent`), so that one trace
+        // runs from the request to the audit row.
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(req.headers()))
+        });
+        if opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
+            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+        }
         Box::pin(
             async move {
                 let presented = cookies::presented(req.headers(), &shared.cookie.name);
@@ -220,6 +233,19 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// Reads trace context from request headers.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 

@@ -1,13 +1,28 @@
 //! Audit databases for tests: a fresh SQLite file, or a fresh PostgreSQL
 //! database with a unique name on the local server, migrated. Dropped with
 //! the value.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_macros)]
 
 use sea_orm::DatabaseConnection;
 
 /// The PostgreSQL server the tests use (`TEST_PG_URL`, default the local one).
 pub fn pg_base_url() -> String {
     std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// Turns `async fn name(backend: Backend)` test bodies into one test per
+/// backend: `sqlite::name` and `postgres::name`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            use super::*;
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Backend::Sqlite).await } )*
+        }
+        mod postgres {
+            use super::*;
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Backend::Postgres).await } )*
+        }
+    };
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +39,17 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A fresh, migrated database.
     pub async fn new(backend: Backend) -> Self {
+        let db = Self::blank(backend).await;
+        vedfolnir_sessions::audit::db::migrate(&db.db)
+            .await
+            .expect("migrate");
+        db
+    }
+
+    /// A fresh database with no migrations applied.
+    pub async fn blank(backend: Backend) -> Self {
         let name = format!("vtest_{}", uuid::Uuid::new_v4().simple());
         let url = match backend {
             Backend::Sqlite => {
@@ -47,9 +72,6 @@ impl TestDb {
         let db = vedfolnir_sessions::audit::db::connect(&url)
             .await
             .expect("connect");
-        vedfolnir_sessions::audit::db::migrate(&db)
-            .await
-            .expect("migrate");
         TestDb {
             url,
             db,

@@ -3,6 +3,7 @@
 //! server. The namespace's keys are deleted when the context drops.
 #![allow(dead_code, unreachable_pub)]
 
+#[macro_use]
 pub mod db;
 
 use std::collections::HashMap;

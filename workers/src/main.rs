@@ -1,8 +1,10 @@
 //! `vedfolnir-worker`: the audit consumer and the expiry reaper.
 //!
 //! Thin over [`vedfolnir_sessions::worker::run`]: parses the configuration,
-//! installs logging, and turns SIGINT/SIGTERM into a graceful shutdown (the
-//! batch in hand is committed and acknowledged, then the process exits 0).
+//! installs telemetry (logs; OTLP traces when `OTEL_EXPORTER_OTLP_ENDPOINT`
+//! is set; Prometheus metrics at `/metrics` when `METRICS_LISTEN` is set), and
+//! turns SIGINT/SIGTERM into a graceful shutdown (the batch in hand is
+//! committed and acknowledged, then the process exits 0).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::Config;
 use vedfolnir_sessions::audit::ConsumerConfig;
 use vedfolnir_sessions::reaper::ReaperConfig;
+use vedfolnir_sessions::telemetry::export;
 use vedfolnir_sessions::worker::{self, Parts};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -35,7 +38,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    vedfolnir_sessions::telemetry::init_service_logging();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn run(args: Args) -> anyhow::Result<()> {
+    let telemetry = export::install("vedfolnir-worker").context("installing telemetry")?;
     let config = Config::from_env()?;
     let consumer = ConsumerConfig::from_env()?;
     let reaper = ReaperConfig::from_env()?;
@@ -56,6 +59,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(Only::Reaper) => Parts::Reaper,
     };
     let shutdown = CancellationToken::new();
+    if let Some(listen) = export::metrics_listen()? {
+        let addr = telemetry
+            .serve_metrics(listen, shutdown.clone())
+            .await
+            .with_context(|| format!("serving /metrics on {listen}"))?;
+        tracing::info!(%addr, "metrics at /metrics");
+    }
     let signals = shutdown.clone();
     let drain = Duration::from_secs(args.drain_timeout);
     tokio::spawn(async move {
@@ -69,9 +79,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         #[allow(clippy::exit)]
         std::process::exit(1);
     });
-    worker::run(&config, parts, consumer, reaper, shutdown)
+    let result = worker::run(&config, parts, consumer, reaper, shutdown)
         .await
-        .context("worker failed")
+        .context("worker failed");
+    telemetry.shutdown();
+    result
 }
 
 async fn wait_for_signal() {

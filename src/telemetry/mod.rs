@@ -1,0 +1,239 @@
+//! Traces, metrics and logs.
+//!
+//! The library records with the `tracing` crate and the OpenTelemetry API
+//! only; what is exported, and where, is decided by the binaries
+//! ([`export::install`], feature `export`). Without an installed provider
+//! every instrument is a no-op.
+//!
+//! - [`current_traceparent`] is how a store operation learns the W3C trace
+//!   context of the request that caused it, to write it into the event.
+//! - [`metrics`] holds the instruments; their Prometheus names are listed in
+//!   the README and used by `observability/`.
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
+use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags, TraceState};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+#[cfg(feature = "export")]
+pub mod export;
+
+/// The W3C `traceparent` of the current span, when it belongs to a sampled
+/// OpenTelemetry trace.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
+/// Parses a W3C `traceparent` into a remote span context (for span links).
+pub fn parse_traceparent(tp: &str) -> Option<SpanContext> {
+    let mut parts = tp.trim().split('-');
+    let version = parts.next()?;
+    let trace = parts.next()?;
+    let span = parts.next()?;
+    let flags = parts.next()?;
+    if version.len() != 2 || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    let trace_id = opentelemetry::trace::TraceId::from_hex(trace).ok()?;
+    let span_id = opentelemetry::trace::SpanId::from_hex(span).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    let sc = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    );
+    sc.is_valid().then_some(sc)
+}
+
+/// The product's instruments.
+#[derive(Debug)]
+pub struct Metrics {
+    /// `vedfolnir_session_operations_total{op, outcome}`.
+    pub operations: Counter<u64>,
+    /// `vedfolnir_session_operation_duration_seconds{op}`.
+    pub operation_duration: Histogram<f64>,
+    /// `vedfolnir_session_conflicts_total`: version conflicts met by writes.
+    pub conflicts: Counter<u64>,
+    /// `vedfolnir_session_retries_total`: writes folded again after a conflict.
+    pub retries: Counter<u64>,
+    /// `vedfolnir_fallback_writes_total`: mutations written to the database
+    /// because Redis was unreachable.
+    pub fallback_writes: Counter<u64>,
+    /// `vedfolnir_audit_batch_size`: entries per audit batch.
+    pub audit_batch_size: Histogram<u64>,
+    /// `vedfolnir_audit_batch_duration_seconds`.
+    pub audit_batch_duration: Histogram<f64>,
+    /// `vedfolnir_audit_events_total{result}`: `inserted` or `duplicate`.
+    pub audit_events: Counter<u64>,
+    /// `vedfolnir_audit_dead_letters_total`.
+    pub dead_letters: Counter<u64>,
+    /// `vedfolnir_sessions_expired_total`.
+    pub expired: Counter<u64>,
+    /// `vedfolnir_recovery_runs_total`.
+    pub recovery_runs: Counter<u64>,
+    /// `vedfolnir_redis_loss_detected_total`.
+    pub redis_loss_detected: Counter<u64>,
+}
+
+const SECONDS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let m = opentelemetry::global::meter("vedfolnir-sessions");
+    Metrics {
+        operations: m
+            .u64_counter("vedfolnir.session.operations")
+            .with_description("Session store operations by type and outcome")
+            .build(),
+        operation_duration: m
+            .f64_histogram("vedfolnir.session.operation.duration")
+            .with_unit("s")
+            .with_description("Session store operation latency")
+            .with_boundaries(SECONDS.to_vec())
+            .build(),
+        conflicts: m
+            .u64_counter("vedfolnir.session.conflicts")
+            .with_description("Version conflicts met by session writes")
+            .build(),
+        retries: m
+            .u64_counter("vedfolnir.session.retries")
+            .with_description("Session writes folded again after a conflict")
+            .build(),
+        fallback_writes: m
+            .u64_counter("vedfolnir.fallback.writes")
+            .with_description("Mutations written to the audit database while Redis was unreachable")
+            .build(),
+        audit_batch_size: m
+            .u64_histogram("vedfolnir.audit.batch.size")
+            .with_description("Stream entries per audit batch")
+            .with_boundaries(vec![
+                1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0,
+            ])
+            .build(),
+        audit_batch_duration: m
+            .f64_histogram("vedfolnir.audit.batch.duration")
+            .with_unit("s")
+            .with_description("Time to commit and acknowledge one audit batch")
+            .with_boundaries(SECONDS.to_vec())
+            .build(),
+        audit_events: m
+            .u64_counter("vedfolnir.audit.events")
+            .with_description("Events written to the audit database (inserted or duplicate)")
+            .build(),
+        dead_letters: m
+            .u64_counter("vedfolnir.audit.dead_letters")
+            .with_description("Stream entries set aside as dead letters")
+            .build(),
+        expired: m
+            .u64_counter("vedfolnir.sessions.expired")
+            .with_description("Sessions ended by idle timeout (expired events)")
+            .build(),
+        recovery_runs: m
+            .u64_counter("vedfolnir.recovery.runs")
+            .with_description("Replays of the audit database into Redis")
+            .build(),
+        redis_loss_detected: m
+            .u64_counter("vedfolnir.redis.loss_detected")
+            .with_description("Times Redis was found to have lost its data")
+            .build(),
+    }
+});
+
+/// The instruments (created from the global meter provider on first use;
+/// counters without labels start at zero so that they are exported before
+/// their first event).
+pub fn metrics() -> &'static Metrics {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    let m = &*METRICS;
+    STARTED.call_once(|| {
+        for c in [
+            &m.conflicts,
+            &m.retries,
+            &m.fallback_writes,
+            &m.dead_letters,
+            &m.expired,
+            &m.recovery_runs,
+            &m.redis_loss_detected,
+        ] {
+            c.add(0, &[]);
+        }
+    });
+    m
+}
+
+/// Records one store operation: its outcome and its latency.
+pub fn record_operation<T>(op: &'static str, started: Instant, result: &crate::Result<T>) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(crate::Error::Conflict { .. }) => "conflict",
+        Err(crate::Error::NotFound(_)) => "not_found",
+        Err(crate::Error::Ended { .. }) => "ended",
+        Err(crate::Error::TooLarge { .. } | crate::Error::InvalidInput(_)) => "invalid",
+        Err(e) if e.is_unavailable() => "unavailable",
+        Err(_) => "error",
+    };
+    let m = metrics();
+    m.operations.add(
+        1,
+        &[KeyValue::new("op", op), KeyValue::new("outcome", outcome)],
+    );
+    m.operation_duration
+        .record(started.elapsed().as_secs_f64(), &[KeyValue::new("op", op)]);
+}
+
+/// Logging for the CLI: stderr, silent unless `RUST_LOG` asks, so a failing
+/// command prints exactly one line.
+pub fn init_cli_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Logging for long-running services without exporters: stderr, `info`
+/// unless `RUST_LOG` says otherwise.
+pub fn init_service_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_parse() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let sc = parse_traceparent(tp).expect("valid");
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert!(sc.is_sampled());
+        assert!(parse_traceparent("00-0000-00f067aa0ba902b7-01").is_none());
+        assert!(parse_traceparent("garbage").is_none());
+        assert!(current_traceparent().is_none(), "no exporter, no context");
+    }
+}

@@ -1,0 +1,101 @@
+//! `vedfolnir-sessions bench` end to end: a short store suite against the
+//! real Redis prints the documented JSON, with figures that make sense, and
+//! leaves no key behind.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vedfolnir-sessions");
+
+fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_owned())
+}
+
+fn number(r: &Value, field: &str) -> f64 {
+    r[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} is not a number in {r}"))
+}
+
+#[test]
+fn store_suite_reports_every_workload_and_cleans_up() {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--suite",
+            "store",
+            "--clients",
+            "4",
+            "--duration",
+            "1",
+            "--json",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("REDIS_URL", redis_url())
+        .output()
+        .expect("run the CLI");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    assert!(
+        stderr.contains("bench store:"),
+        "progress goes to stderr: {stderr}"
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("only JSON on stdout");
+
+    let results = report["results"].as_array().expect("results");
+    let ops: Vec<&str> = results.iter().filter_map(|r| r["op"].as_str()).collect();
+    assert_eq!(ops, ["create", "load", "update", "touch", "mixed"]);
+    for r in results {
+        for field in ["ops_per_sec", "baseline_ops_per_sec", "ratio", "p50_ms"] {
+            assert!(number(r, field) > 0.0, "{field} not positive in {r}");
+        }
+        let (p50, p95, p99, max) = (
+            number(r, "p50_ms"),
+            number(r, "p95_ms"),
+            number(r, "p99_ms"),
+            number(r, "max_ms"),
+        );
+        assert!(
+            p50 <= p95 && p95 <= p99 && p99 <= max,
+            "percentiles out of order in {r}"
+        );
+        let ratio = number(r, "ratio");
+        let expected = number(r, "ops_per_sec") / number(r, "baseline_ops_per_sec");
+        assert!(
+            (ratio - expected).abs() < 0.01,
+            "ratio is ours / baseline in {r}"
+        );
+        assert_eq!(r["errors"], 0, "no failed operation in {r}");
+        assert!(r["baseline"].as_str().is_some_and(|b| !b.is_empty()));
+    }
+
+    let memory = &report["memory"];
+    for field in [
+        "bytes_per_session",
+        "session_key_bytes",
+        "ledger_key_bytes",
+        "bytes_per_stream_entry",
+        "stream_entries",
+    ] {
+        assert!(
+            number(memory, field) > 0.0,
+            "{field} not positive in {memory}"
+        );
+    }
+    // The session key holds the JSON, so it takes at least its length.
+    assert!(number(memory, "session_key_bytes") >= number(memory, "session_json_bytes"));
+    assert_eq!(report["targets"].as_array().map(Vec::len), Some(4));
+
+    // Nothing of the run's namespace is left.
+    let ns = report["namespace"].as_str().expect("namespace");
+    assert!(ns.starts_with("vedfolnir-bench:"), "{ns}");
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client.get_connection().expect("connect to redis");
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{ns}*"))
+        .query(&mut conn)
+        .expect("KEYS");
+    assert!(left.is_empty(), "the bench left {} keys behind", left.len());
+}
