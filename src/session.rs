@@ -127,6 +127,16 @@ impl Session {
         Some(it.fold(Session::default().apply(first), |s, e| s.apply(e)))
     }
 
+    /// A live session from its fields and version, as a caller that already
+    /// read it holds them (see [`crate::SessionStore::update_from`]).
+    pub fn from_parts(data: Map<String, Value>, version: u64) -> Session {
+        Session {
+            data,
+            version,
+            status: Status::Live,
+        }
+    }
+
     /// `_version`: the seq of the last event applied.
     pub fn version(&self) -> u64 {
         self.version

@@ -578,3 +578,30 @@ async fn an_unreachable_redis_is_a_typed_error() {
         .expect_err("nothing listens on port 1");
     assert!(e.is_unavailable(), "{e:?}");
 }
+
+#[tokio::test]
+async fn update_from_a_stale_read_loses_nothing() {
+    let ctx = TestContext::new().await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    let read = ctx
+        .store
+        .get(&c.session_id)
+        .await
+        .expect("get")
+        .expect("live");
+    // Another request writes after this one read.
+    ctx.store
+        .update(&c.session_id, Changes::new().with_set("other", 1))
+        .await
+        .expect("update");
+    let before = ctx.stream_len().await;
+    let s = ctx
+        .store
+        .update_from(&c.session_id, read, Changes::new().with_set("mine", 2))
+        .await
+        .expect("update from a stale read");
+    assert_eq!(s.version(), 3);
+    assert_eq!(s.get("other"), Some(&json!(1)), "the other write survived");
+    assert_eq!(s.get("mine"), Some(&json!(2)));
+    assert_eq!(ctx.stream_len().await, before + 1, "one event");
+}

@@ -496,6 +496,35 @@ impl SessionStore {
         result
     }
 
+    /// Like [`SessionStore::update`], folding on a state the caller already
+    /// read (a web request's session), which saves the `GET`. When the
+    /// session moved on since, the script returns its current state and the
+    /// change is folded again on top of it, as with `update`.
+    #[tracing::instrument(skip_all, fields(session_id = %id), err)]
+    pub async fn update_from(
+        &self,
+        id: &SessionId,
+        current: Session,
+        changes: Changes,
+    ) -> Result<Session> {
+        let started = std::time::Instant::now();
+        let result: Result<Session> = async {
+            if let Some(k) = changes.reserved_key() {
+                return Err(Error::InvalidInput(format!(
+                    "`{k}` is maintained by the store"
+                )));
+            }
+            self.write(id, current, |_| EventKind::Updated {
+                set: changes.set.clone(),
+                unset: changes.unset.clone(),
+            })
+            .await
+        }
+        .await;
+        crate::telemetry::record_operation("update", started, &result);
+        result
+    }
+
     /// Appends a `touched` event now, refreshing `last_activity` and the TTL.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn touch(&self, id: &SessionId) -> Result<Session> {

@@ -305,7 +305,7 @@ async fn commit(shared: &Shared, session: &Session, res: Response) -> Response {
     }
     enum Plan {
         Nothing,
-        Update(SessionId, crate::session::Changes),
+        Update(SessionId, crate::session::Session, crate::session::Changes),
         Create(serde_json::Map<String, Value>),
     }
     let plan = {
@@ -325,7 +325,9 @@ async fn commit(shared: &Shared, session: &Session, res: Response) -> Response {
                 if changes.is_empty() {
                     Plan::Nothing
                 } else {
-                    Plan::Update(id.clone(), changes)
+                    // The state this request read: no need to read it again.
+                    let current = crate::session::Session::from_parts(s.base.clone(), s.version);
+                    Plan::Update(id.clone(), current, changes)
                 }
             }
             None if diff(&s.base, &s.data).is_empty() => Plan::Nothing,
@@ -334,17 +336,19 @@ async fn commit(shared: &Shared, session: &Session, res: Response) -> Response {
     };
     match plan {
         Plan::Nothing => res,
-        Plan::Update(id, changes) => match shared.store.update(&id, changes).await {
-            Ok(stored) => {
-                let mut s = session.lock();
-                s.rebase(&stored);
-                if s.cookie == CookieAction::Keep {
-                    s.cookie = CookieAction::Set;
+        Plan::Update(id, current, changes) => {
+            match shared.store.update_from(&id, current, changes).await {
+                Ok(stored) => {
+                    let mut s = session.lock();
+                    s.rebase(&stored);
+                    if s.cookie == CookieAction::Keep {
+                        s.cookie = CookieAction::Set;
+                    }
+                    res
                 }
-                res
+                Err(e) => shared.write_failed(e).into_response(),
             }
-            Err(e) => shared.write_failed(e).into_response(),
-        },
+        }
         Plan::Create(fields) => match shared.store.create(NewSession { fields }).await {
             Ok(created) => {
                 tracing::info!(session_id = %created.session_id, "session created");
