@@ -3,8 +3,9 @@
 //!
 //! Four suites (`--suite`):
 //!
-//! - `store` (the default): create, load, update, touch and a realistic mix,
-//!   each against a plain store without events (`SET key json PX ttl`,
+//! - `store` (the default): create, load, update, `update_from` (the web
+//!   layer's write on the state it loaded), touch and a realistic mix, each
+//!   against a plain store without events (`SET key json PX ttl`,
 //!   `GET`) on the same shared connection; Redis memory per session and per
 //!   stream entry.
 //! - `audit`: how fast the real [`AuditConsumer`](crate::audit::AuditConsumer)
@@ -42,6 +43,9 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+
+/// The store suite's workloads, for `--workload`.
+const WORKLOADS: [&str; 6] = ["create", "load", "update", "update_from", "touch", "mixed"];
 
 /// Which benchmark to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -82,11 +86,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
     /// Each workload alternates store and baseline this many times, so that
-    /// a disturbance hits both sides alike.
-    #[arg(long, default_value_t = 2)]
+    /// a disturbance (other work on the machine) hits both sides alike.
+    #[arg(long, default_value_t = 10)]
     pub rounds: u32,
-    /// Store suite: run only this workload (create, load, update, touch,
-    /// mixed); repeatable. Default: all five.
+    /// Store suite: run only this workload (create, load, update,
+    /// update_from, touch, mixed); repeatable. Default: all.
     #[arg(long = "workload", value_name = "OP")]
     pub workloads: Vec<String>,
     /// Print JSON instead of a table.
@@ -149,10 +153,11 @@ impl BenchArgs {
         if let Some(w) = self
             .workloads
             .iter()
-            .find(|w| !["create", "load", "update", "touch", "mixed"].contains(&w.as_str()))
+            .find(|w| !WORKLOADS.contains(&w.as_str()))
         {
             return Err(Error::InvalidInput(format!(
-                "unknown --workload {w:?}: create, load, update, touch or mixed"
+                "unknown --workload {w:?}: one of {}",
+                WORKLOADS.join(", ")
             )));
         }
         if self.rate == 0 || self.events == 0 || self.sessions == Some(0) {
@@ -337,7 +342,7 @@ mod tests {
         let ok = Cli::parse_from(["bench", "--duration", "0.5", "--clients", "4"]);
         assert!(ok.args.validate().is_ok());
         assert_eq!(ok.args.suite, Suite::Store);
-        assert_eq!(ok.args.slice(), Duration::from_millis(250));
+        assert_eq!(ok.args.slice(), Duration::from_millis(50));
         let bad = Cli::parse_from(["bench", "--duration", "0"]);
         assert!(bad.args.validate().is_err());
         let bad = Cli::parse_from(["bench", "--clients", "0"]);

@@ -46,7 +46,10 @@ fn store_suite_reports_every_workload_and_cleans_up() {
 
     let results = report["results"].as_array().expect("results");
     let ops: Vec<&str> = results.iter().filter_map(|r| r["op"].as_str()).collect();
-    assert_eq!(ops, ["create", "load", "update", "touch", "mixed"]);
+    assert_eq!(
+        ops,
+        ["create", "load", "update", "update_from", "touch", "mixed"]
+    );
     for r in results {
         for field in ["ops_per_sec", "baseline_ops_per_sec", "ratio", "p50_ms"] {
             assert!(number(r, field) > 0.0, "{field} not positive in {r}");

@@ -6,6 +6,7 @@
 //! | create | `SessionStore::create` | new id, encode, `SET key json PX ttl` |
 //! | load | `SessionStore::load` (no touch due) | `GET`, decode |
 //! | update | `SessionStore::update` (two keys) | change a copy, encode, `SET … PX` |
+//! | update_from | `SessionStore::update_from` with the state a request loaded | the same |
 //! | touch | `SessionStore::touch` | new timestamps, encode, `SET … PX` |
 //! | mixed | 90% load, 8% update, 1% create, 1% destroy | 90% `GET`, 8% `SET`, 1% `SET`, 1% `DEL` |
 //!
@@ -15,8 +16,8 @@
 //! client, so the number of sessions stays the same. Each workload alternates
 //! between the two sides `--rounds` times.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt as _;
@@ -35,7 +36,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::event::DestroyReason;
 use crate::id::{SessionId, Token};
-use crate::session::{Changes, NewSession};
+use crate::session::{Changes, NewSession, Session};
 use crate::store::SessionStore;
 use crate::time::Timestamp;
 
@@ -47,18 +48,27 @@ enum Op {
     Create,
     Load,
     Update,
+    UpdateFrom,
     Touch,
     Mixed,
 }
 
 impl Op {
-    const ALL: [Op; 5] = [Op::Create, Op::Load, Op::Update, Op::Touch, Op::Mixed];
+    const ALL: [Op; 6] = [
+        Op::Create,
+        Op::Load,
+        Op::Update,
+        Op::UpdateFrom,
+        Op::Touch,
+        Op::Mixed,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Op::Create => "create",
             Op::Load => "load",
             Op::Update => "update",
+            Op::UpdateFrom => "update_from",
             Op::Touch => "touch",
             Op::Mixed => "mixed",
         }
@@ -68,7 +78,7 @@ impl Op {
         match self {
             Op::Create => "SET key json PX ttl",
             Op::Load => "GET key",
-            Op::Update => "SET key json PX ttl",
+            Op::Update | Op::UpdateFrom => "SET key json PX ttl",
             Op::Touch => "SET key json PX ttl",
             Op::Mixed => "90% GET, 8% SET, 1% SET (new key), 1% DEL",
         }
@@ -115,6 +125,9 @@ struct Fixture {
     users: u64,
     /// Touches that found the session just written by another client.
     touch_conflicts: AtomicU64,
+    /// The state of each pool session as a web request holds it after its
+    /// load, for `update_from` (refreshed before that workload).
+    held: Vec<Mutex<Option<Session>>>,
 }
 
 impl Fixture {
@@ -137,6 +150,20 @@ impl Fixture {
             Op::Update => {
                 let id = &self.pool[self.pick(client)];
                 self.store.update(id, changes(client)).await?;
+            }
+            Op::UpdateFrom => {
+                let i = self.pick(client);
+                let id = &self.pool[i];
+                let held = self.held[i].lock().ok().and_then(|h| h.clone());
+                let Some(current) = held else {
+                    return Err(Error::NotFound(id.clone()));
+                };
+                let next = self.store.update_from(id, current, changes(client)).await?;
+                if let Ok(mut h) = self.held[i].lock()
+                    && h.as_ref().is_none_or(|s| s.version() < next.version())
+                {
+                    *h = Some(next);
+                }
             }
             Op::Touch => {
                 let id = &self.pool[self.pick(client)];
@@ -217,7 +244,7 @@ impl Fixture {
                     .map_err(|e| Error::Corrupt(format!("plain session: {e}")))?;
                 std::hint::black_box(data);
             }
-            Op::Update => {
+            Op::Update | Op::UpdateFrom => {
                 let i = self.pick(client);
                 let mut data = self.plain_data[i].clone();
                 let c = changes(client);
@@ -258,6 +285,23 @@ impl Fixture {
                         .await?;
                         client.owned.push(id);
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every pool session's current state into `held` (not timed).
+    async fn refresh_held(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        for (ids, held) in self.pool.chunks(1000).zip(self.held.chunks(1000)) {
+            let keys: Vec<String> = ids.iter().map(|id| self.store.keys().session(id)).collect();
+            let values: Vec<Option<String>> =
+                redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+            for (slot, json) in held.iter().zip(values) {
+                let state = json.and_then(|j| Session::from_json(&j).ok());
+                if let Ok(mut h) = slot.lock() {
+                    *h = state;
                 }
             }
         }
@@ -533,6 +577,7 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
     );
     let (pool, plain_keys, plain_data) =
         fill_pool(store, args.clients, pool_size, users, &plain_prefix).await?;
+    let pool_len = pool.len();
     let mut conn = store.connection();
     let fixture = Arc::new(Fixture {
         store: store.clone(),
@@ -544,6 +589,7 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
         ttl_ms: store.config().session_timeout.as_millis() as u64,
         users,
         touch_conflicts: AtomicU64::new(0),
+        held: (0..pool_len).map(|_| Mutex::new(None)).collect(),
     });
     let slice = args.slice();
     let mut rows = Vec::new();
@@ -551,6 +597,9 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
         .into_iter()
         .filter(|op| args.workloads.is_empty() || args.workloads.iter().any(|w| w == op.name()));
     for op in selected {
+        if op == Op::UpdateFrom {
+            fixture.refresh_held().await?;
+        }
         let mut ours_clients = Client::many(args.clients, 11);
         let mut base_clients = Client::many(args.clients, 13);
         let mut row = Row {
@@ -665,7 +714,7 @@ fn render(j: &Value) -> String {
         j["clients"], j["duration_s"], j["rounds"], j["pool_sessions"]
     );
     out.push_str(&format!(
-        "{:<7} {:>9} {:>7} {:>7} {:>7} {:>8} | {:>9} {:>7} {:>7} | {:>5} | {:>13} | {:>13}\n",
+        "{:<11} {:>9} {:>7} {:>7} {:>7} {:>8} | {:>9} {:>7} {:>7} | {:>5} | {:>13} | {:>13}\n",
         "op",
         "ops/s",
         "p50 ms",
@@ -686,7 +735,7 @@ fn render(j: &Value) -> String {
     };
     for r in j["results"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<7} {:>9.0} {:>7.3} {:>7.3} {:>7.3} {:>8.3} | {:>9.0} {:>7.3} {:>7.3} | {:>5.2} | {:>13} | {:>13}\n",
+            "{:<11} {:>9.0} {:>7.3} {:>7.3} {:>7.3} {:>8.3} | {:>9.0} {:>7.3} {:>7.3} | {:>5.2} | {:>13} | {:>13}\n",
             r["op"].as_str().unwrap_or_default(),
             f(&r["ops_per_sec"]),
             f(&r["p50_ms"]),
@@ -702,7 +751,7 @@ fn render(j: &Value) -> String {
         ));
         if r["errors"].as_u64().unwrap_or(0) + r["baseline_errors"].as_u64().unwrap_or(0) > 0 {
             out.push_str(&format!(
-                "        errors: {} / {} baseline ({})\n",
+                "            errors: {} / {} baseline ({})\n",
                 r["errors"],
                 r["baseline_errors"],
                 r["first_error"].as_str().unwrap_or_default()
