@@ -22,7 +22,7 @@
 //! - [`worker`]: the worker process: audit consumer and reaper.
 //! - [`telemetry`]: trace context carried into events.
 //! - [`audit`]: the audit database entities.
-//! - [`bench`]: the benchmarks behind `vedfolnir-sessions bench`.
+//! - [`mod@bench`]: the benchmarks behind `vedfolnir-sessions bench`.
 //! - [`cli`]: the operator CLI behind the `vedfolnir-sessions` binary.
 //! - [`error`]: the error type.
 //! - `web` (feature `web`, on by default): the tower layer, the axum
