@@ -478,20 +478,10 @@ impl SessionStore {
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn update(&self, id: &SessionId, changes: Changes) -> Result<Session> {
         let started = std::time::Instant::now();
-        let result: Result<Session> = async {
-            if let Some(k) = changes.reserved_key() {
-                return Err(Error::InvalidInput(format!(
-                    "`{k}` is maintained by the store"
-                )));
-            }
-            let current = self.current(id).await?;
-            self.write(id, current, |_| EventKind::Updated {
-                set: changes.set.clone(),
-                unset: changes.unset.clone(),
-            })
-            .await
-        }
-        .await;
+        let result = match self.current(id).await {
+            Ok(current) => self.update_in(id, current, changes).await,
+            Err(e) => Err(e),
+        };
         crate::telemetry::record_operation("update", started, &result);
         result
     }
@@ -508,21 +498,27 @@ impl SessionStore {
         changes: Changes,
     ) -> Result<Session> {
         let started = std::time::Instant::now();
-        let result: Result<Session> = async {
-            if let Some(k) = changes.reserved_key() {
-                return Err(Error::InvalidInput(format!(
-                    "`{k}` is maintained by the store"
-                )));
-            }
-            self.write(id, current, |_| EventKind::Updated {
-                set: changes.set.clone(),
-                unset: changes.unset.clone(),
-            })
-            .await
-        }
-        .await;
+        let result = self.update_in(id, current, changes).await;
         crate::telemetry::record_operation("update", started, &result);
         result
+    }
+
+    async fn update_in(
+        &self,
+        id: &SessionId,
+        current: Session,
+        changes: Changes,
+    ) -> Result<Session> {
+        if let Some(k) = changes.reserved_key() {
+            return Err(Error::InvalidInput(format!(
+                "`{k}` is maintained by the store"
+            )));
+        }
+        self.write(id, current, |_| EventKind::Updated {
+            set: changes.set.clone(),
+            unset: changes.unset.clone(),
+        })
+        .await
     }
 
     /// Appends a `touched` event now, refreshing `last_activity` and the TTL.
