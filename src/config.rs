@@ -194,11 +194,7 @@ impl Config {
 
     /// Reads and validates variables through a lookup function.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let var = |k: &str| {
-            get(k)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let var = non_empty(&get);
         let redis = match var("REDIS_URL") {
             Some(u) => RedisTarget::parse("REDIS_URL", &u)?,
             None => {
@@ -384,6 +380,15 @@ impl Config {
         self.wait_replicas = replicas;
         self.wait_timeout = timeout;
         self
+    }
+}
+
+/// A lookup that trims values and treats empty ones as unset.
+pub(crate) fn non_empty(get: impl Fn(&str) -> Option<String>) -> impl Fn(&str) -> Option<String> {
+    move |k| {
+        get(k)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use redis::AsyncCommands as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigError, parse};
+use crate::config::{ConfigError, non_empty, parse};
 use crate::error::Result;
 use crate::id::SessionId;
 use crate::store::SessionStore;
@@ -38,11 +38,7 @@ impl ReaperConfig {
     pub fn from_lookup(
         get: impl Fn(&str) -> Option<String>,
     ) -> std::result::Result<Self, ConfigError> {
-        let var = |k: &str| {
-            get(k)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let var = non_empty(&get);
         Ok(ReaperConfig {
             interval: Duration::from_millis(parse(
                 &var,

@@ -20,17 +20,6 @@ pub enum Parts {
     Reaper,
 }
 
-/// `HEAL_CHECK_MS` (1000): how often the worker checks that Redis still has
-/// its data.
-fn heal_interval() -> std::time::Duration {
-    let ms = std::env::var("HEAL_CHECK_MS")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(1000)
-        .max(10);
-    std::time::Duration::from_millis(ms)
-}
-
 /// Runs the worker until `shutdown` is cancelled. The audit consumer refuses
 /// to start on an audit schema that is behind (`vedfolnir-sessions migrate`).
 pub async fn run(
@@ -64,7 +53,7 @@ pub async fn run(
             config.session_timeout,
             config.event_stream.clone(),
         );
-        let healer = crate::recovery::Healer::new(store.clone(), db, heal_interval());
+        let healer = crate::recovery::Healer::new(store.clone(), db, consumer.heal_check);
         let token = shutdown.clone();
         tasks.spawn(async move { healer.run(token).await.map(|_| ()) });
         let mut c = AuditConsumer::new(config, sink, consumer).await?;

@@ -37,7 +37,7 @@ use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::sink::{AuditSink, BatchOutcome, DeadLetter, Incoming, fields_json, reachable};
-use crate::config::{Config, ConfigError, parse};
+use crate::config::{Config, ConfigError, non_empty, parse};
 use crate::error::Result;
 use crate::event::Event;
 use crate::telemetry::parse_traceparent;
@@ -65,6 +65,9 @@ pub struct ConsumerConfig {
     /// `AUDIT_DB_RETRY_MAX_MS` (5000): the longest wait between attempts
     /// while the database is unreachable.
     pub retry_max: Duration,
+    /// `HEAL_CHECK_MS` (1000): how often the healer, which runs beside the
+    /// consumer, checks that Redis still has its data.
+    pub heal_check: Duration,
 }
 
 impl ConsumerConfig {
@@ -77,11 +80,7 @@ impl ConsumerConfig {
     pub fn from_lookup(
         get: impl Fn(&str) -> Option<String>,
     ) -> std::result::Result<Self, ConfigError> {
-        let var = |k: &str| {
-            get(k)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let var = non_empty(&get);
         let ms = |name: &'static str, default: u64| -> std::result::Result<Duration, ConfigError> {
             Ok(Duration::from_millis(parse(
                 &var,
@@ -112,6 +111,7 @@ impl ConsumerConfig {
                 "seconds",
             )?),
             retry_max: ms("AUDIT_DB_RETRY_MAX_MS", 5000)?,
+            heal_check: ms("HEAL_CHECK_MS", 1000)?.max(Duration::from_millis(10)),
         })
     }
 }
@@ -663,5 +663,20 @@ mod tests {
         assert_eq!(min_id("9-10", "9-9"), "9-9");
         assert_eq!(next_id("5-3"), "5-4");
         assert_eq!(next_id("0-0"), "0-1");
+    }
+
+    #[test]
+    fn worker_settings_are_validated() {
+        let cfg = ConsumerConfig::from_lookup(|k| (k == "HEAL_CHECK_MS").then(|| "250".to_owned()))
+            .expect("valid");
+        assert_eq!(cfg.heal_check, Duration::from_millis(250));
+        assert_eq!(
+            ConsumerConfig::default().heal_check,
+            Duration::from_millis(1000)
+        );
+        let e = ConsumerConfig::from_lookup(|k| (k == "HEAL_CHECK_MS").then(|| "soon".to_owned()))
+            .expect_err("invalid");
+        assert_eq!(e.var, "HEAL_CHECK_MS");
+        assert_eq!(e.value, "soon");
     }
 }
