@@ -52,6 +52,12 @@ ensure_postgres() {
   wait_for postgresql pg_isready -h 127.0.0.1 -p 5432
 }
 
+ensure_cluster() {
+  # The local Redis Cluster (3 primaries, 1 replica each, ports 7100..7105
+  # unless VEDFOLNIR_CLUSTER_PORT_BASE says otherwise); see scripts/cluster.sh.
+  bash "$(dirname "${BASH_SOURCE[0]}")/cluster.sh" start
+}
+
 ensure_chromium() {
   # The headless browser test (tests/browser.rs) drives Debian's chromium.
   if command -v chromium >/dev/null 2>&1; then return 0; fi

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 ensure_redis
 ensure_postgres
 ensure_chromium
+ensure_cluster
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/vedfolnir-sessions/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -21,4 +22,7 @@ promtool check rules observability/prometheus/alerts.yml
 promtool check config observability/prometheus/prometheus.yml
 (cd observability/prometheus && promtool test rules alerts_test.yml)
 echo "== cargo test"
+# The store suite also runs on the local Redis Cluster through this seed list.
+VEDFOLNIR_TEST_CLUSTER_NODES=$(bash scripts/cluster.sh nodes)
+export VEDFOLNIR_TEST_CLUSTER_NODES
 cargo test --workspace --locked --no-fail-fast
