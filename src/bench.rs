@@ -223,7 +223,7 @@ fn namespace() -> String {
 }
 
 /// Deletes every key of a namespace; returns how many there were.
-async fn delete_namespace(conn: &mut redis::aio::ConnectionManager, ns: &str) -> Result<u64> {
+async fn delete_namespace(conn: &mut crate::conn::RedisConn, ns: &str) -> Result<u64> {
     let mut cursor: u64 = 0;
     let mut deleted = 0;
     loop {
@@ -247,7 +247,7 @@ async fn delete_namespace(conn: &mut redis::aio::ConnectionManager, ns: &str) ->
 }
 
 /// The machine a figure was measured on.
-async fn machine(conn: &mut redis::aio::ConnectionManager) -> Value {
+async fn machine(conn: &mut crate::conn::RedisConn) -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

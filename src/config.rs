@@ -133,6 +133,14 @@ pub struct Config {
     /// `REDIS_URL`, or built from `REDIS_HOST`, `REDIS_PORT`, `REDIS_DB`,
     /// `REDIS_PASSWORD`, `REDIS_SSL`.
     pub redis: RedisTarget,
+    /// `REDIS_CLUSTER_NODES`: seed nodes of a Redis Cluster (`host:port` or
+    /// URLs, comma-separated). When set, the store, the worker and the CLI use
+    /// the cluster and `redis` is not used.
+    pub cluster_nodes: Vec<RedisTarget>,
+    /// `REDIS_PARTITIONS`: how many partitions (streams, indexes, hash tags)
+    /// the sessions are spread over. 1 on standalone Redis (the key names of
+    /// DESIGN.md), 16 on a cluster.
+    pub partitions: u32,
     /// `SESSION_STORAGE`: only `redis` is supported.
     pub session_storage: String,
     /// `REDIS_SESSION_PREFIX` (`vedfolnir:session:`).
@@ -222,6 +230,31 @@ impl Config {
                 RedisTarget { url }
             }
         };
+        let cluster_nodes = match var("REDIS_CLUSTER_NODES") {
+            None => Vec::new(),
+            Some(list) => {
+                let ssl = parse_bool(&var, "REDIS_SSL", false)?;
+                let password = get("REDIS_PASSWORD").filter(|p| !p.is_empty());
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(|n| cluster_node(n, ssl, password.as_deref()))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        let partitions: u32 = parse(
+            &var,
+            "REDIS_PARTITIONS",
+            if cluster_nodes.is_empty() { 1 } else { 16 },
+            "a number of partitions (1-16384)",
+        )?;
+        if !(1..=16384).contains(&partitions) {
+            return Err(ConfigError {
+                var: "REDIS_PARTITIONS",
+                value: partitions.to_string(),
+                reason: "a number of partitions (1-16384)".to_owned(),
+            });
+        }
         let session_storage = var("SESSION_STORAGE").unwrap_or_else(|| "redis".to_owned());
         if session_storage != "redis" {
             return Err(ConfigError {
@@ -234,6 +267,21 @@ impl Config {
             var("REDIS_SESSION_PREFIX").unwrap_or_else(|| "vedfolnir:session:".to_owned());
         let event_stream =
             var("REDIS_EVENT_STREAM").unwrap_or_else(|| "vedfolnir:events".to_owned());
+        let partitioned = partitions > 1 || !cluster_nodes.is_empty();
+        for (name, value) in [
+            ("REDIS_SESSION_PREFIX", &session_prefix),
+            ("REDIS_EVENT_STREAM", &event_stream),
+        ] {
+            if partitioned && value.contains(['{', '}']) {
+                return Err(ConfigError {
+                    var: name,
+                    value: value.clone(),
+                    reason: "no `{` or `}` with partitions: the partition's hash tag must be \
+                             the first braces in every key"
+                        .to_owned(),
+                });
+            }
+        }
         let secs = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
             let n: u64 = parse(&var, name, default, "a whole number of seconds, at least 1")?;
             if n == 0 {
@@ -305,6 +353,8 @@ impl Config {
         }
         Ok(Config {
             redis,
+            cluster_nodes,
+            partitions,
             session_storage,
             session_prefix,
             event_stream,
@@ -368,6 +418,35 @@ impl Config {
         self
     }
 
+    /// Builder: a Redis Cluster (seed nodes) with `partitions` partitions.
+    pub fn with_cluster(mut self, nodes: Vec<RedisTarget>, partitions: u32) -> Self {
+        self.cluster_nodes = nodes;
+        self.partitions = partitions.max(1);
+        self
+    }
+
+    /// Builder: another number of partitions on the same Redis.
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions.max(1);
+        self
+    }
+
+    /// True when the keys carry partition hash tags (a cluster, or more than
+    /// one partition).
+    pub fn partitioned(&self) -> bool {
+        self.partitions > 1 || !self.cluster_nodes.is_empty()
+    }
+
+    /// Where Redis is, safe to log: the URL, or the cluster's seed nodes.
+    pub fn redis_redacted(&self) -> String {
+        if self.cluster_nodes.is_empty() {
+            self.redis.redacted()
+        } else {
+            let nodes: Vec<String> = self.cluster_nodes.iter().map(|n| n.redacted()).collect();
+            format!("cluster {}", nodes.join(","))
+        }
+    }
+
     /// Builder: another connect and response timeout for store commands.
     pub fn with_redis_timeout(mut self, timeout: Duration) -> Self {
         self.redis_timeout = timeout;
@@ -381,6 +460,28 @@ impl Config {
         self.wait_timeout = timeout;
         self
     }
+}
+
+/// One seed node of `REDIS_CLUSTER_NODES`: a URL, or `host:port`.
+fn cluster_node(text: &str, ssl: bool, password: Option<&str>) -> Result<RedisTarget, ConfigError> {
+    let var = "REDIS_CLUSTER_NODES";
+    let mut target = if text.contains("://") {
+        RedisTarget::parse(var, text)?
+    } else {
+        let scheme = if ssl { "rediss" } else { "redis" };
+        RedisTarget::parse(var, &format!("{scheme}://{text}"))?
+    };
+    if target.url.host_str().is_none() || target.url.port().is_none() {
+        return Err(ConfigError {
+            var,
+            value: target.redacted(),
+            reason: "each node is host:port (or a redis:// URL with a port)".to_owned(),
+        });
+    }
+    if let Some(pw) = password.filter(|_| target.url.password().is_none()) {
+        let _ = target.url.set_password(Some(pw));
+    }
+    Ok(target)
 }
 
 /// A lookup that trims values and treats empty ones as unset.
@@ -451,6 +552,68 @@ mod tests {
         assert_eq!(c.cookie.same_site, SameSite::Lax);
         assert_eq!(c.cookie.max_age, Duration::from_secs(7200));
         assert!(c.db_fallback && c.db_sync);
+        assert!(c.cluster_nodes.is_empty());
+        assert_eq!(c.partitions, 1);
+        assert!(!c.partitioned());
+    }
+
+    #[test]
+    fn cluster_nodes_switch_to_sixteen_partitions() {
+        let c = cfg(&[
+            (
+                "REDIS_CLUSTER_NODES",
+                "127.0.0.1:7100, redis://10.0.0.2:7101 ,",
+            ),
+            ("REDIS_PASSWORD", "ZkjBdCsoodbvY6EpXF"),
+        ])
+        .expect("valid");
+        assert_eq!(c.partitions, 16);
+        assert!(c.partitioned());
+        let urls: Vec<&str> = c.cluster_nodes.iter().map(|n| n.expose_url()).collect();
+        assert_eq!(
+            urls,
+            [
+                "redis://:ZkjBdCsoodbvY6EpXF@127.0.0.1:7100",
+                "redis://:ZkjBdCsoodbvY6EpXF@10.0.0.2:7101"
+            ]
+        );
+        assert!(!c.redis_redacted().contains("ZkjBdCsoodbvY6EpXF"));
+        let c = cfg(&[
+            ("REDIS_CLUSTER_NODES", "127.0.0.1:7100"),
+            ("REDIS_PARTITIONS", "4"),
+        ])
+        .expect("valid");
+        assert_eq!(c.partitions, 4);
+    }
+
+    #[test]
+    fn bad_partition_settings_name_the_variable() {
+        for (pairs, var) in [
+            (vec![("REDIS_PARTITIONS", "0")], "REDIS_PARTITIONS"),
+            (vec![("REDIS_PARTITIONS", "many")], "REDIS_PARTITIONS"),
+            (vec![("REDIS_PARTITIONS", "16385")], "REDIS_PARTITIONS"),
+            (
+                vec![("REDIS_CLUSTER_NODES", "127.0.0.1")],
+                "REDIS_CLUSTER_NODES",
+            ),
+            (
+                vec![
+                    ("REDIS_PARTITIONS", "2"),
+                    ("REDIS_SESSION_PREFIX", "a{b}:session:"),
+                ],
+                "REDIS_SESSION_PREFIX",
+            ),
+            (
+                vec![
+                    ("REDIS_CLUSTER_NODES", "h:1"),
+                    ("REDIS_EVENT_STREAM", "ev{x}"),
+                ],
+                "REDIS_EVENT_STREAM",
+            ),
+        ] {
+            let e = cfg(&pairs).expect_err("invalid");
+            assert_eq!(e.var, var, "{pairs:?}");
+        }
     }
 
     #[test]

@@ -97,7 +97,7 @@ pub async fn run(
     cfg: DemoConfig,
     say: impl Fn(&str),
 ) -> Result<DemoReport> {
-    let keys = store.keys().clone();
+    let keys = store.keys().part(0).clone();
     let mut conn = store.connection();
     say(&format!(
         "waiting for the worker (consumer group `audit` on {})",
@@ -381,7 +381,7 @@ async fn app_server(
 
 async fn live_ids(store: &SessionStore) -> Result<Vec<SessionId>> {
     let mut conn = store.connection();
-    let prefix = store.keys().session_prefix.clone();
+    let prefix = store.keys().part(0).session_prefix.clone();
     let mut out = Vec::new();
     let mut it: redis::AsyncIter<'_, String> = conn.scan_match(format!("{prefix}*")).await?;
     while let Some(k) = futures::StreamExt::next(&mut it).await {

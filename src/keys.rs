@@ -20,6 +20,28 @@
 //! `SESSION_TOMBSTONE_TTL` after the session does, so the expiry reaper still
 //! knows the last `seq` and the user when it writes the `expired` event; once
 //! the session has ended it is the tombstone that refuses any in-flight write.
+//!
+//! ## Partitions
+//!
+//! With `REDIS_PARTITIONS` above 1, or on a Redis Cluster
+//! (`REDIS_CLUSTER_NODES`), the sessions are spread over partitions and every
+//! key carries its partition's hash tag `{<p>}`: each prefix gets `{<p>}:`
+//! appended and each single key `:{<p>}`. Partition 3 of the default layout:
+//!
+//! | key | |
+//! |---|---|
+//! | `vedfolnir:session:{3}:<id>` | session JSON |
+//! | `vedfolnir:events:{3}` | the partition's stream |
+//! | `vedfolnir:seq:{3}:<id>` | ledger |
+//! | `vedfolnir:expiry:{3}` | expiry index |
+//! | `vedfolnir:user:{3}:<user_id>` | the user's sessions in this partition |
+//! | `vedfolnir:marker:{3}`, `vedfolnir:recovering:{3}` | loss detection and recovery |
+//!
+//! So a session, its ledger, its partition's stream and the indexes one
+//! script call touches share one slot. A session's partition is the first 32
+//! bits of its id (hex of SHA-256 of the token) modulo the partition count,
+//! and a rotation picks a new token in the same partition. See
+//! `docs/cluster.md`.
 
 use crate::config::Config;
 use crate::id::SessionId;
@@ -44,18 +66,25 @@ pub struct Keys {
     pub recovering: String,
     /// Namespace of the non-session keys.
     pub namespace: String,
+    /// The partition these keys belong to (0 without partitions).
+    pub partition: u32,
+}
+
+fn namespace_of(config: &Config) -> String {
+    let prefix = &config.session_prefix;
+    prefix
+        .strip_suffix("session:")
+        .unwrap_or(prefix.as_str())
+        .to_owned()
 }
 
 impl Keys {
-    /// The layout for a configuration.
+    /// The layout for a configuration without partitions (the key names of
+    /// DESIGN.md). With partitions, use [`KeySpace`].
     pub fn new(config: &Config) -> Self {
-        let prefix = &config.session_prefix;
-        let namespace = prefix
-            .strip_suffix("session:")
-            .unwrap_or(prefix.as_str())
-            .to_owned();
+        let namespace = namespace_of(config);
         Keys {
-            session_prefix: prefix.clone(),
+            session_prefix: config.session_prefix.clone(),
             ledger_prefix: format!("{namespace}seq:"),
             user_prefix: format!("{namespace}user:"),
             stream: config.event_stream.clone(),
@@ -63,6 +92,23 @@ impl Keys {
             marker: format!("{namespace}marker"),
             recovering: format!("{namespace}recovering"),
             namespace,
+            partition: 0,
+        }
+    }
+
+    /// The keys of partition `p`, every one carrying the hash tag `{p}`.
+    pub fn tagged(config: &Config, p: u32) -> Self {
+        let namespace = namespace_of(config);
+        Keys {
+            session_prefix: format!("{}{{{p}}}:", config.session_prefix),
+            ledger_prefix: format!("{namespace}seq:{{{p}}}:"),
+            user_prefix: format!("{namespace}user:{{{p}}}:"),
+            stream: format!("{}:{{{p}}}", config.event_stream),
+            expiry: format!("{namespace}expiry:{{{p}}}"),
+            marker: format!("{namespace}marker:{{{p}}}"),
+            recovering: format!("{namespace}recovering:{{{p}}}"),
+            namespace,
+            partition: p,
         }
     }
 
@@ -82,9 +128,148 @@ impl Keys {
     }
 }
 
+/// Every partition's keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpace {
+    parts: Vec<Keys>,
+    tagged: bool,
+}
+
+impl KeySpace {
+    /// The layout for a configuration: one partition with the key names of
+    /// DESIGN.md, or `REDIS_PARTITIONS` tagged partitions.
+    pub fn new(config: &Config) -> Self {
+        let parts = if config.partitioned() {
+            (0..config.partitions)
+                .map(|p| Keys::tagged(config, p))
+                .collect()
+        } else {
+            vec![Keys::new(config)]
+        };
+        KeySpace {
+            parts,
+            tagged: config.partitioned(),
+        }
+    }
+
+    /// True when the keys carry partition hash tags.
+    pub fn tagged(&self) -> bool {
+        self.tagged
+    }
+
+    /// Number of partitions.
+    pub fn partitions(&self) -> u32 {
+        self.parts.len() as u32
+    }
+
+    /// The partition a session belongs to.
+    pub fn partition_of(&self, id: &SessionId) -> u32 {
+        partition_of(id, self.partitions())
+    }
+
+    /// The keys of a session's partition.
+    pub fn for_session(&self, id: &SessionId) -> &Keys {
+        &self.parts[self.partition_of(id) as usize]
+    }
+
+    /// The keys of partition `p` (`p` below [`KeySpace::partitions`]).
+    pub fn part(&self, p: u32) -> &Keys {
+        &self.parts[p as usize % self.parts.len()]
+    }
+
+    /// Every partition, in order.
+    pub fn all(&self) -> &[Keys] {
+        &self.parts
+    }
+
+    /// The namespace of the non-session keys (`vedfolnir:`).
+    pub fn namespace(&self) -> &str {
+        &self.parts[0].namespace
+    }
+
+    /// A session's key.
+    pub fn session(&self, id: &SessionId) -> String {
+        self.for_session(id).session(id)
+    }
+
+    /// A session's ledger key.
+    pub fn ledger(&self, id: &SessionId) -> String {
+        self.for_session(id).ledger(id)
+    }
+
+    /// The workers' liveness set, `<ns>workers` (one key, outside the
+    /// partitions).
+    pub fn workers(&self) -> String {
+        format!("{}workers", self.namespace())
+    }
+
+    /// The lease key of partition `p` (same slot as its stream).
+    pub fn lease(&self, p: u32) -> String {
+        if self.tagged {
+            format!("{}lease:{{{p}}}", self.namespace())
+        } else {
+            format!("{}lease", self.namespace())
+        }
+    }
+}
+
+/// The partition of a session id among `partitions`: its first 32 bits.
+pub fn partition_of(id: &SessionId, partitions: u32) -> u32 {
+    if partitions <= 1 {
+        return 0;
+    }
+    let head = id.as_str().get(..8).unwrap_or("0");
+    u32::from_str_radix(head, 16).unwrap_or(0) % partitions
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_tag_every_key_of_a_session_alike() {
+        let config = Config::default().with_partitions(8);
+        let space = KeySpace::new(&config);
+        assert_eq!(space.partitions(), 8);
+        let mut seen = std::collections::BTreeSet::new();
+        for n in 0..200u32 {
+            let id = crate::id::Token::generate().session_id();
+            let p = space.partition_of(&id);
+            seen.insert(p);
+            let k = space.for_session(&id);
+            let tag = format!("{{{p}}}");
+            for key in [
+                k.session(&id),
+                k.ledger(&id),
+                k.user("u1"),
+                k.stream.clone(),
+                k.expiry.clone(),
+                k.marker.clone(),
+                k.recovering.clone(),
+                space.lease(p),
+            ] {
+                let first = key.find('{').expect("tagged");
+                assert!(
+                    key[first..].starts_with(&tag),
+                    "{key} for partition {p} ({n})"
+                );
+            }
+        }
+        assert_eq!(seen.len(), 8, "200 ids reach every partition");
+        let k = space.part(3);
+        assert_eq!(k.session_prefix, "vedfolnir:session:{3}:");
+        assert_eq!(k.stream, "vedfolnir:events:{3}");
+        assert_eq!(k.expiry, "vedfolnir:expiry:{3}");
+        assert_eq!(k.user("7"), "vedfolnir:user:{3}:7");
+    }
+
+    #[test]
+    fn one_partition_keeps_the_design_names() {
+        let space = KeySpace::new(&Config::default());
+        assert_eq!(space.partitions(), 1);
+        assert_eq!(space.part(0), &Keys::new(&Config::default()));
+        assert_eq!(space.lease(0), "vedfolnir:lease");
+    }
 
     #[test]
     fn default_layout_matches_the_design() {

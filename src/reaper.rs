@@ -73,25 +73,33 @@ impl Reaper {
         Reaper { store, cfg }
     }
 
-    /// One sweep: expires up to `batch` sessions whose deadline has passed
-    /// (Redis's clock). Returns how many this call expired.
+    /// One sweep: in each partition, expires up to `batch` sessions whose
+    /// deadline has passed (Redis's clock). Returns how many this call
+    /// expired.
     pub async fn sweep(&self) -> Result<usize> {
+        let mut expired = 0;
+        for p in 0..self.store.keys().partitions() {
+            expired += self.sweep_partition(p).await?;
+        }
+        Ok(expired)
+    }
+
+    /// One sweep of partition `p`'s expiry index.
+    pub async fn sweep_partition(&self, p: u32) -> Result<usize> {
         let mut conn = self.store.connection();
+        let expiry = &self.store.keys().part(p).expiry;
+        // On a cluster, TIME is answered by some node; the scripts use their
+        // own node's clock, so a sweep a few ms early is only a skipped
+        // candidate (the script checks the deadline again).
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
         let now_ms = secs * 1000 + micros / 1000;
         let due: Vec<(String, f64)> = conn
-            .zrangebyscore_limit_withscores(
-                &self.store.keys().expiry,
-                "-inf",
-                now_ms,
-                0,
-                self.cfg.batch as isize,
-            )
+            .zrangebyscore_limit_withscores(expiry, "-inf", now_ms, 0, self.cfg.batch as isize)
             .await?;
         let mut expired = 0;
         for (id, score) in due {
             let Ok(sid) = id.parse::<SessionId>() else {
-                let _: redis::RedisResult<u64> = conn.zrem(&self.store.keys().expiry, &id).await;
+                let _: redis::RedisResult<u64> = conn.zrem(expiry, &id).await;
                 continue;
             };
             if self.store.expire(&sid, score as i64).await? {
@@ -106,9 +114,23 @@ impl Reaper {
     /// Sweeps until `shutdown` is cancelled. A sweep that filled its batch is
     /// followed at once by the next.
     pub async fn run(self, shutdown: CancellationToken) -> Result<u64> {
+        self.run_on(None, shutdown).await
+    }
+
+    /// Like [`Reaper::run`], on partition `p` only (the worker runs one per
+    /// partition it holds).
+    pub async fn run_partition(self, p: u32, shutdown: CancellationToken) -> Result<u64> {
+        self.run_on(Some(p), shutdown).await
+    }
+
+    async fn run_on(self, partition: Option<u32>, shutdown: CancellationToken) -> Result<u64> {
         let mut total = 0u64;
         while !shutdown.is_cancelled() {
-            let pause = match self.sweep().await {
+            let swept = match partition {
+                Some(p) => self.sweep_partition(p).await,
+                None => self.sweep().await,
+            };
+            let pause = match swept {
                 Ok(n) => {
                     total += n as u64;
                     if n >= self.cfg.batch {

@@ -29,6 +29,7 @@ use crate::audit::entity::{session_events, session_snapshots};
 use crate::audit::sink::incoming_from_row;
 use crate::error::{Error, Result};
 use crate::event::Event;
+use crate::id::SessionId;
 use crate::session::Session;
 use crate::store::SessionStore;
 use crate::store::script::{self, Reply};
@@ -50,6 +51,9 @@ pub struct ReplaySummary {
     pub expired_meanwhile: u64,
     /// Ended sessions (destroyed or expired), not restored.
     pub destroyed: u64,
+    /// Rows whose session id is not a session id (never written by the
+    /// store), left alone.
+    pub skipped_invalid: u64,
     /// Wall time, seconds.
     pub seconds: f64,
     /// Snapshot rows per second.
@@ -82,8 +86,8 @@ pub async fn replay(
         let Some(last) = rows.last() else { break };
         after = last.session_id.clone();
         summary.snapshots += rows.len() as u64;
-        let mut pipe = redis::pipe();
-        let mut sent = 0;
+        // One pipeline per partition: a pipeline stays within one slot.
+        let mut pipes: BTreeMap<u32, redis::Pipeline> = BTreeMap::new();
         for r in &rows {
             if r.status != SnapshotStatus::Live {
                 summary.destroyed += 1;
@@ -93,17 +97,24 @@ pub async fn replay(
                 summary.expired_meanwhile += 1;
                 continue;
             };
-            let mut cmd = script::evalsha(&keys, "restore");
+            let Ok(id) = r.session_id.parse::<SessionId>() else {
+                summary.skipped_invalid += 1;
+                continue;
+            };
+            let part = keys.for_session(&id);
+            let mut cmd = script::evalsha(part, "restore");
             cmd.arg(&r.session_id)
                 .arg(&r.state)
                 .arg(r.seq)
                 .arg(r.user_id.as_deref().unwrap_or(""))
                 .arg(deadline.timestamp_millis())
                 .arg(tomb_ms);
-            pipe.add_command(cmd);
-            sent += 1;
+            pipes
+                .entry(part.partition)
+                .or_insert_with(redis::pipe)
+                .add_command(cmd);
         }
-        if sent > 0 {
+        for pipe in pipes.values() {
             let replies: Vec<Vec<String>> = match pipe.query_async(&mut conn).await {
                 Ok(r) => r,
                 Err(e)
@@ -274,57 +285,50 @@ pub struct VerifyReport {
 pub async fn verify(store: &SessionStore, db: &DatabaseConnection) -> Result<VerifyReport> {
     let keys = store.keys().clone();
     let mut conn = store.connection();
-    // Redis: every session key of the namespace.
-    let mut redis_ids: Vec<String> = Vec::new();
-    {
-        let mut it: redis::AsyncIter<'_, String> =
-            conn.scan_match(format!("{}*", keys.session_prefix)).await?;
-        while let Some(k) = futures::StreamExt::next(&mut it).await {
-            let k = k?;
-            let id = &k[keys.session_prefix.len()..];
+    // Redis: every session key of every partition.
+    let mut redis_state: HashMap<String, String> = HashMap::new();
+    let mut in_stream: HashMap<String, u64> = HashMap::new();
+    for part in keys.all() {
+        let mut redis_ids: Vec<String> = Vec::new();
+        for k in conn.scan_all(&format!("{}*", part.session_prefix)).await? {
+            let id = &k[part.session_prefix.len()..];
             if id.len() == 64 {
                 redis_ids.push(id.to_owned());
             }
         }
-    }
-    let mut redis_state: HashMap<String, String> = HashMap::new();
-    for chunk in redis_ids.chunks(1000) {
-        let names: Vec<String> = chunk
-            .iter()
-            .map(|i| format!("{}{i}", keys.session_prefix))
-            .collect();
-        let values: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&names)
-            .query_async(&mut conn)
-            .await?;
-        for (id, v) in chunk.iter().zip(values) {
-            if let Some(v) = v {
-                redis_state.insert(id.clone(), v);
+        for chunk in redis_ids.chunks(1000) {
+            let names: Vec<String> = chunk
+                .iter()
+                .map(|i| format!("{}{i}", part.session_prefix))
+                .collect();
+            let values: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(&names)
+                .query_async(&mut conn)
+                .await?;
+            for (id, v) in chunk.iter().zip(values) {
+                if let Some(v) = v {
+                    redis_state.insert(id.clone(), v);
+                }
             }
         }
-    }
-    // The stream: the newest seq of each session still in it.
-    let mut in_stream: HashMap<String, u64> = HashMap::new();
-    let mut start = "-".to_owned();
-    loop {
-        let page: redis::streams::StreamRangeReply =
-            conn.xrange_count(&keys.stream, &start, "+", 1000).await?;
-        let n = page.ids.len();
-        for e in &page.ids {
-            let sid: Option<String> = e.get("session_id");
-            let seq: Option<String> = e.get("seq");
-            if let (Some(sid), Some(seq)) = (
-                sid,
-                seq.and_then(|s| s.parse::<u64>().ok().map(|v| v.to_string())),
-            ) {
-                let seq: u64 = seq.parse().unwrap_or(0);
-                let m = in_stream.entry(sid).or_insert(0);
-                *m = (*m).max(seq);
+        // The stream: the newest seq of each session still in it.
+        let mut start = "-".to_owned();
+        loop {
+            let page: redis::streams::StreamRangeReply =
+                conn.xrange_count(&part.stream, &start, "+", 1000).await?;
+            let n = page.ids.len();
+            for e in &page.ids {
+                let sid: Option<String> = e.get("session_id");
+                let seq: Option<u64> = e.get::<String>("seq").and_then(|s| s.parse::<u64>().ok());
+                if let (Some(sid), Some(seq)) = (sid, seq) {
+                    let m = in_stream.entry(sid).or_insert(0);
+                    *m = (*m).max(seq);
+                }
             }
-        }
-        match page.ids.last() {
-            Some(last) if n == 1000 => start = format!("({}", last.id),
-            _ => break,
+            match page.ids.last() {
+                Some(last) if n == 1000 => start = format!("({}", last.id),
+                _ => break,
+            }
         }
     }
     // The database: live snapshots, plus the snapshots of every Redis session.
@@ -504,30 +508,42 @@ impl Healer {
         }
     }
 
-    /// Checks the marker once; replays when it is missing.
+    /// Checks the markers once (one per partition); replays when one is
+    /// missing. Replay is idempotent, so a loss of some partitions (one shard
+    /// of a cluster) replays all and changes only what was lost.
     pub async fn check(&self) -> Result<Option<ReplaySummary>> {
         let keys = self.store.keys().clone();
         let mut conn = self.store.connection();
-        let present: bool = conn.exists(&keys.marker).await?;
-        if present {
+        let mut lost = 0;
+        for part in keys.all() {
+            if !conn.exists::<_, bool>(&part.marker).await? {
+                lost += 1;
+            }
+        }
+        if lost == 0 {
             return Ok(None);
         }
         tracing::warn!(
+            partitions = lost,
             "the Redis marker is missing: Redis lost its data; replaying from the audit database"
         );
         let m = crate::telemetry::metrics();
         m.redis_loss_detected.add(1, &[]);
         m.recovery_runs.add(1, &[]);
-        let _: () = redis::cmd("SET")
-            .arg(&keys.recovering)
-            .arg(Utc::now().to_rfc3339())
-            .arg("PX")
-            .arg(600_000)
-            .query_async(&mut conn)
-            .await?;
+        for part in keys.all() {
+            let _: () = redis::cmd("SET")
+                .arg(&part.recovering)
+                .arg(Utc::now().to_rfc3339())
+                .arg("PX")
+                .arg(600_000)
+                .query_async(&mut conn)
+                .await?;
+        }
         let summary = replay(&self.store, &self.db, |_, _| {}).await?;
-        let _: () = conn.set(&keys.marker, Utc::now().to_rfc3339()).await?;
-        let _: () = conn.del(&keys.recovering).await?;
+        for part in keys.all() {
+            let _: () = conn.set(&part.marker, Utc::now().to_rfc3339()).await?;
+            let _: () = conn.del(&part.recovering).await?;
+        }
         tracing::info!(
             restored = summary.restored,
             seconds = summary.seconds,

@@ -1,11 +1,14 @@
 //! The worker process: the audit consumer and the expiry reaper, side by
 //! side, until a shutdown signal.
 
+use std::collections::BTreeMap;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditConsumer, AuditSink, ConsumerConfig};
 use crate::config::Config;
 use crate::error::Result;
+use crate::lease::Leases;
 use crate::reaper::{Reaper, ReaperConfig};
 use crate::store::SessionStore;
 
@@ -22,11 +25,18 @@ pub enum Parts {
 
 /// Runs the worker until `shutdown` is cancelled. The audit consumer refuses
 /// to start on an audit schema that is behind (`vedfolnir-sessions migrate`).
+///
+/// The worker works on the partitions it holds a lease on (see
+/// [`crate::lease`]): for each, an audit consumer on the partition's stream
+/// and a reaper on its expiry index. Partitions are spread over the running
+/// workers and taken over when a worker dies (after `lease_ttl`). Without
+/// partitions there is one, held by one worker at a time; the others stand by.
 pub async fn run(
     config: &Config,
     parts: Parts,
     consumer: ConsumerConfig,
     reaper: ReaperConfig,
+    lease_ttl: std::time::Duration,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let store = SessionStore::connect(config).await?;
@@ -45,46 +55,131 @@ pub async fn run(
             Ok(())
         });
     }
-    if parts != Parts::Reaper {
+    let db = if parts != Parts::Reaper {
         let db = audit::db::connect(&config.database_url).await?;
         audit::db::require_current_schema(&db).await?;
-        let sink = AuditSink::new(
-            db.clone(),
-            config.session_timeout,
-            config.event_stream.clone(),
-        );
-        let healer = crate::recovery::Healer::new(store.clone(), db, consumer.heal_check);
+        let healer = crate::recovery::Healer::new(store.clone(), db.clone(), consumer.heal_check);
         let token = shutdown.clone();
         tasks.spawn(async move { healer.run(token).await.map(|_| ()) });
-        let mut c = AuditConsumer::new(config, sink, consumer).await?;
-        c.ensure_group().await?;
-        tracing::info!(consumer = %c.name(), "audit consumer started");
-        let token = shutdown.clone();
-        tasks.spawn(async move { c.run(token).await.map(|_| ()) });
-    }
-    if parts != Parts::Audit {
-        let r = Reaper::new(store.clone(), reaper);
-        let token = shutdown.clone();
-        tracing::info!("expiry reaper started");
-        tasks.spawn(async move { r.run(token).await.map(|_| ()) });
-    }
+        Some(db)
+    } else {
+        None
+    };
+    let mut leases = Leases::new(
+        store.connection(),
+        store.keys().clone(),
+        consumer.consumer.clone(),
+        lease_ttl,
+    );
+    let mut running: BTreeMap<u32, CancellationToken> = BTreeMap::new();
+    let mut partitions = tokio::task::JoinSet::new();
     let mut result = Ok(());
-    while let Some(done) = tasks.join_next().await {
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                shutdown.cancel();
-                result = Err(e);
+    while !shutdown.is_cancelled() {
+        match leases.tick().await {
+            Ok(change) => {
+                for p in change.released {
+                    if let Some(token) = running.remove(&p) {
+                        tracing::info!(partition = p, "partition released");
+                        token.cancel();
+                    }
+                }
+                for p in change.acquired {
+                    tracing::info!(partition = p, consumer = %consumer.consumer, "partition taken");
+                    let token = shutdown.child_token();
+                    running.insert(p, token.clone());
+                    let work = Partition {
+                        config: config.clone(),
+                        store: store.clone(),
+                        db: db.clone(),
+                        consumer: consumer.clone(),
+                        reaper: reaper.clone(),
+                        parts,
+                    };
+                    partitions.spawn(async move { work.run(p, token).await });
+                }
             }
-            Err(join) => {
-                shutdown.cancel();
-                result = Err(crate::error::Error::Corrupt(format!(
-                    "worker task failed: {join}"
-                )));
+            Err(e) => tracing::warn!(err = %e, "partition lease tick failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(leases.interval()) => {}
+            Some(done) = tasks.join_next() => {
+                if let Err(e) = task_result(done) {
+                    shutdown.cancel();
+                    result = Err(e);
+                }
+            }
+            Some(done) = partitions.join_next() => {
+                if let Err(e) = task_result(done) {
+                    shutdown.cancel();
+                    result = Err(e);
+                }
             }
         }
     }
+    // Shutdown: every partition finishes and acknowledges its batch in hand,
+    // then the leases go, so that other workers take over at once.
+    while let Some(done) = partitions.join_next().await {
+        if let Err(e) = task_result(done) {
+            result = Err(e);
+        }
+    }
+    if let Err(e) = leases.release_all().await {
+        tracing::warn!(err = %e, "releasing the partition leases failed");
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = task_result(done) {
+            result = Err(e);
+        }
+    }
     result
+}
+
+fn task_result(done: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match done {
+        Ok(r) => r,
+        Err(join) => Err(crate::error::Error::Corrupt(format!(
+            "worker task failed: {join}"
+        ))),
+    }
+}
+
+/// The work on one partition.
+struct Partition {
+    config: Config,
+    store: SessionStore,
+    db: Option<sea_orm::DatabaseConnection>,
+    consumer: ConsumerConfig,
+    reaper: ReaperConfig,
+    parts: Parts,
+}
+
+impl Partition {
+    async fn run(self, p: u32, token: CancellationToken) -> Result<()> {
+        let keys = self.store.keys().part(p).clone();
+        let mut set = tokio::task::JoinSet::new();
+        if let Some(db) = self.db {
+            let sink = AuditSink::new(db, self.config.session_timeout, keys.stream.clone());
+            let mut c =
+                AuditConsumer::for_partition(&self.config, &keys, sink, self.consumer).await?;
+            c.ensure_group().await?;
+            tracing::info!(consumer = %c.name(), partition = p, "audit consumer started");
+            let t = token.clone();
+            set.spawn(async move { c.run(t).await.map(|_| ()) });
+        }
+        if self.parts != Parts::Audit {
+            let r = Reaper::new(self.store.clone(), self.reaper);
+            tracing::info!(partition = p, "expiry reaper started");
+            set.spawn(async move { r.run_partition(p, token).await.map(|_| ()) });
+        }
+        let mut result = Ok(());
+        while let Some(done) = set.join_next().await {
+            if let Err(e) = task_result(done) {
+                result = Err(e);
+            }
+        }
+        result
+    }
 }
 
 /// Gauges read from Redis every few seconds: live sessions, stream length,
@@ -110,51 +205,56 @@ impl Sample {
     pub async fn refresh(&self, store: &SessionStore) -> Result<()> {
         use redis::AsyncCommands as _;
         use std::sync::atomic::Ordering::Relaxed;
-        let keys = store.keys();
         let mut conn = store.connection();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let active: u64 = conn.zcount(&keys.expiry, now_ms, "+inf").await?;
-        self.active_sessions.store(active, Relaxed);
-        let len: u64 = conn.xlen(&keys.stream).await?;
-        self.stream_length.store(len, Relaxed);
-        let groups: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
-            redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(&keys.stream)
-                .query_async(&mut conn)
-                .await;
         let int = |v: Option<&redis::Value>| match v {
             Some(redis::Value::Int(i)) => u64::try_from(*i).unwrap_or(0),
             _ => 0,
         };
-        if let Ok(groups) = groups
-            && let Some(g) = groups.iter().find(|g| {
-                matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n.as_slice() == b"audit")
-            })
-        {
-            self.audit_lag.store(int(g.get("lag")), Relaxed);
-            self.audit_pending.store(int(g.get("pending")), Relaxed);
-            let consumers: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
+        let (mut active, mut len, mut lag, mut pending) = (0u64, 0u64, 0u64, 0u64);
+        let mut consumers_seen = std::collections::BTreeSet::new();
+        for keys in store.keys().all() {
+            active += conn
+                .zcount::<_, _, _, u64>(&keys.expiry, now_ms, "+inf")
+                .await?;
+            len += conn.xlen::<_, u64>(&keys.stream).await?;
+            let groups: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
                 redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(&keys.stream)
+                    .query_async(&mut conn)
+                    .await;
+            if let Ok(groups) = groups
+                && let Some(g) = groups.iter().find(|g| {
+                    matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n.as_slice() == b"audit")
+                })
+            {
+                lag += int(g.get("lag"));
+                pending += int(g.get("pending"));
+                let consumers: redis::RedisResult<
+                    Vec<std::collections::HashMap<String, redis::Value>>,
+                > = redis::cmd("XINFO")
                     .arg("CONSUMERS")
                     .arg(&keys.stream)
                     .arg("audit")
                     .query_async(&mut conn)
                     .await;
-            let active = consumers
-                .map(|cs| cs.iter().filter(|c| int(c.get("idle")) < 30_000).count() as u64)
-                .unwrap_or(0);
-            self.audit_consumers.store(active, Relaxed);
+                for c in consumers.unwrap_or_default() {
+                    if int(c.get("idle")) < 30_000
+                        && let Some(redis::Value::BulkString(name)) = c.get("name")
+                    {
+                        consumers_seen.insert(name.clone());
+                    }
+                }
+            }
         }
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut conn)
-            .await?;
-        if let Some(used) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse().ok())
-        {
+        self.active_sessions.store(active, Relaxed);
+        self.stream_length.store(len, Relaxed);
+        self.audit_lag.store(lag, Relaxed);
+        self.audit_pending.store(pending, Relaxed);
+        self.audit_consumers
+            .store(consumers_seen.len() as u64, Relaxed);
+        if let Some(used) = conn.used_memory().await? {
             self.redis_used_memory.store(used, Relaxed);
         }
         Ok(())

@@ -188,7 +188,7 @@ where
 
 /// The healer's marker is present and no replay is running.
 async fn healed(mut conn: MultiplexedConnection, store: &SessionStore) -> bool {
-    let keys = store.keys();
+    let keys = store.keys().part(0);
     let r: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
         .arg(&keys.marker)
         .arg(&keys.recovering)

@@ -286,13 +286,13 @@ async fn loads_during_recovery_come_from_the_database(backend: Backend) {
     assert_eq!(summary.already_current + summary.restored, 1);
     let marker: bool = ctx
         .conn()
-        .exists(&ctx.store.keys().marker)
+        .exists(&ctx.store.keys().part(0).marker)
         .await
         .expect("exists");
     assert!(marker);
     let recovering: bool = ctx
         .conn()
-        .exists(&ctx.store.keys().recovering)
+        .exists(&ctx.store.keys().part(0).recovering)
         .await
         .expect("exists");
     assert!(!recovering);

@@ -1,17 +1,34 @@
 //! The store's contract against the real Redis: invariants 1, 2, 3, 5, 6, 10
 //! of the design, the limits, and script recovery.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestContext;
+use common::{TestContext, Topology};
 use redis::AsyncCommands as _;
 use serde_json::{Value, json};
 use vedfolnir_sessions::{
     Changes, DestroyReason, Error, NewSession, Platform, Session, SessionStore, Status,
 };
+
+on_both_topologies!(
+    read_your_writes_across_two_stores,
+    session_json_and_stream_fields_follow_the_design,
+    fifty_concurrent_updates_lose_nothing,
+    destroy_racing_updates_never_resurrects,
+    ttl_is_set_on_create_and_refreshed_by_touch,
+    missing_expired_and_destroyed_sessions_load_as_none,
+    the_token_is_stored_nowhere,
+    oversized_sessions_are_refused_and_nothing_is_written,
+    the_per_user_limit_evicts_the_oldest,
+    rotation_tombstones_the_old_id,
+    platform_switch_and_logout_everywhere,
+    the_store_survives_script_flush,
+    update_from_a_stale_read_loses_nothing,
+);
 
 fn admin() -> NewSession {
     NewSession::for_user(1, "admin")
@@ -19,9 +36,8 @@ fn admin() -> NewSession {
         .with("role", "admin")
 }
 
-#[tokio::test]
-async fn read_your_writes_across_two_stores() {
-    let ctx = TestContext::new().await;
+async fn read_your_writes_across_two_stores(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
     let other = ctx.other_store().await;
     let c = ctx.store.create(admin()).await.expect("create");
     let seen = other
@@ -41,9 +57,8 @@ async fn read_your_writes_across_two_stores() {
     }
 }
 
-#[tokio::test]
-async fn session_json_and_stream_fields_follow_the_design() {
-    let ctx = TestContext::new().await;
+async fn session_json_and_stream_fields_follow_the_design(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
     let c = ctx.store.create(admin()).await.expect("create");
     let raw: String = ctx
         .conn()
@@ -98,9 +113,8 @@ async fn session_json_and_stream_fields_follow_the_design() {
     assert_eq!(Session::fold(&decoded).expect("folds").to_json(), raw);
 }
 
-#[tokio::test]
-async fn fifty_concurrent_updates_lose_nothing() {
-    let ctx = TestContext::new().await;
+async fn fifty_concurrent_updates_lose_nothing(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
     let c = ctx.store.create(admin()).await.expect("create");
     let mut tasks = Vec::new();
     for i in 0..50 {
@@ -146,9 +160,8 @@ async fn fifty_concurrent_updates_lose_nothing() {
     assert_eq!(Session::fold(&events).expect("fold"), s);
 }
 
-#[tokio::test]
-async fn destroy_racing_updates_never_resurrects() {
-    let ctx = TestContext::new().await;
+async fn destroy_racing_updates_never_resurrects(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
     let c = ctx.store.create(admin()).await.expect("create");
     let barrier = Arc::new(tokio::sync::Barrier::new(21));
     let mut tasks = Vec::new();
@@ -211,9 +224,8 @@ async fn destroy_racing_updates_never_resurrects() {
     assert_eq!(ctx.events_of(&c.session_id).await.len(), events.len());
 }
 
-#[tokio::test]
-async fn ttl_is_set_on_create_and_refreshed_by_touch() {
-    let ctx = TestContext::with(|c| {
+async fn ttl_is_set_on_create_and_refreshed_by_touch(topology: Topology) {
+    let ctx = TestContext::on_with(topology, |c| {
         c.with_session_timeout(Duration::from_secs(60))
             .with_touch_interval(Duration::from_secs(1))
     })
@@ -257,7 +269,7 @@ async fn ttl_is_set_on_create_and_refreshed_by_touch() {
     // The expiry index holds the Redis-clock deadline.
     let score: f64 = ctx
         .conn()
-        .zscore(format!("{}expiry", ctx.namespace), c.session_id.as_str())
+        .zscore(ctx.expiry_key(&c.session_id), c.session_id.as_str())
         .await
         .expect("zscore");
     let now_ms = chrono::Utc::now().timestamp_millis() as f64;
@@ -267,9 +279,9 @@ async fn ttl_is_set_on_create_and_refreshed_by_touch() {
     );
 }
 
-#[tokio::test]
-async fn missing_expired_and_destroyed_sessions_load_as_none() {
-    let ctx = TestContext::with(|c| c.with_session_timeout(Duration::from_secs(1))).await;
+async fn missing_expired_and_destroyed_sessions_load_as_none(topology: Topology) {
+    let ctx =
+        TestContext::on_with(topology, |c| c.with_session_timeout(Duration::from_secs(1))).await;
     let unknown = vedfolnir_sessions::Token::generate().session_id();
     assert_eq!(ctx.store.load(&unknown).await.expect("load"), None);
     assert!(matches!(
@@ -297,9 +309,8 @@ async fn missing_expired_and_destroyed_sessions_load_as_none() {
     ));
 }
 
-#[tokio::test]
-async fn the_token_is_stored_nowhere() {
-    let ctx = TestContext::new().await;
+async fn the_token_is_stored_nowhere(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
     let c = ctx.store.create(admin()).await.expect("create");
     ctx.store
         .update(&c.session_id, Changes::new().with_set("theme", "dark"))
@@ -351,9 +362,8 @@ async fn the_token_is_stored_nowhere() {
     }
 }
 
-#[tokio::test]
-async fn oversized_sessions_are_refused_and_nothing_is_written() {
-    let ctx = TestContext::with(|c| c.with_max_bytes(2048)).await;
+async fn oversized_sessions_are_refused_and_nothing_is_written(topology: Topology) {
+    let ctx = TestContext::on_with(topology, |c| c.with_max_bytes(2048)).await;
     let c = ctx.store.create(admin()).await.expect("create");
     let before_len = ctx.stream_len().await;
     let before: String = ctx
@@ -404,9 +414,8 @@ async fn oversized_sessions_are_refused_and_nothing_is_written() {
     ));
 }
 
-#[tokio::test]
-async fn the_per_user_limit_evicts_the_oldest() {
-    let ctx = TestContext::with(|c| c.with_max_per_user(2)).await;
+async fn the_per_user_limit_evicts_the_oldest(topology: Topology) {
+    let ctx = TestContext::on_with(topology, |c| c.with_max_per_user(2)).await;
     let first = ctx.store.create(admin()).await.expect("create");
     let second = ctx.store.create(admin()).await.expect("create");
     assert!(second.evicted.is_empty());
@@ -448,9 +457,8 @@ async fn the_per_user_limit_evicts_the_oldest() {
     assert_eq!(mine, vec![second.session_id, third.session_id]);
 }
 
-#[tokio::test]
-async fn rotation_tombstones_the_old_id() {
-    let ctx = TestContext::new().await;
+async fn rotation_tombstones_the_old_id(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
     let anon = ctx
         .store
         .create(NewSession::anonymous().with("cart", json!([1, 2])))
@@ -499,9 +507,8 @@ async fn rotation_tombstones_the_old_id() {
     assert_eq!(mine.len(), 1);
 }
 
-#[tokio::test]
-async fn platform_switch_and_logout_everywhere() {
-    let ctx = TestContext::new().await;
+async fn platform_switch_and_logout_everywhere(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
     let a = ctx.store.create(admin()).await.expect("create");
     let b = ctx.store.create(admin()).await.expect("create");
     let u = ctx
@@ -546,9 +553,8 @@ async fn platform_switch_and_logout_everywhere() {
     assert!(ctx.store.user_sessions("1").await.expect("list").is_empty());
 }
 
-#[tokio::test]
-async fn the_store_survives_script_flush() {
-    let ctx = TestContext::new().await;
+async fn the_store_survives_script_flush(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
     let c = ctx.store.create(admin()).await.expect("create");
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
@@ -579,9 +585,8 @@ async fn an_unreachable_redis_is_a_typed_error() {
     assert!(e.is_unavailable(), "{e:?}");
 }
 
-#[tokio::test]
-async fn update_from_a_stale_read_loses_nothing() {
-    let ctx = TestContext::new().await;
+async fn update_from_a_stale_read_loses_nothing(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
     let c = ctx.store.create(admin()).await.expect("create");
     let read = ctx
         .store

@@ -29,7 +29,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncCommands as _, RedisError, Value};
 use tokio_util::sync::CancellationToken;
@@ -38,8 +37,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::sink::{AuditSink, BatchOutcome, DeadLetter, Incoming, fields_json, reachable};
 use crate::config::{Config, ConfigError, non_empty, parse};
+use crate::conn::{ConnOptions, RedisConn};
 use crate::error::Result;
 use crate::event::Event;
+use crate::keys::Keys;
 use crate::telemetry::parse_traceparent;
 
 /// Settings of the audit consumer.
@@ -154,7 +155,7 @@ pub struct ConsumerTotals {
 /// The audit consumer. See the module docs.
 #[derive(Debug)]
 pub struct AuditConsumer {
-    redis: ConnectionManager,
+    redis: RedisConn,
     sink: AuditSink,
     stream: String,
     cfg: ConsumerConfig,
@@ -171,19 +172,29 @@ enum Origin {
 
 impl AuditConsumer {
     /// Connects its own Redis connection (response timeout longer than the
-    /// block) and prepares the group.
+    /// block) and prepares the group, on the stream of the first partition
+    /// (the only one without partitions).
     pub async fn new(config: &Config, sink: AuditSink, cfg: ConsumerConfig) -> Result<Self> {
-        let client = redis::Client::open(config.redis.expose_url())?;
-        let cm = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.redis_timeout))
-            .set_response_timeout(Some(cfg.block + Duration::from_secs(5)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let redis = ConnectionManager::new_with_config(client, cm).await?;
+        let keys = crate::keys::KeySpace::new(config);
+        Self::for_partition(config, keys.part(0), sink, cfg).await
+    }
+
+    /// Like [`AuditConsumer::new`], on one partition's stream.
+    pub async fn for_partition(
+        config: &Config,
+        keys: &Keys,
+        sink: AuditSink,
+        cfg: ConsumerConfig,
+    ) -> Result<Self> {
+        let opts = ConnOptions {
+            response_timeout: cfg.block + Duration::from_secs(5),
+            retries: 2,
+        };
+        let redis = RedisConn::connect(config, opts).await?;
         Ok(AuditConsumer {
             redis,
             sink,
-            stream: config.event_stream.clone(),
+            stream: keys.stream.clone(),
             cfg,
             totals: ConsumerTotals::default(),
             last_claim: None,
@@ -543,7 +554,7 @@ impl AuditConsumer {
 /// or the entry right after its last delivered one. `None` when the group is
 /// missing.
 pub async fn safe_trim_point(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     stream: &str,
     group: &str,
 ) -> Result<Option<String>> {

@@ -148,7 +148,7 @@ async fn fill(store: &SessionStore, clients: usize, events: u64) -> Result<(u64,
     let secs = start.elapsed().as_secs_f64();
     let mut conn = store.connection();
     let len: u64 = redis::cmd("XLEN")
-        .arg(&store.keys().stream)
+        .arg(&store.keys().part(0).stream)
         .query_async(&mut conn)
         .await?;
     Ok((len, sessions.load(Ordering::Relaxed), secs))

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::conn::RedisConn;
 use futures::future::BoxFuture;
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
-use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 
 use super::round;
@@ -91,7 +91,7 @@ pub(super) async fn drive<W: Workload>(
     workload: Arc<W>,
     clients: Vec<Client>,
     duration: Duration,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
 ) -> Result<(Run, Vec<Client>)> {
     let before = Usage::now(conn).await?;
     let start = Instant::now();
@@ -200,7 +200,7 @@ pub(super) struct Usage {
 }
 
 impl Usage {
-    pub async fn now(conn: &mut ConnectionManager) -> Result<Usage> {
+    pub async fn now(conn: &mut RedisConn) -> Result<Usage> {
         let info: String = redis::cmd("INFO")
             .arg("cpu")
             .arg("commandstats")

@@ -139,7 +139,7 @@ async fn read_only(bdb: &BenchDb) -> Result<f64> {
 
 /// Pipelined plain `SET json PX` of the same values.
 async fn baseline(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::conn::RedisConn,
     prefix: &str,
     sessions: &[Snapshot],
 ) -> Result<f64> {

@@ -20,11 +20,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::conn::RedisConn;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use rand::Rng as _;
 use rand::rngs::StdRng;
-use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 
 use super::driver::{Client, Run, Workload, drive};
@@ -114,7 +114,7 @@ pub(super) fn changes(client: &mut Client) -> Changes {
 /// What both sides share.
 struct Fixture {
     store: SessionStore,
-    conn: ConnectionManager,
+    conn: RedisConn,
     /// Sessions load, update and touch pick from.
     pool: Vec<SessionId>,
     /// The plain store's copy of each pool session, under `plain_keys`.
@@ -392,7 +392,7 @@ async fn fill_pool(
 }
 
 /// MEMORY USAGE of a key (all of it), 0 when it is gone.
-async fn memory_usage(conn: &mut ConnectionManager, key: &str) -> Result<u64> {
+async fn memory_usage(conn: &mut RedisConn, key: &str) -> Result<u64> {
     let n: Option<u64> = redis::cmd("MEMORY")
         .arg("USAGE")
         .arg(key)
@@ -426,38 +426,28 @@ async fn memory(fx: &Fixture) -> Result<Value> {
         n += 1;
     }
     let per = |x: u64| if n > 0 { x as f64 / n as f64 } else { 0.0 };
-    // Indexes: the expiry index and every user index, per entry.
-    let expiry_bytes = memory_usage(&mut conn, &keys.expiry).await?;
-    let expiry_entries: u64 = redis::cmd("ZCARD")
-        .arg(&keys.expiry)
-        .query_async(&mut conn)
-        .await?;
+    // Indexes: the expiry index and every user index, per entry; the
+    // stream; summed over the partitions.
+    let (mut expiry_bytes, mut expiry_entries) = (0u64, 0u64);
     let (mut user_bytes, mut user_entries) = (0u64, 0u64);
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, users): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}*", keys.user_prefix))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
+    let (mut stream_bytes, mut stream_entries) = (0u64, 0u64);
+    for part in keys.all() {
+        expiry_bytes += memory_usage(&mut conn, &part.expiry).await?;
+        expiry_entries += redis::cmd("ZCARD")
+            .arg(&part.expiry)
+            .query_async::<u64>(&mut conn)
             .await?;
-        for u in users {
+        for u in conn.scan_all(&format!("{}*", part.user_prefix)).await? {
             user_bytes += memory_usage(&mut conn, &u).await?;
             let c: u64 = redis::cmd("ZCARD").arg(&u).query_async(&mut conn).await?;
             user_entries += c;
         }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
+        stream_bytes += memory_usage(&mut conn, &part.stream).await?;
+        stream_entries += redis::cmd("XLEN")
+            .arg(&part.stream)
+            .query_async::<u64>(&mut conn)
+            .await?;
     }
-    let stream_bytes = memory_usage(&mut conn, &keys.stream).await?;
-    let stream_entries: u64 = redis::cmd("XLEN")
-        .arg(&keys.stream)
-        .query_async(&mut conn)
-        .await?;
     let index_per_session = ratio(expiry_bytes as f64, expiry_entries as f64)
         + ratio(user_bytes as f64, user_entries as f64);
     Ok(json!({

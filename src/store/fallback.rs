@@ -33,7 +33,7 @@ impl SessionStore {
     /// one extra Redis round trip (an `MGET`), and database work only while
     /// recovering, so random cookies never turn into database load outside
     /// recovery. A "recovering" answer is trusted for a second.
-    pub(super) async fn recovering(&self) -> bool {
+    pub(super) async fn recovering(&self, id: &SessionId) -> bool {
         // Only "recovering" is remembered: a remembered "all well" could hide
         // a loss that happened since, and log out an audited user.
         if let Ok(guard) = self.shared.recovery_checked.lock()
@@ -42,9 +42,10 @@ impl SessionStore {
         {
             return true;
         }
+        let part = self.keys.for_session(id);
         let reply: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
-            .arg(&self.keys.marker)
-            .arg(&self.keys.recovering)
+            .arg(&part.marker)
+            .arg(&part.recovering)
             .query_async(&mut self.conn.clone())
             .await;
         let state = match reply {
@@ -95,7 +96,7 @@ impl SessionStore {
         let mut conn = self.conn.clone();
         let cmd = match (s.status(), stored.expires_at) {
             (Status::Live, Some(deadline)) => {
-                let mut c = script::evalsha(&self.keys, "restore");
+                let mut c = script::evalsha(self.keys.for_session(id), "restore");
                 c.arg(id.as_str())
                     .arg(s.to_json())
                     .arg(s.version())
@@ -106,7 +107,7 @@ impl SessionStore {
             }
             (Status::Live, None) => return Ok(()),
             (status, _) => {
-                let mut c = script::evalsha(&self.keys, "retire");
+                let mut c = script::evalsha(self.keys.for_session(id), "retire");
                 c.arg(id.as_str())
                     .arg(s.version())
                     .arg(status.as_str())

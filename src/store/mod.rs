@@ -19,17 +19,17 @@ pub(crate) mod script;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use redis::AsyncCommands as _;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 
 use crate::audit::AuditSink;
 use crate::config::Config;
+use crate::conn::{ConnOptions, RedisConn};
 use crate::error::{Error, Result};
 use crate::id::{SessionId, Token};
-use crate::keys::Keys;
+use crate::keys::KeySpace;
 use crate::session::{Session, Status};
 
 pub use ops::Created;
@@ -49,8 +49,8 @@ pub use ops::Created;
 ///   in Redis from the snapshot and puts the session back into Redis.
 #[derive(Clone)]
 pub struct SessionStore {
-    conn: ConnectionManager,
-    keys: Arc<Keys>,
+    conn: RedisConn,
+    keys: Arc<KeySpace>,
     config: Arc<Config>,
     audit: Option<AuditSink>,
     shared: Arc<Shared>,
@@ -71,7 +71,7 @@ struct Shared {
 impl std::fmt::Debug for SessionStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionStore")
-            .field("redis", &self.config.redis)
+            .field("redis", &self.config.redis_redacted())
             .field("keys", &self.keys)
             .finish_non_exhaustive()
     }
@@ -80,10 +80,9 @@ impl std::fmt::Debug for SessionStore {
 impl SessionStore {
     /// Connects to the configured Redis. Fails when it cannot be reached
     /// within `REDIS_TIMEOUT_MS`.
-    #[tracing::instrument(skip_all, fields(redis = %config.redis.redacted()), err)]
+    #[tracing::instrument(skip_all, fields(redis = %config.redis_redacted()), err)]
     pub async fn connect(config: &Config) -> Result<Self> {
-        let (client, cm) = Self::client(config)?;
-        let conn = ConnectionManager::new_with_config(client, cm).await?;
+        let conn = RedisConn::connect(config, ConnOptions::store(config)).await?;
         Ok(Self::from_parts(conn, config))
     }
 
@@ -91,27 +90,14 @@ impl SessionStore {
     /// can be made while Redis is down (an app server that starts during an
     /// outage serves from the audit database with `DB_SESSION_FALLBACK`).
     pub fn connect_lazy(config: &Config) -> Result<Self> {
-        let (client, cm) = Self::client(config)?;
-        let conn = ConnectionManager::new_lazy_with_config(client, cm)?;
+        let conn = RedisConn::connect_lazy(config, ConnOptions::store(config))?;
         Ok(Self::from_parts(conn, config))
     }
 
-    fn client(config: &Config) -> Result<(redis::Client, ConnectionManagerConfig)> {
-        let client = redis::Client::open(config.redis.expose_url())?;
-        let cm = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.redis_timeout))
-            .set_response_timeout(Some(config.redis_timeout))
-            // Fail fast: while Redis is down, every command would otherwise
-            // wait out a reconnect cycle before the fallback could answer.
-            .set_number_of_retries(0)
-            .set_max_delay(Duration::from_millis(500));
-        Ok((client, cm))
-    }
-
-    fn from_parts(conn: ConnectionManager, config: &Config) -> Self {
+    fn from_parts(conn: RedisConn, config: &Config) -> Self {
         SessionStore {
             conn,
-            keys: Arc::new(Keys::new(config)),
+            keys: Arc::new(KeySpace::new(config)),
             config: Arc::new(config.clone()),
             audit: None,
             shared: Arc::new(Shared::default()),
@@ -145,14 +131,14 @@ impl SessionStore {
         &self.config
     }
 
-    /// The key layout.
-    pub fn keys(&self) -> &Keys {
+    /// The key layout: every partition's keys.
+    pub fn keys(&self) -> &KeySpace {
         &self.keys
     }
 
     /// A handle on the shared connection, for operations outside the store
     /// (the worker, the CLI's statistics).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -209,7 +195,7 @@ impl SessionStore {
             }
             Ok(None) => {
                 self.project_pending().await;
-                if self.audit.is_some() && self.recovering().await {
+                if self.audit.is_some() && self.recovering(id).await {
                     self.restore_from_audit(id).await
                 } else {
                     Ok(None)
@@ -262,60 +248,86 @@ impl SessionStore {
     }
 
     /// Live sessions of one user, oldest first.
+    /// Across partitions this reads each partition's index in turn (not one
+    /// atomic snapshot).
     pub async fn user_sessions(&self, user_id: &str) -> Result<Vec<(SessionId, Session)>> {
-        let mut conn = self.conn.clone();
-        let ids: Vec<String> = conn.zrange(self.keys.user(user_id), 0, -1).await?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
+        let mut out = Vec::new();
+        for (_, id, created, json) in self.user_index(user_id).await? {
+            if let Some(json) = json {
+                out.push((created, parse_session(&id, &json)?, id));
+            }
         }
-        let keys: Vec<String> = ids
-            .iter()
-            .map(|i| format!("{}{}", self.keys.session_prefix, i))
-            .collect();
-        let values: Vec<Option<String>> =
-            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for (id, json) in ids.into_iter().zip(values) {
-            let (Ok(sid), Some(json)) = (id.parse::<SessionId>(), json) else {
+        out.sort_by_key(|(created, _, _)| *created);
+        Ok(out.into_iter().map(|(_, s, id)| (id, s)).collect())
+    }
+
+    /// The user's index entries in every partition: partition, session id,
+    /// creation time (µs, Redis clock) and the session JSON when it is live.
+    pub(crate) async fn user_index(
+        &self,
+        user_id: &str,
+    ) -> Result<Vec<(u32, SessionId, i64, Option<String>)>> {
+        let mut conn = self.conn.clone();
+        let mut out = Vec::new();
+        for part in self.keys.all() {
+            let entries: Vec<(String, f64)> =
+                conn.zrange_withscores(part.user(user_id), 0, -1).await?;
+            if entries.is_empty() {
                 continue;
+            }
+            let ids: Vec<SessionId> = entries.iter().filter_map(|(i, _)| i.parse().ok()).collect();
+            let keys: Vec<String> = ids.iter().map(|i| part.session(i)).collect();
+            let values: Vec<Option<String>> = if keys.is_empty() {
+                Vec::new()
+            } else {
+                redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?
             };
-            let s = parse_session(&sid, &json)?;
-            out.push((sid, s));
+            let scores = entries
+                .iter()
+                .filter(|(i, _)| i.parse::<SessionId>().is_ok());
+            for ((id, json), (_, score)) in ids.into_iter().zip(values).zip(scores) {
+                out.push((part.partition, id, *score as i64, json));
+            }
         }
         Ok(out)
     }
 
     /// Counts for operators: live sessions, stream length, busiest users.
+    /// Sums over every partition.
     pub async fn stats(&self, top: usize) -> Result<Stats> {
         let mut conn = self.conn.clone();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let active: u64 = conn.zcount(&self.keys.expiry, now_ms, "+inf").await?;
-        let indexed: u64 = conn.zcard(&self.keys.expiry).await?;
-        let stream_length: u64 = conn.xlen(&self.keys.stream).await?;
-        let mut users: Vec<String> = Vec::new();
-        let pattern = format!("{}*", self.keys.user_prefix);
-        let mut iter: redis::AsyncIter<'_, String> = conn.scan_match(&pattern).await?;
-        while let Some(k) = futures::StreamExt::next(&mut iter).await {
-            users.push(k?);
+        let (mut active, mut indexed, mut stream_length) = (0u64, 0u64, 0u64);
+        let mut per_user: std::collections::BTreeMap<String, u64> = Default::default();
+        for part in self.keys.all() {
+            active += conn
+                .zcount::<_, _, _, u64>(&part.expiry, now_ms, "+inf")
+                .await?;
+            indexed += conn.zcard::<_, u64>(&part.expiry).await?;
+            stream_length += conn.xlen::<_, u64>(&part.stream).await?;
+            let users = conn.scan_all(&format!("{}*", part.user_prefix)).await?;
+            // One pipeline per partition: its keys share one slot.
+            let mut pipe = redis::pipe();
+            for u in &users {
+                pipe.zcard(u);
+            }
+            let counts: Vec<u64> = if users.is_empty() {
+                Vec::new()
+            } else {
+                pipe.query_async(&mut conn).await?
+            };
+            for (k, c) in users.iter().zip(counts) {
+                if c > 0 {
+                    *per_user
+                        .entry(k[part.user_prefix.len()..].to_owned())
+                        .or_default() += c;
+                }
+            }
         }
-        drop(iter);
-        let mut pipe = redis::pipe();
-        for u in &users {
-            pipe.zcard(u);
-        }
-        let counts: Vec<u64> = if users.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut conn).await?
-        };
-        let mut top_users: Vec<UserCount> = users
-            .iter()
-            .zip(counts)
-            .filter(|(_, c)| *c > 0)
-            .map(|(k, c)| UserCount {
-                user_id: k[self.keys.user_prefix.len()..].to_owned(),
-                sessions: c,
-            })
+        let users_with_sessions = per_user.len() as u64;
+        let mut top_users: Vec<UserCount> = per_user
+            .into_iter()
+            .map(|(user_id, sessions)| UserCount { user_id, sessions })
             .collect();
         top_users.sort_by(|a, b| b.sessions.cmp(&a.sessions).then(a.user_id.cmp(&b.user_id)));
         top_users.truncate(top);
@@ -323,7 +335,7 @@ impl SessionStore {
             active_sessions: active,
             awaiting_expiry: indexed.saturating_sub(active),
             stream_length,
-            users_with_sessions: users.len() as u64,
+            users_with_sessions,
             top_users,
         })
     }
@@ -355,15 +367,7 @@ impl SessionStore {
             if let Some(w) = policy.as_deref().and_then(eviction_warning) {
                 warnings.push(w);
             }
-            let info: redis::RedisResult<String> = redis::cmd("INFO")
-                .arg("memory")
-                .query_async(&mut conn)
-                .await;
-            used_memory = info.ok().and_then(|i| {
-                i.lines()
-                    .find_map(|l| l.strip_prefix("used_memory:"))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            });
+            used_memory = conn.used_memory().await.ok().flatten();
         }
         Health {
             healthy: reachable,

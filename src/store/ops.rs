@@ -264,9 +264,23 @@ impl SessionStore {
             )));
         }
         let user = user_id_of(&fields);
-        let mut spare = usize::from(user.is_some() && self.config.max_per_user > 0);
+        // With partitions, a user's sessions may sit in several partitions:
+        // the limit is enforced across them after the create (best effort),
+        // not inside the script, which only sees its own partition.
+        let partitioned = self.keys.partitions() > 1;
+        let script_limit = if partitioned {
+            0
+        } else {
+            self.config.max_per_user
+        };
+        let mut spare = usize::from(user.is_some() && script_limit > 0);
         loop {
-            let token = Token::generate();
+            let token = match &rotated_from {
+                // A rotation stays in the old session's partition, so that
+                // ending the old id and creating the new one is one script.
+                Some((old, _, _)) => self.token_in_partition(self.keys.partition_of(old)),
+                None => Token::generate(),
+            };
             let id = token.session_id();
             tracing::Span::current().record("session_id", tracing::field::display(&id));
             let meta = Meta::now();
@@ -287,18 +301,18 @@ impl SessionStore {
             let mut ended_old = None;
             match &rotated_from {
                 None => {
-                    inv = script::invocation(&self.keys, "create");
+                    inv = script::invocation(self.keys.for_session(&id), "create");
                     inv.arg(id.as_str())
                         .arg(&json)
                         .arg(self.ttl_ms())
                         .arg(self.tomb_ms())
                         .arg(user.as_deref().unwrap_or(""))
-                        .arg(self.config.max_per_user)
+                        .arg(script_limit)
                         .arg(created.event_id.to_string())
                         .arg(created.kind.payload_json());
                 }
                 Some((old, current, reason)) => {
-                    inv = script::invocation(&self.keys, "rotate");
+                    inv = script::invocation(self.keys.for_session(&id), "rotate");
                     let end = meta.event(
                         old,
                         current.version() + 1,
@@ -312,7 +326,7 @@ impl SessionStore {
                         .arg(self.ttl_ms())
                         .arg(self.tomb_ms())
                         .arg(user.as_deref().unwrap_or(""))
-                        .arg(self.config.max_per_user)
+                        .arg(script_limit)
                         .arg(end.event_id.to_string())
                         .arg(end.kind.payload_json())
                         .arg(created.event_id.to_string())
@@ -353,7 +367,11 @@ impl SessionStore {
                         DestroyReason::Evicted,
                     ));
                     self.sync(events).await?;
-                    return Ok(done(first_ids(&entries)));
+                    let mut evicted = first_ids(&entries);
+                    if partitioned && let Some(u) = user.as_deref() {
+                        evicted.extend(self.enforce_user_limit(u, &id).await?);
+                    }
+                    return Ok(done(evicted));
                 }
                 Ok(Reply::NeedIds(n)) => spare = n,
                 Ok(Reply::Exists) => continue,
@@ -388,7 +406,7 @@ impl SessionStore {
         meta: &Meta,
     ) -> Result<Written> {
         let json = self.checked_json(next)?;
-        let mut inv = script::invocation(&self.keys, "write");
+        let mut inv = script::invocation(self.keys.for_session(id), "write");
         inv.arg(id.as_str())
             .arg(current.version())
             .arg(&json)
@@ -635,7 +653,7 @@ impl SessionStore {
                 let meta = Meta::now();
                 let kind = EventKind::Destroyed { reason };
                 let event_id = Uuid::now_v7();
-                let mut inv = script::invocation(&self.keys, "end");
+                let mut inv = script::invocation(self.keys.for_session(id), "end");
                 inv.arg(id.as_str())
                     .arg(-1)
                     .arg("destroyed")
@@ -694,7 +712,11 @@ impl SessionStore {
     }
 
     /// Logs a user out everywhere: every live session of the user is
-    /// destroyed in one atomic step. Returns the ids that were ended.
+    /// destroyed. Returns the ids that were ended. Within one partition this
+    /// is one atomic step; with several partitions, each partition is one
+    /// atomic step and they run in turn, so a session created in a partition
+    /// already passed survives (as it would if it had been created just after
+    /// the call).
     #[tracing::instrument(skip_all, fields(user_id = user_id), err)]
     pub async fn destroy_all_for_user(
         &self,
@@ -706,20 +728,13 @@ impl SessionStore {
             if user_id.is_empty() {
                 return Err(Error::InvalidInput("empty user id".to_owned()));
             }
-            let mut spare = 4;
-            loop {
-                let meta = Meta::now();
-                let spare_ids = ids(spare);
-                let mut inv = script::invocation(&self.keys, "destroy_user");
-                inv.arg(user_id)
-                    .arg(self.tomb_ms())
-                    .arg(EventKind::Destroyed { reason }.payload_json());
-                meta.push(&mut inv);
-                inv.arg(&spare_ids);
-                let reply = match script::run(&inv, &mut self.conn.clone()).await {
-                    Err(e) if e.is_unavailable() && self.fallback_enabled() => {
-                        // Best effort, one session at a time, from the snapshots.
-                        let mut ended = Vec::new();
+            let mut ended = Vec::new();
+            for part in self.keys.all() {
+                match self.destroy_user_in(part, user_id, reason).await? {
+                    Some(ids) => ended.extend(ids),
+                    None => {
+                        // Redis unreachable: best effort, one session at a
+                        // time, from the snapshots.
                         let live = match &self.audit {
                             Some(a) => a.live_sessions_of(user_id).await?,
                             None => Vec::new(),
@@ -731,28 +746,97 @@ impl SessionStore {
                         }
                         return Ok(ended);
                     }
-                    other => other?,
-                };
-                self.project_pending().await;
-                match reply {
-                    Reply::Ok(_, entries) => {
-                        self.replicate().await?;
-                        let events = meta.composed(&entries, &spare_ids, Some(user_id), reason);
-                        self.sync(events).await?;
-                        return Ok(first_ids(&entries));
-                    }
-                    Reply::NeedIds(n) => spare = n + 4,
-                    other => {
-                        return Err(Error::Corrupt(format!(
-                            "destroy_all_for_user: unexpected reply {other:?}"
-                        )));
-                    }
                 }
             }
+            Ok(ended)
         }
         .await;
         crate::telemetry::record_operation("destroy_all_for_user", started, &result);
         result
+    }
+
+    /// Ends the user's sessions in one partition, atomically. `None` when
+    /// Redis is unreachable and the fallback should take over.
+    async fn destroy_user_in(
+        &self,
+        part: &crate::keys::Keys,
+        user_id: &str,
+        reason: DestroyReason,
+    ) -> Result<Option<Vec<SessionId>>> {
+        let mut spare = 4;
+        loop {
+            let meta = Meta::now();
+            let spare_ids = ids(spare);
+            let mut inv = script::invocation(part, "destroy_user");
+            inv.arg(user_id)
+                .arg(self.tomb_ms())
+                .arg(EventKind::Destroyed { reason }.payload_json());
+            meta.push(&mut inv);
+            inv.arg(&spare_ids);
+            let reply = match script::run(&inv, &mut self.conn.clone()).await {
+                Err(e) if e.is_unavailable() && self.fallback_enabled() => return Ok(None),
+                other => other?,
+            };
+            self.project_pending().await;
+            match reply {
+                Reply::Ok(_, entries) => {
+                    self.replicate().await?;
+                    let events = meta.composed(&entries, &spare_ids, Some(user_id), reason);
+                    self.sync(events).await?;
+                    return Ok(Some(first_ids(&entries)));
+                }
+                Reply::NeedIds(n) => spare = n + 4,
+                other => {
+                    return Err(Error::Corrupt(format!(
+                        "destroy_all_for_user: unexpected reply {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// With partitions: when the user now has more than
+    /// `SESSION_MAX_PER_USER` live sessions across them, destroys the oldest
+    /// (reason `evicted`), never `keep`. Best effort: two logins racing in
+    /// different partitions may both see the limit exceeded and both evict,
+    /// or briefly leave one session too many.
+    async fn enforce_user_limit(&self, user_id: &str, keep: &SessionId) -> Result<Vec<SessionId>> {
+        let max = self.config.max_per_user as usize;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut live: Vec<(i64, SessionId)> = self
+            .user_index(user_id)
+            .await?
+            .into_iter()
+            .filter(|(_, _, _, json)| json.is_some())
+            .map(|(_, id, created, _)| (created, id))
+            .collect();
+        if live.len() <= max {
+            return Ok(Vec::new());
+        }
+        live.sort();
+        let excess = live.len() - max;
+        let mut evicted = Vec::new();
+        for (_, id) in live.into_iter().filter(|(_, id)| id != keep) {
+            if evicted.len() == excess {
+                break;
+            }
+            if self.destroy(&id, DestroyReason::Evicted).await? {
+                evicted.push(id);
+            }
+        }
+        Ok(evicted)
+    }
+
+    /// A new token whose session id falls in partition `p`.
+    fn token_in_partition(&self, p: u32) -> Token {
+        loop {
+            let token = Token::generate();
+            if self.keys.partition_of(&token.session_id()) == p {
+                return token;
+            }
+        }
     }
 
     /// Appends the `expired` event for a session whose deadline (`deadline_ms`,
@@ -764,7 +848,7 @@ impl SessionStore {
             .ok_or_else(|| Error::Corrupt(format!("deadline {deadline_ms} out of range")))?;
         let kind = EventKind::Expired { deadline };
         let event_id = Uuid::now_v7();
-        let mut inv = script::invocation(&self.keys, "expire");
+        let mut inv = script::invocation(self.keys.for_session(id), "expire");
         inv.arg(id.as_str())
             .arg(deadline_ms)
             .arg(self.tomb_ms())

@@ -80,7 +80,7 @@ pub struct TowerSessionsStore {
 impl TowerSessionsStore {
     /// The adapter over `store`. Alias keys go to `<ns>tower:`.
     pub fn new(store: SessionStore) -> Self {
-        let alias_prefix = format!("{}tower:", store.keys().namespace);
+        let alias_prefix = format!("{}tower:", store.keys().namespace());
         TowerSessionsStore {
             store,
             alias_prefix,

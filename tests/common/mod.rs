@@ -1,6 +1,10 @@
 //! Test context: every test gets its own key namespace on the real Redis
 //! (`vtest:<uuid>:`), so tests run in parallel and never flush a shared
 //! server. The namespace's keys are deleted when the context drops.
+//!
+//! A context runs on standalone Redis or on the local Redis Cluster that
+//! `scripts/cluster.sh start` brings up (`VEDFOLNIR_TEST_CLUSTER_NODES`,
+//! default `127.0.0.1:7100..7105`); `on_both_topologies!` runs a test on both.
 #![allow(dead_code, unreachable_pub)]
 
 #[macro_use]
@@ -11,18 +15,63 @@ use std::time::Duration;
 
 use redis::AsyncCommands as _;
 use vedfolnir_sessions::config::RedisTarget;
+use vedfolnir_sessions::conn::{ConnOptions, RedisConn};
 use vedfolnir_sessions::{Config, SessionId, SessionStore};
+
+/// Runs each named `async fn name(topology: Topology)` as two tests, one on
+/// standalone Redis and one on the cluster.
+macro_rules! on_both_topologies {
+    ($($name:ident),* $(,)?) => {
+        mod standalone {
+            use super::*;
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Topology::Standalone).await } )*
+        }
+        mod cluster {
+            use super::*;
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Topology::Cluster).await } )*
+        }
+    };
+}
 
 /// The Redis the tests use (`TEST_REDIS_URL`, default the local one).
 pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_owned())
 }
 
+/// The local cluster's seed nodes.
+pub fn cluster_nodes() -> Vec<RedisTarget> {
+    let list = std::env::var("VEDFOLNIR_TEST_CLUSTER_NODES").unwrap_or_else(|_| {
+        (7100..7106)
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    list.split(',')
+        .filter(|n| !n.trim().is_empty())
+        .map(|n| {
+            let n = n.trim();
+            let url = if n.contains("://") {
+                n.to_owned()
+            } else {
+                format!("redis://{n}")
+            };
+            RedisTarget::parse("VEDFOLNIR_TEST_CLUSTER_NODES", &url).expect("cluster node")
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    Standalone,
+    Cluster,
+}
+
 pub struct TestContext {
     pub namespace: String,
     pub config: Config,
     pub store: SessionStore,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: RedisConn,
+    pub topology: Topology,
 }
 
 impl TestContext {
@@ -31,17 +80,30 @@ impl TestContext {
     }
 
     pub async fn with(tweak: impl FnOnce(Config) -> Config) -> Self {
+        Self::on_with(Topology::Standalone, tweak).await
+    }
+
+    pub async fn on(topology: Topology) -> Self {
+        Self::on_with(topology, |c| c).await
+    }
+
+    pub async fn on_with(topology: Topology, tweak: impl FnOnce(Config) -> Config) -> Self {
         let namespace = format!("vtest:{}:", uuid::Uuid::new_v4().simple());
-        let config = tweak(
-            Config::default()
-                .with_redis(RedisTarget::parse("REDIS_URL", &redis_url()).expect("test redis url"))
-                .with_namespace(&namespace),
-        );
-        let store = SessionStore::connect(&config)
-            .await
-            .expect("connect to redis");
-        let client = redis::Client::open(redis_url()).expect("client");
-        let redis = redis::aio::ConnectionManager::new(client)
+        let base = Config::default()
+            .with_redis(RedisTarget::parse("REDIS_URL", &redis_url()).expect("test redis url"))
+            .with_namespace(&namespace);
+        let base = match topology {
+            Topology::Standalone => base,
+            Topology::Cluster => base.with_cluster(cluster_nodes(), 16),
+        };
+        let config = tweak(base);
+        let store = SessionStore::connect(&config).await.unwrap_or_else(|e| {
+            panic!(
+                "connect to redis ({topology:?}): {e}; the cluster comes from \
+                 `bash scripts/cluster.sh start`"
+            )
+        });
+        let redis = RedisConn::connect(&config, ConnOptions::store(&config))
             .await
             .expect("connect");
         TestContext {
@@ -49,6 +111,7 @@ impl TestContext {
             config,
             store,
             redis,
+            topology,
         }
     }
 
@@ -57,21 +120,18 @@ impl TestContext {
         SessionStore::connect(&self.config).await.expect("connect")
     }
 
-    pub fn conn(&self) -> redis::aio::ConnectionManager {
+    pub fn conn(&self) -> RedisConn {
         self.redis.clone()
     }
 
-    /// Every stream entry of the namespace, as field maps, in stream order.
+    /// Every stream entry of the namespace, as field maps, in stream order
+    /// (partition after partition).
     pub async fn stream(&self) -> Vec<HashMap<String, String>> {
-        let reply: redis::streams::StreamRangeReply = self
-            .conn()
-            .xrange_all(&self.config.event_stream)
-            .await
-            .expect("xrange");
-        reply
-            .ids
-            .into_iter()
-            .map(|e| {
+        let mut out = Vec::new();
+        for part in self.store.keys().all() {
+            let reply: redis::streams::StreamRangeReply =
+                self.conn().xrange_all(&part.stream).await.expect("xrange");
+            out.extend(reply.ids.into_iter().map(|e| {
                 e.map
                     .into_iter()
                     .map(|(k, v)| {
@@ -79,8 +139,9 @@ impl TestContext {
                         (k, s)
                     })
                     .collect()
-            })
-            .collect()
+            }));
+        }
+        out
     }
 
     /// The stream entries of one session, in stream order.
@@ -93,28 +154,32 @@ impl TestContext {
     }
 
     pub async fn stream_len(&self) -> u64 {
-        self.conn()
-            .xlen(&self.config.event_stream)
-            .await
-            .expect("xlen")
+        let mut n = 0;
+        for part in self.store.keys().all() {
+            n += self
+                .conn()
+                .xlen::<_, u64>(&part.stream)
+                .await
+                .expect("xlen");
+        }
+        n
     }
 
-    /// All keys of the namespace.
+    /// All keys of the namespace (on every primary of a cluster).
     pub async fn keys(&self) -> Vec<String> {
-        let mut conn = self.conn();
-        let mut out = Vec::new();
-        let mut it: redis::AsyncIter<'_, String> = conn
-            .scan_match(format!("{}*", self.namespace))
+        self.conn()
+            .scan_all(&format!("{}*", self.namespace))
             .await
-            .expect("scan");
-        while let Some(k) = futures::StreamExt::next(&mut it).await {
-            out.push(k.expect("key"));
-        }
-        out
+            .expect("scan")
     }
 
     pub fn session_key(&self, id: &SessionId) -> String {
-        format!("{}{}", self.config.session_prefix, id)
+        self.store.keys().session(id)
+    }
+
+    /// The expiry index of a session's partition.
+    pub fn expiry_key(&self, id: &SessionId) -> String {
+        self.store.keys().for_session(id).expiry.clone()
     }
 
     /// Waits (bounded) until `cond` holds; panics with `what` otherwise.
@@ -139,7 +204,31 @@ impl TestContext {
 
 impl Drop for TestContext {
     fn drop(&mut self) {
-        delete_namespace(&self.namespace);
+        match self.topology {
+            Topology::Standalone => delete_namespace(&self.namespace),
+            Topology::Cluster => delete_cluster_namespace(&self.namespace),
+        }
+    }
+}
+
+/// Best effort: removes a test namespace's keys from every node of the
+/// cluster, one key at a time (a multi-key command may not cross slots).
+pub fn delete_cluster_namespace(namespace: &str) {
+    for node in cluster_nodes() {
+        let Ok(client) = redis::Client::open(node.expose_url()) else {
+            continue;
+        };
+        let Ok(mut conn) = client.get_connection() else {
+            continue;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{namespace}*"))
+            .query(&mut conn)
+            .unwrap_or_default();
+        for k in keys {
+            // A replica refuses (READONLY); its primary deletes the key.
+            let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(k).query(&mut conn);
+        }
     }
 }
 

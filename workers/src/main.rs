@@ -53,6 +53,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let consumer = ConsumerConfig::from_env()?;
     let reaper = ReaperConfig::from_env()?;
+    let lease_ttl = vedfolnir_sessions::lease::lease_ttl_from_lookup(|k| std::env::var(k).ok())?;
     let parts = match args.only {
         None => Parts::Both,
         Some(Only::Audit) => Parts::Audit,
@@ -79,7 +80,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         #[allow(clippy::exit)]
         std::process::exit(1);
     });
-    let result = worker::run(&config, parts, consumer, reaper, shutdown)
+    let result = worker::run(&config, parts, consumer, reaper, lease_ttl, shutdown)
         .await
         .context("worker failed");
     telemetry.shutdown();

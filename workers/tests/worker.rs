@@ -104,7 +104,8 @@ impl Worker {
             // database is compared with.
             .env("AUDIT_STREAM_RETENTION_SECS", "600")
             .env("AUDIT_DB_RETRY_MAX_MS", "200")
-            .env("REAPER_INTERVAL_MS", "200");
+            .env("REAPER_INTERVAL_MS", "200")
+            .env("WORKER_LEASE_MS", "600");
         for (k, v) in extra {
             cmd.env(k, v);
         }
