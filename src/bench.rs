@@ -224,26 +224,14 @@ fn namespace() -> String {
 
 /// Deletes every key of a namespace; returns how many there were.
 async fn delete_namespace(conn: &mut crate::conn::RedisConn, ns: &str) -> Result<u64> {
-    let mut cursor: u64 = 0;
+    let keys = conn.scan_all(&format!("{ns}*")).await?;
     let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{ns}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
-            deleted += n;
-        }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
+    // On a cluster, redis-rs splits a multi-key UNLINK by slot.
+    for chunk in keys.chunks(1000) {
+        let n: u64 = redis::cmd("UNLINK").arg(chunk).query_async(conn).await?;
+        deleted += n;
     }
+    Ok(deleted)
 }
 
 /// The machine a figure was measured on.

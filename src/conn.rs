@@ -13,7 +13,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::Config;
@@ -173,6 +173,30 @@ impl RedisConn {
 }
 
 impl RedisConn {
+    /// `WAIT replicas timeout_ms` on the server that holds `key`: this
+    /// connection's server, or on a cluster the primary of `key`'s slot (its
+    /// connection carried the writes to wait for). Returns how many replicas
+    /// acknowledged.
+    pub async fn wait_replicas(
+        &mut self,
+        key: &str,
+        replicas: u32,
+        timeout_ms: u64,
+    ) -> Result<u32> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout_ms);
+        match self {
+            RedisConn::Standalone(c) => Ok(cmd.query_async(c).await?),
+            RedisConn::Cluster(c) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(key, SlotAddr::Master),
+                ));
+                let v = c.route_command(cmd, route).await?;
+                Ok(redis::from_redis_value(v).map_err(redis::RedisError::from)?)
+            }
+        }
+    }
+
     /// `used_memory` from `INFO memory`, summed over the primaries of a
     /// cluster.
     pub async fn used_memory(&mut self) -> Result<Option<u64>> {

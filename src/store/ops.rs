@@ -20,6 +20,7 @@ use crate::audit::sink::FallbackOutcome;
 use crate::error::{Error, Result};
 use crate::event::{DestroyReason, Event, EventKind, Platform, SCHEMA_VERSION};
 use crate::id::{SessionId, Token};
+use crate::keys::Keys;
 use crate::session::{Changes, NewSession, Session, user_id_of};
 use crate::time::Timestamp;
 
@@ -196,16 +197,21 @@ impl SessionStore {
     /// With `REDIS_WAIT_REPLICAS`: waits until that many replicas have the
     /// writes of this connection. `WAIT` holds the shared connection while it
     /// waits, so every command behind it waits too: the price of not losing
-    /// an acknowledged write to a failover.
-    async fn replicate(&self) -> Result<()> {
+    /// an acknowledged write to a failover. On a cluster it waits on the
+    /// primary of the partition written (`part`).
+    async fn replicate(&self, part: &Keys) -> Result<()> {
         let wanted = self.config.wait_replicas;
         if wanted == 0 {
             return Ok(());
         }
-        let acknowledged: u32 = redis::cmd("WAIT")
-            .arg(wanted)
-            .arg(self.config.wait_timeout.as_millis() as u64)
-            .query_async(&mut self.conn.clone())
+        let acknowledged = self
+            .conn
+            .clone()
+            .wait_replicas(
+                &part.stream,
+                wanted,
+                self.config.wait_timeout.as_millis() as u64,
+            )
             .await?;
         if acknowledged < wanted {
             return Err(Error::NotReplicated {
@@ -220,13 +226,14 @@ impl SessionStore {
     /// on, appends `fallback` to the audit database instead.
     async fn run_or_fallback(
         &self,
+        part: &Keys,
         inv: &redis::ScriptInvocation<'_>,
         fallback: &[(u64, Event)],
     ) -> Result<std::result::Result<Reply, FallbackOutcome>> {
         match script::run(inv, &mut self.conn.clone()).await {
             Ok(r) => {
                 if matches!(r, Reply::Ok(..)) {
-                    self.replicate().await?;
+                    self.replicate(part).await?;
                 }
                 self.project_pending().await;
                 Ok(Ok(r))
@@ -344,7 +351,10 @@ impl SessionStore {
                 session: session.clone(),
                 evicted,
             };
-            match self.run_or_fallback(&inv, &fallback).await? {
+            match self
+                .run_or_fallback(self.keys.for_session(&id), &inv, &fallback)
+                .await?
+            {
                 Ok(Reply::Ok(xid, extra)) => {
                     let (entries, mut events) = match ended_old {
                         None => (extra, Vec::new()),
@@ -419,7 +429,11 @@ impl SessionStore {
         meta.push(&mut inv);
         Ok(
             match self
-                .run_or_fallback(&inv, &[(current.version(), event.clone())])
+                .run_or_fallback(
+                    self.keys.for_session(id),
+                    &inv,
+                    &[(current.version(), event.clone())],
+                )
                 .await?
             {
                 Ok(Reply::Ok(xid, _)) => Written::Redis(xid),
@@ -688,7 +702,7 @@ impl SessionStore {
                 self.project_pending().await;
                 return match reply {
                     Reply::Ok(xid, extra) => {
-                        self.replicate().await?;
+                        self.replicate(self.keys.for_session(id)).await?;
                         let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
                         let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
                         let event = meta.event_with_id(event_id, id, seq, user, kind);
@@ -759,7 +773,7 @@ impl SessionStore {
     /// Redis is unreachable and the fallback should take over.
     async fn destroy_user_in(
         &self,
-        part: &crate::keys::Keys,
+        part: &Keys,
         user_id: &str,
         reason: DestroyReason,
     ) -> Result<Option<Vec<SessionId>>> {
@@ -780,7 +794,7 @@ impl SessionStore {
             self.project_pending().await;
             match reply {
                 Reply::Ok(_, entries) => {
-                    self.replicate().await?;
+                    self.replicate(part).await?;
                     let events = meta.composed(&entries, &spare_ids, Some(user_id), reason);
                     self.sync(events).await?;
                     return Ok(Some(first_ids(&entries)));

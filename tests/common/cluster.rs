@@ -242,6 +242,25 @@ impl PrivateCluster {
         }
     }
 
+    /// Starts a killed node again, on its ports and with its node file: it
+    /// rejoins as a replica of the primary that took its slots over. Waits
+    /// until every replica is in sync.
+    pub async fn restart(&mut self, address: &str) {
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.address() == address && n.child.is_none())
+            .unwrap_or_else(|| panic!("{address} is not a killed node of this cluster"));
+        let (port, bus_port) = (self.nodes[index].port, self.nodes[index].bus_port);
+        let child = spawn_and_wait(&self.dir.join(index.to_string()), port, bus_port)
+            .await
+            .unwrap_or_else(|e| panic!("restart {address}: {e}"));
+        self.nodes[index].child = Some(child);
+        self.killed.retain(|k| k.shard.primary != address);
+        self.settle("the restarted node to rejoin as a replica")
+            .await;
+    }
+
     async fn settled(&self) -> Result<(), String> {
         let alive = self.alive();
         let mut replicas = 0;

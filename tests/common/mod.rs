@@ -20,6 +20,7 @@ use vedfolnir_sessions::{Config, SessionId, SessionStore};
 
 /// Runs each named `async fn name(topology: Topology)` as two tests, one on
 /// standalone Redis and one on the cluster.
+#[allow(unused_macros)]
 macro_rules! on_both_topologies {
     ($($name:ident),* $(,)?) => {
         mod standalone {
