@@ -96,6 +96,11 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Store suite: also run it on this Redis Cluster (seed nodes,
+    /// `host:port,…`, 16 partitions) after the configured Redis, in the same
+    /// run, and report both.
+    #[arg(long, value_name = "NODES")]
+    pub also_cluster: Option<String>,
     /// Audit database URL (audit, replay and sync suites); repeatable.
     /// Default: a temporary SQLite file and a fresh PostgreSQL database on
     /// `--pg-server`, both removed at the end. A database given here is
@@ -179,7 +184,27 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<crate::cli::Output> 
     args.validate()?;
     let load_before = load_average();
     let mut report = match args.suite {
-        Suite::Store => store::run(&args, config).await?,
+        Suite::Store => match &args.also_cluster {
+            None => store::run(&args, config).await?,
+            Some(nodes) => {
+                let nodes = crate::config::parse_cluster_nodes(nodes)?;
+                let standalone = store::run(&args, config.clone()).await?;
+                let on_cluster = config.with_cluster(nodes, 16);
+                progress(Suite::Store, "again on the cluster");
+                let cluster = store::run(&args, on_cluster).await?;
+                Report {
+                    text: format!(
+                        "== standalone Redis\n{}\n== Redis Cluster (16 partitions)\n{}",
+                        standalone.text, cluster.text
+                    ),
+                    json: json!({
+                        "machine": standalone.json.get("machine").cloned().unwrap_or(Value::Null),
+                        "standalone": standalone.json,
+                        "cluster": cluster.json,
+                    }),
+                }
+            }
+        },
         Suite::Audit => audit::run(&args, config).await?,
         Suite::Replay => replay::run(&args, config).await?,
         Suite::Sync => sync::run(&args, config).await?,

@@ -462,6 +462,16 @@ impl Config {
     }
 }
 
+/// A comma-separated list of cluster seed nodes (`host:port` or URLs), as in
+/// `REDIS_CLUSTER_NODES`.
+pub fn parse_cluster_nodes(list: &str) -> Result<Vec<RedisTarget>, ConfigError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| cluster_node(n, false, None))
+        .collect()
+}
+
 /// One seed node of `REDIS_CLUSTER_NODES`: a URL, or `host:port`.
 fn cluster_node(text: &str, ssl: bool, password: Option<&str>) -> Result<RedisTarget, ConfigError> {
     let var = "REDIS_CLUSTER_NODES";
