@@ -32,6 +32,8 @@ fn consumer() -> ConsumerConfig {
         block: Duration::from_millis(100),
         claim_idle: Duration::from_millis(300),
         retry_max: Duration::from_millis(200),
+        // Trim everything acknowledged: the tests check the streams shrink.
+        retention: Duration::ZERO,
         ..ConsumerConfig::default()
     }
 }
@@ -181,7 +183,17 @@ async fn the_worker_audits_and_reaps_every_partition_exactly_once() {
     let mut config = ctx.config.clone();
     config.database_url = tdb.url.clone();
     let (token, handle) = start_worker(&config);
-    let (sessions, updates) = (40, 5);
+    // A malformed entry in one partition's stream: a dead letter naming it.
+    let poisoned = ctx.store.keys().part(5).stream.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(&poisoned)
+        .arg("*")
+        .arg("garbage")
+        .arg("1")
+        .query_async(&mut ctx.conn())
+        .await
+        .expect("xadd");
+    let (sessions, updates) = (320, 5);
     let mut ids = Vec::new();
     for i in 0..sessions {
         let c = ctx
@@ -201,7 +213,7 @@ async fn the_worker_audits_and_reaps_every_partition_exactly_once() {
         .iter()
         .map(|i| ctx.store.keys().partition_of(&i.parse().expect("id")))
         .collect();
-    assert!(partitions.len() > 8, "the sessions spread: {partitions:?}");
+    assert_eq!(partitions.len(), 16, "the sessions spread: {partitions:?}");
     // Every session is audited, then idles out: one `expired` each.
     let per_session = 1 + updates as i64 + 1;
     ctx.eventually(
@@ -210,12 +222,32 @@ async fn the_worker_audits_and_reaps_every_partition_exactly_once() {
         || async { audited(&tdb.db).await.len() as i64 >= sessions as i64 * per_session },
     )
     .await;
+    // Each partition's stream is trimmed below what its group acknowledged
+    // (approximately: whole stream nodes of 100 entries go).
+    let total = sessions as u64 * per_session as u64;
+    ctx.eventually("the streams trimmed", Duration::from_secs(30), || async {
+        ctx.stream_len().await < total / 2
+    })
+    .await;
     token.cancel();
     handle.await.expect("worker task");
     let rows = audited(&tdb.db).await;
     let distinct: HashSet<(String, i64)> = rows.iter().map(|(s, q, _)| (s.clone(), *q)).collect();
     assert_eq!(rows.len(), distinct.len(), "no event twice");
     assert_eq!(rows.len() as i64, sessions as i64 * per_session);
+    let dead = tdb
+        .db
+        .query_all_raw(Statement::from_string(
+            tdb.db.get_database_backend(),
+            "SELECT stream FROM dead_letters",
+        ))
+        .await
+        .expect("dead letters");
+    let streams: Vec<String> = dead
+        .iter()
+        .map(|r| r.try_get("", "stream").expect("stream"))
+        .collect();
+    assert_eq!(streams, [poisoned], "one dead letter, in its partition's stream");
     for id in &ids {
         let mut seqs: Vec<(i64, &str)> = rows
             .iter()

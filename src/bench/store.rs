@@ -372,21 +372,29 @@ async fn fill_pool(
             Ok(r) => r?,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
+        // One pipeline on standalone Redis; on a cluster the plain keys fall
+        // in many slots, and a pipeline may not cross slots.
         let mut pipe = redis::pipe();
         for (id, session) in created {
             let key = format!("{plain_prefix}{id}");
             let fields = session.data().clone();
-            pipe.cmd("SET")
-                .arg(&key)
+            let mut set = redis::cmd("SET");
+            set.arg(&key)
                 .arg(Value::Object(fields.clone()).to_string())
                 .arg("PX")
-                .arg(ttl_ms)
-                .ignore();
+                .arg(ttl_ms);
+            if conn.is_cluster() {
+                let _: () = set.query_async(&mut conn).await?;
+            } else {
+                pipe.add_command(set).ignore();
+            }
             pool.push(id);
             keys.push(key);
             data.push(fields);
         }
-        let _: () = pipe.query_async(&mut conn).await?;
+        if !conn.is_cluster() {
+            let _: () = pipe.query_async(&mut conn).await?;
+        }
     }
     Ok((pool, keys, data))
 }
