@@ -427,12 +427,98 @@ async fn idle_sessions_expire_exactly_once(backend: Backend) {
     );
 }
 
+/// Batches far larger than one PostgreSQL request (16 KiB) are split by
+/// bytes, and a single event larger than that goes alone; every event still
+/// lands once, a redelivered batch adds nothing, and an event that claims a
+/// taken `(session_id, seq)` inside such a batch becomes a dead letter.
+async fn large_batches_land_exactly_once(backend: Backend) {
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(backend).await;
+    let mut c = consumer(&ctx, &db, consumer_config()).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let s = ctx
+            .store
+            .create(NewSession::for_user(n, format!("u{n}")))
+            .await
+            .expect("create");
+        for m in 0..5 {
+            // 1.5 KiB per change: 100 events of 200 KiB, snapshots up to 8 KiB.
+            let value = format!("{n}-{m}-{}", "x".repeat(1500));
+            ctx.store
+                .update(
+                    &s.session_id,
+                    Changes::new().with_set(format!("k{m}"), value),
+                )
+                .await
+                .expect("update");
+        }
+        ids.push(s.session_id);
+    }
+    // One event alone over the bound.
+    ctx.store
+        .update(&ids[0], Changes::new().with_set("big", "y".repeat(40_000)))
+        .await
+        .expect("big update");
+    drain(&mut c).await;
+    let stream_events = ctx.stream().await.len() as u64;
+    assert_eq!(stream_events, 20 * 6 + 1);
+    assert_eq!(event_count(&db).await, stream_events);
+    assert_eq!(c.totals().inserted, stream_events);
+    for id in &ids {
+        let seqs = seqs_of(&db, id).await;
+        let n = seqs.len() as i64;
+        assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "seq contiguous for {id}");
+        let snap = snapshot(&db, id).await.expect("snapshot");
+        assert_eq!(snap.seq, n);
+        let live = ctx.store.get(id).await.expect("get").expect("live");
+        assert_eq!(snap.state, live.to_json(), "snapshot equals Redis for {id}");
+    }
+    // The whole history again, with one impostor for a taken place.
+    let sink = AuditSink::new(
+        db.db.clone(),
+        ctx.config.session_timeout,
+        ctx.config.event_stream.clone(),
+    );
+    let rows = session_events::Entity::find()
+        .order_by_asc(session_events::Column::Id)
+        .all(&db.db)
+        .await
+        .expect("rows");
+    let mut batch: Vec<_> = rows
+        .iter()
+        .map(|r| vedfolnir_sessions::audit::sink::incoming_from_row(r).expect("row"))
+        .collect();
+    let mut impostor = batch[3].clone();
+    impostor.event.event_id = uuid::Uuid::now_v7();
+    impostor.stream_id = Some("1-1".to_owned());
+    batch.insert(50, impostor);
+    let out = sink.write(&batch, &[]).await.expect("redelivery");
+    assert_eq!(out.inserted, 0);
+    assert_eq!(out.duplicates, stream_events);
+    assert_eq!(out.seq_conflicts, 1);
+    assert_eq!(out.dead_letters, 1);
+    assert_eq!(out.snapshots, 0, "snapshots only move forward");
+    assert_eq!(event_count(&db).await, stream_events);
+    let dead = dead_letters::Entity::find()
+        .all(&db.db)
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.contains("already held"),
+        "{}",
+        dead[0].reason
+    );
+}
+
 on_both_backends!(
     every_event_exactly_once,
     malformed_entries_become_dead_letters,
     two_consumers_share_the_work,
     the_stream_stays_bounded,
     idle_sessions_expire_exactly_once,
+    large_batches_land_exactly_once,
 );
 
 /// A database that is up but refuses for its own state (here: a lock it

@@ -7,6 +7,9 @@
 //! (`XAUTOCLAIM`). Then read new entries in batches (`XREADGROUP … COUNT n
 //! BLOCK t`) on a connection of its own whose response timeout is longer than
 //! the block, and claim idle entries again every `AUDIT_CLAIM_IDLE_MS`.
+//! While a full batch commits, the next one is read without blocking, so
+//! Redis and the database work at the same time during a backlog; that batch
+//! is written and acknowledged after the first, and finished on shutdown.
 //!
 //! Each batch is decoded; entries that cannot be decoded, and entries
 //! delivered more than `AUDIT_MAX_DELIVERIES` times, become dead letters. The
@@ -161,6 +164,9 @@ pub struct AuditConsumer {
     cfg: ConsumerConfig,
     totals: ConsumerTotals,
     last_claim: Option<Instant>,
+    /// New entries read while the previous batch was committing: delivered
+    /// to this consumer (pending), not yet written or acknowledged.
+    ahead: Option<Vec<StreamId>>,
 }
 
 /// Where a batch came from; decides how delivery counts are known.
@@ -198,6 +204,7 @@ impl AuditConsumer {
             cfg,
             totals: ConsumerTotals::default(),
             last_claim: None,
+            ahead: None,
         })
     }
 
@@ -244,6 +251,12 @@ impl AuditConsumer {
                 }
             }
         }
+        // Entries read ahead are in hand too: finish them before returning.
+        if let Some(entries) = self.ahead.take()
+            && let Err(e) = self.process(entries, Origin::New, &shutdown).await
+        {
+            tracing::warn!(err = %e, "the batch read ahead was left pending");
+        }
         tracing::info!(acked = self.totals.acked, "audit consumer stopped");
         Ok(self.totals)
     }
@@ -251,10 +264,10 @@ impl AuditConsumer {
     /// One unit of work: claim idle entries when due, otherwise read and
     /// process one batch. Returns the number of entries acknowledged.
     pub async fn step(&mut self, shutdown: &CancellationToken) -> Result<usize> {
-        let claim_due = self
-            .last_claim
-            .is_none_or(|t| t.elapsed() >= self.cfg.claim_idle.max(Duration::from_millis(100)));
-        if claim_due {
+        if let Some(entries) = self.ahead.take() {
+            return self.process(entries, Origin::New, shutdown).await;
+        }
+        if self.claim_due() {
             let n = self.recover(shutdown).await?;
             self.last_claim = Some(Instant::now());
             if n > 0 {
@@ -331,7 +344,20 @@ impl AuditConsumer {
         Ok(total)
     }
 
+    fn claim_due(&self) -> bool {
+        self.last_claim
+            .is_none_or(|t| t.elapsed() >= self.cfg.claim_idle.max(Duration::from_millis(100)))
+    }
+
     async fn read(&mut self, id: &str, block: bool) -> redis::RedisResult<Vec<StreamId>> {
+        let reply: Option<StreamReadReply> = self
+            .read_cmd(id, block)
+            .query_async(&mut self.redis)
+            .await?;
+        Ok(entries_of(reply))
+    }
+
+    fn read_cmd(&self, id: &str, block: bool) -> redis::Cmd {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.cfg.group)
@@ -342,10 +368,7 @@ impl AuditConsumer {
             cmd.arg("BLOCK").arg(self.cfg.block.as_millis() as u64);
         }
         cmd.arg("STREAMS").arg(&self.stream).arg(id);
-        let reply: Option<StreamReadReply> = cmd.query_async(&mut self.redis).await?;
-        Ok(reply
-            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-            .unwrap_or_default())
+        cmd
     }
 
     /// Delivery counts of pending entries of this consumer.
@@ -416,10 +439,44 @@ impl AuditConsumer {
             }
         }
         let started = Instant::now();
-        let outcome = self
-            .commit(&batch, &dead, shutdown)
-            .instrument(span.clone())
-            .await?;
+        // A full batch of new entries means a backlog: read the next batch
+        // (without blocking, on a clone of the same multiplexed connection)
+        // while this one commits. The entries read ahead are only pending;
+        // they are written and acknowledged by the next step, after this
+        // batch, so nothing is acknowledged before its commit and batches
+        // still commit in stream order. Not when a claim is due, so that
+        // recovery gets its turn, nor after shutdown.
+        let read_ahead = (origin == Origin::New
+            && ids.len() >= self.cfg.batch
+            && !self.claim_due()
+            && !shutdown.is_cancelled())
+        .then(|| {
+            let cmd = self.read_cmd(">", false);
+            let mut redis = self.redis.clone();
+            async move {
+                cmd.query_async::<Option<StreamReadReply>>(&mut redis)
+                    .await
+                    .map(entries_of)
+            }
+        });
+        let (outcome, ahead) = tokio::join!(
+            self.commit(&batch, &dead, shutdown)
+                .instrument(span.clone()),
+            async {
+                match read_ahead {
+                    Some(read) => Some(read.await),
+                    None => None,
+                }
+            }
+        );
+        match ahead {
+            Some(Ok(entries)) if !entries.is_empty() => self.ahead = Some(entries),
+            // Entries a failed read may have delivered stay pending and are
+            // recovered like any other.
+            Some(Err(e)) => tracing::debug!(err = %e, "reading ahead failed"),
+            _ => {}
+        }
+        let outcome = outcome?;
         let acked: u64 = self
             .redis
             .xack(&self.stream, &self.cfg.group, &ids)
@@ -632,6 +689,12 @@ pub fn is_data_error(e: &crate::error::Error) -> bool {
         }
         _ => false,
     }
+}
+
+fn entries_of(reply: Option<StreamReadReply>) -> Vec<StreamId> {
+    reply
+        .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+        .unwrap_or_default()
 }
 
 fn is_nogroup(e: &RedisError) -> bool {

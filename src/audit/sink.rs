@@ -3,8 +3,7 @@
 //! [`AuditSink::write`] takes a batch of decoded events (and the dead letters
 //! found while decoding it) and, in one transaction:
 //!
-//! 1. inserts the events in multi-row statements, chunked under the
-//!    bind-parameter limits, skipping rows whose `event_id` is already there
+//! 1. inserts the events, skipping rows whose `event_id` is already there
 //!    (redelivery) — `ON CONFLICT DO NOTHING`;
 //! 2. finds events that were skipped because *another* event already holds
 //!    their `(session_id, seq)` and records them as dead letters, so neither
@@ -15,6 +14,13 @@
 //! 4. inserts the dead letters.
 //!
 //! The caller acknowledges the stream entries only after this commits.
+//!
+//! On PostgreSQL, steps 1–3 use constant statements over binary arrays
+//! (`INSERT … SELECT … FROM unnest(…) … RETURNING event_id`), each request
+//! kept under 16 KiB so that no part of it waits for a delayed ACK; only the
+//! events the insert did not return are looked up again (see
+//! [`postgres`](self::postgres) for why, and what the bound costs). SQLite
+//! uses multi-row `INSERT`s chunked under its bind-parameter limit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -22,12 +28,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Alias, Expr, OnConflict};
 use sea_orm::{
-    ColumnTrait as _, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait as _,
-    ExprTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, Set,
+    ColumnTrait as _, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
+    EntityTrait as _, ExprTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, Set,
     TransactionTrait as _,
 };
 use serde_json::{Map, Value};
 use uuid::Uuid;
+
+mod postgres;
 
 use super::entity::session_events::EventSource;
 use super::entity::session_snapshots::SnapshotStatus;
@@ -131,27 +139,51 @@ impl AuditSink {
             .iter()
             .filter(|i| seen.insert(i.event.event_id))
             .collect();
-        for chunk in batch.chunks(CHUNK) {
-            let rows = chunk.iter().map(|i| event_row(i, recorded_at));
-            let n = session_events::Entity::insert_many(rows)
-                .on_conflict(OnConflict::new().do_nothing().to_owned())
-                .exec_without_returning(txn)
-                .await?;
-            out.inserted += n;
-        }
-        // Which events are now in the table, under which event id per place?
-        let mut present: HashSet<Uuid> = HashSet::new();
-        for chunk in batch.chunks(CHUNK) {
-            let ids: Vec<Uuid> = chunk.iter().map(|i| i.event.event_id).collect();
-            let found: Vec<Uuid> = session_events::Entity::find()
-                .select_only()
-                .column(session_events::Column::EventId)
-                .filter(session_events::Column::EventId.is_in(ids))
-                .into_tuple()
-                .all(txn)
-                .await?;
-            present.extend(found);
-        }
+        let present = match txn.get_database_backend() {
+            DbBackend::Postgres => {
+                let rows: Vec<(&Incoming, String)> = batch
+                    .iter()
+                    .map(|i| (*i, i.event.kind.payload_json()))
+                    .collect();
+                let mut present = postgres::insert_events(txn, &rows, recorded_at).await?;
+                out.inserted = present.len() as u64;
+                // Only rows that were not inserted can be redeliveries or
+                // seq conflicts; tell them apart by their event id.
+                let skipped: Vec<Uuid> = batch
+                    .iter()
+                    .map(|i| i.event.event_id)
+                    .filter(|id| !present.contains(id))
+                    .collect();
+                if !skipped.is_empty() {
+                    present.extend(postgres::present_event_ids(txn, &skipped).await?);
+                }
+                present
+            }
+            _ => {
+                for chunk in batch.chunks(CHUNK) {
+                    let rows = chunk.iter().map(|i| event_row(i, recorded_at));
+                    let n = session_events::Entity::insert_many(rows)
+                        .on_conflict(OnConflict::new().do_nothing().to_owned())
+                        .exec_without_returning(txn)
+                        .await?;
+                    out.inserted += n;
+                }
+                // Which events are now in the table, under which event id per place?
+                let mut present: HashSet<Uuid> = HashSet::new();
+                for chunk in batch.chunks(CHUNK) {
+                    let ids: Vec<Uuid> = chunk.iter().map(|i| i.event.event_id).collect();
+                    let found: Vec<Uuid> = session_events::Entity::find()
+                        .select_only()
+                        .column(session_events::Column::EventId)
+                        .filter(session_events::Column::EventId.is_in(ids))
+                        .into_tuple()
+                        .all(txn)
+                        .await?;
+                    present.extend(found);
+                }
+                present
+            }
+        };
         let mut dead: Vec<DeadLetter> = dead.to_vec();
         let mut accepted: Vec<&Incoming> = Vec::with_capacity(batch.len());
         for i in &batch {
@@ -208,32 +240,39 @@ impl AuditSink {
                 .or_default()
                 .push(i);
         }
-        let mut snapshots: HashMap<String, session_snapshots::Model> = HashMap::new();
         let ids: Vec<&str> = by_session.keys().copied().collect();
-        for chunk in ids.chunks(CHUNK) {
-            let rows = session_snapshots::Entity::find()
-                .filter(session_snapshots::Column::SessionId.is_in(chunk.iter().copied()))
-                .all(txn)
-                .await?;
-            snapshots.extend(rows.into_iter().map(|r| (r.session_id.clone(), r)));
-        }
+        let postgres = txn.get_database_backend() == DbBackend::Postgres;
         // The newest seq each session has in the table now (this batch
         // included): a batch that is contiguous but not the newest (an older
         // entry claimed late, a synchronous write racing the consumer) must
         // still fold up to it.
-        let mut newest: HashMap<String, i64> = HashMap::new();
-        for chunk in ids.chunks(CHUNK) {
-            let rows: Vec<(String, Option<i64>)> = session_events::Entity::find()
-                .select_only()
-                .column(session_events::Column::SessionId)
-                .column_as(session_events::Column::Seq.max(), "max_seq")
-                .filter(session_events::Column::SessionId.is_in(chunk.iter().copied()))
-                .group_by(session_events::Column::SessionId)
-                .into_tuple()
-                .all(txn)
-                .await?;
-            newest.extend(rows.into_iter().filter_map(|(s, m)| Some((s, m?))));
-        }
+        let (snapshots, newest) = if postgres {
+            postgres::load_sessions(txn, &ids).await?
+        } else {
+            let mut snapshots: HashMap<String, session_snapshots::Model> = HashMap::new();
+            for chunk in ids.chunks(CHUNK) {
+                let rows = session_snapshots::Entity::find()
+                    .filter(session_snapshots::Column::SessionId.is_in(chunk.iter().copied()))
+                    .all(txn)
+                    .await?;
+                snapshots.extend(rows.into_iter().map(|r| (r.session_id.clone(), r)));
+            }
+            let mut newest: HashMap<String, i64> = HashMap::new();
+            for chunk in ids.chunks(CHUNK) {
+                let rows: Vec<(String, Option<i64>)> = session_events::Entity::find()
+                    .select_only()
+                    .column(session_events::Column::SessionId)
+                    .column_as(session_events::Column::Seq.max(), "max_seq")
+                    .filter(session_events::Column::SessionId.is_in(chunk.iter().copied()))
+                    .group_by(session_events::Column::SessionId)
+                    .into_tuple()
+                    .all(txn)
+                    .await?;
+                newest.extend(rows.into_iter().filter_map(|(s, m)| Some((s, m?))));
+            }
+            (snapshots, newest)
+        };
+        let now = Utc::now();
         let mut upserts = Vec::new();
         for (sid, mut events) in by_session {
             events.sort_by_key(|i| i.event.seq);
@@ -281,17 +320,21 @@ impl AuditSink {
                 (Status::Live, Some(i)) => Some(self.deadline(i)),
                 _ => None,
             };
-            upserts.push(session_snapshots::ActiveModel {
-                session_id: Set(sid.to_owned()),
-                user_id: Set(state.user_id().or_else(|| last.event.user_id.clone())),
-                state: Set(state.to_json()),
-                seq: Set(state.version() as i64),
-                status: Set(snapshot_status(state.status())),
-                expires_at: Set(expires_at),
-                updated_at: Set(Utc::now()),
+            upserts.push(session_snapshots::Model {
+                session_id: sid.to_owned(),
+                user_id: state.user_id().or_else(|| last.event.user_id.clone()),
+                state: state.to_json(),
+                seq: state.version() as i64,
+                status: snapshot_status(state.status()),
+                expires_at,
+                updated_at: now,
             });
         }
         let n = upserts.len() as u64;
+        if postgres {
+            postgres::upsert_snapshots(txn, &upserts, now).await?;
+            return Ok(n);
+        }
         for chunk in upserts.chunks(CHUNK) {
             use session_snapshots::Column as C;
             let on_conflict = OnConflict::column(C::SessionId)
@@ -308,7 +351,16 @@ impl AuditSink {
                         .lt(Expr::col((Alias::new("excluded"), C::Seq))),
                 )
                 .to_owned();
-            session_snapshots::Entity::insert_many(chunk.to_vec())
+            let rows = chunk.iter().map(|m| session_snapshots::ActiveModel {
+                session_id: Set(m.session_id.clone()),
+                user_id: Set(m.user_id.clone()),
+                state: Set(m.state.clone()),
+                seq: Set(m.seq),
+                status: Set(m.status),
+                expires_at: Set(m.expires_at),
+                updated_at: Set(m.updated_at),
+            });
+            session_snapshots::Entity::insert_many(rows)
                 .on_conflict(on_conflict)
                 .exec_without_returning(txn)
                 .await?;

@@ -185,6 +185,8 @@ fn statement_kind(sql: &str) -> &'static str {
         "upsert snapshots"
     } else if insert && s.contains("\"dead_letters\"") {
         "insert dead letters"
+    } else if s.starts_with("SELECT") && s.contains("\"session_snapshots\"") && s.contains("max(") {
+        "select snapshots and newest seq per session"
     } else if s.starts_with("SELECT") && s.contains("MAX(") {
         "select newest seq per session"
     } else if s.starts_with("SELECT") && s.contains("FROM \"session_snapshots\"") {

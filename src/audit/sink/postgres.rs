@@ -1,0 +1,330 @@
+//! The sink's statements on PostgreSQL: one constant statement text per step,
+//! every row passed as binary arrays and spread with `unnest`, each request
+//! kept under [`REQUEST_BYTES`].
+//!
+//! # Why requests are kept under 16 KiB
+//!
+//! sqlx 0.9.0 no longer sets `TCP_NODELAY` on its TCP sockets (reported as
+//! transact-rs/sqlx#4335; the fix, #4336, is not released). On its own that
+//! costs nothing here: each request goes out in one `write`, and the server's
+//! reply acknowledges it. But a PostgreSQL URL over TCP negotiates TLS unless
+//! it says `sslmode=disable` (sqlx's default is `prefer`, and PostgreSQL
+//! packages turn `ssl` on), and sqlx's rustls stream writes each TLS record
+//! with its own `write`. A TLS record holds at most 16 KiB of plaintext, so a
+//! larger request is two or more writes: the first goes out as a segment
+//! smaller than the loopback MSS (64 KiB), and Nagle's algorithm holds the
+//! next one until that segment is acknowledged, which the server, waiting
+//! for the rest of the request, delays by its delayed-ACK timer: about 40 ms
+//! on every request over 16 KiB. Measured with a client that speaks the
+//! protocol like sqlx does (Nagle on, one `write` per TLS record): requests
+//! of 16,000 bytes take 0.3 ms, of 16,500 to 64,000 bytes 41–48 ms every
+//! time; without TLS, or with `TCP_NODELAY`, there is no stall at any size.
+//! (BENCHMARKS.md, "Audit suite", has the numbers and the commands.)
+//!
+//! So every statement here carries at most [`REQUEST_BYTES`] of messages
+//! (`Bind`, `Execute`, `Sync`; the statement text itself is sent once, when
+//! sqlx prepares it, in a request of its own), estimated from the rows'
+//! sizes in PostgreSQL's binary array format. A single row larger than that
+//! (a session near `SESSION_MAX_BYTES`) still goes, alone, and pays the
+//! stall once. Once a sqlx release sets `TCP_NODELAY` again the bound costs
+//! only the extra round trips of smaller statements.
+//!
+//! Nullable text columns travel as text arrays whose empty strings become
+//! `NULL` (`NULLIF`): sea-query binds arrays without null elements. An empty
+//! `user_id`, `stream_id` or `traceparent` means "none" everywhere else too
+//! (the stream codec reads an empty field as absent).
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ActiveEnum as _, ConnectionTrait, DbBackend, Statement, Value};
+use uuid::Uuid;
+
+use super::Incoming;
+use crate::audit::entity::session_snapshots::{self, SnapshotStatus};
+use crate::error::{Error, Result};
+
+/// The most bytes of protocol messages one statement may send: one TLS
+/// record's plaintext (see the module docs).
+pub(super) const REQUEST_BYTES: usize = 16 * 1024;
+
+/// What a statement sends besides its rows, generously: the `Bind` header
+/// (statement name, format codes, one array header of 20 bytes per
+/// parameter), `Execute` and `Sync`.
+const STATEMENT_OVERHEAD: usize = 640;
+
+/// Bytes one text element takes in a binary array.
+fn text(s: &str) -> usize {
+    4 + s.len()
+}
+
+/// Bytes one fixed-size element (`uuid` 16, `int8` 8, `timestamptz` 8,
+/// `int4` 4, `bool` 1) takes in a binary array.
+const fn fixed(n: usize) -> usize {
+    4 + n
+}
+
+/// Splits `items` into runs whose estimated size stays within
+/// [`REQUEST_BYTES`]; a run holds at least one item.
+pub(super) fn chunks_by_bytes<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = STATEMENT_OVERHEAD;
+    for (k, item) in items.iter().enumerate() {
+        let n = size(item);
+        if k > start && bytes + n > REQUEST_BYTES {
+            out.push(&items[start..k]);
+            start = k;
+            bytes = STATEMENT_OVERHEAD;
+        }
+        bytes += n;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
+/// Estimated bytes of one event row, with its payload's JSON, in
+/// [`insert_events`].
+fn event_bytes(i: &Incoming, payload: &str) -> usize {
+    let e = &i.event;
+    fixed(16)
+        + text(e.session_id.as_str())
+        + fixed(8)
+        + text(e.kind.type_name())
+        + text(e.user_id.as_deref().unwrap_or_default())
+        + fixed(8)
+        + text(i.stream_id.as_deref().unwrap_or_default())
+        + fixed(4)
+        + text(payload)
+        + text(e.traceparent.as_deref().unwrap_or_default())
+}
+
+const INSERT_EVENTS: &str = r#"INSERT INTO "session_events" ("event_id", "session_id", "seq", "event_type", "user_id", "occurred_at", "recorded_at", "stream_id", "schema_version", "payload", "traceparent", "source")
+SELECT e.event_id, e.session_id, e.seq, e.event_type, NULLIF(e.user_id, ''), e.occurred_at, $1,
+       NULLIF(e.stream_id, ''), e.schema_version, e.payload, NULLIF(e.traceparent, ''),
+       CASE WHEN e.stream_id = '' THEN 'fallback' ELSE 'stream' END
+FROM unnest($2::uuid[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::timestamptz[],
+            $8::text[], $9::int4[], $10::text[], $11::text[])
+     AS e(event_id, session_id, seq, event_type, user_id, occurred_at, stream_id,
+          schema_version, payload, traceparent)
+ON CONFLICT DO NOTHING
+RETURNING "event_id""#;
+
+/// Inserts `rows` (distinct event ids), skipping any whose `event_id` or
+/// `(session_id, seq)` is taken; returns the event ids inserted.
+pub(super) async fn insert_events(
+    txn: &impl ConnectionTrait,
+    rows: &[(&Incoming, String)],
+    recorded_at: DateTime<Utc>,
+) -> Result<HashSet<Uuid>> {
+    let mut inserted = HashSet::with_capacity(rows.len());
+    for chunk in chunks_by_bytes(rows, |(i, payload)| event_bytes(i, payload)) {
+        let n = chunk.len();
+        let mut event_id = Vec::with_capacity(n);
+        let mut session_id = Vec::with_capacity(n);
+        let mut seq = Vec::with_capacity(n);
+        let mut event_type = Vec::with_capacity(n);
+        let mut user_id = Vec::with_capacity(n);
+        let mut occurred_at = Vec::with_capacity(n);
+        let mut stream_id = Vec::with_capacity(n);
+        let mut schema_version = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut traceparent = Vec::with_capacity(n);
+        for (i, payload) in chunk {
+            let e = &i.event;
+            event_id.push(e.event_id);
+            session_id.push(e.session_id.to_string());
+            seq.push(e.seq as i64);
+            event_type.push(e.kind.type_name().to_owned());
+            user_id.push(e.user_id.clone().unwrap_or_default());
+            occurred_at.push(e.occurred_at.datetime());
+            stream_id.push(i.stream_id.clone().unwrap_or_default());
+            schema_version.push(e.schema as i32);
+            payloads.push(payload.clone());
+            traceparent.push(e.traceparent.clone().unwrap_or_default());
+        }
+        let values: Vec<Value> = vec![
+            recorded_at.into(),
+            event_id.into(),
+            session_id.into(),
+            seq.into(),
+            event_type.into(),
+            user_id.into(),
+            occurred_at.into(),
+            stream_id.into(),
+            schema_version.into(),
+            payloads.into(),
+            traceparent.into(),
+        ];
+        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, INSERT_EVENTS, values);
+        for row in txn.query_all_raw(stmt).await? {
+            inserted.insert(row.try_get_by_index::<Uuid>(0)?);
+        }
+    }
+    Ok(inserted)
+}
+
+const PRESENT_EVENT_IDS: &str =
+    r#"SELECT "event_id" FROM "session_events" WHERE "event_id" = ANY($1::uuid[])"#;
+
+/// Which of `ids` the table holds.
+pub(super) async fn present_event_ids(
+    txn: &impl ConnectionTrait,
+    ids: &[Uuid],
+) -> Result<HashSet<Uuid>> {
+    let mut present = HashSet::with_capacity(ids.len());
+    for chunk in chunks_by_bytes(ids, |_| fixed(16)) {
+        let stmt = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            PRESENT_EVENT_IDS,
+            [Value::from(chunk.to_vec())],
+        );
+        for row in txn.query_all_raw(stmt).await? {
+            present.insert(row.try_get_by_index::<Uuid>(0)?);
+        }
+    }
+    Ok(present)
+}
+
+/// Each session's snapshot (if any) and the newest `seq` the table holds for
+/// it, in one statement per chunk of sessions. The newest `seq` is one
+/// backward probe of the unique `(session_id, seq)` index per session, so
+/// the plan does not depend on the table's statistics (a `WHERE session_id
+/// IN (…) GROUP BY session_id` is a sequential scan of the whole table until
+/// the first `ANALYZE`).
+const LOAD_SESSIONS: &str = r#"SELECT s.id, p."user_id", p."state", p."seq", p."status", p."expires_at", p."updated_at",
+       (SELECT max(e."seq") FROM "session_events" e WHERE e."session_id" = s.id) AS newest
+FROM unnest($1::text[]) AS s(id)
+LEFT JOIN "session_snapshots" p ON p."session_id" = s.id"#;
+
+/// Snapshots, and the newest `seq` in the table, of the sessions `ids`.
+pub(super) async fn load_sessions(
+    txn: &impl ConnectionTrait,
+    ids: &[&str],
+) -> Result<(
+    HashMap<String, session_snapshots::Model>,
+    HashMap<String, i64>,
+)> {
+    let mut snapshots = HashMap::with_capacity(ids.len());
+    let mut newest = HashMap::with_capacity(ids.len());
+    for chunk in chunks_by_bytes(ids, |s| text(s)) {
+        let arg: Vec<String> = chunk.iter().map(|s| (*s).to_owned()).collect();
+        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, LOAD_SESSIONS, [arg.into()]);
+        for row in txn.query_all_raw(stmt).await? {
+            let id: String = row.try_get_by_index(0)?;
+            if let Some(n) = row.try_get_by_index::<Option<i64>>(7)? {
+                newest.insert(id.clone(), n);
+            }
+            let Some(state) = row.try_get_by_index::<Option<String>>(2)? else {
+                continue;
+            };
+            let status: String = row.try_get_by_index(4)?;
+            let status = SnapshotStatus::try_from_value(&status)
+                .map_err(|e| Error::Corrupt(format!("snapshot of {id}: status {status}: {e}")))?;
+            snapshots.insert(
+                id.clone(),
+                session_snapshots::Model {
+                    session_id: id,
+                    user_id: row.try_get_by_index(1)?,
+                    state,
+                    seq: row.try_get_by_index(3)?,
+                    status,
+                    expires_at: row.try_get_by_index(5)?,
+                    updated_at: row.try_get_by_index(6)?,
+                },
+            );
+        }
+    }
+    Ok((snapshots, newest))
+}
+
+/// Estimated bytes of one snapshot row in [`upsert_snapshots`].
+fn snapshot_bytes(m: &session_snapshots::Model) -> usize {
+    text(&m.session_id)
+        + text(m.user_id.as_deref().unwrap_or_default())
+        + text(&m.state)
+        + fixed(8)
+        + text("destroyed")
+        + fixed(8)
+        + fixed(1)
+}
+
+const UPSERT_SNAPSHOTS: &str = r#"INSERT INTO "session_snapshots" ("session_id", "user_id", "state", "seq", "status", "expires_at", "updated_at")
+SELECT s.session_id, NULLIF(s.user_id, ''), s.state, s.seq, s.status,
+       CASE WHEN s.has_expiry THEN s.expires_at END, $1
+FROM unnest($2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::timestamptz[], $8::bool[])
+     AS s(session_id, user_id, state, seq, status, expires_at, has_expiry)
+ON CONFLICT ("session_id") DO UPDATE SET
+    "user_id" = "excluded"."user_id", "state" = "excluded"."state", "seq" = "excluded"."seq",
+    "status" = "excluded"."status", "expires_at" = "excluded"."expires_at",
+    "updated_at" = "excluded"."updated_at"
+WHERE "session_snapshots"."seq" < "excluded"."seq""#;
+
+/// Inserts the snapshots, or moves stored ones forward when the new `seq` is
+/// higher. `rows` holds each session once.
+pub(super) async fn upsert_snapshots(
+    txn: &impl ConnectionTrait,
+    rows: &[session_snapshots::Model],
+    updated_at: DateTime<Utc>,
+) -> Result<()> {
+    for chunk in chunks_by_bytes(rows, snapshot_bytes) {
+        let n = chunk.len();
+        let mut session_id = Vec::with_capacity(n);
+        let mut user_id = Vec::with_capacity(n);
+        let mut state = Vec::with_capacity(n);
+        let mut seq = Vec::with_capacity(n);
+        let mut status = Vec::with_capacity(n);
+        let mut expires_at = Vec::with_capacity(n);
+        let mut has_expiry = Vec::with_capacity(n);
+        for m in chunk {
+            session_id.push(m.session_id.clone());
+            user_id.push(m.user_id.clone().unwrap_or_default());
+            state.push(m.state.clone());
+            seq.push(m.seq);
+            status.push(m.status.to_value());
+            expires_at.push(m.expires_at.unwrap_or(updated_at));
+            has_expiry.push(m.expires_at.is_some());
+        }
+        let values: Vec<Value> = vec![
+            updated_at.into(),
+            session_id.into(),
+            user_id.into(),
+            state.into(),
+            seq.into(),
+            status.into(),
+            expires_at.into(),
+            has_expiry.into(),
+        ];
+        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, UPSERT_SNAPSHOTS, values);
+        txn.execute_raw(stmt).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_stay_under_the_bound_and_keep_every_item() {
+        let sizes: Vec<usize> = (0..500).map(|k| 100 + (k * 37) % 900).collect();
+        let chunks = chunks_by_bytes(&sizes, |n| *n);
+        assert!(chunks.len() > 1);
+        for c in &chunks {
+            let bytes: usize = STATEMENT_OVERHEAD + c.iter().sum::<usize>();
+            assert!(bytes <= REQUEST_BYTES, "{bytes} bytes in one statement");
+        }
+        let flat: Vec<usize> = chunks.concat();
+        assert_eq!(flat, sizes);
+    }
+
+    #[test]
+    fn an_item_over_the_bound_goes_alone() {
+        let sizes = [10, REQUEST_BYTES * 2, 10, 10];
+        let chunks = chunks_by_bytes(&sizes, |n| *n);
+        assert_eq!(chunks, vec![&sizes[..1], &sizes[1..2], &sizes[2..]]);
+        assert!(chunks_by_bytes(&[] as &[usize], |n| *n).is_empty());
+    }
+}
