@@ -247,7 +247,11 @@ async fn the_worker_audits_and_reaps_every_partition_exactly_once() {
         .iter()
         .map(|r| r.try_get("", "stream").expect("stream"))
         .collect();
-    assert_eq!(streams, [poisoned], "one dead letter, in its partition's stream");
+    assert_eq!(
+        streams,
+        [poisoned],
+        "one dead letter, in its partition's stream"
+    );
     for id in &ids {
         let mut seqs: Vec<(i64, &str)> = rows
             .iter()

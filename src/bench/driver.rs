@@ -201,14 +201,25 @@ pub(super) struct Usage {
 
 impl Usage {
     pub async fn now(conn: &mut RedisConn) -> Result<Usage> {
-        let info: String = redis::cmd("INFO")
+        // A cluster answers per primary (a map of node → text): the figures
+        // are summed over the primaries.
+        let reply: redis::Value = redis::cmd("INFO")
             .arg("cpu")
             .arg("commandstats")
             .query_async(conn)
             .await?;
+        let texts: Vec<String> = match reply {
+            redis::Value::Map(nodes) => nodes
+                .into_iter()
+                .filter_map(|(_, v)| redis::from_redis_value::<String>(v).ok())
+                .collect(),
+            other => {
+                vec![redis::from_redis_value::<String>(other).map_err(redis::RedisError::from)?]
+            }
+        };
         let mut redis_cpu = None;
-        let mut commands = BTreeMap::new();
-        for line in info.lines() {
+        let mut commands: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for line in texts.iter().flat_map(|t| t.lines()) {
             if let Some(v) = line
                 .strip_prefix("used_cpu_user:")
                 .or_else(|| line.strip_prefix("used_cpu_sys:"))
@@ -228,7 +239,9 @@ impl Usage {
                         _ => {}
                     }
                 }
-                commands.insert(name.to_owned(), (calls, usec));
+                let e = commands.entry(name.to_owned()).or_default();
+                e.0 += calls;
+                e.1 += usec;
             }
         }
         Ok(Usage {
