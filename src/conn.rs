@@ -121,46 +121,17 @@ impl RedisConn {
     /// Every key matching `pattern`: one `SCAN` on standalone Redis, one per
     /// primary on a cluster.
     pub async fn scan_all(&mut self, pattern: &str) -> Result<Vec<String>> {
-        let nodes = self.primaries().await?;
         let mut out = Vec::new();
-        if nodes.is_empty() {
+        for server in self.servers().await? {
             let mut cursor: u64 = 0;
             loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor)
                     .arg("MATCH")
                     .arg(pattern)
                     .arg("COUNT")
-                    .arg(1000)
-                    .query_async(self)
-                    .await?;
-                out.extend(keys);
-                if next == 0 {
-                    return Ok(out);
-                }
-                cursor = next;
-            }
-        }
-        let RedisConn::Cluster(c) = self else {
-            return Ok(out);
-        };
-        for (host, port) in nodes {
-            let mut cursor: u64 = 0;
-            loop {
-                let cmd = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .clone();
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                    host: host.clone(),
-                    port,
-                });
-                let v = c.route_command(cmd, route).await?;
-                let (next, keys): (u64, Vec<String>) =
-                    redis::from_redis_value(v).map_err(redis::RedisError::from)?;
+                    .arg(1000);
+                let (next, keys): (u64, Vec<String>) = self.on_server(server.as_ref(), cmd).await?;
                 out.extend(keys);
                 if next == 0 {
                     break;
@@ -170,9 +141,56 @@ impl RedisConn {
         }
         Ok(out)
     }
-}
 
-impl RedisConn {
+    /// `used_memory` from `INFO memory`, summed over the primaries of a
+    /// cluster.
+    pub async fn used_memory(&mut self) -> Result<Option<u64>> {
+        let mut total = None;
+        for server in self.servers().await? {
+            let mut cmd = redis::cmd("INFO");
+            cmd.arg("memory");
+            let info: String = self.on_server(server.as_ref(), cmd).await?;
+            if let Some(n) = info
+                .lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                total = Some(total.unwrap_or(0) + n);
+            }
+        }
+        Ok(total)
+    }
+
+    /// The servers a per-server command (`SCAN`, `INFO`) must visit: each
+    /// primary of a cluster, or `None` for this connection's own server.
+    async fn servers(&mut self) -> Result<Vec<Option<(String, u16)>>> {
+        let nodes = self.primaries().await?;
+        Ok(if nodes.is_empty() {
+            vec![None]
+        } else {
+            nodes.into_iter().map(Some).collect()
+        })
+    }
+
+    /// Runs `cmd` on one server of [`RedisConn::servers`].
+    async fn on_server<T: redis::FromRedisValue>(
+        &mut self,
+        server: Option<&(String, u16)>,
+        cmd: Cmd,
+    ) -> Result<T> {
+        match (self, server) {
+            (RedisConn::Cluster(c), Some((host, port))) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                let v = c.route_command(cmd, route).await?;
+                Ok(redis::from_redis_value(v).map_err(redis::RedisError::from)?)
+            }
+            (conn, _) => Ok(cmd.query_async(conn).await?),
+        }
+    }
+
     /// `WAIT replicas timeout_ms` on the server that holds `key`: this
     /// connection's server, or on a cluster the primary of `key`'s slot (its
     /// connection carried the writes to wait for). Returns how many replicas
@@ -193,39 +211,6 @@ impl RedisConn {
                 ));
                 let v = c.route_command(cmd, route).await?;
                 Ok(redis::from_redis_value(v).map_err(redis::RedisError::from)?)
-            }
-        }
-    }
-
-    /// `used_memory` from `INFO memory`, summed over the primaries of a
-    /// cluster.
-    pub async fn used_memory(&mut self) -> Result<Option<u64>> {
-        let parse = |info: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("used_memory:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let nodes = self.primaries().await?;
-        match self {
-            RedisConn::Standalone(c) => {
-                let info: String = redis::cmd("INFO").arg("memory").query_async(c).await?;
-                Ok(parse(&info))
-            }
-            RedisConn::Cluster(c) => {
-                let mut total = None;
-                for (host, port) in nodes {
-                    let route =
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-                    let v = c
-                        .route_command(redis::cmd("INFO").arg("memory").clone(), route)
-                        .await?;
-                    let info: String =
-                        redis::from_redis_value(v).map_err(redis::RedisError::from)?;
-                    if let Some(n) = parse(&info) {
-                        total = Some(total.unwrap_or(0) + n);
-                    }
-                }
-                Ok(total)
             }
         }
     }

@@ -133,6 +133,8 @@ impl Keys {
 pub struct KeySpace {
     parts: Vec<Keys>,
     tagged: bool,
+    /// `REDIS_SESSION_PREFIX`, before any tag.
+    session_base: String,
 }
 
 impl KeySpace {
@@ -149,6 +151,7 @@ impl KeySpace {
         KeySpace {
             parts,
             tagged: config.partitioned(),
+            session_base: config.session_prefix.clone(),
         }
     }
 
@@ -185,6 +188,37 @@ impl KeySpace {
     /// The namespace of the non-session keys (`vedfolnir:`).
     pub fn namespace(&self) -> &str {
         &self.parts[0].namespace
+    }
+
+    /// A glob matching the session keys of every partition, for one `SCAN`
+    /// of them all (sort the keys with [`KeySpace::split_key`]).
+    pub fn session_pattern(&self) -> String {
+        format!("{}*", self.session_base)
+    }
+
+    /// A glob matching the user indexes of every partition.
+    pub fn user_pattern(&self) -> String {
+        format!("{}user:*", self.namespace())
+    }
+
+    /// The partition a key belongs to (by its hash tag) and the key's rest
+    /// after that partition's `prefix` (a session id, a user id), when the
+    /// key has that prefix.
+    pub fn split_key<'k>(
+        &self,
+        key: &'k str,
+        prefix: impl Fn(&Keys) -> &str,
+    ) -> Option<(&Keys, &'k str)> {
+        let p = if self.tagged {
+            let open = key.find('{')?;
+            let len = key[open + 1..].find('}')?;
+            key[open + 1..open + 1 + len].parse::<u32>().ok()?
+        } else {
+            0
+        };
+        let part = self.parts.get(p as usize)?;
+        let rest = key.strip_prefix(prefix(part))?;
+        Some((part, rest))
     }
 
     /// A session's key.
@@ -256,6 +290,21 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 8, "200 ids reach every partition");
+        let id = crate::id::Token::generate().session_id();
+        let key = space.session(&id);
+        let (part, rest) = space
+            .split_key(&key, |k| &k.session_prefix)
+            .expect("a session key");
+        assert_eq!(
+            (part.partition, rest),
+            (space.partition_of(&id), id.as_str())
+        );
+        assert!(space.split_key(&key, |k| &k.user_prefix).is_none());
+        assert!(
+            space
+                .split_key("vedfolnir:session:{99}:x", |k| &k.session_prefix)
+                .is_none()
+        );
         let k = space.part(3);
         assert_eq!(k.session_prefix, "vedfolnir:session:{3}:");
         assert_eq!(k.stream, "vedfolnir:events:{3}");
@@ -269,6 +318,12 @@ mod tests {
         assert_eq!(space.partitions(), 1);
         assert_eq!(space.part(0), &Keys::new(&Config::default()));
         assert_eq!(space.lease(0), "vedfolnir:lease");
+        assert_eq!(space.session_pattern(), "vedfolnir:session:*");
+        assert_eq!(space.user_pattern(), "vedfolnir:user:*");
+        let (part, rest) = space
+            .split_key("vedfolnir:user:42", |k| &k.user_prefix)
+            .expect("a user key");
+        assert_eq!((part.partition, rest), (0, "42"));
     }
 
     #[test]

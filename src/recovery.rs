@@ -285,18 +285,26 @@ pub struct VerifyReport {
 pub async fn verify(store: &SessionStore, db: &DatabaseConnection) -> Result<VerifyReport> {
     let keys = store.keys().clone();
     let mut conn = store.connection();
-    // Redis: every session key of every partition.
+    // Redis: every session key of every partition, in one scan.
     let mut redis_state: HashMap<String, String> = HashMap::new();
     let mut in_stream: HashMap<String, u64> = HashMap::new();
-    for part in keys.all() {
-        let mut redis_ids: Vec<String> = Vec::new();
-        for k in conn.scan_all(&format!("{}*", part.session_prefix)).await? {
-            let id = &k[part.session_prefix.len()..];
-            if id.len() == 64 {
-                redis_ids.push(id.to_owned());
-            }
+    let mut redis_ids: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for k in conn.scan_all(&keys.session_pattern()).await? {
+        if let Some((part, id)) = keys.split_key(&k, |p| &p.session_prefix)
+            && id.len() == 64
+        {
+            redis_ids
+                .entry(part.partition)
+                .or_default()
+                .push(id.to_owned());
         }
-        for chunk in redis_ids.chunks(1000) {
+    }
+    for part in keys.all() {
+        let ids = redis_ids
+            .get(&part.partition)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        for chunk in ids.chunks(1000) {
             let names: Vec<String> = chunk
                 .iter()
                 .map(|i| format!("{}{i}", part.session_prefix))

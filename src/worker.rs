@@ -119,15 +119,22 @@ pub async fn run(
     }
     // Shutdown: every partition finishes and acknowledges its batch in hand,
     // then the leases go, so that other workers take over at once.
-    while let Some(done) = partitions.join_next().await {
-        if let Err(e) = task_result(done) {
-            result = Err(e);
-        }
+    if let Err(e) = join_all(&mut partitions).await {
+        result = Err(e);
     }
     if let Err(e) = leases.release_all().await {
         tracing::warn!(err = %e, "releasing the partition leases failed");
     }
-    while let Some(done) = tasks.join_next().await {
+    if let Err(e) = join_all(&mut tasks).await {
+        result = Err(e);
+    }
+    result
+}
+
+/// Waits for every task of `set`; the last error, if any.
+async fn join_all(set: &mut tokio::task::JoinSet<Result<()>>) -> Result<()> {
+    let mut result = Ok(());
+    while let Some(done) = set.join_next().await {
         if let Err(e) = task_result(done) {
             result = Err(e);
         }
@@ -172,13 +179,7 @@ impl Partition {
             tracing::info!(partition = p, "expiry reaper started");
             set.spawn(async move { r.run_partition(p, token).await.map(|_| ()) });
         }
-        let mut result = Ok(());
-        while let Some(done) = set.join_next().await {
-            if let Err(e) = task_result(done) {
-                result = Err(e);
-            }
-        }
-        result
+        join_all(&mut set).await
     }
 }
 

@@ -182,7 +182,7 @@ impl AppConfig {
 pub async fn connect_store(config: &Config) -> anyhow::Result<SessionStore> {
     let store = SessionStore::connect(config)
         .await
-        .with_context(|| format!("connecting to redis at {}", config.redis.redacted()))?;
+        .with_context(|| format!("connecting to redis at {}", config.redis_redacted()))?;
     if !(config.db_sync || config.db_fallback) {
         return Ok(store);
     }

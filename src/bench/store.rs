@@ -439,17 +439,20 @@ async fn memory(fx: &Fixture) -> Result<Value> {
     let (mut expiry_bytes, mut expiry_entries) = (0u64, 0u64);
     let (mut user_bytes, mut user_entries) = (0u64, 0u64);
     let (mut stream_bytes, mut stream_entries) = (0u64, 0u64);
+    for u in conn.scan_all(&keys.user_pattern()).await? {
+        if keys.split_key(&u, |p| &p.user_prefix).is_none() {
+            continue;
+        }
+        user_bytes += memory_usage(&mut conn, &u).await?;
+        let c: u64 = redis::cmd("ZCARD").arg(&u).query_async(&mut conn).await?;
+        user_entries += c;
+    }
     for part in keys.all() {
         expiry_bytes += memory_usage(&mut conn, &part.expiry).await?;
         expiry_entries += redis::cmd("ZCARD")
             .arg(&part.expiry)
             .query_async::<u64>(&mut conn)
             .await?;
-        for u in conn.scan_all(&format!("{}*", part.user_prefix)).await? {
-            user_bytes += memory_usage(&mut conn, &u).await?;
-            let c: u64 = redis::cmd("ZCARD").arg(&u).query_async(&mut conn).await?;
-            user_entries += c;
-        }
         stream_bytes += memory_usage(&mut conn, &part.stream).await?;
         stream_entries += redis::cmd("XLEN")
             .arg(&part.stream)

@@ -252,7 +252,7 @@ impl SessionStore {
     /// atomic snapshot).
     pub async fn user_sessions(&self, user_id: &str) -> Result<Vec<(SessionId, Session)>> {
         let mut out = Vec::new();
-        for (_, id, created, json) in self.user_index(user_id).await? {
+        for (id, created, json) in self.user_index(user_id).await? {
             if let Some(json) = json {
                 out.push((created, parse_session(&id, &json)?, id));
             }
@@ -261,32 +261,29 @@ impl SessionStore {
         Ok(out.into_iter().map(|(_, s, id)| (id, s)).collect())
     }
 
-    /// The user's index entries in every partition: partition, session id,
-    /// creation time (µs, Redis clock) and the session JSON when it is live.
+    /// The user's index entries in every partition: session id, creation
+    /// time (µs, Redis clock) and the session JSON when it is live.
     pub(crate) async fn user_index(
         &self,
         user_id: &str,
-    ) -> Result<Vec<(u32, SessionId, i64, Option<String>)>> {
+    ) -> Result<Vec<(SessionId, i64, Option<String>)>> {
         let mut conn = self.conn.clone();
         let mut out = Vec::new();
         for part in self.keys.all() {
             let entries: Vec<(String, f64)> =
                 conn.zrange_withscores(part.user(user_id), 0, -1).await?;
+            let entries: Vec<(SessionId, i64)> = entries
+                .into_iter()
+                .filter_map(|(i, score)| Some((i.parse().ok()?, score as i64)))
+                .collect();
             if entries.is_empty() {
                 continue;
             }
-            let ids: Vec<SessionId> = entries.iter().filter_map(|(i, _)| i.parse().ok()).collect();
-            let keys: Vec<String> = ids.iter().map(|i| part.session(i)).collect();
-            let values: Vec<Option<String>> = if keys.is_empty() {
-                Vec::new()
-            } else {
-                redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?
-            };
-            let scores = entries
-                .iter()
-                .filter(|(i, _)| i.parse::<SessionId>().is_ok());
-            for ((id, json), (_, score)) in ids.into_iter().zip(values).zip(scores) {
-                out.push((part.partition, id, *score as i64, json));
+            let keys: Vec<String> = entries.iter().map(|(i, _)| part.session(i)).collect();
+            let values: Vec<Option<String>> =
+                redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+            for ((id, created), json) in entries.into_iter().zip(values) {
+                out.push((id, created, json));
             }
         }
         Ok(out)
@@ -299,28 +296,32 @@ impl SessionStore {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let (mut active, mut indexed, mut stream_length) = (0u64, 0u64, 0u64);
         let mut per_user: std::collections::BTreeMap<String, u64> = Default::default();
+        // One scan of every partition's user indexes, sorted by partition.
+        let mut users: std::collections::BTreeMap<u32, Vec<(String, String)>> = Default::default();
+        for k in conn.scan_all(&self.keys.user_pattern()).await? {
+            if let Some((part, user)) = self.keys.split_key(&k, |p| &p.user_prefix) {
+                let entry = (user.to_owned(), k.clone());
+                users.entry(part.partition).or_default().push(entry);
+            }
+        }
         for part in self.keys.all() {
             active += conn
                 .zcount::<_, _, _, u64>(&part.expiry, now_ms, "+inf")
                 .await?;
             indexed += conn.zcard::<_, u64>(&part.expiry).await?;
             stream_length += conn.xlen::<_, u64>(&part.stream).await?;
-            let users = conn.scan_all(&format!("{}*", part.user_prefix)).await?;
+            let Some(users) = users.get(&part.partition) else {
+                continue;
+            };
             // One pipeline per partition: its keys share one slot.
             let mut pipe = redis::pipe();
-            for u in &users {
-                pipe.zcard(u);
+            for (_, key) in users {
+                pipe.zcard(key);
             }
-            let counts: Vec<u64> = if users.is_empty() {
-                Vec::new()
-            } else {
-                pipe.query_async(&mut conn).await?
-            };
-            for (k, c) in users.iter().zip(counts) {
+            let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
+            for ((user, _), c) in users.iter().zip(counts) {
                 if c > 0 {
-                    *per_user
-                        .entry(k[part.user_prefix.len()..].to_owned())
-                        .or_default() += c;
+                    *per_user.entry(user.clone()).or_default() += c;
                 }
             }
         }

@@ -823,8 +823,8 @@ impl SessionStore {
             .user_index(user_id)
             .await?
             .into_iter()
-            .filter(|(_, _, _, json)| json.is_some())
-            .map(|(_, id, created, _)| (created, id))
+            .filter(|(_, _, json)| json.is_some())
+            .map(|(id, created, _)| (created, id))
             .collect();
         if live.len() <= max {
             return Ok(Vec::new());

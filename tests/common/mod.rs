@@ -47,18 +47,7 @@ pub fn cluster_nodes() -> Vec<RedisTarget> {
             .collect::<Vec<_>>()
             .join(",")
     });
-    list.split(',')
-        .filter(|n| !n.trim().is_empty())
-        .map(|n| {
-            let n = n.trim();
-            let url = if n.contains("://") {
-                n.to_owned()
-            } else {
-                format!("redis://{n}")
-            };
-            RedisTarget::parse("VEDFOLNIR_TEST_CLUSTER_NODES", &url).expect("cluster node")
-        })
-        .collect()
+    vedfolnir_sessions::config::parse_cluster_nodes(&list).expect("VEDFOLNIR_TEST_CLUSTER_NODES")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
