@@ -59,6 +59,13 @@ impl Session {
     /// give the same result. `_version` becomes the event's `seq`.
     pub fn apply(&self, event: &Event) -> Session {
         let mut next = self.clone();
+        next.apply_mut(event);
+        next
+    }
+
+    /// [`Session::apply`] in place, for folds that keep only the result.
+    pub fn apply_mut(&mut self, event: &Event) {
+        let next = self;
         next.version = event.seq;
         let at = Value::String(event.occurred_at.to_string());
         match &event.kind {
@@ -117,14 +124,17 @@ impl Session {
             EventKind::Destroyed { .. } => next.status = Status::Destroyed,
             EventKind::Expired { .. } => next.status = Status::Expired,
         }
-        next
     }
 
     /// Folds a whole history, oldest first. `None` for an empty history.
     pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<Session> {
         let mut it = events.into_iter();
         let first = it.next()?;
-        Some(it.fold(Session::default().apply(first), |s, e| s.apply(e)))
+        let mut state = Session::default().apply(first);
+        for e in it {
+            state.apply_mut(e);
+        }
+        Some(state)
     }
 
     /// A live session from its fields and version, as a caller that already

@@ -432,8 +432,33 @@ async fn idle_sessions_expire_exactly_once(backend: Backend) {
 /// lands once, a redelivered batch adds nothing, and an event that claims a
 /// taken `(session_id, seq)` inside such a batch becomes a dead letter.
 async fn large_batches_land_exactly_once(backend: Backend) {
+    large_batches(backend, None).await;
+}
+
+/// The same over a PostgreSQL connection that may negotiate TLS: statements
+/// stay under one TLS record (16 KiB), so a batch takes many of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_batches_land_exactly_once_over_tls() {
+    large_batches(Backend::Postgres, Some("sslmode=prefer")).await;
+}
+
+/// Large batches, one event over 16 KiB, a full redelivery with one seq
+/// conflict; `query` is added to the database URL.
+async fn large_batches(backend: Backend, query: Option<&str>) {
     let ctx = TestContext::new().await;
-    let db = TestDb::new(backend).await;
+    let mut db = TestDb::new(backend).await;
+    if let Some(q) = query {
+        db.db = vedfolnir_sessions::audit::db::connect(&format!("{}?{q}", db.url))
+            .await
+            .expect("connect");
+    }
+    let bound = AuditSink::new(db.db.clone(), ctx.config.session_timeout, "s").statement_bytes();
+    match (backend, query) {
+        // The test server is on loopback: no TLS unless the URL asks.
+        (Backend::Postgres, None) => assert!(bound > 1024 * 1024, "{bound}"),
+        (Backend::Postgres, Some(_)) => assert_eq!(bound, 16 * 1024),
+        (Backend::Sqlite, _) => {}
+    }
     let mut c = consumer(&ctx, &db, consumer_config()).await;
     let mut ids = Vec::new();
     for n in 0..20 {

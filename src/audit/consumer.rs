@@ -7,9 +7,10 @@
 //! (`XAUTOCLAIM`). Then read new entries in batches (`XREADGROUP … COUNT n
 //! BLOCK t`) on a connection of its own whose response timeout is longer than
 //! the block, and claim idle entries again every `AUDIT_CLAIM_IDLE_MS`.
-//! While a full batch commits, the next one is read without blocking, so
-//! Redis and the database work at the same time during a backlog; that batch
-//! is written and acknowledged after the first, and finished on shutdown.
+//! While a full batch commits, the next one is read without blocking and
+//! decoded on another task, so the database, Redis and the decoding work at
+//! the same time during a backlog; that batch is written and acknowledged
+//! after the first, and finished on shutdown.
 //!
 //! Each batch is decoded; entries that cannot be decoded, and entries
 //! delivered more than `AUDIT_MAX_DELIVERIES` times, become dead letters. The
@@ -23,7 +24,8 @@
 //! Trimming: after acknowledging, the stream is trimmed (`XTRIM MINID ~`) below
 //! the oldest entry the group has not acknowledged (its oldest pending entry,
 //! or the first entry after its last delivered one), and never past what is
-//! younger than `AUDIT_STREAM_RETENTION_SECS`.
+//! younger than `AUDIT_STREAM_RETENTION_SECS`; while full batches follow each
+//! other, at most every 250 ms.
 //!
 //! If Redis loses the group (`NOGROUP`, for instance after losing its data),
 //! the consumer creates it again and goes on.
@@ -53,7 +55,7 @@ pub struct ConsumerConfig {
     pub group: String,
     /// This process's consumer name: host, pid and a random suffix.
     pub consumer: String,
-    /// `AUDIT_BATCH_SIZE` (500): entries per read.
+    /// `AUDIT_BATCH_SIZE` (1000): entries per read.
     pub batch: usize,
     /// `AUDIT_BLOCK_MS` (1000): how long a read waits for new entries; also
     /// the longest a shutdown waits for the read in flight.
@@ -93,7 +95,7 @@ impl ConsumerConfig {
                 "milliseconds",
             )?))
         };
-        let batch: usize = parse(&var, "AUDIT_BATCH_SIZE", 500, "a number of entries")?;
+        let batch: usize = parse(&var, "AUDIT_BATCH_SIZE", 1000, "a number of entries")?;
         if batch == 0 {
             return Err(ConfigError {
                 var: "AUDIT_BATCH_SIZE",
@@ -140,6 +142,9 @@ pub fn unique_consumer_name() -> String {
     format!("{host}-{}-{suffix}", std::process::id())
 }
 
+/// The least time between two trims while full batches follow each other.
+const TRIM_EVERY: Duration = Duration::from_millis(250);
+
 /// Totals since the consumer started.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConsumerTotals {
@@ -164,9 +169,53 @@ pub struct AuditConsumer {
     cfg: ConsumerConfig,
     totals: ConsumerTotals,
     last_claim: Option<Instant>,
-    /// New entries read while the previous batch was committing: delivered
-    /// to this consumer (pending), not yet written or acknowledged.
-    ahead: Option<Vec<StreamId>>,
+    last_trim: Option<Instant>,
+    /// New entries read and decoded while the previous batch was
+    /// committing: delivered to this consumer (pending), not yet written or
+    /// acknowledged.
+    ahead: Option<Prepared>,
+}
+
+/// A batch decoded and ready to write.
+#[derive(Debug)]
+struct Prepared {
+    /// Every entry's stream id, in stream order.
+    ids: Vec<String>,
+    /// The entries that decoded into events.
+    batch: Vec<Incoming>,
+    /// The entries that did not, or were delivered too often.
+    dead: Vec<DeadLetter>,
+}
+
+impl Prepared {
+    /// Decodes `entries`; `counts` holds delivery counts (1 when missing).
+    fn new(
+        stream: &str,
+        entries: Vec<StreamId>,
+        counts: &HashMap<String, u64>,
+        max_deliveries: u64,
+    ) -> Self {
+        let mut batch = Vec::with_capacity(entries.len());
+        let mut dead = Vec::new();
+        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        for entry in entries {
+            let deliveries = counts.get(&entry.id).copied().unwrap_or(1);
+            match decode(&entry) {
+                Ok(event) if deliveries <= max_deliveries => batch.push(Incoming {
+                    stream_id: Some(entry.id),
+                    event,
+                }),
+                Ok(_) => dead.push(dead_letter(
+                    stream,
+                    &entry,
+                    format!("delivered {deliveries} times without being committed"),
+                    deliveries,
+                )),
+                Err(reason) => dead.push(dead_letter(stream, &entry, reason, deliveries)),
+            }
+        }
+        Prepared { ids, batch, dead }
+    }
 }
 
 /// Where a batch came from; decides how delivery counts are known.
@@ -204,6 +253,7 @@ impl AuditConsumer {
             cfg,
             totals: ConsumerTotals::default(),
             last_claim: None,
+            last_trim: None,
             ahead: None,
         })
     }
@@ -252,8 +302,8 @@ impl AuditConsumer {
             }
         }
         // Entries read ahead are in hand too: finish them before returning.
-        if let Some(entries) = self.ahead.take()
-            && let Err(e) = self.process(entries, Origin::New, &shutdown).await
+        if let Some(ready) = self.ahead.take()
+            && let Err(e) = self.write_batch(ready, Origin::New, &shutdown).await
         {
             tracing::warn!(err = %e, "the batch read ahead was left pending");
         }
@@ -264,8 +314,8 @@ impl AuditConsumer {
     /// One unit of work: claim idle entries when due, otherwise read and
     /// process one batch. Returns the number of entries acknowledged.
     pub async fn step(&mut self, shutdown: &CancellationToken) -> Result<usize> {
-        if let Some(entries) = self.ahead.take() {
-            return self.process(entries, Origin::New, shutdown).await;
+        if let Some(ready) = self.ahead.take() {
+            return self.write_batch(ready, Origin::New, shutdown).await;
         }
         if self.claim_due() {
             let n = self.recover(shutdown).await?;
@@ -404,24 +454,18 @@ impl AuditConsumer {
                 self.deliveries(&first, &last, entries.len()).await
             }
         };
-        let mut batch = Vec::with_capacity(entries.len());
-        let mut dead = Vec::new();
-        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-        for entry in entries {
-            let deliveries = counts.get(&entry.id).copied().unwrap_or(1);
-            match decode(&entry) {
-                Ok(event) if deliveries <= self.cfg.max_deliveries => batch.push(Incoming {
-                    stream_id: Some(entry.id),
-                    event,
-                }),
-                Ok(_) => dead.push(self.dead_letter(
-                    &entry,
-                    format!("delivered {deliveries} times without being committed"),
-                    deliveries,
-                )),
-                Err(reason) => dead.push(self.dead_letter(&entry, reason, deliveries)),
-            }
-        }
+        let ready = Prepared::new(&self.stream, entries, &counts, self.cfg.max_deliveries);
+        self.write_batch(ready, origin, shutdown).await
+    }
+
+    /// Writes a decoded batch, acknowledges it and trims the stream.
+    async fn write_batch(
+        &mut self,
+        ready: Prepared,
+        origin: Origin,
+        shutdown: &CancellationToken,
+    ) -> Result<usize> {
+        let Prepared { ids, batch, dead } = ready;
         // One span per batch, linked to the traces of the requests that
         // caused its events: one trace runs from the request to the audit row.
         let span = tracing::info_span!(
@@ -439,9 +483,11 @@ impl AuditConsumer {
             }
         }
         let started = Instant::now();
-        // A full batch of new entries means a backlog: read the next batch
-        // (without blocking, on a clone of the same multiplexed connection)
-        // while this one commits. The entries read ahead are only pending;
+        // A full batch of new entries means a backlog: read and decode the
+        // next batch (without blocking, on a clone of the same multiplexed
+        // connection, on a task of its own so that decoding runs beside the
+        // database's work) while this one commits. The entries read ahead are
+        // only pending;
         // they are written and acknowledged by the next step, after this
         // batch, so nothing is acknowledged before its commit and batches
         // still commit in stream order. Not when a claim is due, so that
@@ -453,11 +499,20 @@ impl AuditConsumer {
         .then(|| {
             let cmd = self.read_cmd(">", false);
             let mut redis = self.redis.clone();
-            async move {
-                cmd.query_async::<Option<StreamReadReply>>(&mut redis)
-                    .await
-                    .map(entries_of)
-            }
+            let stream = self.stream.clone();
+            let max_deliveries = self.cfg.max_deliveries;
+            tokio::spawn(async move {
+                let reply = cmd
+                    .query_async::<Option<StreamReadReply>>(&mut redis)
+                    .await?;
+                let entries = entries_of(reply);
+                Ok::<_, RedisError>(Prepared::new(
+                    &stream,
+                    entries,
+                    &HashMap::new(),
+                    max_deliveries,
+                ))
+            })
         });
         let (outcome, ahead) = tokio::join!(
             self.commit(&batch, &dead, shutdown)
@@ -470,10 +525,11 @@ impl AuditConsumer {
             }
         );
         match ahead {
-            Some(Ok(entries)) if !entries.is_empty() => self.ahead = Some(entries),
+            Some(Ok(Ok(ready))) if !ready.ids.is_empty() => self.ahead = Some(ready),
             // Entries a failed read may have delivered stay pending and are
             // recovered like any other.
-            Some(Err(e)) => tracing::debug!(err = %e, "reading ahead failed"),
+            Some(Ok(Err(e))) => tracing::debug!(err = %e, "reading ahead failed"),
+            Some(Err(e)) => tracing::warn!(err = %e, "reading ahead failed"),
             _ => {}
         }
         let outcome = outcome?;
@@ -504,8 +560,15 @@ impl AuditConsumer {
             dead_letters = outcome.dead_letters,
             "batch committed"
         );
-        if let Err(e) = self.trim().await {
-            tracing::warn!(err = %e, "trimming the stream failed");
+        // During a backlog (full batches) trim at most every TRIM_EVERY: each
+        // trim is three round trips, and the retention window dwarfs the
+        // pause. A batch that is not full means the consumer caught up: trim.
+        let trim_due = self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY);
+        if ids.len() < self.cfg.batch || trim_due {
+            self.last_trim = Some(Instant::now());
+            if let Err(e) = self.trim().await {
+                tracing::warn!(err = %e, "trimming the stream failed");
+            }
         }
         Ok(ids.len())
     }
@@ -571,22 +634,6 @@ impl AuditConsumer {
         Ok(total)
     }
 
-    fn dead_letter(&self, entry: &StreamId, reason: String, deliveries: u64) -> DeadLetter {
-        let fields: serde_json::Map<String, serde_json::Value> = entry
-            .map
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(lossy(v))))
-            .collect();
-        tracing::warn!(stream_id = %entry.id, reason = %reason, "dead letter");
-        DeadLetter {
-            stream: self.stream.clone(),
-            stream_id: entry.id.clone(),
-            fields: serde_json::Value::Object(fields).to_string(),
-            reason,
-            deliveries: deliveries as i64,
-        }
-    }
-
     /// Trims what the group has acknowledged, keeping the retention window.
     pub async fn trim(&mut self) -> Result<u64> {
         let safe = match safe_trim_point(&mut self.redis, &self.stream, &self.cfg.group).await? {
@@ -604,6 +651,23 @@ impl AuditConsumer {
             .query_async(&mut self.redis)
             .await?;
         Ok(n)
+    }
+}
+
+/// A stream entry of `stream` set aside, with its raw fields.
+fn dead_letter(stream: &str, entry: &StreamId, reason: String, deliveries: u64) -> DeadLetter {
+    let fields: serde_json::Map<String, serde_json::Value> = entry
+        .map
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(lossy(v))))
+        .collect();
+    tracing::warn!(stream_id = %entry.id, reason = %reason, "dead letter");
+    DeadLetter {
+        stream: stream.to_owned(),
+        stream_id: entry.id.clone(),
+        fields: serde_json::Value::Object(fields).to_string(),
+        reason,
+        deliveries: deliveries as i64,
     }
 }
 

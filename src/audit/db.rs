@@ -5,19 +5,69 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use crate::error::{Error, Result};
 
 /// Opens the audit database named by `DATABASE_URL` (SQLite file or
-/// PostgreSQL). The URL is never logged: it may hold a password.
+/// PostgreSQL; see [`connection_url`]). The URL is never logged: it may hold
+/// a password.
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
-    let mut opts = ConnectOptions::new(url.to_owned());
+    let mut opts = ConnectOptions::new(connection_url(url));
     opts.sqlx_logging(false)
         .max_connections(8)
         .connect_timeout(std::time::Duration::from_secs(5))
-        .acquire_timeout(std::time::Duration::from_secs(5));
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        // Ping a pooled connection before use only when it sat idle: under
+        // load every batch would otherwise pay one more round trip, and a
+        // connection that broke while busy fails its statement, which the
+        // worker retries like any outage.
+        .test_before_acquire_if_idle_for(std::time::Duration::from_secs(1));
     if url.starts_with("sqlite:") {
         // One writer at a time is all SQLite allows; more connections only
         // add lock contention.
         opts.max_connections(1);
     }
     Ok(Database::connect(opts).await?)
+}
+
+/// The URL the audit database is opened with: `url`, except that a
+/// PostgreSQL URL whose host is a loopback address (`localhost`, `127.0.0.1`,
+/// `::1`) and which says nothing about TLS (no `sslmode`, no `host=`
+/// parameter) gets `sslmode=disable`.
+///
+/// Without it the client would negotiate TLS (`sslmode=prefer`, the default)
+/// with a server that has `ssl = on`, as PostgreSQL's packages set it. On
+/// loopback TLS protects nothing (the traffic never leaves the machine, and
+/// `prefer` falls back to plain text anyway), but it costs: the client
+/// writes a request larger than one TLS record (16 KiB) in several writes,
+/// and without `TCP_NODELAY` (sqlx 0.9.0 does not set it) all but the first
+/// wait for the server's delayed ACK, about 40 ms each. The audit sink keeps
+/// its requests under 16 KiB when TLS is possible, which costs round trips;
+/// without TLS it sends a batch in one statement per step. A URL that names
+/// `sslmode` (`require`, `prefer`, …) is used as it is.
+pub fn connection_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return url.to_owned();
+    }
+    let loopback = match parsed.host() {
+        // `postgres:` is not a special scheme to the URL standard, so an
+        // IPv4 address comes back as a domain.
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || d.parse::<std::net::Ipv4Addr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    let says = parsed
+        .query_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("sslmode") || k.eq_ignore_ascii_case("host"));
+    if !loopback || says {
+        return url.to_owned();
+    }
+    parsed.query_pairs_mut().append_pair("sslmode", "disable");
+    parsed.into()
 }
 
 /// Applies every pending migration; returns how many were applied.
@@ -40,5 +90,41 @@ pub async fn require_current_schema(db: &DatabaseConnection) -> Result<()> {
         Err(e) => Err(Error::Schema(format!(
             "cannot read the audit schema ({e}); run `vedfolnir-sessions migrate` with this version"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_url;
+
+    #[test]
+    fn loopback_postgres_without_sslmode_connects_without_tls() {
+        assert_eq!(
+            connection_url("postgres://postgres@127.0.0.1:5432/audit"),
+            "postgres://postgres@127.0.0.1:5432/audit?sslmode=disable"
+        );
+        assert_eq!(
+            connection_url("postgresql://u:p@localhost/audit?application_name=w"),
+            "postgresql://u:p@localhost/audit?application_name=w&sslmode=disable"
+        );
+        assert_eq!(
+            connection_url("postgres://[::1]/audit"),
+            "postgres://[::1]/audit?sslmode=disable"
+        );
+    }
+
+    #[test]
+    fn other_urls_are_used_as_they_are() {
+        for url in [
+            "postgres://postgres@127.0.0.1/audit?sslmode=require",
+            "postgres://postgres@127.0.0.1/audit?SSLMODE=prefer",
+            "postgres://postgres@localhost/audit?host=/var/run/postgresql",
+            "postgres://postgres@db.internal/audit",
+            "postgres://postgres@10.0.0.5/audit",
+            "sqlite://audit.db?mode=rwc",
+            "not a url",
+        ] {
+            assert_eq!(connection_url(url), url);
+        }
     }
 }

@@ -16,13 +16,21 @@
 //! The caller acknowledges the stream entries only after this commits.
 //!
 //! On PostgreSQL, steps 1–3 use constant statements over binary arrays
-//! (`INSERT … SELECT … FROM unnest(…) … RETURNING event_id`), each request
-//! kept under 16 KiB so that no part of it waits for a delayed ACK; only the
-//! events the insert did not return are looked up again (see
-//! [`postgres`](self::postgres) for why, and what the bound costs). SQLite
-//! uses multi-row `INSERT`s chunked under its bind-parameter limit.
+//! (`INSERT … SELECT … FROM unnest(…)`), each request kept under 16 KiB on a
+//! connection that may use TLS so that no part of it waits for a delayed ACK
+//! (see [`postgres`](self::postgres) for why, and what the bound costs).
+//! Step 1 first runs as a plain insert, the cheapest statement PostgreSQL has
+//! for it; when that meets a unique violation the transaction is rolled back
+//! and the batch written again with `ON CONFLICT DO NOTHING RETURNING
+//! event_id`, and only the events that did not come back are looked up
+//! again. After such a batch the next [`CAUTIOUS_BATCHES`] go straight to the
+//! checked statement (a worker behind `DB_SESSION_SYNC` sees duplicates in
+//! every batch). SQLite uses multi-row `INSERT`s chunked under its
+//! bind-parameter limit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -37,6 +45,8 @@ use uuid::Uuid;
 
 mod postgres;
 
+use postgres::Insert;
+
 use super::entity::session_events::EventSource;
 use super::entity::session_snapshots::SnapshotStatus;
 use super::entity::{dead_letters, session_events, session_snapshots};
@@ -47,6 +57,10 @@ use crate::session::{Session, Status};
 /// Rows per multi-row insert: 12 columns × 1000 stays well under both
 /// SQLite's 32766 and PostgreSQL's 65535 bind parameters.
 const CHUNK: usize = 1000;
+
+/// Batches written with the checked insert after a plain insert met a
+/// duplicate, before the sink tries the plain one again.
+pub const CAUTIOUS_BATCHES: u32 = 16;
 
 /// One event on its way into the database.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +107,11 @@ pub struct AuditSink {
     db: DatabaseConnection,
     session_timeout: Duration,
     stream: String,
+    /// The most bytes one PostgreSQL statement sends.
+    request_bytes: usize,
+    /// Batches left to write with the checked insert before trying a plain
+    /// one again; shared by clones.
+    cautious: Arc<AtomicU32>,
 }
 
 impl AuditSink {
@@ -105,9 +124,11 @@ impl AuditSink {
         stream: impl Into<String>,
     ) -> Self {
         AuditSink {
+            request_bytes: postgres::request_bytes(&db),
             db,
             session_timeout,
             stream: stream.into(),
+            cautious: Arc::new(AtomicU32::new(0)),
         }
     }
 
@@ -116,13 +137,45 @@ impl AuditSink {
         &self.db
     }
 
+    /// The most bytes one PostgreSQL statement of the sink sends: 16 KiB on
+    /// a connection that may use TLS, much more on one that cannot (see
+    /// [`postgres`](self::postgres)).
+    pub fn statement_bytes(&self) -> usize {
+        self.request_bytes
+    }
+
     /// Writes a batch in one transaction (see the module docs).
     #[tracing::instrument(skip_all, fields(events = batch.len(), dead = dead.len()), err)]
     pub async fn write(&self, batch: &[Incoming], dead: &[DeadLetter]) -> Result<BatchOutcome> {
+        if self.try_plain(batch) {
+            let txn = self.db.begin().await?;
+            match self.write_in(&txn, batch, dead, Insert::Plain).await {
+                Ok(out) => {
+                    txn.commit().await?;
+                    return Ok(out);
+                }
+                Err(e) if postgres::is_unique_violation(&e) => {
+                    txn.rollback().await?;
+                    self.cautious.store(CAUTIOUS_BATCHES, Ordering::Relaxed);
+                    tracing::debug!("batch holds an event already stored; writing it checked");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let txn = self.db.begin().await?;
-        let out = self.write_in(&txn, batch, dead).await?;
+        let out = self.write_in(&txn, batch, dead, Insert::Checked).await?;
         txn.commit().await?;
         Ok(out)
+    }
+
+    /// Whether to try `batch` with a plain insert first (see the module docs).
+    fn try_plain(&self, batch: &[Incoming]) -> bool {
+        if batch.is_empty() || self.db.get_database_backend() != DbBackend::Postgres {
+            return false;
+        }
+        self.cautious
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_err()
     }
 
     async fn write_in(
@@ -130,6 +183,7 @@ impl AuditSink {
         txn: &DatabaseTransaction,
         batch: &[Incoming],
         dead: &[DeadLetter],
+        insert: Insert,
     ) -> Result<BatchOutcome> {
         let mut out = BatchOutcome::default();
         let recorded_at = Utc::now();
@@ -139,13 +193,15 @@ impl AuditSink {
             .iter()
             .filter(|i| seen.insert(i.event.event_id))
             .collect();
+        let postgres = txn.get_database_backend() == DbBackend::Postgres;
+        if postgres && insert == Insert::Plain {
+            return self.write_plain(txn, &batch, dead, recorded_at).await;
+        }
         let present = match txn.get_database_backend() {
             DbBackend::Postgres => {
-                let rows: Vec<(&Incoming, String)> = batch
-                    .iter()
-                    .map(|i| (*i, i.event.kind.payload_json()))
-                    .collect();
-                let mut present = postgres::insert_events(txn, &rows, recorded_at).await?;
+                let bound = self.request_bytes;
+                let statements = postgres::event_statements(&batch, recorded_at, bound, insert);
+                let mut present = postgres::run_event_statements(txn, statements, insert).await?;
                 out.inserted = present.len() as u64;
                 // Only rows that were not inserted can be redeliveries or
                 // seq conflicts; tell them apart by their event id.
@@ -155,7 +211,7 @@ impl AuditSink {
                     .filter(|id| !present.contains(id))
                     .collect();
                 if !skipped.is_empty() {
-                    present.extend(postgres::present_event_ids(txn, &skipped).await?);
+                    present.extend(postgres::present_event_ids(txn, &skipped, bound).await?);
                 }
                 present
             }
@@ -208,23 +264,52 @@ impl AuditSink {
         }
         out.duplicates = (accepted.len() as u64).saturating_sub(out.inserted);
         out.snapshots = self.advance_snapshots(txn, &accepted).await?;
-        for chunk in dead.chunks(CHUNK) {
-            let rows = chunk.iter().map(|d| dead_letters::ActiveModel {
-                id: Default::default(),
-                stream: Set(d.stream.clone()),
-                stream_id: Set(d.stream_id.clone()),
-                fields: Set(d.fields.clone()),
-                reason: Set(d.reason.clone()),
-                deliveries: Set(d.deliveries),
-                recorded_at: Set(recorded_at),
-            });
-            let n = dead_letters::Entity::insert_many(rows)
-                .on_conflict(OnConflict::new().do_nothing().to_owned())
-                .exec_without_returning(txn)
-                .await?;
-            out.dead_letters += n;
-        }
+        out.dead_letters = insert_dead_letters(txn, &dead, recorded_at).await?;
         Ok(out)
+    }
+
+    /// The plain-insert path on PostgreSQL (see the module docs). Every event
+    /// of `batch` goes in or the statement fails, so the newest `seq` of each
+    /// session after the insert is known before it runs: the snapshots are
+    /// read first, and the fold runs while PostgreSQL inserts the events.
+    async fn write_plain(
+        &self,
+        txn: &DatabaseTransaction,
+        batch: &[&Incoming],
+        dead: &[DeadLetter],
+        recorded_at: DateTime<Utc>,
+    ) -> Result<BatchOutcome> {
+        let bound = self.request_bytes;
+        let by_session = by_session(batch);
+        let ids: Vec<&str> = by_session.keys().copied().collect();
+        // The insert's arrays are built while the snapshots are read.
+        let (loaded, statements) = tokio::join!(postgres::load_sessions(txn, &ids, bound), async {
+            postgres::event_statements(batch, recorded_at, bound, Insert::Plain)
+        });
+        let (snapshots, mut newest) = loaded?;
+        for i in batch {
+            let n = newest.entry(i.event.session_id.to_string()).or_insert(0);
+            *n = Ord::max(*n, i.event.seq as i64);
+        }
+        let now = Utc::now();
+        let (inserted, planned) = tokio::join!(
+            postgres::run_event_statements(txn, statements, Insert::Plain),
+            async { self.plan_snapshots(by_session, &snapshots, &newest, now) }
+        );
+        let inserted = inserted?.len() as u64;
+        let (mut upserts, behind) = planned?;
+        for b in behind {
+            let run = self.history_after(txn, b.sid, b.from).await?;
+            upserts.extend(self.fold_run(b.sid, b.state, &run, now));
+        }
+        postgres::upsert_snapshots(txn, &upserts, now, bound).await?;
+        Ok(BatchOutcome {
+            inserted,
+            duplicates: 0,
+            seq_conflicts: 0,
+            snapshots: upserts.len() as u64,
+            dead_letters: insert_dead_letters(txn, dead, recorded_at).await?,
+        })
     }
 
     /// Folds every session of the batch forward from its snapshot.
@@ -233,13 +318,7 @@ impl AuditSink {
         txn: &DatabaseTransaction,
         batch: &[&Incoming],
     ) -> Result<u64> {
-        let mut by_session: BTreeMap<&str, Vec<&Incoming>> = BTreeMap::new();
-        for i in batch {
-            by_session
-                .entry(i.event.session_id.as_str())
-                .or_default()
-                .push(i);
-        }
+        let by_session = by_session(batch);
         let ids: Vec<&str> = by_session.keys().copied().collect();
         let postgres = txn.get_database_backend() == DbBackend::Postgres;
         // The newest seq each session has in the table now (this batch
@@ -247,7 +326,7 @@ impl AuditSink {
         // entry claimed late, a synchronous write racing the consumer) must
         // still fold up to it.
         let (snapshots, newest) = if postgres {
-            postgres::load_sessions(txn, &ids).await?
+            postgres::load_sessions(txn, &ids, self.request_bytes).await?
         } else {
             let mut snapshots: HashMap<String, session_snapshots::Model> = HashMap::new();
             for chunk in ids.chunks(CHUNK) {
@@ -273,66 +352,14 @@ impl AuditSink {
             (snapshots, newest)
         };
         let now = Utc::now();
-        let mut upserts = Vec::new();
-        for (sid, mut events) in by_session {
-            events.sort_by_key(|i| i.event.seq);
-            let (mut state, from) = match snapshots.get(sid) {
-                Some(s) => (
-                    Session::from_json(&s.state)
-                        .map_err(|e| Error::Corrupt(format!("snapshot of {sid}: {e}")))?
-                        .with_status(status_of(s.status)),
-                    s.seq as u64,
-                ),
-                None => (Session::default(), 0),
-            };
-            let pending: Vec<&Incoming> =
-                events.into_iter().filter(|i| i.event.seq > from).collect();
-            let table_newest = newest.get(sid).copied().unwrap_or(0) as u64;
-            if pending.is_empty() && table_newest <= from {
-                continue;
-            }
-            let contiguous = pending
-                .iter()
-                .enumerate()
-                .all(|(k, i)| i.event.seq == from + 1 + k as u64);
-            let batch_newest = pending.last().map_or(from, |i| i.event.seq);
-            let run: Vec<Incoming> = if contiguous && batch_newest == table_newest {
-                pending.into_iter().cloned().collect()
-            } else {
-                // Out of order, or newer events already committed: fold from
-                // the table, which holds every event committed so far.
-                self.history_after(txn, sid, from).await?
-            };
-            let mut last: Option<&Incoming> = None;
-            let mut deadline_from: Option<&Incoming> = None;
-            for i in &run {
-                if i.event.seq != state.version() + 1 {
-                    break;
-                }
-                state = state.apply(&i.event);
-                if state.status() == Status::Live {
-                    deadline_from = Some(i);
-                }
-                last = Some(i);
-            }
-            let Some(last) = last else { continue };
-            let expires_at = match (state.status(), deadline_from) {
-                (Status::Live, Some(i)) => Some(self.deadline(i)),
-                _ => None,
-            };
-            upserts.push(session_snapshots::Model {
-                session_id: sid.to_owned(),
-                user_id: state.user_id().or_else(|| last.event.user_id.clone()),
-                state: state.to_json(),
-                seq: state.version() as i64,
-                status: snapshot_status(state.status()),
-                expires_at,
-                updated_at: now,
-            });
+        let (mut upserts, behind) = self.plan_snapshots(by_session, &snapshots, &newest, now)?;
+        for b in behind {
+            let run = self.history_after(txn, b.sid, b.from).await?;
+            upserts.extend(self.fold_run(b.sid, b.state, &run, now));
         }
         let n = upserts.len() as u64;
         if postgres {
-            postgres::upsert_snapshots(txn, &upserts, now).await?;
+            postgres::upsert_snapshots(txn, &upserts, now, self.request_bytes).await?;
             return Ok(n);
         }
         for chunk in upserts.chunks(CHUNK) {
@@ -368,6 +395,86 @@ impl AuditSink {
         Ok(n)
     }
 
+    /// Folds the sessions whose new events continue their snapshot and are
+    /// the newest the table holds; the others (out of order, or newer events
+    /// already committed) are returned to be folded from the table.
+    fn plan_snapshots<'a>(
+        &self,
+        by_session: BTreeMap<&'a str, Vec<&'a Incoming>>,
+        snapshots: &HashMap<String, session_snapshots::Model>,
+        newest: &HashMap<String, i64>,
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<session_snapshots::Model>, Vec<Behind<'a>>)> {
+        let mut upserts = Vec::with_capacity(by_session.len());
+        let mut behind = Vec::new();
+        for (sid, mut events) in by_session {
+            events.sort_by_key(|i| i.event.seq);
+            let (state, from) = match snapshots.get(sid) {
+                Some(s) => (
+                    Session::from_json(&s.state)
+                        .map_err(|e| Error::Corrupt(format!("snapshot of {sid}: {e}")))?
+                        .with_status(status_of(s.status)),
+                    s.seq as u64,
+                ),
+                None => (Session::default(), 0),
+            };
+            let pending: Vec<&Incoming> =
+                events.into_iter().filter(|i| i.event.seq > from).collect();
+            let table_newest = newest.get(sid).copied().unwrap_or(0) as u64;
+            if pending.is_empty() && table_newest <= from {
+                continue;
+            }
+            let contiguous = pending
+                .iter()
+                .enumerate()
+                .all(|(k, i)| i.event.seq == from + 1 + k as u64);
+            let batch_newest = pending.last().map_or(from, |i| i.event.seq);
+            if contiguous && batch_newest == table_newest {
+                upserts.extend(self.fold_run(sid, state, pending, now));
+            } else {
+                behind.push(Behind { sid, state, from });
+            }
+        }
+        Ok((upserts, behind))
+    }
+
+    /// Folds `run` (oldest first) onto `state` up to the first gap; the new
+    /// snapshot, or `None` when nothing applied.
+    fn fold_run<'a>(
+        &self,
+        sid: &str,
+        mut state: Session,
+        run: impl IntoIterator<Item = &'a Incoming>,
+        now: DateTime<Utc>,
+    ) -> Option<session_snapshots::Model> {
+        let mut last: Option<&Incoming> = None;
+        let mut deadline_from: Option<&Incoming> = None;
+        for i in run {
+            if i.event.seq != state.version() + 1 {
+                break;
+            }
+            state.apply_mut(&i.event);
+            if state.status() == Status::Live {
+                deadline_from = Some(i);
+            }
+            last = Some(i);
+        }
+        let last = last?;
+        let expires_at = match (state.status(), deadline_from) {
+            (Status::Live, Some(i)) => Some(self.deadline(i)),
+            _ => None,
+        };
+        Some(session_snapshots::Model {
+            session_id: sid.to_owned(),
+            user_id: state.user_id().or_else(|| last.event.user_id.clone()),
+            state: state.to_json(),
+            seq: state.version() as i64,
+            status: snapshot_status(state.status()),
+            expires_at,
+            updated_at: now,
+        })
+    }
+
     async fn history_after(
         &self,
         txn: &DatabaseTransaction,
@@ -395,6 +502,48 @@ impl AuditSink {
             .unwrap_or_else(|| i.event.occurred_at.datetime());
         base + chrono::Duration::from_std(self.session_timeout).unwrap_or_default()
     }
+}
+
+/// A session whose snapshot must be folded from the table.
+struct Behind<'a> {
+    sid: &'a str,
+    state: Session,
+    from: u64,
+}
+
+/// The batch's events per session.
+fn by_session<'a>(batch: &[&'a Incoming]) -> BTreeMap<&'a str, Vec<&'a Incoming>> {
+    let mut out: BTreeMap<&str, Vec<&Incoming>> = BTreeMap::new();
+    for i in batch {
+        out.entry(i.event.session_id.as_str()).or_default().push(i);
+    }
+    out
+}
+
+/// Inserts dead letters, skipping any already recorded; returns how many
+/// went in.
+async fn insert_dead_letters(
+    txn: &DatabaseTransaction,
+    dead: &[DeadLetter],
+    recorded_at: DateTime<Utc>,
+) -> Result<u64> {
+    let mut total = 0;
+    for chunk in dead.chunks(CHUNK) {
+        let rows = chunk.iter().map(|d| dead_letters::ActiveModel {
+            id: Default::default(),
+            stream: Set(d.stream.clone()),
+            stream_id: Set(d.stream_id.clone()),
+            fields: Set(d.fields.clone()),
+            reason: Set(d.reason.clone()),
+            deliveries: Set(d.deliveries),
+            recorded_at: Set(recorded_at),
+        });
+        total += dead_letters::Entity::insert_many(rows)
+            .on_conflict(OnConflict::new().do_nothing().to_owned())
+            .exec_without_returning(txn)
+            .await?;
+    }
+    Ok(total)
 }
 
 /// The milliseconds part of a stream id (`1732780800000-0`).

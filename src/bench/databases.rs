@@ -143,16 +143,18 @@ fn database_url(server: &str, db: &str) -> String {
 }
 
 /// How the client reaches PostgreSQL: `unix` when the URL names a socket
-/// directory, `tcp` otherwise.
+/// directory, `tcp` without TLS, `tcp+tls` when TLS may be negotiated (the
+/// URL the worker would open, [`crate::audit::db::connection_url`]).
 fn transport(url: &str) -> &'static str {
+    let url = crate::audit::db::connection_url(url);
     let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
-    if query
-        .split('&')
-        .any(|kv| kv.starts_with("host=/") || kv.starts_with("host=%2F"))
-    {
+    let mut params = query.split('&');
+    if params.any(|kv| kv.starts_with("host=/") || kv.starts_with("host=%2F")) {
         "unix"
-    } else {
+    } else if query.split('&').any(|kv| kv == "sslmode=disable") {
         "tcp"
+    } else {
+        "tcp+tls"
     }
 }
 

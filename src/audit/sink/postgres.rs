@@ -21,13 +21,29 @@
 //! time; without TLS, or with `TCP_NODELAY`, there is no stall at any size.
 //! (BENCHMARKS.md, "Audit suite", has the numbers and the commands.)
 //!
-//! So every statement here carries at most [`REQUEST_BYTES`] of messages
+//! So on a connection that may use TLS, every statement here carries at most
+//! [`REQUEST_BYTES`] of messages
 //! (`Bind`, `Execute`, `Sync`; the statement text itself is sent once, when
 //! sqlx prepares it, in a request of its own), estimated from the rows'
 //! sizes in PostgreSQL's binary array format. A single row larger than that
 //! (a session near `SESSION_MAX_BYTES`) still goes, alone, and pays the
 //! stall once. Once a sqlx release sets `TCP_NODELAY` again the bound costs
-//! only the extra round trips of smaller statements.
+//! only the extra round trips of smaller statements. A connection that cannot
+//! use TLS (a Unix socket, or `sslmode=disable`) has no stall to avoid, and
+//! its statements are bounded by [`PLAIN_REQUEST_BYTES`] only, so a batch is
+//! one statement per step ([`request_bytes`]).
+//!
+//! # Inserting events: plain first
+//!
+//! `ON CONFLICT DO NOTHING` makes PostgreSQL insert speculatively, checking
+//! every unique index before and after the row goes in: measured on the same
+//! 100,000 rows, a plain `INSERT … SELECT` took 22–25 µs per row and the same
+//! statement with `ON CONFLICT DO NOTHING` 31–39 µs. A batch of entries read
+//! for the first time almost never holds an event already in the table, so
+//! the sink first inserts it with a plain statement ([`Insert::Plain`]); a
+//! unique violation (a redelivery, a seq conflict) rolls that transaction
+//! back and the batch is written again with the checked statement
+//! ([`Insert::Checked`]), which tells duplicates and conflicts apart.
 //!
 //! Nullable text columns travel as text arrays whose empty strings become
 //! `NULL` (`NULLIF`): sea-query binds arrays without null elements. An empty
@@ -37,7 +53,10 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ActiveEnum as _, ConnectionTrait, DbBackend, Statement, Value};
+use sea_orm::{
+    ActiveEnum as _, ConnectionTrait, DatabaseConnection, DatabaseConnectionType, DbBackend,
+    Statement, Value,
+};
 use uuid::Uuid;
 
 use super::Incoming;
@@ -47,6 +66,45 @@ use crate::error::{Error, Result};
 /// The most bytes of protocol messages one statement may send: one TLS
 /// record's plaintext (see the module docs).
 pub(super) const REQUEST_BYTES: usize = 16 * 1024;
+
+/// The most bytes one statement may send on a connection without TLS: enough
+/// for a whole batch of events at the largest `AUDIT_BATCH_SIZE`, while
+/// bounding what one request holds in memory.
+pub(super) const PLAIN_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+
+/// The request bound for `db`: [`REQUEST_BYTES`] when its connections may
+/// negotiate TLS over TCP, [`PLAIN_REQUEST_BYTES`] when they cannot.
+pub(super) fn request_bytes(db: &DatabaseConnection) -> usize {
+    use sea_orm::sqlx::postgres::PgSslMode;
+    let DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &db.inner else {
+        return REQUEST_BYTES;
+    };
+    let options = db.get_postgres_connection_pool().connect_options();
+    let unix = options.get_socket().is_some() || options.get_host().starts_with('/');
+    if unix || matches!(options.get_ssl_mode(), PgSslMode::Disable) {
+        PLAIN_REQUEST_BYTES
+    } else {
+        REQUEST_BYTES
+    }
+}
+
+/// How [`insert_events`] treats rows whose `event_id` or `(session_id, seq)`
+/// is already taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Insert {
+    /// A plain `INSERT`: any such row fails the statement (and the
+    /// transaction) with a unique violation.
+    Plain,
+    /// `ON CONFLICT DO NOTHING RETURNING event_id`: such rows are skipped and
+    /// the inserted ones named.
+    Checked,
+}
+
+/// True when `e` is the unique violation a plain insert fails with.
+pub(super) fn is_unique_violation(e: &Error) -> bool {
+    matches!(e, Error::Database(db)
+        if matches!(db.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_))))
+}
 
 /// What a statement sends besides its rows, generously: the `Bind` header
 /// (statement name, format codes, one array header of 20 bytes per
@@ -64,15 +122,19 @@ const fn fixed(n: usize) -> usize {
     4 + n
 }
 
-/// Splits `items` into runs whose estimated size stays within
-/// [`REQUEST_BYTES`]; a run holds at least one item.
-pub(super) fn chunks_by_bytes<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+/// Splits `items` into runs whose estimated size stays within `bound` bytes;
+/// a run holds at least one item.
+pub(super) fn chunks_by_bytes<T>(
+    items: &[T],
+    bound: usize,
+    size: impl Fn(&T) -> usize,
+) -> Vec<&[T]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = STATEMENT_OVERHEAD;
     for (k, item) in items.iter().enumerate() {
         let n = size(item);
-        if k > start && bytes + n > REQUEST_BYTES {
+        if k > start && bytes + n > bound {
             out.push(&items[start..k]);
             start = k;
             bytes = STATEMENT_OVERHEAD;
@@ -101,26 +163,41 @@ fn event_bytes(i: &Incoming, payload: &str) -> usize {
         + text(e.traceparent.as_deref().unwrap_or_default())
 }
 
-const INSERT_EVENTS: &str = r#"INSERT INTO "session_events" ("event_id", "session_id", "seq", "event_type", "user_id", "occurred_at", "recorded_at", "stream_id", "schema_version", "payload", "traceparent", "source")
+const INSERT_EVENTS_HEAD: &str = r#"INSERT INTO "session_events" ("event_id", "session_id", "seq", "event_type", "user_id", "occurred_at", "recorded_at", "stream_id", "schema_version", "payload", "traceparent", "source")
 SELECT e.event_id, e.session_id, e.seq, e.event_type, NULLIF(e.user_id, ''), e.occurred_at, $1,
        NULLIF(e.stream_id, ''), e.schema_version, e.payload, NULLIF(e.traceparent, ''),
        CASE WHEN e.stream_id = '' THEN 'fallback' ELSE 'stream' END
 FROM unnest($2::uuid[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::timestamptz[],
             $8::text[], $9::int4[], $10::text[], $11::text[])
      AS e(event_id, session_id, seq, event_type, user_id, occurred_at, stream_id,
-          schema_version, payload, traceparent)
-ON CONFLICT DO NOTHING
-RETURNING "event_id""#;
+          schema_version, payload, traceparent)"#;
 
-/// Inserts `rows` (distinct event ids), skipping any whose `event_id` or
-/// `(session_id, seq)` is taken; returns the event ids inserted.
-pub(super) async fn insert_events(
-    txn: &impl ConnectionTrait,
-    rows: &[(&Incoming, String)],
+/// The event insert's statement text.
+fn insert_events_sql(insert: Insert) -> String {
+    match insert {
+        Insert::Plain => INSERT_EVENTS_HEAD.to_owned(),
+        Insert::Checked => {
+            format!("{INSERT_EVENTS_HEAD}\nON CONFLICT DO NOTHING\nRETURNING \"event_id\"")
+        }
+    }
+}
+
+/// The statements that insert `batch` (distinct event ids), each with the
+/// event ids it carries: one per run of rows under `bound` bytes. Pure work
+/// on the client, so it can run while the database does something else.
+pub(super) fn event_statements(
+    batch: &[&Incoming],
     recorded_at: DateTime<Utc>,
-) -> Result<HashSet<Uuid>> {
-    let mut inserted = HashSet::with_capacity(rows.len());
-    for chunk in chunks_by_bytes(rows, |(i, payload)| event_bytes(i, payload)) {
+    bound: usize,
+    insert: Insert,
+) -> Vec<(Statement, Vec<Uuid>)> {
+    let rows: Vec<(&Incoming, String)> = batch
+        .iter()
+        .map(|i| (*i, i.event.kind.payload_json()))
+        .collect();
+    let sql = insert_events_sql(insert);
+    let mut out = Vec::new();
+    for chunk in chunks_by_bytes(&rows, bound, |(i, payload)| event_bytes(i, payload)) {
         let n = chunk.len();
         let mut event_id = Vec::with_capacity(n);
         let mut session_id = Vec::with_capacity(n);
@@ -145,6 +222,7 @@ pub(super) async fn insert_events(
             payloads.push(payload.clone());
             traceparent.push(e.traceparent.clone().unwrap_or_default());
         }
+        let ids = event_id.clone();
         let values: Vec<Value> = vec![
             recorded_at.into(),
             event_id.into(),
@@ -158,9 +236,32 @@ pub(super) async fn insert_events(
             payloads.into(),
             traceparent.into(),
         ];
-        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, INSERT_EVENTS, values);
-        for row in txn.query_all_raw(stmt).await? {
-            inserted.insert(row.try_get_by_index::<Uuid>(0)?);
+        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql.as_str(), values);
+        out.push((stmt, ids));
+    }
+    out
+}
+
+/// Runs [`event_statements`] and returns the event ids inserted.
+/// [`Insert::Checked`] skips rows whose `event_id` or `(session_id, seq)` is
+/// taken; [`Insert::Plain`] fails on them with a unique violation.
+pub(super) async fn run_event_statements(
+    txn: &impl ConnectionTrait,
+    statements: Vec<(Statement, Vec<Uuid>)>,
+    insert: Insert,
+) -> Result<HashSet<Uuid>> {
+    let mut inserted = HashSet::new();
+    for (stmt, ids) in statements {
+        match insert {
+            Insert::Plain => {
+                txn.execute_raw(stmt).await?;
+                inserted.extend(ids);
+            }
+            Insert::Checked => {
+                for row in txn.query_all_raw(stmt).await? {
+                    inserted.insert(row.try_get_by_index::<Uuid>(0)?);
+                }
+            }
         }
     }
     Ok(inserted)
@@ -173,9 +274,10 @@ const PRESENT_EVENT_IDS: &str =
 pub(super) async fn present_event_ids(
     txn: &impl ConnectionTrait,
     ids: &[Uuid],
+    bound: usize,
 ) -> Result<HashSet<Uuid>> {
     let mut present = HashSet::with_capacity(ids.len());
-    for chunk in chunks_by_bytes(ids, |_| fixed(16)) {
+    for chunk in chunks_by_bytes(ids, bound, |_| fixed(16)) {
         let stmt = Statement::from_sql_and_values(
             DbBackend::Postgres,
             PRESENT_EVENT_IDS,
@@ -203,13 +305,14 @@ LEFT JOIN "session_snapshots" p ON p."session_id" = s.id"#;
 pub(super) async fn load_sessions(
     txn: &impl ConnectionTrait,
     ids: &[&str],
+    bound: usize,
 ) -> Result<(
     HashMap<String, session_snapshots::Model>,
     HashMap<String, i64>,
 )> {
     let mut snapshots = HashMap::with_capacity(ids.len());
     let mut newest = HashMap::with_capacity(ids.len());
-    for chunk in chunks_by_bytes(ids, |s| text(s)) {
+    for chunk in chunks_by_bytes(ids, bound, |s| text(s)) {
         let arg: Vec<String> = chunk.iter().map(|s| (*s).to_owned()).collect();
         let stmt = Statement::from_sql_and_values(DbBackend::Postgres, LOAD_SESSIONS, [arg.into()]);
         for row in txn.query_all_raw(stmt).await? {
@@ -268,8 +371,9 @@ pub(super) async fn upsert_snapshots(
     txn: &impl ConnectionTrait,
     rows: &[session_snapshots::Model],
     updated_at: DateTime<Utc>,
+    bound: usize,
 ) -> Result<()> {
-    for chunk in chunks_by_bytes(rows, snapshot_bytes) {
+    for chunk in chunks_by_bytes(rows, bound, snapshot_bytes) {
         let n = chunk.len();
         let mut session_id = Vec::with_capacity(n);
         let mut user_id = Vec::with_capacity(n);
@@ -310,7 +414,7 @@ mod tests {
     #[test]
     fn chunks_stay_under_the_bound_and_keep_every_item() {
         let sizes: Vec<usize> = (0..500).map(|k| 100 + (k * 37) % 900).collect();
-        let chunks = chunks_by_bytes(&sizes, |n| *n);
+        let chunks = chunks_by_bytes(&sizes, REQUEST_BYTES, |n| *n);
         assert!(chunks.len() > 1);
         for c in &chunks {
             let bytes: usize = STATEMENT_OVERHEAD + c.iter().sum::<usize>();
@@ -323,8 +427,8 @@ mod tests {
     #[test]
     fn an_item_over_the_bound_goes_alone() {
         let sizes = [10, REQUEST_BYTES * 2, 10, 10];
-        let chunks = chunks_by_bytes(&sizes, |n| *n);
+        let chunks = chunks_by_bytes(&sizes, REQUEST_BYTES, |n| *n);
         assert_eq!(chunks, vec![&sizes[..1], &sizes[1..2], &sizes[2..]]);
-        assert!(chunks_by_bytes(&[] as &[usize], |n| *n).is_empty());
+        assert!(chunks_by_bytes(&[] as &[usize], REQUEST_BYTES, |n| *n).is_empty());
     }
 }
