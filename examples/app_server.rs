@@ -12,6 +12,10 @@
 //! `both`). `METRICS_LISTEN` serves Prometheus metrics at `/metrics`;
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` exports traces.
 
+#[cfg(feature = "allocator")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "app_server/app.rs"]
 mod app;
 

@@ -18,6 +18,12 @@ use vedfolnir_sessions::reaper::ReaperConfig;
 use vedfolnir_sessions::telemetry::export;
 use vedfolnir_sessions::worker::{self, Parts};
 
+// Decoding stream replies and folding sessions allocate many small values;
+// mimalloc serves them faster than glibc's malloc (BENCHMARKS.md,
+// "Allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Only {
     Audit,
