@@ -487,11 +487,10 @@ impl AuditConsumer {
         // next batch (without blocking, on a clone of the same multiplexed
         // connection, on a task of its own so that decoding runs beside the
         // database's work) while this one commits. The entries read ahead are
-        // only pending;
-        // they are written and acknowledged by the next step, after this
-        // batch, so nothing is acknowledged before its commit and batches
-        // still commit in stream order. Not when a claim is due, so that
-        // recovery gets its turn, nor after shutdown.
+        // only pending; they are written and acknowledged by the next step,
+        // after this batch, so nothing is acknowledged before its commit and
+        // batches still commit in stream order. Not when a claim is due, so
+        // that recovery gets its turn, nor after shutdown.
         let read_ahead = (origin == Origin::New
             && ids.len() >= self.cfg.batch
             && !self.claim_due()
