@@ -65,64 +65,63 @@ impl Session {
 
     /// [`Session::apply`] in place, for folds that keep only the result.
     pub fn apply_mut(&mut self, event: &Event) {
-        let next = self;
-        next.version = event.seq;
+        self.version = event.seq;
         let at = Value::String(event.occurred_at.to_string());
         match &event.kind {
             EventKind::Created { fields, .. } => {
-                next.data = fields
+                self.data = fields
                     .iter()
                     .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
-                next.data.insert("created_at".to_owned(), at.clone());
-                next.data.insert("last_activity".to_owned(), at.clone());
-                next.data.insert("_last_updated".to_owned(), at);
-                next.status = Status::Live;
+                self.data.insert("created_at".to_owned(), at.clone());
+                self.data.insert("last_activity".to_owned(), at.clone());
+                self.data.insert("_last_updated".to_owned(), at);
+                self.status = Status::Live;
             }
             EventKind::Updated { set, unset } => {
                 for k in unset {
                     if !RESERVED_KEYS.contains(&k.as_str()) {
-                        next.data.remove(k);
+                        self.data.remove(k);
                     }
                 }
                 for (k, v) in set {
                     if !RESERVED_KEYS.contains(&k.as_str()) {
-                        next.data.insert(k.clone(), v.clone());
+                        self.data.insert(k.clone(), v.clone());
                     }
                 }
-                next.data.insert("last_activity".to_owned(), at.clone());
-                next.data.insert("_last_updated".to_owned(), at);
+                self.data.insert("last_activity".to_owned(), at.clone());
+                self.data.insert("_last_updated".to_owned(), at);
             }
             EventKind::Touched { last_activity } => {
-                next.data.insert(
+                self.data.insert(
                     "last_activity".to_owned(),
                     Value::String(last_activity.to_string()),
                 );
-                next.data.insert("_last_updated".to_owned(), at);
+                self.data.insert("_last_updated".to_owned(), at);
             }
             EventKind::PlatformSwitched(p) => {
-                next.data.insert(
+                self.data.insert(
                     "platform_connection_id".to_owned(),
                     Value::from(p.platform_connection_id),
                 );
-                next.data.insert(
+                self.data.insert(
                     "platform_name".to_owned(),
                     Value::String(p.platform_name.clone()),
                 );
-                next.data.insert(
+                self.data.insert(
                     "platform_type".to_owned(),
                     Value::String(p.platform_type.clone()),
                 );
-                next.data.insert(
+                self.data.insert(
                     "platform_instance_url".to_owned(),
                     Value::String(p.platform_instance_url.clone()),
                 );
-                next.data.insert("last_activity".to_owned(), at.clone());
-                next.data.insert("_last_updated".to_owned(), at);
+                self.data.insert("last_activity".to_owned(), at.clone());
+                self.data.insert("_last_updated".to_owned(), at);
             }
-            EventKind::Destroyed { .. } => next.status = Status::Destroyed,
-            EventKind::Expired { .. } => next.status = Status::Expired,
+            EventKind::Destroyed { .. } => self.status = Status::Destroyed,
+            EventKind::Expired { .. } => self.status = Status::Expired,
         }
     }
 

@@ -196,15 +196,7 @@ async fn cluster_connection_behaviours_the_store_relies_on() {
     let stream2 = stream.clone();
     let reader = tokio::spawn(async move {
         let started = Instant::now();
-        let r: redis::RedisResult<redis::Value> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("g")
-            .arg("c")
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(&stream2)
-            .arg(">")
+        let r: redis::RedisResult<redis::Value> = xreadgroup_blocking(&stream2, block)
             .query_async(&mut blocked)
             .await;
         (r, started.elapsed())
@@ -249,15 +241,7 @@ async fn cluster_connection_behaviours_the_store_relies_on() {
         .expect("cluster client");
     let mut short_conn = connect(&short).await;
     let started = Instant::now();
-    let r: redis::RedisResult<redis::Value> = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("g")
-        .arg("c")
-        .arg("BLOCK")
-        .arg(block.as_millis() as u64)
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
+    let r: redis::RedisResult<redis::Value> = xreadgroup_blocking(&stream, block)
         .query_async(&mut short_conn)
         .await;
     eprintln!(
@@ -271,6 +255,20 @@ async fn cluster_connection_behaviours_the_store_relies_on() {
         all.push(format!("{ns}:{suffix}"));
     }
     let _: usize = conn.del(&all).await.expect("clean up");
+}
+
+/// `XREADGROUP GROUP g c BLOCK <block> STREAMS <stream> >`.
+fn xreadgroup_blocking(stream: &str, block: Duration) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg("g")
+        .arg("c")
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">");
+    cmd
 }
 
 /// One counter of an `INFO commandstats` line (`calls=3,usec=..,failed_calls=1`).

@@ -169,6 +169,7 @@ pub struct AuditConsumer {
     cfg: ConsumerConfig,
     totals: ConsumerTotals,
     last_claim: Option<Instant>,
+    /// When the stream was last trimmed (see [`TRIM_EVERY`]).
     last_trim: Option<Instant>,
     /// New entries read and decoded while the previous batch was
     /// committing: delivered to this consumer (pending), not yet written or

@@ -197,48 +197,45 @@ impl AuditSink {
         if postgres && insert == Insert::Plain {
             return self.write_plain(txn, &batch, dead, recorded_at).await;
         }
-        let present = match txn.get_database_backend() {
-            DbBackend::Postgres => {
-                let bound = self.request_bytes;
-                let statements = postgres::event_statements(&batch, recorded_at, bound, insert);
-                let mut present = postgres::run_event_statements(txn, statements, insert).await?;
-                out.inserted = present.len() as u64;
-                // Only rows that were not inserted can be redeliveries or
-                // seq conflicts; tell them apart by their event id.
-                let skipped: Vec<Uuid> = batch
-                    .iter()
-                    .map(|i| i.event.event_id)
-                    .filter(|id| !present.contains(id))
-                    .collect();
-                if !skipped.is_empty() {
-                    present.extend(postgres::present_event_ids(txn, &skipped, bound).await?);
-                }
-                present
+        let present = if postgres {
+            let bound = self.request_bytes;
+            let statements = postgres::event_statements(&batch, recorded_at, bound, insert);
+            let mut present = postgres::run_event_statements(txn, statements, insert).await?;
+            out.inserted = present.len() as u64;
+            // Only rows that were not inserted can be redeliveries or
+            // seq conflicts; tell them apart by their event id.
+            let skipped: Vec<Uuid> = batch
+                .iter()
+                .map(|i| i.event.event_id)
+                .filter(|id| !present.contains(id))
+                .collect();
+            if !skipped.is_empty() {
+                present.extend(postgres::present_event_ids(txn, &skipped, bound).await?);
             }
-            _ => {
-                for chunk in batch.chunks(CHUNK) {
-                    let rows = chunk.iter().map(|i| event_row(i, recorded_at));
-                    let n = session_events::Entity::insert_many(rows)
-                        .on_conflict(OnConflict::new().do_nothing().to_owned())
-                        .exec_without_returning(txn)
-                        .await?;
-                    out.inserted += n;
-                }
-                // Which events are now in the table, under which event id per place?
-                let mut present: HashSet<Uuid> = HashSet::new();
-                for chunk in batch.chunks(CHUNK) {
-                    let ids: Vec<Uuid> = chunk.iter().map(|i| i.event.event_id).collect();
-                    let found: Vec<Uuid> = session_events::Entity::find()
-                        .select_only()
-                        .column(session_events::Column::EventId)
-                        .filter(session_events::Column::EventId.is_in(ids))
-                        .into_tuple()
-                        .all(txn)
-                        .await?;
-                    present.extend(found);
-                }
-                present
+            present
+        } else {
+            for chunk in batch.chunks(CHUNK) {
+                let rows = chunk.iter().map(|i| event_row(i, recorded_at));
+                let n = session_events::Entity::insert_many(rows)
+                    .on_conflict(OnConflict::new().do_nothing().to_owned())
+                    .exec_without_returning(txn)
+                    .await?;
+                out.inserted += n;
             }
+            // Which events are now in the table, under which event id per place?
+            let mut present: HashSet<Uuid> = HashSet::new();
+            for chunk in batch.chunks(CHUNK) {
+                let ids: Vec<Uuid> = chunk.iter().map(|i| i.event.event_id).collect();
+                let found: Vec<Uuid> = session_events::Entity::find()
+                    .select_only()
+                    .column(session_events::Column::EventId)
+                    .filter(session_events::Column::EventId.is_in(ids))
+                    .into_tuple()
+                    .all(txn)
+                    .await?;
+                present.extend(found);
+            }
+            present
         };
         let mut dead: Vec<DeadLetter> = dead.to_vec();
         let mut accepted: Vec<&Incoming> = Vec::with_capacity(batch.len());
@@ -298,10 +295,7 @@ impl AuditSink {
         );
         let inserted = inserted?.len() as u64;
         let (mut upserts, behind) = planned?;
-        for b in behind {
-            let run = self.history_after(txn, b.sid, b.from).await?;
-            upserts.extend(self.fold_run(b.sid, b.state, &run, now));
-        }
+        upserts.extend(self.fold_from_table(txn, behind, now).await?);
         postgres::upsert_snapshots(txn, &upserts, now, bound).await?;
         Ok(BatchOutcome {
             inserted,
@@ -353,10 +347,7 @@ impl AuditSink {
         };
         let now = Utc::now();
         let (mut upserts, behind) = self.plan_snapshots(by_session, &snapshots, &newest, now)?;
-        for b in behind {
-            let run = self.history_after(txn, b.sid, b.from).await?;
-            upserts.extend(self.fold_run(b.sid, b.state, &run, now));
-        }
+        upserts.extend(self.fold_from_table(txn, behind, now).await?);
         let n = upserts.len() as u64;
         if postgres {
             postgres::upsert_snapshots(txn, &upserts, now, self.request_bytes).await?;
@@ -473,6 +464,22 @@ impl AuditSink {
             expires_at,
             updated_at: now,
         })
+    }
+
+    /// Folds each session of `behind` from the events the table holds after
+    /// its snapshot (this transaction's included).
+    async fn fold_from_table(
+        &self,
+        txn: &DatabaseTransaction,
+        behind: Vec<Behind<'_>>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<session_snapshots::Model>> {
+        let mut upserts = Vec::with_capacity(behind.len());
+        for b in behind {
+            let run = self.history_after(txn, b.sid, b.from).await?;
+            upserts.extend(self.fold_run(b.sid, b.state, &run, now));
+        }
+        Ok(upserts)
     }
 
     async fn history_after(

@@ -148,10 +148,10 @@ fn database_url(server: &str, db: &str) -> String {
 fn transport(url: &str) -> &'static str {
     let url = crate::audit::db::connection_url(url);
     let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
-    let mut params = query.split('&');
-    if params.any(|kv| kv.starts_with("host=/") || kv.starts_with("host=%2F")) {
+    let params = || query.split('&');
+    if params().any(|kv| kv.starts_with("host=/") || kv.starts_with("host=%2F")) {
         "unix"
-    } else if query.split('&').any(|kv| kv == "sslmode=disable") {
+    } else if params().any(|kv| kv == "sslmode=disable") {
         "tcp"
     } else {
         "tcp+tls"

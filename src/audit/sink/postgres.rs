@@ -196,9 +196,14 @@ pub(super) fn event_statements(
         .map(|i| (*i, i.event.kind.payload_json()))
         .collect();
     let sql = insert_events_sql(insert);
-    let mut out = Vec::new();
-    for chunk in chunks_by_bytes(&rows, bound, |(i, payload)| event_bytes(i, payload)) {
-        let n = chunk.len();
+    let lens: Vec<usize> = chunks_by_bytes(&rows, bound, |(i, payload)| event_bytes(i, payload))
+        .iter()
+        .map(|c| c.len())
+        .collect();
+    // Each chunk takes its rows' payloads over instead of copying them.
+    let mut rows = rows.into_iter();
+    let mut out = Vec::with_capacity(lens.len());
+    for n in lens {
         let mut event_id = Vec::with_capacity(n);
         let mut session_id = Vec::with_capacity(n);
         let mut seq = Vec::with_capacity(n);
@@ -209,7 +214,7 @@ pub(super) fn event_statements(
         let mut schema_version = Vec::with_capacity(n);
         let mut payloads = Vec::with_capacity(n);
         let mut traceparent = Vec::with_capacity(n);
-        for (i, payload) in chunk {
+        for (i, payload) in rows.by_ref().take(n) {
             let e = &i.event;
             event_id.push(e.event_id);
             session_id.push(e.session_id.to_string());
@@ -219,7 +224,7 @@ pub(super) fn event_statements(
             occurred_at.push(e.occurred_at.datetime());
             stream_id.push(i.stream_id.clone().unwrap_or_default());
             schema_version.push(e.schema as i32);
-            payloads.push(payload.clone());
+            payloads.push(payload);
             traceparent.push(e.traceparent.clone().unwrap_or_default());
         }
         let ids = event_id.clone();
