@@ -103,6 +103,27 @@ impl EventKind {
 
     /// The payload object as JSON text.
     pub fn payload_json(&self) -> String {
+        // `created` and `updated` (every write's event, with the session's
+        // fields) declare their fields in sorted order, so their payload is
+        // the text after the tag in the adjacently tagged form,
+        // `{"type":"<name>","payload":<payload>}`: the same text as through a
+        // `Value` (which sorts keys), without copying the fields into one.
+        if matches!(self, EventKind::Created { .. } | EventKind::Updated { .. })
+            && let Ok(mut text) = serde_json::to_string(self)
+        {
+            let name = self.type_name();
+            let start = r#"{"type":""#.len() + name.len() + r#"","payload":"#.len();
+            let framed = text.get(..9) == Some(r#"{"type":""#)
+                && text.get(9..9 + name.len()) == Some(name)
+                && text.get(9 + name.len()..start) == Some(r#"","payload":"#)
+                && text.len() > start
+                && text.ends_with('}');
+            if framed {
+                text.truncate(text.len() - 1);
+                text.drain(..start);
+                return text;
+            }
+        }
         // Serializing maps, strings and numbers into a String cannot fail.
         match serde_json::to_value(self) {
             Ok(Value::Object(mut o)) => o
@@ -329,6 +350,46 @@ mod tests {
                 reason: DestroyReason::LogoutAll,
             },
             traceparent: None,
+        }
+    }
+
+    #[test]
+    fn payload_text_is_the_sorted_payload_object() {
+        let fields: Map<String, Value> = serde_json::from_str(
+            r#"{"zeta":{"b":[1,2.5,"x"],"a":null},"alpha":"é \"quoted\" }","user_id":7}"#,
+        )
+        .expect("fields");
+        let kinds = [
+            EventKind::Created {
+                fields: fields.clone(),
+                rotated_from: None,
+            },
+            EventKind::Created {
+                fields: fields.clone(),
+                rotated_from: Some(sid()),
+            },
+            EventKind::Created {
+                fields: Map::new(),
+                rotated_from: None,
+            },
+            EventKind::Updated {
+                set: fields,
+                unset: vec!["old".to_owned()],
+            },
+            EventKind::Updated {
+                set: Map::new(),
+                unset: Vec::new(),
+            },
+            EventKind::Touched {
+                last_activity: Timestamp::now(),
+            },
+        ];
+        for kind in kinds {
+            let Ok(Value::Object(mut whole)) = serde_json::to_value(&kind) else {
+                panic!("{kind:?} is an object");
+            };
+            let expected = whole.remove("payload").expect("payload").to_string();
+            assert_eq!(kind.payload_json(), expected, "{kind:?}");
         }
     }
 

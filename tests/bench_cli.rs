@@ -72,6 +72,30 @@ fn store_suite_reports_every_workload_and_cleans_up() {
         );
         assert_eq!(r["errors"], 0, "no failed operation in {r}");
         assert!(r["baseline"].as_str().is_some_and(|b| !b.is_empty()));
+        // Every workload that writes also runs the logging baseline (SET +
+        // XADD in one script); a load has none.
+        if r["op"] == "load" {
+            assert!(
+                r["logged_ops_per_sec"].is_null(),
+                "a load has no logging baseline: {r}"
+            );
+        } else {
+            assert!(
+                number(r, "logged_ops_per_sec") > 0.0,
+                "no logging baseline in {r}"
+            );
+            assert_eq!(r["logged_errors"], 0, "no failed logging write in {r}");
+            let expected = number(r, "ops_per_sec") / number(r, "logged_ops_per_sec");
+            assert!(
+                (number(r, "ratio_to_logged") - expected).abs() < 0.01,
+                "ratio_to_logged is ours / logging baseline in {r}"
+            );
+            assert!(
+                r["logged_baseline"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("XADD"))
+            );
+        }
     }
 
     let memory = &report["memory"];

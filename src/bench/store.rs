@@ -13,8 +13,13 @@
 //! The plain store does what any session store does for the same request
 //! (make an id, encode or decode the JSON); it just has no log, no version
 //! check and no indexes. The mix's 2% of logins and logouts alternate per
-//! client, so the number of sessions stays the same. Each workload alternates
-//! between the two sides `--rounds` times.
+//! client, so the number of sessions stays the same.
+//!
+//! Every workload that writes also runs a second baseline, the *logging
+//! baseline*: the plain store plus the least an event log costs, one script
+//! that writes the key and `XADD`s the change (`ratio_to_logged`). It has no
+//! version check, tombstone or index either. Each workload alternates
+//! between its sides `--rounds` times.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +47,10 @@ use crate::time::Timestamp;
 
 /// Users the sessions belong to, per pool session.
 const SESSIONS_PER_USER: usize = 4;
+
+/// What the logging baseline does per write.
+const LOGGED_BASELINE: &str =
+    "one script: SET key json PX ttl (DEL to destroy) + XADD of the change";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -121,6 +130,8 @@ struct Fixture {
     plain_keys: Vec<String>,
     plain_data: Vec<Map<String, Value>>,
     plain_prefix: String,
+    /// The logging baseline's key prefix (its stream is `<prefix>events`).
+    logged_prefix: String,
     ttl_ms: u64,
     users: u64,
     /// Touches that found the session just written by another client.
@@ -130,75 +141,127 @@ struct Fixture {
     held: Vec<Mutex<Option<Session>>>,
 }
 
+/// The logging baseline: the least a store that logs every write does, one
+/// script that writes the key and appends the change to a stream.
+static LOGGED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "if ARGV[1] == '' then redis.call('DEL', KEYS[1]) \
+         else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end \
+         return redis.call('XADD', KEYS[2], '*', 'payload', ARGV[3])",
+    )
+});
+
+/// A plain store's write, prepared.
+struct PlainWrite {
+    id: SessionId,
+    json: Option<String>,
+    payload: String,
+    keep: bool,
+}
+
+/// One operation, drawn before it runs (the mix draws which), so that the
+/// future boxed for it holds that operation's state and no other's.
+enum Step {
+    /// A new session; `keep` it for the mix, which destroys it later.
+    Create {
+        keep: bool,
+    },
+    Load,
+    Update,
+    UpdateFrom,
+    Touch,
+    Destroy(SessionId),
+}
+
+impl Step {
+    fn draw(op: Op, client: &mut Client) -> Step {
+        match op {
+            Op::Create => Step::Create { keep: false },
+            Op::Load => Step::Load,
+            Op::Update => Step::Update,
+            Op::UpdateFrom => Step::UpdateFrom,
+            Op::Touch => Step::Touch,
+            Op::Mixed => {
+                let r = client.rng.random_range(0..100);
+                if r < 90 {
+                    return Step::Load;
+                }
+                if r < 98 {
+                    return Step::Update;
+                }
+                client.flip = !client.flip;
+                match client.owned.pop() {
+                    Some(id) if !client.flip => Step::Destroy(id),
+                    other => {
+                        client.owned.extend(other);
+                        Step::Create { keep: true }
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Fixture {
     fn pick(&self, client: &mut Client) -> usize {
         client.rng.random_range(0..self.pool.len())
     }
 
-    async fn ours(&self, op: Op, client: &mut Client) -> Result<()> {
-        match op {
-            Op::Create => {
-                let new = new_session(&mut client.rng, self.users);
-                self.store.create(new).await?;
-            }
-            Op::Load => {
-                let id = &self.pool[self.pick(client)];
-                if self.store.load(id).await?.is_none() {
-                    return Err(Error::NotFound(id.clone()));
-                }
-            }
-            Op::Update => {
-                let id = &self.pool[self.pick(client)];
-                self.store.update(id, changes(client)).await?;
-            }
-            Op::UpdateFrom => {
-                let i = self.pick(client);
-                let id = &self.pool[i];
-                let held = self.held[i].lock().ok().and_then(|h| h.clone());
-                let Some(current) = held else {
-                    return Err(Error::NotFound(id.clone()));
-                };
-                let next = self.store.update_from(id, current, changes(client)).await?;
-                if let Ok(mut h) = self.held[i].lock()
-                    && h.as_ref().is_none_or(|s| s.version() < next.version())
-                {
-                    *h = Some(next);
-                }
-            }
-            Op::Touch => {
-                let id = &self.pool[self.pick(client)];
-                match self.store.touch(id).await {
-                    Ok(_) => {}
-                    // Another client wrote the session at the same moment,
-                    // which refreshed it: all a touch wants (see `touch_at`).
-                    Err(Error::Conflict { .. }) => {
-                        self.touch_conflicts.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Op::Mixed => {
-                let r = client.rng.random_range(0..100);
-                if r < 90 {
-                    return Box::pin(self.ours(Op::Load, client)).await;
-                }
-                if r < 98 {
-                    return Box::pin(self.ours(Op::Update, client)).await;
-                }
-                client.flip = !client.flip;
-                match client.owned.pop() {
-                    Some(id) if !client.flip => {
-                        self.store.destroy(&id, DestroyReason::Logout).await?;
-                    }
-                    other => {
-                        client.owned.extend(other);
-                        let new = new_session(&mut client.rng, self.users);
-                        let created = self.store.create(new).await?;
-                        client.owned.push(created.session_id);
-                    }
-                }
-            }
+    async fn ours_create(&self, keep: bool, client: &mut Client) -> Result<()> {
+        let new = new_session(&mut client.rng, self.users);
+        let created = self.store.create(new).await?;
+        if keep {
+            client.owned.push(created.session_id);
         }
+        Ok(())
+    }
+
+    async fn ours_load(&self, client: &mut Client) -> Result<()> {
+        let id = &self.pool[self.pick(client)];
+        if self.store.load(id).await?.is_none() {
+            return Err(Error::NotFound(id.clone()));
+        }
+        Ok(())
+    }
+
+    async fn ours_update(&self, client: &mut Client) -> Result<()> {
+        let id = &self.pool[self.pick(client)];
+        self.store.update(id, changes(client)).await?;
+        Ok(())
+    }
+
+    async fn ours_update_from(&self, client: &mut Client) -> Result<()> {
+        let i = self.pick(client);
+        let id = &self.pool[i];
+        let held = self.held[i].lock().ok().and_then(|h| h.clone());
+        let Some(current) = held else {
+            return Err(Error::NotFound(id.clone()));
+        };
+        let next = self.store.update_from(id, current, changes(client)).await?;
+        if let Ok(mut h) = self.held[i].lock()
+            && h.as_ref().is_none_or(|s| s.version() < next.version())
+        {
+            *h = Some(next);
+        }
+        Ok(())
+    }
+
+    async fn ours_touch(&self, client: &mut Client) -> Result<()> {
+        let id = &self.pool[self.pick(client)];
+        match self.store.touch(id).await {
+            Ok(_) => Ok(()),
+            // Another client wrote the session at the same moment, which
+            // refreshed it: all a touch wants (see `touch_at`).
+            Err(Error::Conflict { .. }) => {
+                self.touch_conflicts.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn ours_destroy(&self, id: SessionId) -> Result<()> {
+        self.store.destroy(&id, DestroyReason::Logout).await?;
         Ok(())
     }
 
@@ -213,80 +276,116 @@ impl Fixture {
         Value::Object(std::mem::take(data)).to_string()
     }
 
-    async fn set(&self, key: &str, json: String) -> Result<()> {
-        let _: () = redis::cmd("SET")
-            .arg(key)
-            .arg(json)
-            .arg("PX")
-            .arg(self.ttl_ms)
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(())
-    }
-
-    async fn baseline(&self, op: Op, client: &mut Client) -> Result<()> {
-        match op {
-            Op::Create => {
-                let key = self.plain_new_key();
+    /// What a plain store writes for `step` (not a load): the session, its
+    /// JSON (`None` to delete it) and, for the logging baseline, the change
+    /// it logs.
+    fn plain_change(&self, step: Step, client: &mut Client, logged: bool) -> PlainWrite {
+        let (id, json, payload, keep) = match step {
+            Step::Create { keep } => {
+                let id = Token::generate().session_id();
                 let mut data = new_session(&mut client.rng, self.users).fields;
-                self.set(&key, Self::encode(&mut data, true)).await?;
+                let payload = logged.then(|| Value::Object(data.clone()).to_string());
+                (id, Some(Self::encode(&mut data, true)), payload, keep)
             }
-            Op::Load => {
-                let i = self.pick(client);
-                let json: Option<String> = redis::cmd("GET")
-                    .arg(self.plain_key(i))
-                    .query_async(&mut self.conn.clone())
-                    .await?;
-                let Some(json) = json else {
-                    return Err(Error::NotFound(self.pool[i].clone()));
-                };
-                let data: Map<String, Value> = serde_json::from_str(&json)
-                    .map_err(|e| Error::Corrupt(format!("plain session: {e}")))?;
-                std::hint::black_box(data);
-            }
-            Op::Update | Op::UpdateFrom => {
+            Step::Update | Step::UpdateFrom => {
                 let i = self.pick(client);
                 let mut data = self.plain_data[i].clone();
                 let c = changes(client);
+                let payload = logged.then(|| Value::Object(c.set.clone()).to_string());
                 data.extend(c.set);
-                self.set(&self.plain_key(i), Self::encode(&mut data, false))
-                    .await?;
+                let json = Self::encode(&mut data, false);
+                (self.pool[i].clone(), Some(json), payload, false)
             }
-            Op::Touch => {
+            Step::Touch => {
                 let i = self.pick(client);
                 let mut data = self.plain_data[i].clone();
-                self.set(&self.plain_key(i), Self::encode(&mut data, false))
+                let json = Self::encode(&mut data, false);
+                (
+                    self.pool[i].clone(),
+                    Some(json),
+                    logged.then(|| "{}".to_owned()),
+                    false,
+                )
+            }
+            Step::Destroy(id) => (
+                id,
+                None,
+                logged.then(|| r#"{"reason":"logout"}"#.to_owned()),
+                false,
+            ),
+            Step::Load => unreachable!("a load writes nothing"),
+        };
+        PlainWrite {
+            id,
+            json,
+            payload: payload.unwrap_or_default(),
+            keep,
+        }
+    }
+
+    /// The plain store's load: `GET`, decode.
+    async fn plain_load(&self, client: &mut Client) -> Result<()> {
+        let i = self.pick(client);
+        let json: Option<String> = redis::cmd("GET")
+            .arg(self.plain_key(i))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let Some(json) = json else {
+            return Err(Error::NotFound(self.pool[i].clone()));
+        };
+        let data: Map<String, Value> = serde_json::from_str(&json)
+            .map_err(|e| Error::Corrupt(format!("plain session: {e}")))?;
+        std::hint::black_box(data);
+        Ok(())
+    }
+
+    /// The plain store's write: `SET key json PX ttl`, or `DEL`.
+    async fn plain_write(&self, step: Step, client: &mut Client) -> Result<()> {
+        let w = self.plain_change(step, client, false);
+        let key = format!("{}{}", self.plain_prefix, w.id);
+        let mut conn = self.conn.clone();
+        match w.json {
+            Some(json) => {
+                let _: () = redis::cmd("SET")
+                    .arg(key)
+                    .arg(json)
+                    .arg("PX")
+                    .arg(self.ttl_ms)
+                    .query_async(&mut conn)
                     .await?;
             }
-            Op::Mixed => {
-                let r = client.rng.random_range(0..100);
-                if r < 90 {
-                    return Box::pin(self.baseline(Op::Load, client)).await;
-                }
-                if r < 98 {
-                    return Box::pin(self.baseline(Op::Update, client)).await;
-                }
-                client.flip = !client.flip;
-                match client.owned.pop() {
-                    Some(id) if !client.flip => {
-                        let _: u64 = redis::cmd("DEL")
-                            .arg(format!("{}{id}", self.plain_prefix))
-                            .query_async(&mut self.conn.clone())
-                            .await?;
-                    }
-                    other => {
-                        client.owned.extend(other);
-                        let id = Token::generate().session_id();
-                        let mut data = new_session(&mut client.rng, self.users).fields;
-                        self.set(
-                            &format!("{}{id}", self.plain_prefix),
-                            Self::encode(&mut data, true),
-                        )
-                        .await?;
-                        client.owned.push(id);
-                    }
-                }
+            None => {
+                let _: u64 = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
             }
+        }
+        if w.keep {
+            client.owned.push(w.id);
+        }
+        Ok(())
+    }
+
+    /// The logging baseline's write: the plain store's, in one script with
+    /// the `XADD` of the change, on keys of its own.
+    async fn logged_write(&self, step: Step, client: &mut Client) -> Result<()> {
+        let w = self.plain_change(step, client, true);
+        // The key and the stream share the store's partition hash tag, so
+        // that the script is one slot on a cluster.
+        let keys = self.store.keys();
+        let tag = if keys.tagged() {
+            format!("{{{}}}", keys.partition_of(&w.id))
+        } else {
+            String::new()
+        };
+        let _: String = LOGGED
+            .key(format!("{}{tag}:{}", self.logged_prefix, w.id))
+            .key(format!("{}events{tag}", self.logged_prefix))
+            .arg(w.json.unwrap_or_default())
+            .arg(self.ttl_ms)
+            .arg(w.payload)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if w.keep {
+            client.owned.push(w.id);
         }
         Ok(())
     }
@@ -313,16 +412,24 @@ impl Fixture {
     fn plain_key(&self, i: usize) -> String {
         format!("{}{}", self.plain_prefix, self.pool[i])
     }
-
-    fn plain_new_key(&self) -> String {
-        format!("{}{}", self.plain_prefix, Token::generate().session_id())
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Ours,
     Baseline,
+    /// The logging baseline (writes only).
+    Logged,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Ours => "store",
+            Side::Baseline => "baseline",
+            Side::Logged => "logging baseline",
+        }
+    }
 }
 
 struct Bench {
@@ -333,9 +440,17 @@ struct Bench {
 
 impl Workload for Bench {
     fn op<'a>(&'a self, client: &'a mut Client) -> BoxFuture<'a, Result<()>> {
-        match self.side {
-            Side::Ours => self.fixture.ours(self.op, client).boxed(),
-            Side::Baseline => self.fixture.baseline(self.op, client).boxed(),
+        let fx = &*self.fixture;
+        match (self.side, Step::draw(self.op, client)) {
+            (Side::Ours, Step::Create { keep }) => fx.ours_create(keep, client).boxed(),
+            (Side::Ours, Step::Load) => fx.ours_load(client).boxed(),
+            (Side::Ours, Step::Update) => fx.ours_update(client).boxed(),
+            (Side::Ours, Step::UpdateFrom) => fx.ours_update_from(client).boxed(),
+            (Side::Ours, Step::Touch) => fx.ours_touch(client).boxed(),
+            (Side::Ours, Step::Destroy(id)) => fx.ours_destroy(id).boxed(),
+            (_, Step::Load) => fx.plain_load(client).boxed(),
+            (Side::Baseline, step) => fx.plain_write(step, client).boxed(),
+            (Side::Logged, step) => fx.logged_write(step, client).boxed(),
         }
     }
 }
@@ -475,11 +590,13 @@ async fn memory(fx: &Fixture) -> Result<Value> {
     }))
 }
 
-/// One workload's result: ours beside the baseline.
+/// One workload's result: ours beside the baseline (and, for the
+/// workloads that write, beside the logging baseline).
 struct Row {
     op: Op,
     ours: Run,
     base: Run,
+    logged: Option<Run>,
 }
 
 impl Row {
@@ -515,6 +632,7 @@ impl Row {
             .first_error
             .as_ref()
             .or(self.base.first_error.as_ref())
+            .or(self.logged.as_ref().and_then(|l| l.first_error.as_ref()))
         {
             m.insert("first_error".to_owned(), json!(e));
         }
@@ -534,6 +652,37 @@ impl Row {
             "baseline_client_cpu_us_per_op".to_owned(),
             json!(self.base.usage.client_us_per_op(self.base.ops)),
         );
+        if let Some(logged) = &mut self.logged {
+            m.insert(
+                "logged_ops_per_sec".to_owned(),
+                json!(round(logged.ops_per_sec(), 0)),
+            );
+            logged.latency().fields("logged_", &mut m);
+            m.insert(
+                "ratio_to_logged".to_owned(),
+                json!(round(
+                    ratio(self.ours.ops_per_sec(), logged.ops_per_sec()),
+                    3
+                )),
+            );
+            m.insert(
+                "logged_ratio".to_owned(),
+                json!(round(
+                    ratio(logged.ops_per_sec(), self.base.ops_per_sec()),
+                    3
+                )),
+            );
+            m.insert("logged_baseline".to_owned(), json!(LOGGED_BASELINE));
+            m.insert("logged_errors".to_owned(), json!(logged.errors));
+            m.insert(
+                "logged_redis_cpu_us_per_op".to_owned(),
+                json!(logged.usage.redis_us_per_op(logged.ops)),
+            );
+            m.insert(
+                "logged_client_cpu_us_per_op".to_owned(),
+                json!(logged.usage.client_us_per_op(logged.ops)),
+            );
+        }
         m.insert(
             "redis_commands".to_owned(),
             self.ours.usage.commands_json(self.ours.ops),
@@ -587,6 +736,7 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
         plain_keys,
         plain_data,
         plain_prefix,
+        logged_prefix: format!("{ns}logged:"),
         ttl_ms: store.config().session_timeout.as_millis() as u64,
         users,
         touch_conflicts: AtomicU64::new(0),
@@ -601,25 +751,25 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
         if op == Op::UpdateFrom {
             fixture.refresh_held().await?;
         }
-        let mut ours_clients = Client::many(args.clients, 11);
-        let mut base_clients = Client::many(args.clients, 13);
-        let mut row = Row {
-            op,
-            ours: Run::default(),
-            base: Run::default(),
+        let sides: &[Side] = if op == Op::Load {
+            &[Side::Ours, Side::Baseline]
+        } else {
+            &[Side::Ours, Side::Baseline, Side::Logged]
         };
+        let mut clients_of = [
+            Client::many(args.clients, 11),
+            Client::many(args.clients, 13),
+            Client::many(args.clients, 17),
+        ];
+        let mut runs = [Run::default(), Run::default(), Run::default()];
         for round in 0..args.rounds {
-            for side in [Side::Ours, Side::Baseline] {
+            for &side in sides {
                 progress(
                     Suite::Store,
                     format!(
                         "{} ({}) round {}/{}, {:.1} s",
                         op.name(),
-                        if side == Side::Ours {
-                            "store"
-                        } else {
-                            "baseline"
-                        },
+                        side.name(),
                         round + 1,
                         args.rounds,
                         slice.as_secs_f64()
@@ -630,24 +780,22 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
                     op,
                     side,
                 });
-                let clients = match side {
-                    Side::Ours => std::mem::take(&mut ours_clients),
-                    Side::Baseline => std::mem::take(&mut base_clients),
-                };
-                let (run, clients) = drive(w, clients, slice, &mut conn).await?;
-                match side {
-                    Side::Ours => {
-                        ours_clients = clients;
-                        row.ours.merge(run);
-                    }
-                    Side::Baseline => {
-                        base_clients = clients;
-                        row.base.merge(run);
-                    }
-                }
+                let k = side as usize;
+                let (run, clients) =
+                    drive(w, std::mem::take(&mut clients_of[k]), slice, &mut conn).await?;
+                clients_of[k] = clients;
+                runs[k].merge(run);
             }
         }
-        if row.ours.ops == 0 || row.base.ops == 0 {
+        let [ours, base, logged] = runs;
+        let row = Row {
+            op,
+            ours,
+            base,
+            logged: (sides.len() == 3).then_some(logged),
+        };
+        if row.ours.ops == 0 || row.base.ops == 0 || row.logged.as_ref().is_some_and(|l| l.ops == 0)
+        {
             return Err(Error::InvalidInput(format!(
                 "{}: no operation succeeded ({})",
                 op.name(),
@@ -655,6 +803,7 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
                     .first_error
                     .as_deref()
                     .or(row.base.first_error.as_deref())
+                    .or(row.logged.as_ref().and_then(|l| l.first_error.as_deref()))
                     .unwrap_or("no time to run one")
             )));
         }
@@ -715,7 +864,7 @@ fn render(j: &Value) -> String {
         j["clients"], j["duration_s"], j["rounds"], j["pool_sessions"]
     );
     out.push_str(&format!(
-        "{:<11} {:>9} {:>7} {:>7} {:>7} {:>8} | {:>9} {:>7} {:>7} | {:>5} | {:>13} | {:>13}\n",
+        "{:<11} {:>9} {:>7} {:>7} {:>7} {:>8} | {:>9} {:>7} {:>7} | {:>5} | {:>9} {:>5} | {:>13} | {:>13}\n",
         "op",
         "ops/s",
         "p50 ms",
@@ -726,6 +875,8 @@ fn render(j: &Value) -> String {
         "p50 ms",
         "p99 ms",
         "ratio",
+        "log op/s",
+        "ratio",
         "redis us/op",
         "client us/op",
     ));
@@ -735,8 +886,12 @@ fn render(j: &Value) -> String {
         _ => "-".to_owned(),
     };
     for r in j["results"].as_array().into_iter().flatten() {
+        let opt = |v: &Value, digits: usize| {
+            v.as_f64()
+                .map_or_else(|| "-".to_owned(), |x| format!("{x:.digits$}"))
+        };
         out.push_str(&format!(
-            "{:<11} {:>9.0} {:>7.3} {:>7.3} {:>7.3} {:>8.3} | {:>9.0} {:>7.3} {:>7.3} | {:>5.2} | {:>13} | {:>13}\n",
+            "{:<11} {:>9.0} {:>7.3} {:>7.3} {:>7.3} {:>8.3} | {:>9.0} {:>7.3} {:>7.3} | {:>5.2} | {:>9} {:>5} | {:>13} | {:>13}\n",
             r["op"].as_str().unwrap_or_default(),
             f(&r["ops_per_sec"]),
             f(&r["p50_ms"]),
@@ -747,19 +902,25 @@ fn render(j: &Value) -> String {
             f(&r["baseline_p50_ms"]),
             f(&r["baseline_p99_ms"]),
             f(&r["ratio"]),
+            opt(&r["logged_ops_per_sec"], 0),
+            opt(&r["ratio_to_logged"], 2),
             pair(&r["redis_cpu_us_per_op"], &r["baseline_redis_cpu_us_per_op"]),
             pair(&r["client_cpu_us_per_op"], &r["baseline_client_cpu_us_per_op"]),
         ));
-        if r["errors"].as_u64().unwrap_or(0) + r["baseline_errors"].as_u64().unwrap_or(0) > 0 {
+        let errors = |k: &str| r[k].as_u64().unwrap_or(0);
+        if errors("errors") + errors("baseline_errors") + errors("logged_errors") > 0 {
             out.push_str(&format!(
-                "            errors: {} / {} baseline ({})\n",
-                r["errors"],
-                r["baseline_errors"],
+                "            errors: {} / {} baseline / {} logging baseline ({})\n",
+                errors("errors"),
+                errors("baseline_errors"),
+                errors("logged_errors"),
                 r["first_error"].as_str().unwrap_or_default()
             ));
         }
     }
-    out.push_str("\nbaselines: ");
+    out.push_str(&format!(
+        "\nlog op/s and its ratio: the logging baseline ({LOGGED_BASELINE}) and ours over it\nbaselines: "
+    ));
     for r in j["results"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{} = {}; ",

@@ -134,10 +134,17 @@ impl SessionStore {
 
     /// Once Redis answers again: projects every session written in fallback
     /// mode. Sessions that cannot be projected yet stay pending.
+    ///
+    /// Every read and write calls this; the common case (nothing pending) is
+    /// one atomic load, and the projection itself is boxed so that it does not
+    /// enlarge the caller's future.
     pub(super) async fn project_pending(&self) {
-        if !self.shared.has_dirty.load(Ordering::Acquire) {
-            return;
+        if self.shared.has_dirty.load(Ordering::Acquire) {
+            Box::pin(self.project_dirty()).await;
         }
+    }
+
+    async fn project_dirty(&self) {
         let ids: Vec<SessionId> = match self.shared.dirty.lock() {
             Ok(mut d) => {
                 self.shared.has_dirty.store(false, Ordering::Release);
@@ -201,6 +208,10 @@ impl SessionStore {
         if !self.sync_enabled() || events.is_empty() {
             return Ok(());
         }
+        Box::pin(self.sync_now(events)).await
+    }
+
+    async fn sync_now(&self, events: Vec<Incoming>) -> Result<()> {
         let Some(audit) = &self.audit else {
             return Ok(());
         };

@@ -162,7 +162,9 @@ impl SessionStore {
             if !self.touch_due(&session) {
                 return Ok(Some(session));
             }
-            match self.touch_at(id, session.clone()).await {
+            // Boxed: a due touch is rare, and inline its script call would
+            // make every load's future several kilobytes larger.
+            match Box::pin(self.touch_at(id, session.clone())).await {
                 Ok(s) => Ok(Some(s)),
                 // Someone else wrote (and so refreshed it) or ended it meanwhile.
                 Err(Error::Conflict { .. }) => Ok(Some(session)),
@@ -195,8 +197,8 @@ impl SessionStore {
             }
             Ok(None) => {
                 self.project_pending().await;
-                if self.audit.is_some() && self.recovering(id).await {
-                    self.restore_from_audit(id).await
+                if self.audit.is_some() && Box::pin(self.recovering(id)).await {
+                    Box::pin(self.restore_from_audit(id)).await
                 } else {
                     Ok(None)
                 }
@@ -204,7 +206,7 @@ impl SessionStore {
             Err(e) => {
                 let e = Error::from(e);
                 if e.is_unavailable() && self.fallback_enabled() {
-                    self.fallback_get(id).await
+                    Box::pin(self.fallback_get(id)).await
                 } else {
                     Err(e)
                 }

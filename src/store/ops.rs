@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::event::{DestroyReason, Event, EventKind, Platform, SCHEMA_VERSION};
 use crate::id::{SessionId, Token};
 use crate::keys::Keys;
-use crate::session::{Changes, NewSession, Session, user_id_of};
+use crate::session::{Changes, NewSession, RESERVED_KEYS, Session, user_id_of};
 use crate::time::Timestamp;
 
 /// A new session: the token for the cookie (returned once, never stored), its
@@ -204,15 +204,13 @@ impl SessionStore {
         if wanted == 0 {
             return Ok(());
         }
-        let acknowledged = self
-            .conn
-            .clone()
-            .wait_replicas(
-                &part.stream,
-                wanted,
-                self.config.wait_timeout.as_millis() as u64,
-            )
-            .await?;
+        let mut conn = self.conn.clone();
+        let acknowledged = Box::pin(conn.wait_replicas(
+            &part.stream,
+            wanted,
+            self.config.wait_timeout.as_millis() as u64,
+        ))
+        .await?;
         if acknowledged < wanted {
             return Err(Error::NotReplicated {
                 wanted,
@@ -223,12 +221,13 @@ impl SessionStore {
     }
 
     /// Runs a script invocation; when Redis is unreachable and the fallback is
-    /// on, appends `fallback` to the audit database instead.
+    /// on, appends the events `fallback` builds (each with the version it was
+    /// folded on) to the audit database instead. They are built only then.
     async fn run_or_fallback(
         &self,
         part: &Keys,
         inv: &redis::ScriptInvocation<'_>,
-        fallback: &[(u64, Event)],
+        fallback: impl FnOnce() -> Vec<(u64, Event)>,
     ) -> Result<std::result::Result<Reply, FallbackOutcome>> {
         match script::run(inv, &mut self.conn.clone()).await {
             Ok(r) => {
@@ -239,7 +238,8 @@ impl SessionStore {
                 Ok(Ok(r))
             }
             Err(e) if e.is_unavailable() && self.fallback_enabled() => {
-                Ok(Err(self.fallback_append(fallback).await?))
+                let events = fallback();
+                Ok(Err(Box::pin(self.fallback_append(&events)).await?))
             }
             Err(e) => Err(e),
         }
@@ -261,11 +261,7 @@ impl SessionStore {
         fields: Map<String, Value>,
         rotated_from: Option<(SessionId, Session, DestroyReason)>,
     ) -> Result<Created> {
-        let as_changes = Changes {
-            set: fields.clone(),
-            unset: Vec::new(),
-        };
-        if let Some(k) = as_changes.reserved_key() {
+        if let Some(k) = fields.keys().find(|k| RESERVED_KEYS.contains(&k.as_str())) {
             return Err(Error::InvalidInput(format!(
                 "`{k}` is maintained by the store"
             )));
@@ -304,7 +300,6 @@ impl SessionStore {
             let json = self.checked_json(&session)?;
             let spare_ids = ids(spare);
             let mut inv;
-            let mut fallback = Vec::with_capacity(2);
             let mut ended_old = None;
             match &rotated_from {
                 None => {
@@ -338,27 +333,23 @@ impl SessionStore {
                         .arg(end.kind.payload_json())
                         .arg(created.event_id.to_string())
                         .arg(created.kind.payload_json());
-                    fallback.push((current.version(), end.clone()));
-                    ended_old = Some(end);
+                    ended_old = Some((current.version(), end));
                 }
             }
             meta.push(&mut inv);
             inv.arg(&spare_ids);
-            fallback.push((0, created.clone()));
-            let done = |evicted| Created {
-                token: token.clone(),
-                session_id: id.clone(),
-                session: session.clone(),
-                evicted,
-            };
             match self
-                .run_or_fallback(self.keys.for_session(&id), &inv, &fallback)
+                .run_or_fallback(self.keys.for_session(&id), &inv, || {
+                    let mut events: Vec<(u64, Event)> = ended_old.iter().cloned().collect();
+                    events.push((0, created.clone()));
+                    events
+                })
                 .await?
             {
                 Ok(Reply::Ok(xid, extra)) => {
                     let (entries, mut events) = match ended_old {
                         None => (extra, Vec::new()),
-                        Some(end) => {
+                        Some((_, end)) => {
                             let mut it = extra.into_iter();
                             let oxid = it.next().unwrap_or_default();
                             let old_user = it.next().filter(|u| !u.is_empty());
@@ -379,9 +370,14 @@ impl SessionStore {
                     self.sync(events).await?;
                     let mut evicted = first_ids(&entries);
                     if partitioned && let Some(u) = user.as_deref() {
-                        evicted.extend(self.enforce_user_limit(u, &id).await?);
+                        evicted.extend(Box::pin(self.enforce_user_limit(u, &id)).await?);
                     }
-                    return Ok(done(evicted));
+                    return Ok(Created {
+                        token,
+                        session_id: id,
+                        session,
+                        evicted,
+                    });
                 }
                 Ok(Reply::NeedIds(n)) => spare = n,
                 Ok(Reply::Exists) => continue,
@@ -391,10 +387,17 @@ impl SessionStore {
                         attempts: 1,
                     });
                 }
-                Err(FallbackOutcome::Written) => return Ok(done(Vec::new())),
+                Err(FallbackOutcome::Written) => {
+                    return Ok(Created {
+                        token,
+                        session_id: id,
+                        session,
+                        evicted: Vec::new(),
+                    });
+                }
                 Ok(Reply::Missing | Reply::Ended(_)) => {
                     let old = rotated_from.map(|r| r.0).unwrap_or(id);
-                    return Err(self.missing(&old).await);
+                    return Err(Box::pin(self.missing(&old)).await);
                 }
                 Ok(other) => {
                     return Err(Error::Corrupt(format!(
@@ -429,11 +432,9 @@ impl SessionStore {
         meta.push(&mut inv);
         Ok(
             match self
-                .run_or_fallback(
-                    self.keys.for_session(id),
-                    &inv,
-                    &[(current.version(), event.clone())],
-                )
+                .run_or_fallback(self.keys.for_session(id), &inv, || {
+                    vec![(current.version(), event.clone())]
+                })
                 .await?
             {
                 Ok(Reply::Ok(xid, _)) => Written::Redis(xid),
@@ -447,7 +448,7 @@ impl SessionStore {
                 Err(FallbackOutcome::Written) => Written::Database,
                 Err(FallbackOutcome::Conflict(state)) => match state {
                     Some(s) => Written::Conflict(Some(s)),
-                    None => match self.fallback_get(id).await? {
+                    None => match Box::pin(self.fallback_get(id)).await? {
                         Some(s) => Written::Conflict(Some(s)),
                         None => Written::Gone,
                     },
@@ -487,7 +488,9 @@ impl SessionStore {
                     m.retries.add(1, &[]);
                     Self::backoff(attempt).await;
                 }
-                Written::Conflict(None) | Written::Gone => return Err(self.missing(id).await),
+                Written::Conflict(None) | Written::Gone => {
+                    return Err(Box::pin(self.missing(id)).await);
+                }
             }
         }
         Err(Error::Conflict {
@@ -499,7 +502,7 @@ impl SessionStore {
     async fn current(&self, id: &SessionId) -> Result<Session> {
         match self.get(id).await? {
             Some(s) => Ok(s),
-            None => Err(self.missing(id).await),
+            None => Err(Box::pin(self.missing(id)).await),
         }
     }
 
@@ -588,7 +591,7 @@ impl SessionStore {
                     attempts: 1,
                 })
             }
-            Written::Gone => Err(self.missing(id).await),
+            Written::Gone => Err(Box::pin(self.missing(id)).await),
         }
     }
 
@@ -679,7 +682,7 @@ impl SessionStore {
                 let reply = match script::run(&inv, &mut self.conn.clone()).await {
                     // In fallback mode the end is checked against the snapshot.
                     Err(e) if e.is_unavailable() && self.fallback_enabled() => {
-                        let Some(current) = self.fallback_get(id).await? else {
+                        let Some(current) = Box::pin(self.fallback_get(id)).await? else {
                             return Ok(false);
                         };
                         let event = meta.event_with_id(
@@ -689,7 +692,7 @@ impl SessionStore {
                             current.user_id(),
                             kind,
                         );
-                        match self.fallback_append(&[(current.version(), event)]).await? {
+                        match Box::pin(self.fallback_append(&[(current.version(), event)])).await? {
                             FallbackOutcome::Written => return Ok(true),
                             FallbackOutcome::Conflict(_) => {
                                 Self::backoff(attempt).await;
