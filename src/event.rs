@@ -110,19 +110,16 @@ impl EventKind {
         // `Value` (which sorts keys), without copying the fields into one.
         if matches!(self, EventKind::Created { .. } | EventKind::Updated { .. })
             && let Ok(mut text) = serde_json::to_string(self)
+            && let Some(payload) = text
+                .strip_prefix(r#"{"type":""#)
+                .and_then(|t| t.strip_prefix(self.type_name()))
+                .and_then(|t| t.strip_prefix(r#"","payload":"#))
+                .filter(|p| p.len() > 1 && p.ends_with('}'))
         {
-            let name = self.type_name();
-            let start = r#"{"type":""#.len() + name.len() + r#"","payload":"#.len();
-            let framed = text.get(..9) == Some(r#"{"type":""#)
-                && text.get(9..9 + name.len()) == Some(name)
-                && text.get(9 + name.len()..start) == Some(r#"","payload":"#)
-                && text.len() > start
-                && text.ends_with('}');
-            if framed {
-                text.truncate(text.len() - 1);
-                text.drain(..start);
-                return text;
-            }
+            let start = text.len() - payload.len();
+            text.truncate(text.len() - 1);
+            text.drain(..start);
+            return text;
         }
         // Serializing maps, strings and numbers into a String cannot fail.
         match serde_json::to_value(self) {

@@ -68,9 +68,10 @@ impl SessionStore {
     }
 
     /// The snapshot of a session that is live and not past its deadline.
+    /// (This and `fallback_append` box their database call: they sit on the
+    /// rare fallback path of every read and write.)
     pub(super) async fn fallback_get(&self, id: &SessionId) -> Result<Option<Session>> {
-        Ok(self
-            .fallback_snapshot(id)
+        Ok(Box::pin(self.fallback_snapshot(id))
             .await?
             .filter(|s| s.session.status() == Status::Live)
             .map(|s| s.session))
@@ -184,7 +185,7 @@ impl SessionStore {
         let Some(audit) = &self.audit else {
             return Err(Error::InvalidInput("no audit database attached".to_owned()));
         };
-        let out = audit.append_fallback(writes).await?;
+        let out = Box::pin(audit.append_fallback(writes)).await?;
         if out == FallbackOutcome::Written {
             self.shared
                 .fallback_writes

@@ -206,7 +206,7 @@ impl SessionStore {
             Err(e) => {
                 let e = Error::from(e);
                 if e.is_unavailable() && self.fallback_enabled() {
-                    Box::pin(self.fallback_get(id)).await
+                    self.fallback_get(id).await
                 } else {
                     Err(e)
                 }

@@ -173,8 +173,10 @@ impl SessionStore {
         Ok(json)
     }
 
+    /// The error for a session that has no live state (a rare path: the
+    /// lookup is boxed so that it does not enlarge every write's future).
     async fn missing(&self, id: &SessionId) -> Error {
-        match self.tombstone(id).await {
+        match Box::pin(self.tombstone(id)).await {
             Ok(Some(status)) => Error::Ended {
                 session_id: id.clone(),
                 status: status.as_str().to_owned(),
@@ -239,7 +241,7 @@ impl SessionStore {
             }
             Err(e) if e.is_unavailable() && self.fallback_enabled() => {
                 let events = fallback();
-                Ok(Err(Box::pin(self.fallback_append(&events)).await?))
+                Ok(Err(self.fallback_append(&events).await?))
             }
             Err(e) => Err(e),
         }
@@ -299,11 +301,12 @@ impl SessionStore {
             let session = Session::default().apply(&created);
             let json = self.checked_json(&session)?;
             let spare_ids = ids(spare);
+            let part = self.keys.for_session(&id);
             let mut inv;
             let mut ended_old = None;
             match &rotated_from {
                 None => {
-                    inv = script::invocation(self.keys.for_session(&id), "create");
+                    inv = script::invocation(part, "create");
                     inv.arg(id.as_str())
                         .arg(&json)
                         .arg(self.ttl_ms())
@@ -314,7 +317,7 @@ impl SessionStore {
                         .arg(created.kind.payload_json());
                 }
                 Some((old, current, reason)) => {
-                    inv = script::invocation(self.keys.for_session(&id), "rotate");
+                    inv = script::invocation(part, "rotate");
                     let end = meta.event(
                         old,
                         current.version() + 1,
@@ -339,7 +342,7 @@ impl SessionStore {
             meta.push(&mut inv);
             inv.arg(&spare_ids);
             match self
-                .run_or_fallback(self.keys.for_session(&id), &inv, || {
+                .run_or_fallback(part, &inv, || {
                     let mut events: Vec<(u64, Event)> = ended_old.iter().cloned().collect();
                     events.push((0, created.clone()));
                     events
@@ -397,7 +400,7 @@ impl SessionStore {
                 }
                 Ok(Reply::Missing | Reply::Ended(_)) => {
                     let old = rotated_from.map(|r| r.0).unwrap_or(id);
-                    return Err(Box::pin(self.missing(&old)).await);
+                    return Err(self.missing(&old).await);
                 }
                 Ok(other) => {
                     return Err(Error::Corrupt(format!(
@@ -419,7 +422,8 @@ impl SessionStore {
         meta: &Meta,
     ) -> Result<Written> {
         let json = self.checked_json(next)?;
-        let mut inv = script::invocation(self.keys.for_session(id), "write");
+        let part = self.keys.for_session(id);
+        let mut inv = script::invocation(part, "write");
         inv.arg(id.as_str())
             .arg(current.version())
             .arg(&json)
@@ -432,9 +436,7 @@ impl SessionStore {
         meta.push(&mut inv);
         Ok(
             match self
-                .run_or_fallback(self.keys.for_session(id), &inv, || {
-                    vec![(current.version(), event.clone())]
-                })
+                .run_or_fallback(part, &inv, || vec![(current.version(), event.clone())])
                 .await?
             {
                 Ok(Reply::Ok(xid, _)) => Written::Redis(xid),
@@ -448,7 +450,7 @@ impl SessionStore {
                 Err(FallbackOutcome::Written) => Written::Database,
                 Err(FallbackOutcome::Conflict(state)) => match state {
                     Some(s) => Written::Conflict(Some(s)),
-                    None => match Box::pin(self.fallback_get(id)).await? {
+                    None => match self.fallback_get(id).await? {
                         Some(s) => Written::Conflict(Some(s)),
                         None => Written::Gone,
                     },
@@ -489,7 +491,7 @@ impl SessionStore {
                     Self::backoff(attempt).await;
                 }
                 Written::Conflict(None) | Written::Gone => {
-                    return Err(Box::pin(self.missing(id)).await);
+                    return Err(self.missing(id).await);
                 }
             }
         }
@@ -502,7 +504,7 @@ impl SessionStore {
     async fn current(&self, id: &SessionId) -> Result<Session> {
         match self.get(id).await? {
             Some(s) => Ok(s),
-            None => Err(Box::pin(self.missing(id)).await),
+            None => Err(self.missing(id).await),
         }
     }
 
@@ -591,7 +593,7 @@ impl SessionStore {
                     attempts: 1,
                 })
             }
-            Written::Gone => Err(Box::pin(self.missing(id)).await),
+            Written::Gone => Err(self.missing(id).await),
         }
     }
 
@@ -670,7 +672,8 @@ impl SessionStore {
                 let meta = Meta::now();
                 let kind = EventKind::Destroyed { reason };
                 let event_id = Uuid::now_v7();
-                let mut inv = script::invocation(self.keys.for_session(id), "end");
+                let part = self.keys.for_session(id);
+                let mut inv = script::invocation(part, "end");
                 inv.arg(id.as_str())
                     .arg(-1)
                     .arg("destroyed")
@@ -682,7 +685,7 @@ impl SessionStore {
                 let reply = match script::run(&inv, &mut self.conn.clone()).await {
                     // In fallback mode the end is checked against the snapshot.
                     Err(e) if e.is_unavailable() && self.fallback_enabled() => {
-                        let Some(current) = Box::pin(self.fallback_get(id)).await? else {
+                        let Some(current) = self.fallback_get(id).await? else {
                             return Ok(false);
                         };
                         let event = meta.event_with_id(
@@ -692,7 +695,7 @@ impl SessionStore {
                             current.user_id(),
                             kind,
                         );
-                        match Box::pin(self.fallback_append(&[(current.version(), event)])).await? {
+                        match self.fallback_append(&[(current.version(), event)]).await? {
                             FallbackOutcome::Written => return Ok(true),
                             FallbackOutcome::Conflict(_) => {
                                 Self::backoff(attempt).await;
@@ -705,7 +708,7 @@ impl SessionStore {
                 self.project_pending().await;
                 return match reply {
                     Reply::Ok(xid, extra) => {
-                        self.replicate(self.keys.for_session(id)).await?;
+                        self.replicate(part).await?;
                         let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
                         let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
                         let event = meta.event_with_id(event_id, id, seq, user, kind);
