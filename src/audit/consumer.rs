@@ -401,11 +401,7 @@ impl AuditConsumer {
     }
 
     async fn read(&mut self, id: &str, block: bool) -> redis::RedisResult<Vec<StreamId>> {
-        let reply: Option<StreamReadReply> = self
-            .read_cmd(id, block)
-            .query_async(&mut self.redis)
-            .await?;
-        Ok(entries_of(reply))
+        read_entries(self.read_cmd(id, block), &mut self.redis).await
     }
 
     fn read_cmd(&self, id: &str, block: bool) -> redis::Cmd {
@@ -502,10 +498,7 @@ impl AuditConsumer {
             let stream = self.stream.clone();
             let max_deliveries = self.cfg.max_deliveries;
             tokio::spawn(async move {
-                let reply = cmd
-                    .query_async::<Option<StreamReadReply>>(&mut redis)
-                    .await?;
-                let entries = entries_of(reply);
+                let entries = read_entries(cmd, &mut redis).await?;
                 Ok::<_, RedisError>(Prepared::new(
                     &stream,
                     entries,
@@ -517,12 +510,7 @@ impl AuditConsumer {
         let (outcome, ahead) = tokio::join!(
             self.commit(&batch, &dead, shutdown)
                 .instrument(span.clone()),
-            async {
-                match read_ahead {
-                    Some(read) => Some(read.await),
-                    None => None,
-                }
-            }
+            futures::future::OptionFuture::from(read_ahead)
         );
         match ahead {
             Some(Ok(Ok(ready))) if !ready.ids.is_empty() => self.ahead = Some(ready),
@@ -753,6 +741,12 @@ pub fn is_data_error(e: &crate::error::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// Runs one `XREADGROUP` and returns its entries.
+async fn read_entries(cmd: redis::Cmd, redis: &mut RedisConn) -> redis::RedisResult<Vec<StreamId>> {
+    let reply: Option<StreamReadReply> = cmd.query_async(redis).await?;
+    Ok(entries_of(reply))
 }
 
 fn entries_of(reply: Option<StreamReadReply>) -> Vec<StreamId> {

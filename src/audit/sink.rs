@@ -147,9 +147,16 @@ impl AuditSink {
     /// Writes a batch in one transaction (see the module docs).
     #[tracing::instrument(skip_all, fields(events = batch.len(), dead = dead.len()), err)]
     pub async fn write(&self, batch: &[Incoming], dead: &[DeadLetter]) -> Result<BatchOutcome> {
-        if self.try_plain(batch) {
+        // The same event twice in one batch would be one row anyway.
+        let mut seen = HashSet::new();
+        let batch: Vec<&Incoming> = batch
+            .iter()
+            .filter(|i| seen.insert(i.event.event_id))
+            .collect();
+        let recorded_at = Utc::now();
+        if self.try_plain(&batch) {
             let txn = self.db.begin().await?;
-            match self.write_in(&txn, batch, dead, Insert::Plain).await {
+            match self.write_plain(&txn, &batch, dead, recorded_at).await {
                 Ok(out) => {
                     txn.commit().await?;
                     return Ok(out);
@@ -163,13 +170,13 @@ impl AuditSink {
             }
         }
         let txn = self.db.begin().await?;
-        let out = self.write_in(&txn, batch, dead, Insert::Checked).await?;
+        let out = self.write_checked(&txn, &batch, dead, recorded_at).await?;
         txn.commit().await?;
         Ok(out)
     }
 
     /// Whether to try `batch` with a plain insert first (see the module docs).
-    fn try_plain(&self, batch: &[Incoming]) -> bool {
+    fn try_plain(&self, batch: &[&Incoming]) -> bool {
         if batch.is_empty() || self.db.get_database_backend() != DbBackend::Postgres {
             return false;
         }
@@ -178,29 +185,20 @@ impl AuditSink {
             .is_err()
     }
 
-    async fn write_in(
+    /// Writes `batch` (distinct event ids) skipping rows already taken:
+    /// redeliveries count as duplicates, seq conflicts become dead letters.
+    async fn write_checked(
         &self,
         txn: &DatabaseTransaction,
-        batch: &[Incoming],
+        batch: &[&Incoming],
         dead: &[DeadLetter],
-        insert: Insert,
+        recorded_at: DateTime<Utc>,
     ) -> Result<BatchOutcome> {
         let mut out = BatchOutcome::default();
-        let recorded_at = Utc::now();
-        // The same event twice in one batch would be one row anyway.
-        let mut seen = HashSet::new();
-        let batch: Vec<&Incoming> = batch
-            .iter()
-            .filter(|i| seen.insert(i.event.event_id))
-            .collect();
-        let postgres = txn.get_database_backend() == DbBackend::Postgres;
-        if postgres && insert == Insert::Plain {
-            return self.write_plain(txn, &batch, dead, recorded_at).await;
-        }
-        let present = if postgres {
+        let present = if txn.get_database_backend() == DbBackend::Postgres {
             let bound = self.request_bytes;
-            let statements = postgres::event_statements(&batch, recorded_at, bound, insert);
-            let mut present = postgres::run_event_statements(txn, statements, insert).await?;
+            let statements = postgres::event_statements(batch, recorded_at, bound, Insert::Checked);
+            let mut present = postgres::insert_checked(txn, statements).await?;
             out.inserted = present.len() as u64;
             // Only rows that were not inserted can be redeliveries or
             // seq conflicts; tell them apart by their event id.
@@ -239,7 +237,7 @@ impl AuditSink {
         };
         let mut dead: Vec<DeadLetter> = dead.to_vec();
         let mut accepted: Vec<&Incoming> = Vec::with_capacity(batch.len());
-        for i in &batch {
+        for &i in batch {
             if present.contains(&i.event.event_id) {
                 accepted.push(i);
             } else {
@@ -289,19 +287,16 @@ impl AuditSink {
             *n = Ord::max(*n, i.event.seq as i64);
         }
         let now = Utc::now();
-        let (inserted, planned) = tokio::join!(
-            postgres::run_event_statements(txn, statements, Insert::Plain),
-            async { self.plan_snapshots(by_session, &snapshots, &newest, now) }
-        );
-        let inserted = inserted?.len() as u64;
-        let (mut upserts, behind) = planned?;
-        upserts.extend(self.fold_from_table(txn, behind, now).await?);
-        postgres::upsert_snapshots(txn, &upserts, now, bound).await?;
+        let (inserted, planned) = tokio::join!(postgres::insert_plain(txn, statements), async {
+            self.plan_snapshots(by_session, &snapshots, &newest, now)
+        });
+        let inserted = inserted?;
+        let (upserts, behind) = planned?;
         Ok(BatchOutcome {
             inserted,
             duplicates: 0,
             seq_conflicts: 0,
-            snapshots: upserts.len() as u64,
+            snapshots: self.finish_snapshots(txn, upserts, behind, now).await?,
             dead_letters: insert_dead_letters(txn, dead, recorded_at).await?,
         })
     }
@@ -346,10 +341,22 @@ impl AuditSink {
             (snapshots, newest)
         };
         let now = Utc::now();
-        let (mut upserts, behind) = self.plan_snapshots(by_session, &snapshots, &newest, now)?;
+        let (upserts, behind) = self.plan_snapshots(by_session, &snapshots, &newest, now)?;
+        self.finish_snapshots(txn, upserts, behind, now).await
+    }
+
+    /// Adds the sessions folded from the table (`behind`) to the planned
+    /// `upserts`, and writes them all. Returns how many were written.
+    async fn finish_snapshots(
+        &self,
+        txn: &DatabaseTransaction,
+        mut upserts: Vec<session_snapshots::Model>,
+        behind: Vec<Behind<'_>>,
+        now: DateTime<Utc>,
+    ) -> Result<u64> {
         upserts.extend(self.fold_from_table(txn, behind, now).await?);
         let n = upserts.len() as u64;
-        if postgres {
+        if txn.get_database_backend() == DbBackend::Postgres {
             postgres::upsert_snapshots(txn, &upserts, now, self.request_bytes).await?;
             return Ok(n);
         }

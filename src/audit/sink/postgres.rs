@@ -182,15 +182,15 @@ fn insert_events_sql(insert: Insert) -> String {
     }
 }
 
-/// The statements that insert `batch` (distinct event ids), each with the
-/// event ids it carries: one per run of rows under `bound` bytes. Pure work
-/// on the client, so it can run while the database does something else.
+/// The statements that insert `batch` (distinct event ids): one per run of
+/// rows under `bound` bytes. Pure work on the client, so it can run while the
+/// database does something else.
 pub(super) fn event_statements(
     batch: &[&Incoming],
     recorded_at: DateTime<Utc>,
     bound: usize,
     insert: Insert,
-) -> Vec<(Statement, Vec<Uuid>)> {
+) -> Vec<Statement> {
     let rows: Vec<(&Incoming, String)> = batch
         .iter()
         .map(|i| (*i, i.event.kind.payload_json()))
@@ -227,7 +227,6 @@ pub(super) fn event_statements(
             payloads.push(payload);
             traceparent.push(e.traceparent.clone().unwrap_or_default());
         }
-        let ids = event_id.clone();
         let values: Vec<Value> = vec![
             recorded_at.into(),
             event_id.into(),
@@ -241,32 +240,40 @@ pub(super) fn event_statements(
             payloads.into(),
             traceparent.into(),
         ];
-        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql.as_str(), values);
-        out.push((stmt, ids));
+        out.push(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql.as_str(),
+            values,
+        ));
     }
     out
 }
 
-/// Runs [`event_statements`] and returns the event ids inserted.
-/// [`Insert::Checked`] skips rows whose `event_id` or `(session_id, seq)` is
-/// taken; [`Insert::Plain`] fails on them with a unique violation.
-pub(super) async fn run_event_statements(
+/// Runs [`event_statements`] made with [`Insert::Plain`] and returns the rows
+/// inserted (all of them: a row already taken fails the statement with a
+/// unique violation).
+pub(super) async fn insert_plain(
     txn: &impl ConnectionTrait,
-    statements: Vec<(Statement, Vec<Uuid>)>,
-    insert: Insert,
+    statements: Vec<Statement>,
+) -> Result<u64> {
+    let mut inserted = 0;
+    for stmt in statements {
+        inserted += txn.execute_raw(stmt).await?.rows_affected();
+    }
+    Ok(inserted)
+}
+
+/// Runs [`event_statements`] made with [`Insert::Checked`] and returns the
+/// event ids inserted; rows whose `event_id` or `(session_id, seq)` is taken
+/// are skipped.
+pub(super) async fn insert_checked(
+    txn: &impl ConnectionTrait,
+    statements: Vec<Statement>,
 ) -> Result<HashSet<Uuid>> {
     let mut inserted = HashSet::new();
-    for (stmt, ids) in statements {
-        match insert {
-            Insert::Plain => {
-                txn.execute_raw(stmt).await?;
-                inserted.extend(ids);
-            }
-            Insert::Checked => {
-                for row in txn.query_all_raw(stmt).await? {
-                    inserted.insert(row.try_get_by_index::<Uuid>(0)?);
-                }
-            }
+    for stmt in statements {
+        for row in txn.query_all_raw(stmt).await? {
+            inserted.insert(row.try_get_by_index::<Uuid>(0)?);
         }
     }
     Ok(inserted)
