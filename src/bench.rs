@@ -187,7 +187,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<crate::cli::Output> 
         Suite::Store => match &args.also_cluster {
             None => store::run(&args, config).await?,
             Some(nodes) => {
-                let nodes = crate::config::parse_cluster_nodes(nodes)?;
+                let nodes = crate::config::parse_cluster_nodes(nodes, false, None)?;
                 let standalone = store::run(&args, config.clone()).await?;
                 let on_cluster = config.with_cluster(nodes, 16);
                 progress(Suite::Store, "again on the cluster");

@@ -235,11 +235,7 @@ impl Config {
             Some(list) => {
                 let ssl = parse_bool(&var, "REDIS_SSL", false)?;
                 let password = get("REDIS_PASSWORD").filter(|p| !p.is_empty());
-                list.split(',')
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                    .map(|n| cluster_node(n, ssl, password.as_deref()))
-                    .collect::<Result<Vec<_>, _>>()?
+                parse_cluster_nodes(&list, ssl, password.as_deref())?
             }
         };
         let partitions: u32 = parse(
@@ -463,12 +459,17 @@ impl Config {
 }
 
 /// A comma-separated list of cluster seed nodes (`host:port` or URLs), as in
-/// `REDIS_CLUSTER_NODES`.
-pub fn parse_cluster_nodes(list: &str) -> Result<Vec<RedisTarget>, ConfigError> {
+/// `REDIS_CLUSTER_NODES`. With `ssl`, `host:port` entries use `rediss://`;
+/// nodes without a password of their own get `password`.
+pub fn parse_cluster_nodes(
+    list: &str,
+    ssl: bool,
+    password: Option<&str>,
+) -> Result<Vec<RedisTarget>, ConfigError> {
     list.split(',')
         .map(str::trim)
         .filter(|n| !n.is_empty())
-        .map(|n| cluster_node(n, false, None))
+        .map(|n| cluster_node(n, ssl, password))
         .collect()
 }
 

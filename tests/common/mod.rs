@@ -47,7 +47,8 @@ pub fn cluster_nodes() -> Vec<RedisTarget> {
             .collect::<Vec<_>>()
             .join(",")
     });
-    vedfolnir_sessions::config::parse_cluster_nodes(&list).expect("VEDFOLNIR_TEST_CLUSTER_NODES")
+    vedfolnir_sessions::config::parse_cluster_nodes(&list, false, None)
+        .expect("VEDFOLNIR_TEST_CLUSTER_NODES")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
