@@ -64,6 +64,9 @@ pub struct Keys {
     pub marker: String,
     /// Set while the worker rebuilds Redis after a loss, `<ns>recovering`.
     pub recovering: String,
+    /// The worker lease on this partition, `<ns>lease` (same slot as its
+    /// stream).
+    pub lease: String,
     /// Namespace of the non-session keys.
     pub namespace: String,
     /// The partition these keys belong to (0 without partitions).
@@ -82,33 +85,32 @@ impl Keys {
     /// The layout for a configuration without partitions (the key names of
     /// DESIGN.md). With partitions, use [`KeySpace`].
     pub fn new(config: &Config) -> Self {
-        let namespace = namespace_of(config);
-        Keys {
-            session_prefix: config.session_prefix.clone(),
-            ledger_prefix: format!("{namespace}seq:"),
-            user_prefix: format!("{namespace}user:"),
-            stream: config.event_stream.clone(),
-            expiry: format!("{namespace}expiry"),
-            marker: format!("{namespace}marker"),
-            recovering: format!("{namespace}recovering"),
-            namespace,
-            partition: 0,
-        }
+        Self::build(config, None)
     }
 
     /// The keys of partition `p`, every one carrying the hash tag `{p}`.
     pub fn tagged(config: &Config, p: u32) -> Self {
+        Self::build(config, Some(p))
+    }
+
+    /// Prefixes end with the tag (`…:{p}:`), whole keys with `:{p}`.
+    fn build(config: &Config, tag: Option<u32>) -> Self {
         let namespace = namespace_of(config);
+        let (pre, suf) = match tag {
+            Some(p) => (format!("{{{p}}}:"), format!(":{{{p}}}")),
+            None => (String::new(), String::new()),
+        };
         Keys {
-            session_prefix: format!("{}{{{p}}}:", config.session_prefix),
-            ledger_prefix: format!("{namespace}seq:{{{p}}}:"),
-            user_prefix: format!("{namespace}user:{{{p}}}:"),
-            stream: format!("{}:{{{p}}}", config.event_stream),
-            expiry: format!("{namespace}expiry:{{{p}}}"),
-            marker: format!("{namespace}marker:{{{p}}}"),
-            recovering: format!("{namespace}recovering:{{{p}}}"),
+            session_prefix: format!("{}{pre}", config.session_prefix),
+            ledger_prefix: format!("{namespace}seq:{pre}"),
+            user_prefix: format!("{namespace}user:{pre}"),
+            stream: format!("{}{suf}", config.event_stream),
+            expiry: format!("{namespace}expiry{suf}"),
+            marker: format!("{namespace}marker{suf}"),
+            recovering: format!("{namespace}recovering{suf}"),
+            lease: format!("{namespace}lease{suf}"),
             namespace,
-            partition: p,
+            partition: tag.unwrap_or(0),
         }
     }
 
@@ -238,12 +240,8 @@ impl KeySpace {
     }
 
     /// The lease key of partition `p` (same slot as its stream).
-    pub fn lease(&self, p: u32) -> String {
-        if self.tagged {
-            format!("{}lease:{{{p}}}", self.namespace())
-        } else {
-            format!("{}lease", self.namespace())
-        }
+    pub fn lease(&self, p: u32) -> &str {
+        &self.part(p).lease
     }
 }
 
@@ -280,7 +278,7 @@ mod tests {
                 k.expiry.clone(),
                 k.marker.clone(),
                 k.recovering.clone(),
-                space.lease(p),
+                space.lease(p).to_owned(),
             ] {
                 let first = key.find('{').expect("tagged");
                 assert!(
