@@ -452,7 +452,12 @@ async fn large_batches(backend: Backend, query: Option<&str>) {
             .await
             .expect("connect");
     }
-    let bound = AuditSink::new(db.db.clone(), ctx.config.session_timeout, "s").statement_bytes();
+    let sink = AuditSink::new(
+        db.db.clone(),
+        ctx.config.session_timeout,
+        ctx.config.event_stream.clone(),
+    );
+    let bound = sink.statement_bytes();
     match (backend, query) {
         // The test server is on loopback: no TLS unless the URL asks.
         (Backend::Postgres, None) => assert!(bound > 1024 * 1024, "{bound}"),
@@ -500,11 +505,6 @@ async fn large_batches(backend: Backend, query: Option<&str>) {
         assert_eq!(snap.state, live.to_json(), "snapshot equals Redis for {id}");
     }
     // The whole history again, with one impostor for a taken place.
-    let sink = AuditSink::new(
-        db.db.clone(),
-        ctx.config.session_timeout,
-        ctx.config.event_stream.clone(),
-    );
     let rows = session_events::Entity::find()
         .order_by_asc(session_events::Column::Id)
         .all(&db.db)

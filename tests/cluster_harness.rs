@@ -271,6 +271,18 @@ fn xreadgroup_blocking(stream: &str, block: Duration) -> redis::Cmd {
     cmd
 }
 
+/// Whether the node at `address` holds the script `sha` in its cache.
+async fn script_cached(address: &str, sha: &str) -> bool {
+    let mut conn = cluster::node_connection(address).await.unwrap();
+    let cached: Vec<bool> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(sha)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    cached[0]
+}
+
 /// One counter of an `INFO commandstats` line (`calls=3,usec=..,failed_calls=1`).
 fn stat(line: &str, name: &str) -> u64 {
     line.split(',')
@@ -327,14 +339,7 @@ async fn failover_run(
         .find(|s| s.serves(slot))
         .expect("the key's primary");
     let replica = shard.replica.clone().expect("the primary has a replica");
-    let mut replica_conn = cluster::node_connection(&replica).await.unwrap();
-    let cached: Vec<bool> = redis::cmd("SCRIPT")
-        .arg("EXISTS")
-        .arg(script.get_hash())
-        .query_async(&mut replica_conn)
-        .await
-        .unwrap();
-    let cached_on_replica = cached[0];
+    let cached_on_replica = script_cached(&replica, script.get_hash()).await;
 
     let killed = cluster.kill_primary_for_slot(slot).await;
     assert_eq!(killed, shard.primary);
@@ -387,14 +392,10 @@ async fn failover_run(
 
     // Redis does not replicate the script cache: the former replica had to
     // be given the script after it took over (redis-rs reloads on NOSCRIPT).
-    let mut new_primary = cluster::node_connection(&replica).await.unwrap();
-    let cached: Vec<bool> = redis::cmd("SCRIPT")
-        .arg("EXISTS")
-        .arg(script.get_hash())
-        .query_async(&mut new_primary)
-        .await
-        .unwrap();
-    assert!(cached[0], "the new primary has the script after the reload");
+    assert!(
+        script_cached(&replica, script.get_hash()).await,
+        "the new primary has the script after the reload"
+    );
 
     // NOSCRIPT counts as a failed EVALSHA; MOVED answers (while it was
     // still a replica) count as rejected ones.

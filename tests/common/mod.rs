@@ -203,39 +203,35 @@ impl Drop for TestContext {
 }
 
 /// Best effort: removes a test namespace's keys from every node of the
-/// cluster, one key at a time (a multi-key command may not cross slots).
+/// cluster.
 pub fn delete_cluster_namespace(namespace: &str) {
     for node in cluster_nodes() {
-        let Ok(client) = redis::Client::open(node.expose_url()) else {
-            continue;
-        };
-        let Ok(mut conn) = client.get_connection() else {
-            continue;
-        };
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{namespace}*"))
-            .query(&mut conn)
-            .unwrap_or_default();
-        for k in keys {
-            // A replica refuses (READONLY); its primary deletes the key.
-            let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(k).query(&mut conn);
-        }
+        unlink_namespace_on(node.expose_url(), namespace);
     }
 }
 
 /// Best effort: removes a test namespace's keys so the shared server stays clean.
 pub fn delete_namespace(namespace: &str) {
-    let Ok(client) = redis::Client::open(redis_url()) else {
-        return;
-    };
-    let Ok(mut conn) = client.get_connection() else {
+    unlink_namespace_on(&redis_url(), namespace);
+}
+
+/// Unlinks the namespace's keys on one server, one key per command (on a
+/// cluster node a multi-key command may not cross slots), in one pipeline.
+fn unlink_namespace_on(url: &str, namespace: &str) {
+    let Ok(mut conn) = redis::Client::open(url).and_then(|c| c.get_connection()) else {
         return;
     };
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{namespace}*"))
         .query(&mut conn)
         .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(keys).query(&mut conn);
+    if keys.is_empty() {
+        return;
     }
+    let mut pipe = redis::pipe();
+    for k in keys {
+        pipe.cmd("UNLINK").arg(k).ignore();
+    }
+    // A cluster replica refuses (READONLY); its primary deletes the keys.
+    let _: redis::RedisResult<()> = pipe.query(&mut conn);
 }
