@@ -67,16 +67,6 @@ replicas_synced() {
   [ "$replicas" -eq $((COUNT / 2)) ]
 }
 
-# Polls "$@" every 0.1 s until it succeeds or the deadline passes.
-poll() {
-  local what=$1 seconds=$2; shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$deadline" ]; then log "timed out after ${seconds}s waiting for $what"; return 1; fi
-    sleep 0.1
-  done
-}
-
 # True when something accepts connections on this loopback port.
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 

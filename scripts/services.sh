@@ -17,13 +17,20 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-wait_for() {
-  local what=$1; shift
-  for _ in $(seq 1 100); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
+# Polls "$@" every 0.1 s until it succeeds or the deadline passes.
+poll() {
+  local what=$1 seconds=$2; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then log "timed out after ${seconds}s waiting for $what"; return 1; fi
     sleep 0.1
   done
-  log "$what did not come up"; return 1
+}
+
+# A service that was just started: ten seconds to answer.
+wait_for() {
+  local what=$1; shift
+  poll "$what" 10 "$@"
 }
 
 ensure_redis() {
