@@ -85,7 +85,15 @@ async fn mutations_wait_for_a_replica() {
         .with_redis(RedisTarget::parse("REDIS_URL", &primary.url()).expect("url"))
         .with_namespace("vtest:wait:")
         .with_wait_replicas(1, Duration::from_millis(300));
-    let store = SessionStore::connect(&config).await.expect("connect");
+    // While the replica is there, WAIT returns as soon as it acknowledges;
+    // the long timeout only keeps a loaded machine from failing the test.
+    let store = SessionStore::connect(
+        &config
+            .clone()
+            .with_wait_replicas(1, Duration::from_secs(10)),
+    )
+    .await
+    .expect("connect");
     let c = store
         .create(NewSession::for_user(1, "admin"))
         .await
@@ -105,6 +113,7 @@ async fn mutations_wait_for_a_replica() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let store = SessionStore::connect(&config).await.expect("connect");
     let e = store
         .update(&c.session_id, Changes::new().with_set("b", 2))
         .await
