@@ -1,0 +1,137 @@
+//! [`replay`]: rebuilding Redis from the audit snapshots.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use sea_orm::{
+    ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _,
+    QuerySelect as _,
+};
+use serde::Serialize;
+
+use crate::audit::entity::session_snapshots;
+use crate::audit::entity::session_snapshots::SnapshotStatus;
+use crate::error::{Error, Result};
+use crate::id::SessionId;
+use crate::store::SessionStore;
+use crate::store::script::{self, Reply};
+
+/// Snapshot rows per page (one pipeline per partition and page).
+pub const PAGE: u64 = 5000;
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ReplaySummary {
+    /// Snapshot rows read.
+    pub snapshots: u64,
+    /// Sessions written back into Redis.
+    pub restored: u64,
+    /// Skipped: Redis already holds a newer version.
+    pub skipped_newer: u64,
+    /// Skipped: Redis already holds this version.
+    pub already_current: u64,
+    /// Live in the database but past their deadline.
+    pub expired_meanwhile: u64,
+    /// Ended sessions (destroyed or expired), not restored.
+    pub destroyed: u64,
+    /// Rows whose session id is not a session id (never written by the
+    /// store), left alone.
+    pub skipped_invalid: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Snapshot rows per second.
+    pub sessions_per_sec: f64,
+}
+
+/// Rebuilds Redis from the snapshots. `progress` is called after each page
+/// with (rows done, rows total).
+pub async fn replay(
+    store: &SessionStore,
+    db: &DatabaseConnection,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<ReplaySummary> {
+    use sea_orm::PaginatorTrait as _;
+    let started = Instant::now();
+    let total = session_snapshots::Entity::find().count(db).await?;
+    let mut conn = store.connection();
+    script::load(&mut conn).await?;
+    let keys = store.keys().clone();
+    let tomb_ms = store.config().tombstone_ttl.as_millis() as u64;
+    let mut summary = ReplaySummary::default();
+    let mut after = String::new();
+    loop {
+        let rows = session_snapshots::Entity::find()
+            .filter(session_snapshots::Column::SessionId.gt(after.as_str()))
+            .order_by_asc(session_snapshots::Column::SessionId)
+            .limit(PAGE)
+            .all(db)
+            .await?;
+        let Some(last) = rows.last() else { break };
+        after = last.session_id.clone();
+        summary.snapshots += rows.len() as u64;
+        // One pipeline per partition: a pipeline stays within one slot.
+        let mut pipes: BTreeMap<u32, redis::Pipeline> = BTreeMap::new();
+        for r in &rows {
+            if r.status != SnapshotStatus::Live {
+                summary.destroyed += 1;
+                continue;
+            }
+            let Some(deadline) = r.expires_at else {
+                summary.expired_meanwhile += 1;
+                continue;
+            };
+            let Ok(id) = r.session_id.parse::<SessionId>() else {
+                summary.skipped_invalid += 1;
+                continue;
+            };
+            let part = keys.for_session(&id);
+            let mut cmd = script::evalsha(part, "restore");
+            cmd.arg(&r.session_id)
+                .arg(&r.state)
+                .arg(r.seq)
+                .arg(r.user_id.as_deref().unwrap_or(""))
+                .arg(deadline.timestamp_millis())
+                .arg(tomb_ms);
+            pipes
+                .entry(part.partition)
+                .or_insert_with(redis::pipe)
+                .add_command(cmd);
+        }
+        for pipe in pipes.values() {
+            let replies: Vec<Vec<String>> = match pipe.query_async(&mut conn).await {
+                Ok(r) => r,
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script::load(&mut conn).await?;
+                    pipe.query_async(&mut conn).await?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for reply in replies {
+                match script::decode(reply)? {
+                    Reply::Ok(..) => summary.restored += 1,
+                    Reply::Newer => summary.skipped_newer += 1,
+                    Reply::Current => summary.already_current += 1,
+                    Reply::Expired => summary.expired_meanwhile += 1,
+                    other => {
+                        return Err(Error::Corrupt(format!(
+                            "restore: unexpected reply {other:?}"
+                        )));
+                    }
+                }
+            }
+        }
+        progress(summary.snapshots, total);
+        if (rows.len() as u64) < PAGE {
+            break;
+        }
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.sessions_per_sec = if summary.seconds > 0.0 {
+        summary.snapshots as f64 / summary.seconds
+    } else {
+        0.0
+    };
+    Ok(summary)
+}
