@@ -4,6 +4,8 @@
 
 #[macro_use]
 mod common;
+#[path = "common/redis_server.rs"]
+mod redis_server;
 
 use std::time::Duration;
 
@@ -537,7 +539,95 @@ async fn large_batches(backend: Backend, query: Option<&str>) {
     );
 }
 
+/// The consumer tells the database how current it is: `drained_at` once it
+/// committed everything the stream had, and, when Redis goes away, since
+/// when, so an app server can tell whether the database may serve in its
+/// place.
+async fn the_consumer_records_how_current_the_database_is(backend: Backend) {
+    use vedfolnir_sessions::audit::partition;
+    let mut server = redis_server::RedisServer::start().await;
+    let db = TestDb::new(backend).await;
+    let config = vedfolnir_sessions::Config::default()
+        .with_redis(
+            vedfolnir_sessions::config::RedisTarget::parse("REDIS_URL", &server.url())
+                .expect("url"),
+        )
+        .with_namespace("vwatermark:");
+    let store = vedfolnir_sessions::SessionStore::connect(&config)
+        .await
+        .expect("store");
+    let sink = AuditSink::new(
+        db.db.clone(),
+        config.session_timeout,
+        config.event_stream.clone(),
+    );
+    let cfg = ConsumerConfig {
+        retry_max: Duration::from_millis(50),
+        ..consumer_config()
+    };
+    let mut c = AuditConsumer::new(&config, sink, cfg)
+        .await
+        .expect("consumer");
+    c.ensure_group().await.expect("group");
+    assert!(
+        partition::load(&db.db, &config.event_stream)
+            .await
+            .expect("load")
+            .is_none(),
+        "nothing is recorded before the consumer has drained"
+    );
+    for n in 0..5 {
+        store
+            .create(NewSession::for_user(n, "u"))
+            .await
+            .expect("create");
+    }
+    let before = chrono::Utc::now();
+    drain(&mut c).await;
+    let state = partition::load(&db.db, &config.event_stream)
+        .await
+        .expect("load")
+        .expect("a row once drained");
+    let drained = state.drained_at.expect("drained_at");
+    assert!(
+        drained >= before,
+        "drained_at {drained} predates the last read {before}"
+    );
+    assert_eq!(state.redis_down_since, None);
+    assert!(state.current_when_redis_left(chrono::Utc::now()));
+
+    // Redis goes away under the running consumer.
+    let token = CancellationToken::new();
+    let running = tokio::spawn(c.run(token.clone()));
+    let cut = chrono::Utc::now();
+    server.shutdown_nosave().await;
+    let mut down = None;
+    for _ in 0..500 {
+        let s = partition::load(&db.db, &config.event_stream)
+            .await
+            .expect("load")
+            .expect("row");
+        if s.redis_down_since.is_some() {
+            down = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let down = down.expect("the consumer records that redis is unreachable");
+    let since = down.redis_down_since.expect("since");
+    assert!(
+        since >= cut,
+        "redis_down_since {since} predates the cut {cut}"
+    );
+    assert_eq!(down.drained_at, Some(drained), "no drain without redis");
+    // Drained just before Redis left: the database may serve in its place.
+    assert!(down.current_when_redis_left(chrono::Utc::now() + chrono::Duration::hours(1)));
+    token.cancel();
+    running.await.expect("join").expect("consumer");
+}
+
 on_both_backends!(
+    the_consumer_records_how_current_the_database_is,
     every_event_exactly_once,
     malformed_entries_become_dead_letters,
     two_consumers_share_the_work,

@@ -20,6 +20,10 @@
 //!   its latest folded state.
 //! - `m20261128_000003_create_dead_letters`: stream entries that were given
 //!   up on, kept verbatim for inspection and replay.
+//! - `m20261129_000004_create_partition_state`: per stream, the Redis epoch
+//!   the database last knew complete and the audit consumer's progress.
+//! - `m20261129_000005_create_fallback_events`: mutations accepted while
+//!   Redis was unreachable, waiting to be projected through it.
 
 pub use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseConnection;
@@ -27,6 +31,8 @@ use sea_orm_migration::sea_orm::DatabaseConnection;
 mod m20261128_000001_create_session_events;
 mod m20261128_000002_create_session_snapshots;
 mod m20261128_000003_create_dead_letters;
+mod m20261129_000004_create_partition_state;
+mod m20261129_000005_create_fallback_events;
 
 /// The audit database's migrations, oldest first.
 ///
@@ -43,6 +49,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000001_create_session_events::Migration),
             Box::new(m20261128_000002_create_session_snapshots::Migration),
             Box::new(m20261128_000003_create_dead_letters::Migration),
+            Box::new(m20261129_000004_create_partition_state::Migration),
+            Box::new(m20261129_000005_create_fallback_events::Migration),
         ]
     }
 }

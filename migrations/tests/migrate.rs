@@ -18,9 +18,15 @@ use migration::{Migrator, MigratorTrait, SchemaManager, pending_count};
 use uuid::Uuid;
 
 const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const MIGRATIONS: usize = 3;
-const TABLES: [&str; 3] = ["session_events", "session_snapshots", "dead_letters"];
-const INDEXES: [(&str, &str); 6] = [
+const MIGRATIONS: usize = 5;
+const TABLES: [&str; 5] = [
+    "session_events",
+    "session_snapshots",
+    "dead_letters",
+    "partition_state",
+    "fallback_events",
+];
+const INDEXES: [(&str, &str); 10] = [
     ("session_events", "uq_session_events_event_id"),
     ("session_events", "uq_session_events_session_id_seq"),
     ("session_events", "idx_session_events_user_id_occurred_at"),
@@ -30,6 +36,10 @@ const INDEXES: [(&str, &str); 6] = [
         "session_snapshots",
         "idx_session_snapshots_status_expires_at",
     ),
+    ("fallback_events", "uq_fallback_events_event_id"),
+    ("fallback_events", "uq_fallback_events_session_id_seq"),
+    ("fallback_events", "idx_fallback_events_stream_id"),
+    ("fallback_events", "idx_fallback_events_user_id"),
 ];
 const DEAD_LETTER_INDEX: (&str, &str) = ("dead_letters", "uq_dead_letters_stream_stream_id");
 /// Deliberately not in the key order or spacing a serializer would produce.
@@ -167,6 +177,8 @@ async fn assert_column_types(db: &DatabaseConnection) -> Result<()> {
             ("session_events", "occurred_at", "timestamp with time zone"),
             ("session_snapshots", "state", "text"),
             ("dead_letters", "fields", "text"),
+            ("fallback_events", "payload", "text"),
+            ("fallback_events", "event_id", "uuid"),
         ],
         DbBackend::Sqlite => &[
             ("session_events", "payload", "text"),
@@ -257,6 +269,22 @@ async fn assert_constraints(db: &DatabaseConnection) -> Result<()> {
     .await
     .context("inserting a dead letter from another stream")?;
     ensure_eq(count(db, "dead_letters").await?, 2, "dead_letters rows")?;
+
+    // Two app servers staging the same place of one session in fallback
+    // mode: the second must conflict, not overwrite.
+    let staged = |event_id: Uuid| {
+        format!(
+            "INSERT INTO fallback_events \
+             (event_id, stream, session_id, seq, event_type, user_id, occurred_at, \
+              schema_version, payload, traceparent, recorded_at) \
+             VALUES ('{event_id}', 'vedfolnir:events', 's-1', 3, 'updated', 'u-1', \
+                     '2026-11-28T10:00:00Z', 1, '{PAYLOAD}', NULL, '2026-11-28T10:00:01Z')"
+        )
+    };
+    db.execute_unprepared(&staged(Uuid::now_v7()))
+        .await
+        .context("staging a fallback event")?;
+    expect_unique_violation(db.execute_unprepared(&staged(Uuid::now_v7())).await, "seq")?;
     Ok(())
 }
 

@@ -175,6 +175,10 @@ pub struct AuditConsumer {
     /// committing: delivered to this consumer (pending), not yet written or
     /// acknowledged.
     ahead: Option<Prepared>,
+    /// When `partition_state.drained_at` was last written.
+    last_drained: Option<Instant>,
+    /// Since when Redis has been unreachable, while it is.
+    redis_down_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A batch decoded and ready to write.
@@ -256,6 +260,8 @@ impl AuditConsumer {
             last_claim: None,
             last_trim: None,
             ahead: None,
+            last_drained: None,
+            redis_down_since: None,
         })
     }
 
@@ -293,6 +299,9 @@ impl AuditConsumer {
             match self.step(&shutdown).await {
                 Ok(_) => backoff = Duration::from_millis(100),
                 Err(e) => {
+                    if e.is_unavailable() {
+                        self.note_redis_down().await;
+                    }
                     tracing::warn!(err = %e, "audit consumer step failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -325,6 +334,7 @@ impl AuditConsumer {
                 return Ok(n);
             }
         }
+        let read_at = chrono::Utc::now();
         let entries = match self.read(">", true).await {
             Ok(e) => e,
             Err(e) if is_nogroup(&e) => {
@@ -333,7 +343,52 @@ impl AuditConsumer {
             }
             Err(e) => return Err(e.into()),
         };
-        self.process(entries, Origin::New, shutdown).await
+        let full = entries.len() >= self.cfg.batch;
+        let n = self.process(entries, Origin::New, shutdown).await?;
+        if !full && self.ahead.is_none() {
+            self.note_drained(read_at).await;
+        }
+        Ok(n)
+    }
+
+    /// After a read that returned everything the stream had at `read_at`,
+    /// committed and acknowledged: when the group has nothing pending either,
+    /// records in `partition_state` that the database holds every entry
+    /// appended before `read_at` (at most every 100 ms).
+    async fn note_drained(&mut self, read_at: chrono::DateTime<chrono::Utc>) {
+        if self.redis_down_since.is_none()
+            && self
+                .last_drained
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+        {
+            return;
+        }
+        let pending: redis::RedisResult<redis::streams::StreamPendingReply> =
+            self.redis.xpending(&self.stream, &self.cfg.group).await;
+        match pending {
+            Ok(redis::streams::StreamPendingReply::Empty) => {}
+            Ok(redis::streams::StreamPendingReply::Data(d)) if d.count == 0 => {}
+            _ => return,
+        }
+        match super::partition::record_drained(self.sink.db(), &self.stream, read_at).await {
+            Ok(()) => {
+                self.last_drained = Some(Instant::now());
+                self.redis_down_since = None;
+            }
+            Err(e) => tracing::debug!(err = %e, "recording the drained stream failed"),
+        }
+    }
+
+    /// Redis is unreachable: records since when in `partition_state`, so
+    /// that app servers know how current the database is (best effort; the
+    /// database may be unreachable too, then it is tried on the next failure).
+    async fn note_redis_down(&mut self) {
+        let since = *self.redis_down_since.get_or_insert_with(chrono::Utc::now);
+        if let Err(e) =
+            super::partition::record_redis_down(self.sink.db(), &self.stream, since).await
+        {
+            tracing::debug!(err = %e, "recording that redis is unreachable failed");
+        }
     }
 
     /// Drains this consumer's own pending entries, then claims other

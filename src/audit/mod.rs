@@ -8,11 +8,14 @@
 //! - [`consumer`]: the consumer group `audit` that feeds the sink from the
 //!   stream, acks after commit and trims what is acked.
 //! - [`history`]: reading a session's or a user's audit trail.
+//! - [`partition`]: per partition, the Redis epoch the database knows
+//!   complete and how far the audit consumer has drained the stream.
 
 pub mod consumer;
 pub mod db;
 pub mod entity;
 pub mod history;
+pub mod partition;
 pub mod sink;
 
 pub use consumer::{AuditConsumer, ConsumerConfig};

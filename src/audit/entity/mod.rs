@@ -12,16 +12,23 @@
 //!   byte-identical to what Redis holds.
 //! - [`dead_letters`]: stream entries the audit consumer gave up on, kept
 //!   verbatim.
+//! - [`partition_state`]: per stream, the Redis epoch the database last knew
+//!   complete and the audit consumer's progress.
+//! - [`fallback_events`]: mutations staged while Redis was unreachable.
 //! - [`prelude`]: each table's `Entity` under the table's name, plus the
 //!   column enums.
 
 pub mod dead_letters;
+pub mod fallback_events;
+pub mod partition_state;
 pub mod session_events;
 pub mod session_snapshots;
 
 /// Each table's `Entity` under the table's name, for `use …::entity::prelude::*`.
 pub mod prelude {
     pub use super::dead_letters::Entity as DeadLetters;
+    pub use super::fallback_events::Entity as FallbackEvents;
+    pub use super::partition_state::Entity as PartitionState;
     pub use super::session_events::{Entity as SessionEvents, EventSource};
     pub use super::session_snapshots::{Entity as SessionSnapshots, SnapshotStatus};
 }

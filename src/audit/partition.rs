@@ -1,0 +1,192 @@
+//! What the audit database knows about Redis, per partition (`partition_state`).
+//!
+//! Two facts live here, one row per stream:
+//!
+//! - **The Redis epoch.** Redis keeps a random epoch id beside the data
+//!   (`<ns>epoch`). The healer records here the epoch of the data set it made
+//!   complete; a Redis whose epoch key is missing or different from this one
+//!   lost its data since, and the product is *recovering* until a replay has
+//!   put the sessions back and recorded the new epoch. A stream without an
+//!   epoch here is a fresh namespace: the first process to see it records
+//!   the epoch Redis has (see `store::recovery`).
+//! - **The audit consumer's progress.** `drained_at` is the last time the
+//!   consumer had committed every entry of the stream; `redis_down_since`
+//!   says since when it cannot reach Redis. An app server whose Redis is
+//!   unreachable serves from the database only when the database holds
+//!   everything Redis had acknowledged before it went away
+//!   ([`PartitionState::current_when_redis_left`]).
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{ConnectionTrait, EntityTrait as _, Set};
+
+use super::entity::partition_state::{self, ActiveModel, Column, Entity};
+use crate::error::Result;
+
+pub use partition_state::Model as PartitionState;
+
+/// How much older than the moment Redis went away the consumer's last drain
+/// may be for the database to count as current: the consumer drains at
+/// least once per `AUDIT_BLOCK_MS` while it can reach Redis, so this covers
+/// blocks up to two seconds plus the commit.
+pub const DRAIN_SLACK: chrono::Duration = chrono::Duration::milliseconds(3000);
+
+impl PartitionState {
+    /// True when the database held everything the stream had when Redis
+    /// became unreachable, as far as the audit consumer can tell: it drained
+    /// the stream less than [`DRAIN_SLACK`] before it lost Redis, or (when it
+    /// still reaches Redis) less than [`DRAIN_SLACK`] before `now`.
+    pub fn current_when_redis_left(&self, now: DateTime<Utc>) -> bool {
+        let Some(drained) = self.drained_at else {
+            return false;
+        };
+        let reference = self.redis_down_since.unwrap_or(now).min(now);
+        drained >= reference - DRAIN_SLACK
+    }
+}
+
+/// The row of `stream`, if any.
+pub async fn load(db: &impl ConnectionTrait, stream: &str) -> Result<Option<PartitionState>> {
+    Ok(Entity::find_by_id(stream.to_owned()).one(db).await?)
+}
+
+fn blank(stream: &str, now: DateTime<Utc>) -> ActiveModel {
+    ActiveModel {
+        stream: Set(stream.to_owned()),
+        redis_epoch: Set(None),
+        epoch_at: Set(None),
+        drained_at: Set(None),
+        redis_down_since: Set(None),
+        updated_at: Set(now),
+    }
+}
+
+/// The audit consumer committed every entry of `stream` that existed at
+/// `at` and reaches Redis: records `drained_at` and clears
+/// `redis_down_since`.
+pub async fn record_drained(
+    db: &impl ConnectionTrait,
+    stream: &str,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    let mut row = blank(stream, Utc::now());
+    row.drained_at = Set(Some(at));
+    Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(Column::Stream)
+                .update_columns([Column::DrainedAt, Column::RedisDownSince, Column::UpdatedAt])
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+    Ok(())
+}
+
+/// The audit consumer cannot reach Redis since `since`: recorded unless an
+/// earlier moment already is.
+pub async fn record_redis_down(
+    db: &impl ConnectionTrait,
+    stream: &str,
+    since: DateTime<Utc>,
+) -> Result<()> {
+    let mut row = blank(stream, Utc::now());
+    row.redis_down_since = Set(Some(since));
+    Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(Column::Stream)
+                .value(
+                    Column::RedisDownSince,
+                    Expr::cust(
+                        "COALESCE(\"partition_state\".\"redis_down_since\", \
+                         \"excluded\".\"redis_down_since\")",
+                    ),
+                )
+                .update_column(Column::UpdatedAt)
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+    Ok(())
+}
+
+/// Records `epoch` as the Redis data set this database knows complete.
+pub async fn record_epoch(db: &impl ConnectionTrait, stream: &str, epoch: &str) -> Result<()> {
+    let now = Utc::now();
+    let mut row = blank(stream, now);
+    row.redis_epoch = Set(Some(epoch.to_owned()));
+    row.epoch_at = Set(Some(now));
+    Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(Column::Stream)
+                .update_columns([Column::RedisEpoch, Column::EpochAt, Column::UpdatedAt])
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+    Ok(())
+}
+
+/// Records `epoch` only when the database knows no epoch for `stream` yet (a
+/// fresh namespace); returns the epoch the database holds afterwards.
+pub async fn adopt_epoch(
+    db: &impl ConnectionTrait,
+    stream: &str,
+    epoch: &str,
+) -> Result<Option<String>> {
+    let now = Utc::now();
+    let mut row = blank(stream, now);
+    row.redis_epoch = Set(Some(epoch.to_owned()));
+    row.epoch_at = Set(Some(now));
+    Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(Column::Stream)
+                .value(
+                    Column::RedisEpoch,
+                    Expr::cust(
+                        "COALESCE(\"partition_state\".\"redis_epoch\", \"excluded\".\"redis_epoch\")",
+                    ),
+                )
+                .value(
+                    Column::EpochAt,
+                    Expr::cust(
+                        "COALESCE(\"partition_state\".\"epoch_at\", \"excluded\".\"epoch_at\")",
+                    ),
+                )
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+    Ok(load(db, stream).await?.and_then(|r| r.redis_epoch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(drained: Option<i64>, down: Option<i64>) -> PartitionState {
+        let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).expect("in range");
+        PartitionState {
+            stream: "s".to_owned(),
+            redis_epoch: None,
+            epoch_at: None,
+            drained_at: drained.map(t),
+            redis_down_since: down.map(t),
+            updated_at: t(0),
+        }
+    }
+
+    #[test]
+    fn the_database_is_current_only_when_drained_just_before_redis_left() {
+        let now = DateTime::from_timestamp(1_800_000_100, 0).expect("in range");
+        // Never drained: nothing proves the database current.
+        assert!(!state(None, Some(50)).current_when_redis_left(now));
+        // Drained one second before the consumer lost Redis.
+        assert!(state(Some(49), Some(50)).current_when_redis_left(now));
+        // Drained a minute before (the database was down, or lagging).
+        assert!(!state(Some(-10), Some(50)).current_when_redis_left(now));
+        // The consumer still reaches Redis and drained a moment ago.
+        assert!(state(Some(99), None).current_when_redis_left(now));
+        // ... or long ago: it is stuck, the database may lag.
+        assert!(!state(Some(60), None).current_when_redis_left(now));
+    }
+}
