@@ -427,6 +427,11 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
         }
         Err(e) => return Err(e.into()),
     };
+    let store = if matches!(cli.command, Command::Session(_) | Command::User(_)) {
+        attach_audit(store, &config).await
+    } else {
+        store
+    };
     match cli.command {
         Command::Session(cmd) => session(&store, cmd).await,
         Command::User(UserCmd::Sessions { user_id }) => {
@@ -469,6 +474,36 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
             }
         }
     }
+}
+
+/// With `DATABASE_URL` set, the session and user commands attach the audit
+/// database, as app servers do: ends then reach sessions the database knows
+/// that Redis does not hold (while it recovers, or is unreachable), reads
+/// during a recovery are served from it, and with `DB_SESSION_SYNC` the
+/// command's events are committed to it. Without it they act on Redis only.
+/// A database that cannot be opened is reported and left out.
+async fn attach_audit(store: SessionStore, config: &Config) -> SessionStore {
+    if std::env::var_os("DATABASE_URL").is_none() {
+        return store;
+    }
+    let db = match crate::audit::db::connect(&config.database_url).await {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!(
+                "warning: the audit database (DATABASE_URL) is unreachable: {e}; acting on Redis only"
+            );
+            return store;
+        }
+    };
+    if let Err(e) = crate::audit::db::require_current_schema(&db).await {
+        eprintln!("warning: {e}; acting on Redis only");
+        return store;
+    }
+    store.with_audit(crate::audit::AuditSink::new(
+        db,
+        config.session_timeout,
+        config.event_stream.clone(),
+    ))
 }
 
 async fn session(store: &SessionStore, cmd: SessionCmd) -> Result<Value, Failure> {
@@ -524,7 +559,15 @@ async fn session(store: &SessionStore, cmd: SessionCmd) -> Result<Value, Failure
                 let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
                 set.insert(k.to_owned(), value);
             }
-            let s = store.update(&id, Changes { set, unset: vec![] }).await?;
+            let s = store
+                .update(
+                    &id,
+                    Changes {
+                        set,
+                        ..Changes::default()
+                    },
+                )
+                .await?;
             Ok(serde_json::to_value(&s).map_err(|e| invalid(e.to_string()))?)
         }
         SessionCmd::Unset {
@@ -536,8 +579,8 @@ async fn session(store: &SessionStore, cmd: SessionCmd) -> Result<Value, Failure
                 .update(
                     &id,
                     Changes {
-                        set: Map::new(),
                         unset: keys,
+                        ..Changes::default()
                     },
                 )
                 .await?;

@@ -292,6 +292,18 @@ impl Config {
         let session_timeout = secs("REDIS_SESSION_TIMEOUT", 7200)?;
         let touch_interval = secs("SESSION_TOUCH_INTERVAL", 60)?;
         let tombstone_ttl = secs("SESSION_TOMBSTONE_TTL", 86_400)?;
+        if touch_interval >= session_timeout {
+            return Err(ConfigError {
+                var: "SESSION_TOUCH_INTERVAL",
+                value: touch_interval.as_secs().to_string(),
+                reason: format!(
+                    "must be shorter than REDIS_SESSION_TIMEOUT ({} s): reads extend a session \
+                     at most once per interval, so an interval as long as the timeout lets \
+                     active sessions expire",
+                    session_timeout.as_secs()
+                ),
+            });
+        }
         let max_bytes: usize = parse(&var, "SESSION_MAX_BYTES", 65_536, "a number of bytes")?;
         if max_bytes < 256 {
             return Err(ConfigError {
@@ -566,6 +578,32 @@ mod tests {
         assert!(c.cluster_nodes.is_empty());
         assert_eq!(c.partitions, 1);
         assert!(!c.partitioned());
+    }
+
+    #[test]
+    fn a_touch_interval_as_long_as_the_timeout_is_refused() {
+        // Reads extend a session at most once per interval: with an interval
+        // as long as the timeout, an active session would expire.
+        for (interval, timeout) in [("7200", "7200"), ("60", "30")] {
+            let e = cfg(&[
+                ("SESSION_TOUCH_INTERVAL", interval),
+                ("REDIS_SESSION_TIMEOUT", timeout),
+            ])
+            .expect_err("refused");
+            assert_eq!(e.var, "SESSION_TOUCH_INTERVAL");
+            assert_eq!(e.value, interval);
+            let text = e.to_string();
+            assert!(
+                text.contains("SESSION_TOUCH_INTERVAL") && text.contains("REDIS_SESSION_TIMEOUT"),
+                "{text}"
+            );
+        }
+        let c = cfg(&[
+            ("SESSION_TOUCH_INTERVAL", "1"),
+            ("REDIS_SESSION_TIMEOUT", "2"),
+        ])
+        .expect("shorter is fine");
+        assert_eq!(c.touch_interval, Duration::from_secs(1));
     }
 
     #[test]

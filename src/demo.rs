@@ -106,12 +106,12 @@ pub async fn run(
     wait_for(Duration::from_secs(30), || {
         let mut conn = conn.clone();
         let stream = keys.stream.clone();
-        let marker = keys.marker.clone();
+        let db = db.clone();
+        let keys = keys.clone();
         async move {
             let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
                 conn.xinfo_groups(&stream).await;
-            let marker: bool = conn.exists(&marker).await.unwrap_or(false);
-            marker
+            healed(&mut conn, &db, &keys).await
                 && groups.is_ok_and(|g| {
                     g.groups
                         .iter()
@@ -235,13 +235,9 @@ pub async fn run(
     say("waiting for the worker to notice and heal");
     wait_for(Duration::from_secs(60), || {
         let mut conn = conn.clone();
-        let marker = keys.marker.clone();
-        let recovering = keys.recovering.clone();
-        async move {
-            let m: bool = conn.exists(&marker).await.unwrap_or(false);
-            let r: bool = conn.exists(&recovering).await.unwrap_or(true);
-            m && !r
-        }
+        let db = db.clone();
+        let keys = keys.clone();
+        async move { healed(&mut conn, &db, &keys).await }
     })
     .await
     .map_err(|_| Error::InvalidInput("the worker did not heal Redis".to_owned()))?;
@@ -448,4 +444,20 @@ pub fn render(r: &DemoReport) -> String {
         r.verify.lag.len()
     ));
     out
+}
+
+/// Redis holds the data set the audit database knows complete: its epoch is
+/// the one the healer recorded (see `store::recovery`).
+async fn healed(
+    conn: &mut crate::conn::RedisConn,
+    db: &DatabaseConnection,
+    keys: &crate::keys::Keys,
+) -> bool {
+    let redis_epoch: Option<String> = conn.get(&keys.epoch).await.unwrap_or(None);
+    let known = crate::audit::partition::load(db, &keys.stream)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.redis_epoch);
+    redis_epoch.is_some() && redis_epoch == known
 }

@@ -32,6 +32,19 @@ pub enum Error {
         attempts: u32,
     },
 
+    /// A change was computed from a value that a concurrent write has
+    /// changed since (see [`crate::Changes::expect`]); nothing was written.
+    /// Retry from a fresh read, or use an operation that is re-applied on
+    /// the current state ([`crate::SessionStore::modify`],
+    /// [`crate::SessionStore::increment`]).
+    #[error("session {session_id}: `{key}` changed since it was read; nothing was written")]
+    StaleRead {
+        /// The session.
+        session_id: SessionId,
+        /// A key whose value the change depended on.
+        key: String,
+    },
+
     /// No live session has this id (never existed or past its deadline).
     #[error("session {0} not found")]
     NotFound(SessionId),

@@ -9,8 +9,8 @@
 //! | `vedfolnir:seq:<id>` | string, PX TTL | the ledger: `<seq>\|<status>\|<user_id>` |
 //! | `vedfolnir:expiry` | sorted set | session id → deadline (ms, Redis clock) |
 //! | `vedfolnir:user:<user_id>` | sorted set | session id → creation time (µs, Redis clock) |
-//! | `vedfolnir:marker` | string | set by the worker; its absence means Redis lost its data |
-//! | `vedfolnir:recovering` | string, PX TTL | set while the worker replays after a loss |
+//! | `vedfolnir:epoch` | string | the id of this Redis data set; the audit database records the epoch it knows complete (see `docs/recovery.md`) |
+//! | `vedfolnir:seq:~<event_id>` | string, PX TTL | an event staged while Redis was unreachable has been applied (projection runs at most once) |
 //!
 //! The session prefix comes from `REDIS_SESSION_PREFIX` and the stream from
 //! `REDIS_EVENT_STREAM`. The other keys live in the namespace of the session
@@ -35,7 +35,7 @@
 //! | `vedfolnir:seq:{3}:<id>` | ledger |
 //! | `vedfolnir:expiry:{3}` | expiry index |
 //! | `vedfolnir:user:{3}:<user_id>` | the user's sessions in this partition |
-//! | `vedfolnir:marker:{3}`, `vedfolnir:recovering:{3}` | loss detection and recovery |
+//! | `vedfolnir:epoch:{3}` | the partition's epoch |
 //!
 //! So a session, its ledger, its partition's stream and the indexes one
 //! script call touches share one slot. A session's partition is the first 32
@@ -59,11 +59,13 @@ pub struct Keys {
     pub stream: String,
     /// Expiry index, `<ns>expiry`.
     pub expiry: String,
-    /// Loss-detection marker, `<ns>marker`: set by the worker, gone when
-    /// Redis lost its data.
-    pub marker: String,
-    /// Set while the worker rebuilds Redis after a loss, `<ns>recovering`.
-    pub recovering: String,
+    /// The epoch of this partition's data set, `<ns>epoch`: a random id set
+    /// once beside the data. Gone or changed means Redis lost the data the
+    /// audit database knows (see [`crate::audit::partition`]).
+    pub epoch: String,
+    /// Held while a process replays this partition after a loss,
+    /// `<ns>healing`.
+    pub healing: String,
     /// The worker lease on this partition, `<ns>lease` (same slot as its
     /// stream).
     pub lease: String,
@@ -106,8 +108,8 @@ impl Keys {
             user_prefix: format!("{namespace}user:{pre}"),
             stream: format!("{}{suf}", config.event_stream),
             expiry: format!("{namespace}expiry{suf}"),
-            marker: format!("{namespace}marker{suf}"),
-            recovering: format!("{namespace}recovering{suf}"),
+            epoch: format!("{namespace}epoch{suf}"),
+            healing: format!("{namespace}healing{suf}"),
             lease: format!("{namespace}lease{suf}"),
             namespace,
             partition: tag.unwrap_or(0),
@@ -276,8 +278,8 @@ mod tests {
                 k.user("u1"),
                 k.stream.clone(),
                 k.expiry.clone(),
-                k.marker.clone(),
-                k.recovering.clone(),
+                k.epoch.clone(),
+                k.healing.clone(),
                 space.lease(p).to_owned(),
             ] {
                 let first = key.find('{').expect("tagged");

@@ -22,6 +22,60 @@ use crate::time::Timestamp;
 /// Keys the store maintains itself; applications cannot set or unset them.
 pub const RESERVED_KEYS: [&str; 4] = ["_version", "_last_updated", "created_at", "last_activity"];
 
+/// The longest user id, in bytes. A user id is an index key in Redis and in
+/// the audit database (PostgreSQL refuses index entries over about 2.7 KB);
+/// 256 bytes is far beyond any real one.
+pub const MAX_USER_ID_BYTES: usize = 256;
+
+/// The longest field name, in bytes.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// Checks a user id at the source: 1 to [`MAX_USER_ID_BYTES`] bytes, no
+/// control characters (they would forge log lines and PostgreSQL refuses
+/// NUL).
+pub fn check_user_id(user_id: &str) -> Result<(), crate::Error> {
+    if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
+        return Err(crate::Error::InvalidInput(format!(
+            "a user id is 1 to {MAX_USER_ID_BYTES} bytes, not {}",
+            user_id.len()
+        )));
+    }
+    if user_id.chars().any(char::is_control) {
+        return Err(crate::Error::InvalidInput(
+            "a user id holds no control characters".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a field name at the source: 1 to [`MAX_KEY_BYTES`] bytes, no NUL.
+pub fn check_key(key: &str) -> Result<(), crate::Error> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES || key.contains('\0') {
+        return Err(crate::Error::InvalidInput(format!(
+            "a field name is 1 to {MAX_KEY_BYTES} bytes without NUL"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the fields a create or an update sets: their names, and the user
+/// id when they set one. (The whole session's size is bounded by
+/// `SESSION_MAX_BYTES`.)
+pub fn check_fields(fields: &Map<String, Value>) -> Result<(), crate::Error> {
+    for k in fields.keys() {
+        check_key(k)?;
+    }
+    match fields.get("user_id") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Number(n)) => check_user_id(&n.to_string()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(Value::String(s)) => check_user_id(s),
+        Some(other) => Err(crate::Error::InvalidInput(format!(
+            "`user_id` is a number or a string, not {other}"
+        ))),
+    }
+}
+
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -262,12 +316,20 @@ impl<'de> Deserialize<'de> for Session {
 }
 
 /// A change to a session's application keys: one `updated` event.
+///
+/// `expect` holds preconditions: the values (or absence, `None`) the caller
+/// read and based the change on. When a concurrent write changed one of them,
+/// the store refuses the change with [`crate::Error::StaleRead`] instead of
+/// applying a change computed from a stale read. Keys changed blindly need no
+/// precondition: concurrent changes of different keys all survive.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Changes {
     /// Keys to set.
     pub set: Map<String, Value>,
     /// Keys to remove.
     pub unset: Vec<String>,
+    /// Values the change was computed from (`None`: the key was absent).
+    pub expect: std::collections::BTreeMap<String, Option<Value>>,
 }
 
 impl Changes {
@@ -286,6 +348,21 @@ impl Changes {
     pub fn with_unset(mut self, key: impl Into<String>) -> Self {
         self.unset.push(key.into());
         self
+    }
+
+    /// Adds a precondition: the change was computed from this value of `key`
+    /// (`None`: the key was absent).
+    pub fn with_expect(mut self, key: impl Into<String>, value: Option<Value>) -> Self {
+        self.expect.insert(key.into(), value);
+        self
+    }
+
+    /// The first precondition `current` does not meet, if any.
+    pub fn stale_key(&self, current: &Session) -> Option<&str> {
+        self.expect
+            .iter()
+            .find(|(k, v)| current.get(k) != v.as_ref())
+            .map(|(k, _)| k.as_str())
     }
 
     /// True when nothing would change.

@@ -9,14 +9,15 @@
 //!   the acknowledged events that were lost (the RPO) are measured: bounded by
 //!   what the audit group had not acknowledged at the crash, and 0 with
 //!   `DB_SESSION_SYNC`.
-//! - `outage_with_fallback`: while Redis is down, logins and updates go to the
-//!   database; when it is back (empty), those sessions are in Redis and
-//!   `verify` agrees; the audit trail holds each event once, contiguously.
+//! - `outage_with_fallback`: while Redis is down, logins and updates are
+//!   staged in the database; when it is back (empty), those sessions are in
+//!   Redis and `verify` agrees; the audit trail holds each event once,
+//!   contiguously.
 //! - `verify_cli_*`: the `verify` command exits 0 when all agree, and exits 1
 //!   naming a session whose key was changed behind the store's back.
-//! - `fast_restart_*` (ignored, a known gap): a load right after Redis
-//!   restarted empty must be served from the snapshot even when the store
-//!   looked at the recovery state less than a second before.
+//! - `fast_restart_*`: a load right after Redis restarted empty is served
+//!   from the snapshot even when the store looked at the recovery state less
+//!   than a second before.
 
 #[macro_use]
 mod common;
@@ -40,14 +41,14 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::audit::entity::dead_letters;
-use vedfolnir_sessions::audit::entity::session_events::{self, EventSource};
+use vedfolnir_sessions::audit::entity::session_events;
 use vedfolnir_sessions::audit::entity::session_snapshots::{self, SnapshotStatus};
 use vedfolnir_sessions::audit::{self, AuditConsumer, AuditSink, ConsumerConfig};
 use vedfolnir_sessions::config::RedisTarget;
 use vedfolnir_sessions::recovery::{self, Healer, HealerTotals};
 use vedfolnir_sessions::{Changes, Config, NewSession, SessionId, SessionStore};
 
-/// How often the healer checks its marker (`HEAL_CHECK_MS`).
+/// How often the healer checks the epochs (`HEAL_CHECK_MS`).
 const HEAL_CHECK: Duration = Duration::from_millis(100);
 /// The app servers' command timeout (`REDIS_TIMEOUT_MS`).
 const REDIS_TIMEOUT: Duration = Duration::from_millis(300);
@@ -186,15 +187,14 @@ where
     }
 }
 
-/// The healer's marker is present and no replay is running.
-async fn healed(mut conn: MultiplexedConnection, store: &SessionStore) -> bool {
-    let keys = store.keys().part(0);
-    let r: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
-        .arg(&keys.marker)
-        .arg(&keys.recovering)
-        .query_async(&mut conn)
-        .await;
-    matches!(r, Ok((Some(_), None)))
+/// Redis holds the data set the audit database knows complete (the same
+/// epoch), and nothing staged during an outage waits for it.
+async fn healed(_conn: MultiplexedConnection, store: &SessionStore) -> bool {
+    let normal = matches!(
+        store.recovery_state(store.keys().part(0)).await,
+        Ok(vedfolnir_sessions::store::RecoveryState::Normal { .. })
+    );
+    normal && store.staged_count().await.is_ok_and(|n| n == 0)
 }
 
 fn parse_id(id: &str) -> (u64, u64) {
@@ -510,7 +510,7 @@ async fn loss_under_load(backend: Backend, db_sync: bool) {
     let admin = server.connection().await;
     let worker = Worker::start(&config).await;
     let observer = app_store(&config).await;
-    eventually("the healer's first marker", || {
+    eventually("the healer to record the namespace's epoch", || {
         healed(admin.clone(), &observer)
     })
     .await;
@@ -690,11 +690,9 @@ async fn loss_under_load(backend: Backend, db_sync: bool) {
     assert!(report.ok && report.lag.is_empty(), "{report:?}");
     assert_eq!(report.agree, before.len() as u64);
     let totals = worker.stop().await;
-    assert_eq!(
-        totals.recoveries, 2,
-        "the first start and the crash, nothing else"
-    );
-    assert_eq!(totals.restored, before.len() as u64);
+    // One replay healed the crash: the worker's or an app server's,
+    // whichever took the healing lock first. A fresh namespace is none.
+    assert!(totals.recoveries <= 1, "{totals:?}");
     println!("  whole scenario: {:.2} s", started.elapsed().as_secs_f64());
 }
 
@@ -718,7 +716,7 @@ async fn outage_with_fallback(backend: Backend) {
     let admin = server.connection().await;
     let worker = Worker::start(&config).await;
     let store = app_store(&config).await;
-    eventually("the healer's first marker", || {
+    eventually("the healer to record the namespace's epoch", || {
         healed(admin.clone(), &store)
     })
     .await;
@@ -826,14 +824,10 @@ async fn outage_with_fallback(backend: Backend) {
     });
     futures::future::join_all(reads).await;
     assert_eq!(store.fallback_writes(), outage_ops);
-    assert_eq!(store.pending_projection(), last.len());
-    let fallback_rows = session_events::Entity::find()
-        .filter(session_events::Column::Source.eq(EventSource::Fallback))
-        .all(db)
-        .await
-        .expect("fallback rows");
-    assert_eq!(fallback_rows.len() as u64, outage_ops);
-    assert!(fallback_rows.iter().all(|r| r.stream_id.is_none()));
+    // Staged in the database (durably, not in this process's memory), not
+    // yet in the event table: they take their place in the log through Redis.
+    assert_eq!(store.staged_count().await.expect("staged"), outage_ops);
+    assert_eq!(event_count(db).await, acked - outage_ops);
     let max_latency = latencies.iter().max().copied().unwrap_or_default();
     let mean_latency = latencies.iter().sum::<Duration>() / latencies.len() as u32;
     let outage_secs = outage_started.elapsed().as_secs_f64();
@@ -841,17 +835,19 @@ async fn outage_with_fallback(backend: Backend) {
     // Redis comes back, empty.
     server.restart().await;
     let mut admin = server.connection().await;
-    // The app server projects what it wrote during the outage on its next
-    // successful command; the worker replays everything else.
-    eventually(
-        "the app server to project its fallback sessions",
-        || async {
-            let _ = store.get(&existing[0]).await;
-            store.pending_projection() == 0
-        },
-    )
+    // The app server projects what it staged during the outage before its
+    // next read; the worker replays everything else (or the app server
+    // does, whichever notices first).
+    let _ = store.get(&existing[0]).await;
+    eventually("the replay and the projection", || {
+        healed(admin.clone(), &store)
+    })
     .await;
-    eventually("the healer to replay", || healed(admin.clone(), &store)).await;
+    // The staged events reach the audit table through the stream.
+    eventually("the audit consumer to catch up", || async {
+        audit_caught_up(admin.clone(), &config.event_stream).await && event_count(db).await >= acked
+    })
+    .await;
     println!(
         "outage with fallback ({backend:?}): {outage_ops} mutations served by the database in \
          {outage_secs:.2} s (latency mean {mean_latency:?}, max {max_latency:?}); \
@@ -895,8 +891,7 @@ async fn outage_with_fallback(backend: Backend) {
     let report = recovery::verify(&store, db).await.expect("verify");
     assert!(report.ok && report.lag.is_empty(), "{report:?}");
     assert_eq!(report.agree, 12);
-    let totals = worker.stop().await;
-    assert_eq!(totals.recoveries, 2);
+    worker.stop().await;
     println!("  whole scenario: {:.2} s", started.elapsed().as_secs_f64());
 }
 
@@ -1008,7 +1003,7 @@ async fn verify_cli_names_a_tampered_key(backend: Backend) {
 /// Redis restarts empty less than a second after this app server last
 /// looked up the recovery state (on a miss for an unknown cookie). Until the
 /// worker notices, a load of an audited session must still be served from its
-/// snapshot: the marker is gone, and the store must not trust an earlier
+/// snapshot: the epoch is gone, and the store must not trust an earlier
 /// "not recovering".
 async fn fast_restart_keeps_audited_users_logged_in(backend: Backend) {
     let mut server = RedisServer::start().await;
@@ -1019,7 +1014,10 @@ async fn fast_restart_keeps_audited_users_logged_in(backend: Backend) {
     // it notices the loss is what this test looks at).
     let healer_db = audit::db::connect(&config.database_url).await.expect("db");
     let healer = Healer::new(app_store(&config).await, healer_db, HEAL_CHECK);
-    assert!(healer.check().await.expect("first check").is_some());
+    assert!(
+        healer.check().await.expect("first check").is_none(),
+        "a fresh namespace is not a recovery"
+    );
     let c = store
         .create(NewSession::for_user(7, "seven"))
         .await

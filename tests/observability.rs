@@ -130,7 +130,13 @@ async fn every_named_metric_is_exported_and_traces_reach_the_audit_row() {
     let token = CancellationToken::new();
     while consumer.step(&token).await.expect("step") > 0 {}
     let healer = Healer::new(ctx.store.clone(), db.db.clone(), Duration::from_millis(50));
-    healer.check().await.expect("heal");
+    // A fresh namespace: its epoch is recorded, nothing is recovered.
+    assert!(healer.check().await.expect("heal").is_none());
+    // Redis loses its data (the epoch goes with it): one loss, healed.
+    let _: () = redis::AsyncCommands::del(&mut ctx.conn(), &ctx.store.keys().part(0).epoch)
+        .await
+        .expect("del");
+    assert!(healer.check().await.expect("heal").is_some());
     let reaper = Reaper::new(ctx.store.clone(), ReaperConfig::default());
     reaper.sweep().await.expect("sweep");
     let sample = std::sync::Arc::new(Sample::default());

@@ -12,9 +12,12 @@
 //! | `POST /platform` | the four platform fields → 200 with the session context |
 //! | `PUT /session/data/{key}` | any JSON body → 204 |
 //! | `GET /session/data/{key}` | the value, or 404 |
+//! | `POST /session/incr/{key}` | optional `{"by": n}` (default 1) → 200 with the new value, a JSON number; `?via=modify` takes the closure-based path |
 //! | `GET /healthz` | 200 when Redis answers, else 503 |
 //!
-//! Every unsafe route but `/login` needs the `X-CSRF-Token` header.
+//! Every unsafe route but `/login` needs the `X-CSRF-Token` header. Every
+//! response that carries session data says `Cache-Control: no-store`, and
+//! user input is never logged raw.
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
@@ -231,6 +234,39 @@ pub fn routes() -> Router<AppState> {
         .route("/me", get(me))
         .route("/platform", post(platform))
         .route("/session/data/{key}", get(get_data).put(put_data))
+        .route("/session/incr/{key}", post(incr))
+        .layer(axum::middleware::from_fn(no_store))
+}
+
+/// `Cache-Control: no-store` on every response of a route that reads or
+/// writes session data (the login page and `/healthz` may be cached): the
+/// context carries the CSRF token and the user's email, which no shared
+/// cache may keep.
+async fn no_store(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let cacheable = matches!(req.uri().path(), "/" | "/healthz");
+    let mut res = next.run(req).await;
+    if !cacheable {
+        res.headers_mut().insert(
+            axum::http::header::CACHE_CONTROL,
+            axum::http::HeaderValue::from_static("no-store"),
+        );
+    }
+    res
+}
+
+/// User input as it may appear in a log line: at most 64 characters, with
+/// control characters and quotes escaped, so a value can neither forge a
+/// line nor flood the log.
+pub fn loggable(input: &str) -> String {
+    let mut out: String = input
+        .chars()
+        .take(64)
+        .flat_map(char::escape_debug)
+        .collect();
+    if input.chars().nth(64).is_some() {
+        out.push_str(&format!("… ({} bytes)", input.len()));
+    }
+    out
 }
 
 /// Adds the state and the session layer.
@@ -415,7 +451,7 @@ async fn login(
         .await
         .map_err(|e| AppError::Internal(format!("password check: {e}")))?;
     let Some(user) = user else {
-        tracing::info!(username = %username, "failed login");
+        tracing::info!(username = %loggable(&username), "failed login");
         return Err(AppError::InvalidCredentials);
     };
     session
@@ -474,4 +510,44 @@ async fn put_data(
 async fn get_data(session: Session, Path(key): Path<String>) -> Result<Json<Value>, AppError> {
     let key = data_key(&key)?;
     session.get_value(key).map(Json).ok_or(AppError::NotFound)
+}
+
+#[derive(Deserialize, Default)]
+struct IncrBody {
+    #[serde(default)]
+    by: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+struct IncrQuery {
+    #[serde(default)]
+    via: Option<String>,
+}
+
+/// Adds to a counter in the session, atomically: concurrent increments of
+/// one session are never lost. `?via=modify` goes through the closure-based
+/// `Session::modify` instead of `Session::increment`; both re-apply the
+/// change on the current value after a conflict.
+async fn incr(
+    session: Session,
+    Path(key): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<IncrQuery>,
+    body: Option<Json<IncrBody>>,
+) -> Result<Json<Value>, AppError> {
+    authenticated(&session)?;
+    let key = data_key(&key)?;
+    let by = body.and_then(|Json(b)| b.by).unwrap_or(1);
+    let value = match query.via.as_deref() {
+        None | Some("increment") => session.increment(key, by).await?,
+        Some("modify") => session
+            .modify(key, |v| {
+                let now = v.and_then(Value::as_i64).unwrap_or(0);
+                Some(Value::from(now.saturating_add(by)))
+            })
+            .await?
+            .and_then(|v| v.as_i64())
+            .unwrap_or_default(),
+        Some(_) => return Err(AppError::BadRequest("via is increment or modify")),
+    };
+    Ok(Json(Value::from(value)))
 }

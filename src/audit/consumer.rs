@@ -299,9 +299,6 @@ impl AuditConsumer {
             match self.step(&shutdown).await {
                 Ok(_) => backoff = Duration::from_millis(100),
                 Err(e) => {
-                    if e.is_unavailable() {
-                        self.note_redis_down().await;
-                    }
                     tracing::warn!(err = %e, "audit consumer step failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -322,8 +319,20 @@ impl AuditConsumer {
     }
 
     /// One unit of work: claim idle entries when due, otherwise read and
-    /// process one batch. Returns the number of entries acknowledged.
+    /// process one batch. Returns the number of entries acknowledged. When
+    /// Redis cannot be reached, records since when (see
+    /// [`super::partition`]) before returning the error.
     pub async fn step(&mut self, shutdown: &CancellationToken) -> Result<usize> {
+        let result = self.step_inner(shutdown).await;
+        if let Err(e) = &result
+            && e.is_unavailable()
+        {
+            self.note_redis_down().await;
+        }
+        result
+    }
+
+    async fn step_inner(&mut self, shutdown: &CancellationToken) -> Result<usize> {
         if let Some(ready) = self.ahead.take() {
             return self.write_batch(ready, Origin::New, shutdown).await;
         }

@@ -8,6 +8,8 @@
 //! - [`consumer`]: the consumer group `audit` that feeds the sink from the
 //!   stream, acks after commit and trims what is acked.
 //! - [`history`]: reading a session's or a user's audit trail.
+//! - [`outbox`]: mutations staged while Redis was unreachable, and the
+//!   database's view of a session meanwhile.
 //! - [`partition`]: per partition, the Redis epoch the database knows
 //!   complete and how far the audit consumer has drained the stream.
 
@@ -15,6 +17,7 @@ pub mod consumer;
 pub mod db;
 pub mod entity;
 pub mod history;
+pub mod outbox;
 pub mod partition;
 pub mod sink;
 

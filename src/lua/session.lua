@@ -6,7 +6,8 @@
 --
 -- KEYS[1]  the event stream
 -- KEYS[2]  the expiry index (sorted set: session id -> deadline in ms)
--- ARGV[1]  operation: create | write | end | rotate | destroy_user | expire
+-- ARGV[1]  operation: create | write | end | rotate | destroy_user | expire |
+--          restore | apply
 -- ARGV[2]  session key prefix, ARGV[3] ledger prefix, ARGV[4] user-index prefix
 -- ARGV[5…] the operation's arguments, read in order with arg().
 --
@@ -42,7 +43,7 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 -- Creation order in the user index needs finer steps than a millisecond.
 local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 
-local meta = { occurred = '', schema = '', tp = '' }
+local meta = { occurred = '', schema = '', tp = '', source = '' }
 local function read_meta()
   meta.occurred = arg()
   meta.schema = arg()
@@ -70,6 +71,10 @@ local function append(id, seq, kind, user, payload, event_id)
   if meta.tp ~= '' then
     a[#a + 1] = 'traceparent'
     a[#a + 1] = meta.tp
+  end
+  if meta.source ~= '' then
+    a[#a + 1] = 'source'
+    a[#a + 1] = meta.source
   end
   return redis.call('XADD', unpack(a))
 end
@@ -282,19 +287,25 @@ elseif op == 'expire' then
   store_end(id, seq + 1, 'expired', user, tomb)
   return { 'ok', sid, int(seq + 1), user }
 elseif op == 'restore' then
-  -- Replay from the audit database: re-materialize a live session unless
-  -- Redis already holds it at the same or a newer seq (or has ended it).
+  -- Re-materialize a session from the audit database (replay, a read during
+  -- recovery, the base of a projection). The one rule of ending: nothing
+  -- comes back that Redis knows has ended, or knows a newer state of, and
+  -- nothing past its deadline. A ledger at the same seq without its key (a
+  -- key evicted or deleted by hand) is restored.
   local id = arg()
   local json = arg()
   local seq = tonumber(arg())
   local user = arg()
   local deadline = tonumber(arg())
   local tomb = tonumber(arg())
-  local have = read_ledger(id)
+  local have, status = read_ledger(id)
+  if have and status ~= 'live' then
+    return { 'ended', status, int(have) }
+  end
   if have and have > seq then
     return { 'newer', int(have) }
   end
-  if have and have == seq then
+  if have and have == seq and redis.call('EXISTS', sp .. id) == 1 then
     return { 'current', int(have) }
   end
   local remaining = deadline - now
@@ -308,20 +319,59 @@ elseif op == 'restore' then
     redis.call('ZADD', up .. user, 'NX', now_us, id)
   end
   return { 'ok', '' }
-elseif op == 'retire' then
-  -- Projection of an end that was recorded in the audit database while Redis
-  -- was unreachable: delete the key and leave the tombstone, unless Redis
-  -- already holds the same or a newer seq. The event is already audited.
+elseif op == 'apply' then
+  -- Projection of an event staged in the audit database while Redis was
+  -- unreachable. The event keeps its id; Redis gives it its place: right
+  -- after what Redis holds when that is the state the caller folded on
+  -- (`base`), or after the end when the session has ended meanwhile (the
+  -- event is logged, the session stays ended). Applied at most once: a
+  -- marker per event id outlives any retry.
   local id = arg()
-  local seq = tonumber(arg())
-  local status = arg()
-  local user = arg()
+  local base = tonumber(arg())
+  local json = arg()
+  local ttl = tonumber(arg())
   local tomb = tonumber(arg())
-  local have = read_ledger(id)
-  if have and have >= seq then
-    return { 'current', int(have) }
+  local user = arg()
+  local kind = arg()
+  local status_after = arg()
+  local event_id = arg()
+  local payload = arg()
+  read_meta()
+  meta.source = 'fallback'
+  local applied = lp .. '~' .. event_id
+  if redis.call('EXISTS', applied) == 1 then
+    return { 'applied' }
   end
-  store_end(id, seq, status, user, tomb)
-  return { 'ok', '' }
+  local have, status, old_user = read_ledger(id)
+  local sid
+  if have and status ~= 'live' then
+    redis.call('SET', applied, '1', 'PX', tomb)
+    if kind == 'destroyed' or kind == 'expired' then
+      -- Already ended: an end is in the log once.
+      return { 'applied' }
+    end
+    sid = append(id, have + 1, kind, old_user, payload, event_id)
+    redis.call('SET', lp .. id, int(have + 1) .. '|' .. status .. '|' .. old_user, 'KEEPTTL')
+    return { 'ok', sid, int(have + 1), 'ended' }
+  end
+  if (have or 0) ~= base then
+    if have and redis.call('EXISTS', sp .. id) == 1 then
+      return { 'conflict', redis.call('GET', sp .. id) }
+    end
+    return { 'conflict' }
+  end
+  if have and redis.call('EXISTS', sp .. id) == 0 then
+    -- Live in the ledger but past its deadline in Redis: the caller restores
+    -- it first when its deadline in the database allows.
+    return { 'missing' }
+  end
+  sid = append(id, base + 1, kind, user, payload, event_id)
+  if status_after == 'live' then
+    store_live(id, base + 1, json, ttl, tomb, user, old_user)
+  else
+    store_end(id, base + 1, status_after, user, tomb)
+  end
+  redis.call('SET', applied, '1', 'PX', tomb)
+  return { 'ok', sid, int(base + 1), status_after }
 end
 return redis.error_reply('unknown operation ' .. tostring(op))

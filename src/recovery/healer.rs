@@ -1,26 +1,29 @@
-//! The [`Healer`]: notices that Redis lost its data and rebuilds it.
+//! The [`Healer`]: notices that Redis lost its data and rebuilds it, and
+//! applies writes staged while Redis was unreachable.
 
-use chrono::Utc;
-use redis::AsyncCommands as _;
 use sea_orm::DatabaseConnection;
 use serde::Serialize;
 
 use crate::error::Result;
 use crate::store::SessionStore;
 
-use super::replay::{ReplaySummary, replay};
+use super::replay::ReplaySummary;
 
 /// Notices that Redis lost its data and rebuilds it, with no operator.
 ///
-/// The worker keeps a marker key (`<ns>marker`) in Redis. When it is gone,
-/// Redis was flushed or restarted empty: the healer sets the `<ns>recovering`
-/// flag (app servers then serve misses from the audit snapshots), replays
-/// every live session, sets the marker again and clears the flag. The audit
-/// consumer re-creates its group by itself when it finds it missing.
+/// Every `HEAL_CHECK_MS` it compares each partition's Redis epoch with the
+/// one the audit database knows complete (see
+/// [`RecoveryState`](crate::store::RecoveryState)): a fresh namespace gets
+/// its epoch recorded; a partition whose epoch is missing or different lost
+/// its data, and the healer replays every live session under the partition's
+/// healing lock, then records the new epoch. App servers do the same when
+/// they notice first, so recovering ends even without a worker. It also
+/// projects writes staged in the database while Redis was unreachable, so
+/// they reach Redis even when the app server that staged them is gone. The
+/// audit consumer re-creates its group by itself when it finds it missing.
 #[derive(Debug, Clone)]
 pub struct Healer {
     store: SessionStore,
-    db: DatabaseConnection,
     interval: std::time::Duration,
 }
 
@@ -33,60 +36,32 @@ pub struct HealerTotals {
     pub recoveries: u64,
     /// Sessions restored, over all replays.
     pub restored: u64,
+    /// Staged writes applied to Redis.
+    pub projected: u64,
 }
 
 impl Healer {
-    /// A healer checking every `interval` (`HEAL_CHECK_MS`, 1000).
+    /// A healer checking every `interval` (`HEAL_CHECK_MS`, 1000), with the
+    /// audit database `db` attached to `store`.
     pub fn new(store: SessionStore, db: DatabaseConnection, interval: std::time::Duration) -> Self {
-        Healer {
-            store,
-            db,
-            interval,
-        }
+        let store = if store.audit().is_some() {
+            store
+        } else {
+            let config = store.config().clone();
+            store.with_audit(crate::audit::AuditSink::new(
+                db,
+                config.session_timeout,
+                config.event_stream.clone(),
+            ))
+        };
+        Healer { store, interval }
     }
 
-    /// Checks the markers once (one per partition); replays when one is
-    /// missing. Replay is idempotent, so a loss of some partitions (one shard
-    /// of a cluster) replays all and changes only what was lost.
+    /// Checks every partition once; replays when one lost its data. Replay
+    /// is idempotent, so a loss of some partitions (one shard of a cluster)
+    /// replays all and changes only what was lost.
     pub async fn check(&self) -> Result<Option<ReplaySummary>> {
-        let keys = self.store.keys().clone();
-        let mut conn = self.store.connection();
-        let mut lost = 0;
-        for part in keys.all() {
-            if !conn.exists::<_, bool>(&part.marker).await? {
-                lost += 1;
-            }
-        }
-        if lost == 0 {
-            return Ok(None);
-        }
-        tracing::warn!(
-            partitions = lost,
-            "the Redis marker is missing: Redis lost its data; replaying from the audit database"
-        );
-        let m = crate::telemetry::metrics();
-        m.redis_loss_detected.add(1, &[]);
-        m.recovery_runs.add(1, &[]);
-        for part in keys.all() {
-            let _: () = redis::cmd("SET")
-                .arg(&part.recovering)
-                .arg(Utc::now().to_rfc3339())
-                .arg("PX")
-                .arg(600_000)
-                .query_async(&mut conn)
-                .await?;
-        }
-        let summary = replay(&self.store, &self.db, |_, _| {}).await?;
-        for part in keys.all() {
-            let _: () = conn.set(&part.marker, Utc::now().to_rfc3339()).await?;
-            let _: () = conn.del(&part.recovering).await?;
-        }
-        tracing::info!(
-            restored = summary.restored,
-            seconds = summary.seconds,
-            "recovery finished"
-        );
-        Ok(Some(summary))
+        self.store.heal().await
     }
 
     /// Checks until `shutdown` is cancelled.
@@ -101,6 +76,10 @@ impl Healer {
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(err = %e, "recovery check failed"),
+            }
+            match self.store.project_staged().await {
+                Ok(p) => totals.projected += p.projected + p.logged_directly,
+                Err(e) => tracing::debug!(err = %e, "projecting staged writes failed"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,

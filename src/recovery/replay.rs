@@ -37,6 +37,12 @@ pub struct ReplaySummary {
     /// Rows whose session id is not a session id (never written by the
     /// store), left alone.
     pub skipped_invalid: u64,
+    /// Live snapshots that Redis knows ended (a tombstone), not restored.
+    pub ended_in_redis: u64,
+    /// Live snapshots behind the event table (an event after the snapshot's
+    /// seq: a gap to repair, see `verify`), not restored: the session's true
+    /// state is not known, and restoring an older one could undo an end.
+    pub behind_log: u64,
     /// Wall time, seconds.
     pub seconds: f64,
     /// Snapshot rows per second.
@@ -69,6 +75,13 @@ pub async fn replay(
         let Some(last) = rows.last() else { break };
         after = last.session_id.clone();
         summary.snapshots += rows.len() as u64;
+        let newest = newest_seqs(
+            db,
+            rows.iter()
+                .filter(|r| r.status == SnapshotStatus::Live)
+                .map(|r| r.session_id.as_str()),
+        )
+        .await?;
         // One pipeline per partition: a pipeline stays within one slot.
         let mut pipes: BTreeMap<u32, redis::Pipeline> = BTreeMap::new();
         for r in &rows {
@@ -84,6 +97,10 @@ pub async fn replay(
                 summary.skipped_invalid += 1;
                 continue;
             };
+            if newest.get(&r.session_id).is_some_and(|n| *n > r.seq) {
+                summary.behind_log += 1;
+                continue;
+            }
             let part = keys.for_session(&id);
             let mut cmd = script::evalsha(part, "restore");
             cmd.arg(&r.session_id)
@@ -114,6 +131,7 @@ pub async fn replay(
                     Reply::Newer => summary.skipped_newer += 1,
                     Reply::Current => summary.already_current += 1,
                     Reply::Expired => summary.expired_meanwhile += 1,
+                    Reply::Ended(_) => summary.ended_in_redis += 1,
                     other => {
                         return Err(Error::Corrupt(format!(
                             "restore: unexpected reply {other:?}"
@@ -134,4 +152,46 @@ pub async fn replay(
         0.0
     };
     Ok(summary)
+}
+
+/// The newest `seq` the event table holds for each of `ids`. On PostgreSQL
+/// one backward probe of the unique `(session_id, seq)` index per session
+/// (a `GROUP BY` over `IN (…)` scans the whole table until it is analyzed).
+async fn newest_seqs<'a>(
+    db: &DatabaseConnection,
+    ids: impl Iterator<Item = &'a str>,
+) -> Result<std::collections::HashMap<String, i64>> {
+    use crate::audit::entity::session_events::{Column, Entity};
+    use sea_orm::{ConnectionTrait as _, DbBackend, Statement};
+    let ids: Vec<&str> = ids.collect();
+    let mut out = std::collections::HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(1000) {
+        if db.get_database_backend() == DbBackend::Postgres {
+            let arg: Vec<String> = chunk.iter().map(|s| (*s).to_owned()).collect();
+            let stmt = Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                r#"SELECT s.id, (SELECT max(e."seq") FROM "session_events" e WHERE e."session_id" = s.id)
+                   FROM unnest($1::text[]) AS s(id)"#,
+                [arg.into()],
+            );
+            for row in db.query_all_raw(stmt).await? {
+                let id: String = row.try_get_by_index(0)?;
+                if let Some(n) = row.try_get_by_index::<Option<i64>>(1)? {
+                    out.insert(id, n);
+                }
+            }
+            continue;
+        }
+        let rows: Vec<(String, Option<i64>)> = Entity::find()
+            .select_only()
+            .column(Column::SessionId)
+            .column_as(Column::Seq.max(), "newest")
+            .filter(Column::SessionId.is_in(chunk.iter().copied()))
+            .group_by(Column::SessionId)
+            .into_tuple()
+            .all(db)
+            .await?;
+        out.extend(rows.into_iter().filter_map(|(s, n)| Some((s, n?))));
+    }
+    Ok(out)
 }

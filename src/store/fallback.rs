@@ -1,23 +1,89 @@
 //! The store's side of the audit database: synchronous commits, the fallback
-//! while Redis is unreachable, projection once it answers again, and reads
-//! during recovery.
+//! while Redis is unreachable, and the projection of what the fallback
+//! staged once Redis answers again.
+//!
+//! - **`DB_SESSION_SYNC`.** After Redis took a mutation, its events are
+//!   committed to the database before the call returns. When that commit
+//!   fails the mutation still succeeded (it is in Redis, and the audit
+//!   consumer records it from the stream): the failure is logged and counted,
+//!   never returned, so an audit outage neither fails a read nor half-does a
+//!   login.
+//! - **`DB_SESSION_FALLBACK`.** While Redis is unreachable, reads and writes
+//!   go to the database's view of the session ([`crate::audit::outbox`]):
+//!   its snapshot folded forward with the events staged for it. The database
+//!   stands in for Redis only when it is *current*, otherwise an end that
+//!   only Redis knows could be undone and the store answers unavailable:
+//!   where an audit consumer runs, when it had drained the stream just
+//!   before it lost Redis ([`PartitionState::current_when_redis_left`]);
+//!   where none has ever run, when `DB_SESSION_SYNC` committed every
+//!   mutation as it was made.
+//!   Ending a session and creating one need no such proof: neither can bring
+//!   an ended session back.
+//! - **Projection.** Staged events live in the database, not in this
+//!   process: any store that sees Redis again after a failure (or after a
+//!   pause longer than [`CATCH_UP_AFTER`]) and the worker's healer apply them
+//!   through the mutation script, oldest first, then delete them.
+//!
+//! [`PartitionState::current_when_redis_left`]: crate::audit::partition::PartitionState::current_when_redis_left
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use redis::AsyncCommands as _;
+use serde::Serialize;
 
 use super::SessionStore;
+use super::admit::admit;
 use super::script::{self, Reply};
-use crate::audit::Incoming;
-use crate::audit::sink::{FallbackOutcome, StoredSession};
+use crate::audit::entity::fallback_events;
+use crate::audit::outbox::{self, Staged, View};
+use crate::audit::{Incoming, partition};
 use crate::error::{Error, Result};
-use crate::event::Event;
+use crate::event::{Event, EventKind};
 use crate::id::SessionId;
+use crate::keys::Keys;
 use crate::session::{Session, Status};
 
-/// How long a read of the recovery state is trusted.
-const RECOVERY_CHECK: Duration = Duration::from_secs(1);
+/// A store that has not talked to Redis for this long checks the database
+/// for staged events before it serves from Redis again: a pause may hide an
+/// outage during which other app servers staged writes.
+pub const CATCH_UP_AFTER: Duration = Duration::from_secs(1);
+
+/// The least time between two catch-up attempts of one store while the
+/// database cannot be read.
+const CATCH_UP_RETRY: Duration = Duration::from_millis(250);
+
+/// How long a reading of `partition_state` is trusted.
+const TRUST_FOR: Duration = Duration::from_millis(250);
+
+/// The longest a mutation waits for its synchronous audit write: as long
+/// as the audit database's pool waits for a connection. A database that
+/// answers (even slowly, or after a lock wait) gets every event before the
+/// mutation returns; one that does not costs each mutation this long, once.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After a failed synchronous audit write, how long mutations skip theirs.
+const SYNC_PAUSE: Duration = Duration::from_secs(2);
+
+/// Staged rows read per round of a projection.
+const PROJECTION_PAGE: u64 = 500;
+
+/// What one projection of staged events did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ProjectionSummary {
+    /// Events applied to Redis (they reach the audit table through the stream).
+    pub projected: u64,
+    /// Events of sessions Redis no longer knows at all, written straight to
+    /// the audit table after the session's end.
+    pub logged_directly: u64,
+    /// Events already applied or audited before (a repeated projection).
+    pub already_applied: u64,
+    /// Events left staged for a later round (their session is past its
+    /// deadline in Redis and waits for the reaper, or Redis is behind).
+    pub waiting: u64,
+}
 
 impl SessionStore {
     pub(super) fn fallback_enabled(&self) -> bool {
@@ -28,175 +94,106 @@ impl SessionStore {
         self.config.db_sync && self.audit.is_some()
     }
 
-    /// True while Redis is recovering from a loss of its data: the worker's
-    /// marker is missing or its `recovering` flag is set. A miss costs this
-    /// one extra Redis round trip (an `MGET`), and database work only while
-    /// recovering, so random cookies never turn into database load outside
-    /// recovery. A "recovering" answer is trusted for a second.
-    pub(super) async fn recovering(&self, id: &SessionId) -> bool {
-        // Only "recovering" is remembered: a remembered "all well" could hide
-        // a loss that happened since, and log out an audited user.
-        if let Ok(guard) = self.shared.recovery_checked.lock()
-            && let Some((at, true)) = *guard
-            && at.elapsed() < RECOVERY_CHECK
+    pub(super) fn db(&self) -> Result<&sea_orm::DatabaseConnection> {
+        self.audit
+            .as_ref()
+            .map(|a| a.db())
+            .ok_or_else(|| Error::InvalidInput("no audit database attached".to_owned()))
+    }
+
+    /// Remembers that Redis was unreachable: the next operation that reaches
+    /// it first projects whatever the fallback staged meanwhile.
+    pub(super) fn note_unavailable(&self) {
+        self.shared.suspect.store(true, Ordering::Release);
+    }
+
+    /// Whether the database may stand in for Redis for partition `part`
+    /// (read at most every [`TRUST_FOR`]).
+    async fn database_current(&self, part: &Keys) -> bool {
+        if let Ok(trust) = self.shared.trust.lock()
+            && let Some((at, ok)) = trust.get(&part.partition)
+            && at.elapsed() < TRUST_FOR
         {
-            return true;
+            return *ok;
         }
+        let Ok(db) = self.db() else { return false };
+        let ok = match partition::load(db, &part.stream).await {
+            // An audit consumer runs (or ran): its progress decides.
+            Ok(Some(state)) if state.drained_at.is_some() => {
+                state.current_when_redis_left(Utc::now())
+            }
+            // No consumer has ever drained this stream: with
+            // `DB_SESSION_SYNC` every acknowledged mutation was committed
+            // before it returned (a failed commit is the documented limit);
+            // without it the database may lack any of them.
+            Ok(_) => self.config.db_sync,
+            Err(e) => {
+                tracing::debug!(err = %e, "reading partition_state failed");
+                false
+            }
+        };
+        if let Ok(mut trust) = self.shared.trust.lock() {
+            trust.insert(part.partition, (Instant::now(), ok));
+        }
+        ok
+    }
+
+    /// The database's view of a session (fallback mode; no proof of
+    /// currency needed by itself).
+    pub(super) async fn fallback_view(&self, id: &SessionId) -> Result<Option<View>> {
+        let db = self.db()?;
+        Box::pin(outbox::view(db, id.as_str(), self.config.session_timeout)).await
+    }
+
+    /// Redis unreachable: the session from the database's view, when the
+    /// database is current; otherwise `redis_err`.
+    pub(super) async fn fallback_get(
+        &self,
+        id: &SessionId,
+        redis_err: Error,
+    ) -> Result<Option<Session>> {
         let part = self.keys.for_session(id);
-        let reply: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
-            .arg(&part.marker)
-            .arg(&part.recovering)
-            .query_async(&mut self.conn.clone())
-            .await;
-        let state = match reply {
-            Ok((marker, flag)) => marker.is_none() || flag.is_some(),
-            Err(_) => false,
-        };
-        if let Ok(mut guard) = self.shared.recovery_checked.lock() {
-            *guard = Some((Instant::now(), state));
+        if !Box::pin(self.database_current(part)).await {
+            tracing::warn!(
+                session_id = %id,
+                "redis unreachable and the audit database may lag it; not serving from the database"
+            );
+            return Err(redis_err);
         }
-        state
+        let view = self.fallback_view(id).await?;
+        Ok(view.and_then(|v| admit(&v, Utc::now())))
     }
 
-    /// During recovery: the session from its snapshot, put back into Redis.
-    pub(super) async fn restore_from_audit(&self, id: &SessionId) -> Result<Option<Session>> {
-        let Some(stored) = self.fallback_snapshot(id).await? else {
-            return Ok(None);
-        };
-        self.project(id, &stored).await?;
-        Ok(Some(stored.session))
-    }
-
-    /// The snapshot of a session that is live and not past its deadline.
-    /// (This and `fallback_append` box their database call: they sit on the
-    /// rare fallback path of every read and write.)
-    pub(super) async fn fallback_get(&self, id: &SessionId) -> Result<Option<Session>> {
-        Ok(Box::pin(self.fallback_snapshot(id))
-            .await?
-            .filter(|s| s.session.status() == Status::Live)
-            .map(|s| s.session))
-    }
-
-    /// The snapshot, with live sessions past their deadline left out.
-    pub(super) async fn fallback_snapshot(&self, id: &SessionId) -> Result<Option<StoredSession>> {
-        let Some(audit) = &self.audit else {
-            return Ok(None);
-        };
-        let snap = audit.snapshot(id.as_str()).await?;
-        Ok(snap.filter(|s| {
-            s.session.status() != Status::Live || s.expires_at.is_some_and(|t| t > Utc::now())
-        }))
-    }
-
-    /// Writes one session's snapshot into Redis unless Redis holds the same
-    /// or a newer seq.
-    async fn project(&self, id: &SessionId, stored: &StoredSession) -> Result<()> {
-        let s = &stored.session;
-        let tomb = self.config.tombstone_ttl.as_millis() as u64;
-        let user = s.user_id().unwrap_or_default();
-        let mut conn = self.conn.clone();
-        let cmd = match (s.status(), stored.expires_at) {
-            (Status::Live, Some(deadline)) => {
-                let mut c = script::evalsha(self.keys.for_session(id), "restore");
-                c.arg(id.as_str())
-                    .arg(s.to_json())
-                    .arg(s.version())
-                    .arg(&user)
-                    .arg(deadline.timestamp_millis())
-                    .arg(tomb);
-                c
-            }
-            (Status::Live, None) => return Ok(()),
-            (status, _) => {
-                let mut c = script::evalsha(self.keys.for_session(id), "retire");
-                c.arg(id.as_str())
-                    .arg(s.version())
-                    .arg(status.as_str())
-                    .arg(&user)
-                    .arg(tomb);
-                c
-            }
-        };
-        let reply: redis::RedisResult<Vec<String>> = cmd.query_async(&mut conn).await;
-        let reply = match reply {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                script::load(&mut conn).await?;
-                cmd.query_async(&mut conn).await?
-            }
-            other => other?,
-        };
-        match script::decode(reply)? {
-            Reply::Ok(..) | Reply::Newer | Reply::Current | Reply::Expired => Ok(()),
-            other => Err(Error::Corrupt(format!(
-                "projection: unexpected reply {other:?}"
-            ))),
+    /// Redis unreachable: stages `writes` (each with the version its
+    /// session's view had) in the database. Writes that could revive an
+    /// ended session (anything but a pure end or a new session) need a
+    /// current database, else `redis_err`.
+    pub(super) async fn fallback_stage(
+        &self,
+        part: &Keys,
+        writes: &[(u64, Event)],
+        redis_err: Error,
+    ) -> Result<Staged> {
+        let harmless = writes.iter().all(|(expected, e)| {
+            matches!(e.kind, EventKind::Destroyed { .. })
+                || (*expected == 0 && matches!(e.kind, EventKind::Created { .. }))
+        });
+        if !harmless && !Box::pin(self.database_current(part)).await {
+            return Err(redis_err);
         }
-    }
-
-    /// Once Redis answers again: projects every session written in fallback
-    /// mode. Sessions that cannot be projected yet stay pending.
-    ///
-    /// Every read and write calls this; the common case (nothing pending) is
-    /// one atomic load, and the projection itself is boxed so that it does not
-    /// enlarge the caller's future.
-    pub(super) async fn project_pending(&self) {
-        if self.shared.has_dirty.load(Ordering::Acquire) {
-            Box::pin(self.project_dirty()).await;
-        }
-    }
-
-    async fn project_dirty(&self) {
-        let ids: Vec<SessionId> = match self.shared.dirty.lock() {
-            Ok(mut d) => {
-                self.shared.has_dirty.store(false, Ordering::Release);
-                std::mem::take(&mut *d).into_iter().collect()
-            }
-            Err(_) => return,
-        };
-        let mut failed = Vec::new();
-        for id in ids {
-            let done = match self.fallback_snapshot(&id).await {
-                Ok(Some(stored)) => self.project(&id, &stored).await.is_ok(),
-                Ok(None) => true,
-                Err(_) => false,
-            };
-            if !done {
-                failed.push(id);
-            }
-        }
-        if !failed.is_empty() {
-            self.mark_dirty(failed);
-        } else {
-            tracing::info!("sessions written during the Redis outage are back in Redis");
-        }
-    }
-
-    fn mark_dirty(&self, ids: impl IntoIterator<Item = SessionId>) {
-        if let Ok(mut d) = self.shared.dirty.lock() {
-            d.extend(ids);
-            self.shared
-                .has_dirty
-                .store(!d.is_empty(), Ordering::Release);
-        }
-    }
-
-    /// Appends events to the database in fallback mode.
-    pub(super) async fn fallback_append(&self, writes: &[(u64, Event)]) -> Result<FallbackOutcome> {
-        let Some(audit) = &self.audit else {
-            return Err(Error::InvalidInput("no audit database attached".to_owned()));
-        };
-        let out = Box::pin(audit.append_fallback(writes)).await?;
-        if out == FallbackOutcome::Written {
+        let db = self.db()?;
+        let out = Box::pin(outbox::stage(db, &part.stream, writes)).await?;
+        if out == Staged::Written {
             self.shared
                 .fallback_writes
                 .fetch_add(writes.len() as u64, Ordering::Relaxed);
             crate::telemetry::metrics()
                 .fallback_writes
                 .add(writes.len() as u64, &[]);
-            self.mark_dirty(writes.iter().map(|(_, e)| e.session_id.clone()));
+            self.note_unavailable();
             tracing::warn!(
                 events = writes.len(),
-                "redis unreachable; written to the audit database"
+                "redis unreachable; staged in the audit database"
             );
         }
         Ok(out)
@@ -204,29 +201,393 @@ impl SessionStore {
 
     /// With `DB_SESSION_SYNC`: commits the events of a mutation that Redis
     /// accepted to the database before the mutation returns (the audit
-    /// consumer later finds them there and skips them).
-    pub(super) async fn sync(&self, events: Vec<Incoming>) -> Result<()> {
+    /// consumer later finds them there and skips them). A failure is logged
+    /// and counted, not returned: the mutation succeeded, and the consumer
+    /// records it from the stream.
+    pub(super) async fn sync(&self, events: Vec<Incoming>) {
         if !self.sync_enabled() || events.is_empty() {
-            return Ok(());
+            return;
         }
         Box::pin(self.sync_now(events)).await
     }
 
-    async fn sync_now(&self, events: Vec<Incoming>) -> Result<()> {
-        let Some(audit) = &self.audit else {
-            return Ok(());
+    async fn sync_now(&self, events: Vec<Incoming>) {
+        let Some(audit) = &self.audit else { return };
+        let now = self.shared.elapsed_ms();
+        if now < self.shared.sync_suspended_until_ms.load(Ordering::Acquire) {
+            // The database just failed: do not make every mutation wait on
+            // it; the consumer records these events from the stream.
+            crate::telemetry::metrics()
+                .audit_sync_failures
+                .add(events.len() as u64, &[]);
+            return;
+        }
+        let limit = SYNC_TIMEOUT;
+        let failure = match tokio::time::timeout(limit, audit.write(&events, &[])).await {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} ms", limit.as_millis()),
         };
-        let mut attempt = 0;
-        loop {
-            match audit.write(&events, &[]).await {
-                Ok(_) => return Ok(()),
-                Err(e) if attempt < 3 => {
-                    attempt += 1;
-                    tracing::warn!(err = %e, attempt, "synchronous audit write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
-                }
-                Err(e) => return Err(e),
+        self.shared.sync_suspended_until_ms.store(
+            self.shared.elapsed_ms() + SYNC_PAUSE.as_millis() as u64,
+            Ordering::Release,
+        );
+        crate::telemetry::metrics()
+            .audit_sync_failures
+            .add(events.len() as u64, &[]);
+        tracing::warn!(
+            err = %failure,
+            events = events.len(),
+            "synchronous audit write failed; the audit consumer will record the events from the stream"
+        );
+    }
+
+    /// Called before every operation: when this store found Redis
+    /// unreachable since, or has not talked to it for [`CATCH_UP_AFTER`],
+    /// projects what any app server staged before serving from Redis again.
+    /// The common case is two atomic loads.
+    pub(super) async fn catch_up(&self) {
+        if self.audit.is_none() {
+            return;
+        }
+        let now = self.shared.elapsed_ms();
+        let last = self.shared.last_contact_ms.swap(now, Ordering::AcqRel);
+        let suspect = self.shared.suspect.load(Ordering::Acquire);
+        let first = !self.shared.epochs_checked.load(Ordering::Acquire);
+        if !suspect && !first && now.saturating_sub(last) < CATCH_UP_AFTER.as_millis() as u64 {
+            return;
+        }
+        Box::pin(self.catch_up_now(now)).await
+    }
+
+    async fn catch_up_now(&self, now: u64) {
+        let last_try = self.shared.last_catch_up_ms.load(Ordering::Acquire);
+        if last_try != 0 && now.saturating_sub(last_try) < CATCH_UP_RETRY.as_millis() as u64 {
+            return;
+        }
+        self.shared
+            .last_catch_up_ms
+            .store(now.max(1), Ordering::Release);
+        if !self.shared.epochs_checked.load(Ordering::Acquire) {
+            match self.establish_epochs().await {
+                Ok(()) => self.shared.epochs_checked.store(true, Ordering::Release),
+                Err(e) => tracing::debug!(err = %e, "checking the redis epochs failed"),
             }
         }
+        if !self.fallback_enabled() && !self.shared.suspect.load(Ordering::Acquire) {
+            return;
+        }
+        match self.project_staged().await {
+            Ok(summary) => {
+                if summary.waiting == 0 {
+                    self.shared.suspect.store(false, Ordering::Release);
+                }
+                if summary.projected + summary.logged_directly > 0 {
+                    tracing::info!(
+                        projected = summary.projected,
+                        logged_directly = summary.logged_directly,
+                        "writes staged during the redis outage are applied"
+                    );
+                }
+            }
+            Err(e) => tracing::debug!(err = %e, "projecting staged writes failed; will retry"),
+        }
     }
+
+    /// Applies every event staged in the database (by any process) to
+    /// Redis, oldest first, and deletes it. Safe to run in several processes
+    /// at once: each event is applied at most once.
+    pub async fn project_staged(&self) -> Result<ProjectionSummary> {
+        let mut summary = ProjectionSummary::default();
+        let db = self.db()?.clone();
+        let streams: Vec<&str> = self.keys.all().iter().map(|k| k.stream.as_str()).collect();
+        if !outbox::has_pending(&db, &streams).await? {
+            return Ok(summary);
+        }
+        for part in self.keys.all() {
+            let mut after = 0i64;
+            loop {
+                let rows: Vec<fallback_events::Model> =
+                    outbox::pending(&db, &part.stream, PROJECTION_PAGE)
+                        .await?
+                        .into_iter()
+                        .filter(|r| r.id > after)
+                        .collect();
+                let Some(last) = rows.last() else { break };
+                after = last.id;
+                let full = rows.len() as u64 >= PROJECTION_PAGE;
+                let mut blocked: BTreeSet<String> = BTreeSet::new();
+                for row in rows {
+                    if blocked.contains(&row.session_id) {
+                        summary.waiting += 1;
+                        continue;
+                    }
+                    match self.project_row(&db, &row).await? {
+                        Projected::Applied => summary.projected += 1,
+                        Projected::Logged => summary.logged_directly += 1,
+                        Projected::AlreadyThere => summary.already_applied += 1,
+                        Projected::Waiting => {
+                            summary.waiting += 1;
+                            blocked.insert(row.session_id.clone());
+                            continue;
+                        }
+                    }
+                    outbox::remove(&db, row.id).await?;
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        crate::telemetry::metrics()
+            .fallback_projected
+            .add(summary.projected + summary.logged_directly, &[]);
+        Ok(summary)
+    }
+
+    /// Projects the staged events of one session (before a read or an end
+    /// that needs them in Redis).
+    pub(super) async fn project_session(&self, id: &SessionId) -> Result<bool> {
+        let db = self.db()?.clone();
+        let rows = {
+            use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _, QueryOrder as _};
+            fallback_events::Entity::find()
+                .filter(fallback_events::Column::SessionId.eq(id.as_str()))
+                .order_by_asc(fallback_events::Column::Id)
+                .all(&db)
+                .await?
+        };
+        for row in rows {
+            match self.project_row(&db, &row).await? {
+                Projected::Waiting => return Ok(false),
+                _ => outbox::remove(&db, row.id).await?,
+            }
+        }
+        Ok(true)
+    }
+
+    /// Applies one staged event to Redis (see [`ProjectionSummary`]).
+    async fn project_row(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        row: &fallback_events::Model,
+    ) -> Result<Projected> {
+        if outbox::logged(db, row.event_id).await? {
+            return Ok(Projected::AlreadyThere);
+        }
+        let staged = outbox::event_of(row)?;
+        let id = staged.session_id.clone();
+        let part = self.keys.for_session(&id);
+        let ends = matches!(
+            staged.kind,
+            EventKind::Destroyed { .. } | EventKind::Expired { .. }
+        );
+        for _ in 0..16 {
+            let json: Option<String> = self.conn.clone().get(part.session(&id)).await?;
+            let current = match json {
+                Some(j) => Some(super::parse_session(&id, &j)?),
+                None => None,
+            };
+            let base = match (&current, &staged.kind) {
+                (Some(c), _) => c.clone(),
+                (None, EventKind::Created { .. }) => Session::default(),
+                (None, _) => {
+                    // Redis lacks the session: bring its database state back
+                    // first (under the one rule), or log the event after
+                    // the end when the session has ended everywhere.
+                    match self.restore_base(db, &id, &staged).await? {
+                        Base::Restored => continue,
+                        Base::EndedInRedis => Session::default().with_status(Status::Destroyed),
+                        Base::Waiting => return Ok(Projected::Waiting),
+                        Base::Gone => return self.log_after_end(db, &id, staged, ends).await,
+                    }
+                }
+            };
+            let event = Event {
+                seq: base.version() + 1,
+                ..staged.clone()
+            };
+            let next = base.apply(&event);
+            let status_after = next.status();
+            let json = if status_after == Status::Live {
+                next.to_json()
+            } else {
+                String::new()
+            };
+            let user = next
+                .user_id()
+                .or_else(|| staged.user_id.clone())
+                .unwrap_or_default();
+            let mut inv = script::invocation(part, "apply");
+            inv.arg(id.as_str())
+                .arg(base.version())
+                .arg(&json)
+                .arg(self.config.session_timeout.as_millis() as u64)
+                .arg(self.config.tombstone_ttl.as_millis() as u64)
+                .arg(&user)
+                .arg(staged.kind.type_name())
+                .arg(status_after.as_str())
+                .arg(staged.event_id.to_string())
+                .arg(staged.kind.payload_json())
+                .arg(staged.occurred_at.to_string())
+                .arg(staged.schema)
+                .arg(staged.traceparent.as_deref().unwrap_or(""));
+            match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
+                Reply::Ok(..) => return Ok(Projected::Applied),
+                Reply::Applied => return Ok(Projected::AlreadyThere),
+                Reply::Conflict(_) => continue,
+                Reply::Missing => return Ok(Projected::Waiting),
+                other => {
+                    return Err(Error::Corrupt(format!(
+                        "projection: unexpected reply {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok(Projected::Waiting)
+    }
+
+    /// Puts a session Redis lacks back from the database, for a staged event
+    /// to be applied on top.
+    async fn restore_base(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        id: &SessionId,
+        staged: &Event,
+    ) -> Result<Base> {
+        let snapshot = {
+            use sea_orm::EntityTrait as _;
+            crate::audit::entity::session_snapshots::Entity::find_by_id(id.as_str().to_owned())
+                .one(db)
+                .await?
+        };
+        let Some(snapshot) = snapshot else {
+            // No snapshot: the session was created by a staged event that is
+            // not projected yet (an earlier row), or never audited.
+            return Ok(Base::Waiting);
+        };
+        let live = snapshot.status == crate::audit::entity::session_snapshots::SnapshotStatus::Live;
+        if !live {
+            let ledger: Option<String> = self.conn.clone().get(self.keys.ledger(id)).await?;
+            return Ok(if ledger.is_some() {
+                Base::EndedInRedis
+            } else {
+                Base::Gone
+            });
+        }
+        // The staged write kept the session alive past its snapshot's
+        // deadline: it was used then.
+        let refreshed = staged.occurred_at.datetime()
+            + chrono::Duration::from_std(self.config.session_timeout).unwrap_or_default();
+        let deadline = snapshot.expires_at.map_or(refreshed, |d| d.max(refreshed));
+        match self
+            .restore_snapshot(
+                id,
+                &snapshot.state,
+                snapshot.seq.max(0) as u64,
+                snapshot.user_id.as_deref(),
+                deadline,
+                live,
+            )
+            .await?
+        {
+            Reply::Ok(..) | Reply::Current => Ok(Base::Restored),
+            Reply::Ended(_) => Ok(Base::EndedInRedis),
+            Reply::Newer | Reply::Expired => {
+                let ledger: Option<String> = self.conn.clone().get(self.keys.ledger(id)).await?;
+                Ok(if ledger.is_some() {
+                    Base::Waiting
+                } else {
+                    Base::Gone
+                })
+            }
+            other => Err(Error::Corrupt(format!(
+                "restore: unexpected reply {other:?}"
+            ))),
+        }
+    }
+
+    /// Runs the `restore` operation for a session's database state: `live`
+    /// false (an ended snapshot) is never restored and answers `Skip`.
+    pub(super) async fn restore_snapshot(
+        &self,
+        id: &SessionId,
+        state: &str,
+        seq: u64,
+        user: Option<&str>,
+        deadline: chrono::DateTime<Utc>,
+        live: bool,
+    ) -> Result<Reply> {
+        if !live {
+            return Ok(Reply::Skip);
+        }
+        let mut inv = script::invocation(self.keys.for_session(id), "restore");
+        inv.arg(id.as_str())
+            .arg(state)
+            .arg(seq)
+            .arg(user.unwrap_or(""))
+            .arg(deadline.timestamp_millis())
+            .arg(self.config.tombstone_ttl.as_millis() as u64);
+        Ok(script::run_retrying(&inv, &mut self.conn.clone()).await?.0)
+    }
+
+    /// A staged event of a session Redis no longer knows at all (its
+    /// tombstone is gone too), which ended in the database: the event is
+    /// written straight to the audit table after the session's last event
+    /// (an end is not written twice).
+    async fn log_after_end(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        id: &SessionId,
+        staged: Event,
+        ends: bool,
+    ) -> Result<Projected> {
+        let Some(view) = outbox::view(db, id.as_str(), self.config.session_timeout).await? else {
+            return Ok(Projected::Waiting);
+        };
+        let ended = view.snapshot.as_ref().is_some_and(|s| {
+            s.status != crate::audit::entity::session_snapshots::SnapshotStatus::Live
+        });
+        if !ended {
+            // Live in the database but gone from Redis without a trace:
+            // wait for the expiry sweep to end it.
+            return Ok(Projected::Waiting);
+        }
+        if ends {
+            return Ok(Projected::AlreadyThere);
+        }
+        let Some(audit) = &self.audit else {
+            return Ok(Projected::Waiting);
+        };
+        let event = Event {
+            seq: view.newest_logged + 1,
+            ..staged
+        };
+        audit
+            .write(
+                &[Incoming {
+                    stream_id: None,
+                    event,
+                }],
+                &[],
+            )
+            .await?;
+        Ok(Projected::Logged)
+    }
+}
+
+/// What became of one staged event.
+enum Projected {
+    Applied,
+    Logged,
+    AlreadyThere,
+    Waiting,
+}
+
+/// Where the base of a projection stands after [`SessionStore::restore_base`].
+enum Base {
+    Restored,
+    EndedInRedis,
+    Waiting,
+    Gone,
 }

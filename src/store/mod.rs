@@ -12,11 +12,13 @@
 //! appends a `touched` event when the last activity is older than
 //! `SESSION_TOUCH_INTERVAL`, and writes nothing otherwise.
 
+mod admit;
 mod fallback;
 mod ops;
+mod recovery;
 pub(crate) mod script;
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -32,21 +34,26 @@ use crate::id::{SessionId, Token};
 use crate::keys::KeySpace;
 use crate::session::{Session, Status};
 
+pub use fallback::{CATCH_UP_AFTER, ProjectionSummary};
 pub use ops::Created;
+pub use recovery::{RECOVERING_MEMO, RecoveryState};
 
 /// The event-sourced session store. Cheap to clone; clones share one
 /// multiplexed, self-reconnecting Redis connection.
 ///
 /// With an audit database attached ([`SessionStore::with_audit`]) it also:
 /// - commits every mutation to the database before returning when
-///   `DB_SESSION_SYNC` is on;
+///   `DB_SESSION_SYNC` is on (a failed commit is logged, never returned: the
+///   mutation is in Redis and the audit consumer records it);
 /// - keeps working while Redis is unreachable when `DB_SESSION_FALLBACK` is
-///   on: loads read the snapshots, mutations are appended to the database
-///   (`source = fallback`), and the sessions changed meanwhile are projected
-///   into Redis as soon as it answers again;
-/// - while Redis is recovering from a loss of its data (the worker's marker
-///   key is gone, or its `recovering` flag is set), serves a load that misses
-///   in Redis from the snapshot and puts the session back into Redis.
+///   on and the database is current: loads read the database's view of the
+///   session, mutations are staged in the database, and whichever process
+///   sees Redis first projects them through it (see `store::fallback`);
+/// - while Redis is recovering from a loss of its data (its epoch differs
+///   from the one the database knows complete, see [`RecoveryState`]),
+///   serves a load that misses in Redis from the database under the one rule
+///   of `store::admit`, puts the session back, and makes ends reach sessions
+///   that are not back yet.
 #[derive(Clone)]
 pub struct SessionStore {
     conn: RedisConn,
@@ -56,16 +63,57 @@ pub struct SessionStore {
     shared: Arc<Shared>,
 }
 
-/// State shared by the clones of one store.
-#[derive(Debug, Default)]
+/// State shared by the clones of one store. None of it is needed for
+/// correctness after a restart: what must survive lives in Redis or the
+/// audit database.
+#[derive(Debug)]
 struct Shared {
-    /// Sessions written in fallback mode and not yet projected into Redis.
-    dirty: Mutex<BTreeSet<SessionId>>,
-    has_dirty: AtomicBool,
-    /// When the recovery state was last read, and what it was.
-    recovery_checked: Mutex<Option<(Instant, bool)>>,
-    /// Mutations written to the database because Redis was unreachable.
+    /// When the store was made; the origin of the millisecond clocks below.
+    started: Instant,
+    /// Redis was found unreachable; the next operation that reaches it first
+    /// projects what was staged meanwhile.
+    suspect: AtomicBool,
+    /// Milliseconds since `started` of the last operation.
+    last_contact_ms: AtomicU64,
+    /// Milliseconds since `started` of the last catch-up attempt.
+    last_catch_up_ms: AtomicU64,
+    /// The epochs of every partition were checked once.
+    epochs_checked: AtomicBool,
+    /// What this process remembers of each partition's recovery state.
+    recovery: Mutex<HashMap<u32, recovery::Memo>>,
+    /// Per partition: whether the database may stand in for Redis, and when
+    /// that was read.
+    trust: Mutex<HashMap<u32, (Instant, bool)>>,
+    /// This process runs a replay.
+    healing: AtomicBool,
+    /// Milliseconds since `started` until which synchronous audit writes are
+    /// skipped after one failed.
+    sync_suspended_until_ms: AtomicU64,
+    /// Mutations staged in the database because Redis was unreachable.
     fallback_writes: AtomicU64,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            started: Instant::now(),
+            suspect: AtomicBool::new(false),
+            last_contact_ms: AtomicU64::new(0),
+            last_catch_up_ms: AtomicU64::new(0),
+            epochs_checked: AtomicBool::new(false),
+            recovery: Mutex::new(HashMap::new()),
+            trust: Mutex::new(HashMap::new()),
+            healing: AtomicBool::new(false),
+            sync_suspended_until_ms: AtomicU64::new(0),
+            fallback_writes: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Shared {
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -116,14 +164,10 @@ impl SessionStore {
         self.audit.as_ref()
     }
 
-    /// Mutations written to the database because Redis was unreachable.
+    /// Mutations this process staged in the database because Redis was
+    /// unreachable.
     pub fn fallback_writes(&self) -> u64 {
         self.shared.fallback_writes.load(Ordering::Relaxed)
-    }
-
-    /// Sessions changed in fallback mode that Redis does not have yet.
-    pub fn pending_projection(&self) -> usize {
-        self.shared.dirty.lock().map(|d| d.len()).unwrap_or(0)
     }
 
     /// The configuration this store runs with.
@@ -180,36 +224,34 @@ impl SessionStore {
     /// Reads a session with one `GET` and never writes (but see the type's
     /// docs for what happens while Redis is unreachable or recovering).
     pub async fn get(&self, id: &SessionId) -> Result<Option<Session>> {
+        self.catch_up().await;
         let key = self.keys.session(id);
         let mut json: redis::RedisResult<Option<String>> = self.conn.clone().get(&key).await;
         // A read is safe to repeat: the first command on a connection that
         // Redis dropped (a restart) fails even when Redis is back.
-        if json
-            .as_ref()
-            .is_err_and(|e| e.is_connection_dropped() || e.is_io_error())
-        {
+        if json.as_ref().is_err_and(script::connection_broke) {
             json = self.conn.clone().get(&key).await;
         }
         match json {
-            Ok(Some(j)) => {
-                self.project_pending().await;
-                parse_session(id, &j).map(Some)
-            }
+            Ok(Some(j)) => parse_session(id, &j).map(Some),
             Ok(None) => {
-                self.project_pending().await;
-                if self.audit.is_some() && Box::pin(self.recovering(id)).await {
-                    Box::pin(self.restore_from_audit(id)).await
+                if self.audit.is_some()
+                    && Box::pin(self.recovering(self.keys.for_session(id))).await
+                {
+                    Box::pin(self.restore_on_read(id)).await
                 } else {
                     Ok(None)
                 }
             }
             Err(e) => {
                 let e = Error::from(e);
-                if e.is_unavailable() && self.fallback_enabled() {
-                    self.fallback_get(id).await
-                } else {
-                    Err(e)
+                if e.is_unavailable() {
+                    self.note_unavailable();
+                    if self.fallback_enabled() {
+                        return Box::pin(self.fallback_get(id, e)).await;
+                    }
                 }
+                Err(e)
             }
         }
     }
@@ -229,18 +271,17 @@ impl SessionStore {
     pub async fn tombstone(&self, id: &SessionId) -> Result<Option<Status>> {
         let ledger: Option<String> = match self.conn.clone().get(self.keys.ledger(id)).await {
             Ok(l) => l,
-            Err(e) if self.fallback_enabled() => {
+            Err(e) => {
                 let e = Error::from(e);
-                if !e.is_unavailable() {
+                if !(e.is_unavailable() && self.fallback_enabled()) {
                     return Err(e);
                 }
                 return Ok(self
-                    .fallback_snapshot(id)
+                    .fallback_view(id)
                     .await?
-                    .map(|s| s.session.status())
+                    .map(|v| v.session.status())
                     .filter(|s| *s != Status::Live));
             }
-            Err(e) => return Err(e.into()),
         };
         Ok(ledger.and_then(|l| match l.split('|').nth(1) {
             Some("destroyed") => Some(Status::Destroyed),

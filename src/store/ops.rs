@@ -4,19 +4,26 @@
 //! Each one folds in Rust, runs the script once, and then (with
 //! `DB_SESSION_SYNC`) commits the events it appended to the audit database.
 //! When Redis cannot be reached and `DB_SESSION_FALLBACK` is on, the same
-//! events are appended to the audit database instead, against the snapshot's
-//! version.
+//! events are staged in the audit database instead, against the version of
+//! the database's view of the session (see `store::fallback`).
+//!
+//! A mutation whose connection broke before its reply is sent again, once,
+//! with the same event ids and the same expected version: when the first
+//! attempt was applied, the script's answer shows the caller's own write
+//! (the state it folded, its new session), which counts as success, so the
+//! retry never applies a change twice.
 
 use std::time::Duration;
 
 use rand::Rng as _;
+use redis::AsyncCommands as _;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::SessionStore;
 use super::script::{self, Reply};
 use crate::audit::Incoming;
-use crate::audit::sink::FallbackOutcome;
+use crate::audit::outbox::Staged;
 use crate::error::{Error, Result};
 use crate::event::{DestroyReason, Event, EventKind, Platform, SCHEMA_VERSION};
 use crate::id::{SessionId, Token};
@@ -143,14 +150,25 @@ fn streamed(stream_id: String, event: Event) -> Incoming {
 
 /// Where a write ended up.
 enum Written {
-    /// Redis took it; the stream id.
-    Redis(String),
-    /// The audit database took it (fallback).
+    /// Redis took it; the stream id (unknown when a retried attempt found its
+    /// own write already applied).
+    Redis(Option<String>),
+    /// The audit database staged it (fallback).
     Database,
     /// The version moved on; the current state when the session still lives.
-    Conflict(Option<Session>),
+    Conflict(Session),
+    /// Fold again on a fresh read (the database's view moved on).
+    Reread,
     /// No live session.
     Gone,
+}
+
+/// Where a script invocation went.
+enum Outcome {
+    /// Redis answered; whether the invocation was sent twice.
+    Redis(Reply, bool),
+    /// Redis was unreachable; the database staged the events (or refused).
+    Staged(Staged),
 }
 
 impl SessionStore {
@@ -222,29 +240,43 @@ impl SessionStore {
         Ok(())
     }
 
-    /// Runs a script invocation; when Redis is unreachable and the fallback is
-    /// on, appends the events `fallback` builds (each with the version it was
-    /// folded on) to the audit database instead. They are built only then.
+    /// Runs a script invocation (sent again once if its connection broke);
+    /// when Redis is unreachable and the fallback is on, stages the events
+    /// `fallback` builds (each with the version it was folded on) in the
+    /// audit database instead. They are built only then.
     async fn run_or_fallback(
         &self,
         part: &Keys,
         inv: &redis::ScriptInvocation<'_>,
         fallback: impl FnOnce() -> Vec<(u64, Event)>,
-    ) -> Result<std::result::Result<Reply, FallbackOutcome>> {
-        match script::run(inv, &mut self.conn.clone()).await {
-            Ok(r) => {
+    ) -> Result<Outcome> {
+        match script::run_retrying(inv, &mut self.conn.clone()).await {
+            Ok((r, retried)) => {
                 if matches!(r, Reply::Ok(..)) {
                     self.replicate(part).await?;
                 }
-                self.project_pending().await;
-                Ok(Ok(r))
+                Ok(Outcome::Redis(r, retried))
             }
-            Err(e) if e.is_unavailable() && self.fallback_enabled() => {
+            Err(e) if e.is_unavailable() => {
+                self.note_unavailable();
+                if !self.fallback_enabled() {
+                    return Err(e);
+                }
                 let events = fallback();
-                Ok(Err(self.fallback_append(&events).await?))
+                Ok(Outcome::Staged(
+                    Box::pin(self.fallback_stage(part, &events, e)).await?,
+                ))
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// True when Redis holds `id` with exactly `json`: a retried mutation
+    /// finds its own first attempt applied.
+    async fn holds(&self, id: &SessionId, json: &str) -> bool {
+        let now: redis::RedisResult<Option<String>> =
+            self.conn.clone().get(self.keys.session(id)).await;
+        matches!(now, Ok(Some(j)) if j == json)
     }
 
     /// Creates a session and returns its token, once. When the user already
@@ -253,7 +285,11 @@ impl SessionStore {
     #[tracing::instrument(skip_all, fields(session_id), err)]
     pub async fn create(&self, new: NewSession) -> Result<Created> {
         let started = std::time::Instant::now();
-        let result: Result<Created> = async { self.create_inner(new.fields, None).await }.await;
+        let result: Result<Created> = async {
+            self.catch_up().await;
+            self.create_inner(new.fields, None).await
+        }
+        .await;
         crate::telemetry::record_operation("create", started, &result);
         result
     }
@@ -268,6 +304,7 @@ impl SessionStore {
                 "`{k}` is maintained by the store"
             )));
         }
+        crate::session::check_fields(&fields)?;
         let user = user_id_of(&fields);
         // With partitions, a user's sessions may sit in several partitions:
         // the limit is enforced across them after the create (best effort),
@@ -341,6 +378,12 @@ impl SessionStore {
             }
             meta.push(&mut inv);
             inv.arg(&spare_ids);
+            let done = |evicted| Created {
+                token: token.clone(),
+                session_id: id.clone(),
+                session: session.clone(),
+                evicted,
+            };
             match self
                 .run_or_fallback(part, &inv, || {
                     let mut events: Vec<(u64, Event)> = ended_old.iter().cloned().collect();
@@ -349,7 +392,7 @@ impl SessionStore {
                 })
                 .await?
             {
-                Ok(Reply::Ok(xid, extra)) => {
+                Outcome::Redis(Reply::Ok(xid, extra), _) => {
                     let (entries, mut events) = match ended_old {
                         None => (extra, Vec::new()),
                         Some((_, end)) => {
@@ -370,39 +413,34 @@ impl SessionStore {
                         user.as_deref(),
                         DestroyReason::Evicted,
                     ));
-                    self.sync(events).await?;
+                    self.sync(events).await;
                     let mut evicted = first_ids(&entries);
                     if partitioned && let Some(u) = user.as_deref() {
                         evicted.extend(Box::pin(self.enforce_user_limit(u, &id)).await?);
                     }
-                    return Ok(Created {
-                        token,
-                        session_id: id,
-                        session,
-                        evicted,
-                    });
+                    return Ok(done(evicted));
                 }
-                Ok(Reply::NeedIds(n)) => spare = n,
-                Ok(Reply::Exists) => continue,
-                Ok(Reply::Conflict(_)) | Err(FallbackOutcome::Conflict(_)) => {
+                Outcome::Redis(Reply::NeedIds(n), _) => spare = n,
+                // A retried attempt whose first try went through finds its
+                // own session (and, for a rotation, its own tombstone).
+                Outcome::Redis(Reply::Exists | Reply::Ended(_) | Reply::Missing, true)
+                    if self.holds(&id, &json).await =>
+                {
+                    return Ok(done(Vec::new()));
+                }
+                Outcome::Redis(Reply::Exists, _) => continue,
+                Outcome::Redis(Reply::Conflict(_), _) | Outcome::Staged(Staged::Conflict) => {
                     return Err(Error::Conflict {
                         session_id: rotated_from.map(|r| r.0).unwrap_or(id),
                         attempts: 1,
                     });
                 }
-                Err(FallbackOutcome::Written) => {
-                    return Ok(Created {
-                        token,
-                        session_id: id,
-                        session,
-                        evicted: Vec::new(),
-                    });
-                }
-                Ok(Reply::Missing | Reply::Ended(_)) => {
+                Outcome::Staged(Staged::Written) => return Ok(done(Vec::new())),
+                Outcome::Redis(Reply::Missing | Reply::Ended(_), _) => {
                     let old = rotated_from.map(|r| r.0).unwrap_or(id);
                     return Err(self.missing(&old).await);
                 }
-                Ok(other) => {
+                Outcome::Redis(other, _) => {
                     return Err(Error::Corrupt(format!(
                         "create: unexpected reply {other:?}"
                     )));
@@ -439,61 +477,62 @@ impl SessionStore {
                 .run_or_fallback(part, &inv, || vec![(current.version(), event.clone())])
                 .await?
             {
-                Ok(Reply::Ok(xid, _)) => Written::Redis(xid),
-                Ok(Reply::Conflict(Some(json))) => {
-                    Written::Conflict(Some(super::parse_session(id, &json)?))
+                Outcome::Redis(Reply::Ok(xid, _), _) => Written::Redis(Some(xid)),
+                // The first attempt went through before its connection broke.
+                Outcome::Redis(Reply::Conflict(Some(j)), true) if j == json => Written::Redis(None),
+                Outcome::Redis(Reply::Conflict(Some(json)), _) => {
+                    Written::Conflict(super::parse_session(id, &json)?)
                 }
-                Ok(Reply::Conflict(None) | Reply::Missing | Reply::Ended(_)) => Written::Gone,
-                Ok(other) => {
+                Outcome::Redis(Reply::Conflict(None) | Reply::Missing | Reply::Ended(_), _) => {
+                    Written::Gone
+                }
+                Outcome::Redis(other, _) => {
                     return Err(Error::Corrupt(format!("write: unexpected reply {other:?}")));
                 }
-                Err(FallbackOutcome::Written) => Written::Database,
-                Err(FallbackOutcome::Conflict(state)) => match state {
-                    Some(s) => Written::Conflict(Some(s)),
-                    None => match self.fallback_get(id).await? {
-                        Some(s) => Written::Conflict(Some(s)),
-                        None => Written::Gone,
-                    },
-                },
+                Outcome::Staged(Staged::Written) => Written::Database,
+                Outcome::Staged(Staged::Conflict) => Written::Reread,
             },
         )
     }
 
-    /// The common loop of `update` and `switch_platform`: fold the change on
-    /// the current state, write it if the version still matches, otherwise
-    /// fold again on the state the script returned.
+    /// The common loop of every change to a live session: check the
+    /// caller's preconditions and fold the change on the current state,
+    /// write it if the version still matches, otherwise fold again on the
+    /// state the script returned. `change` runs on every attempt, on the
+    /// state of that attempt, so a change computed from the state (an
+    /// increment, a `modify`) is never computed from a stale one.
     async fn write(
         &self,
         id: &SessionId,
         mut current: Session,
-        change: impl Fn(&Session) -> EventKind,
+        change: impl Fn(&Session) -> Result<EventKind>,
     ) -> Result<Session> {
         let attempts = self.config.max_retries.max(1);
         for attempt in 1..=attempts {
             let meta = Meta::now();
-            let draft = meta.event(id, current.version() + 1, None, change(&current));
+            let draft = meta.event(id, current.version() + 1, None, change(&current)?);
             let next = current.apply(&draft);
             let event = Event {
                 user_id: next.user_id(),
                 ..draft
             };
-            match self.write_once(id, &current, &next, &event, &meta).await? {
+            let retry = match self.write_once(id, &current, &next, &event, &meta).await? {
                 Written::Redis(xid) => {
-                    self.sync(vec![streamed(xid, event)]).await?;
+                    if let Some(xid) = xid {
+                        self.sync(vec![streamed(xid, event)]).await;
+                    }
                     return Ok(next);
                 }
                 Written::Database => return Ok(next),
-                Written::Conflict(Some(s)) => {
-                    current = s;
-                    let m = crate::telemetry::metrics();
-                    m.conflicts.add(1, &[]);
-                    m.retries.add(1, &[]);
-                    Self::backoff(attempt).await;
-                }
-                Written::Conflict(None) | Written::Gone => {
-                    return Err(self.missing(id).await);
-                }
-            }
+                Written::Conflict(s) => s,
+                Written::Reread => self.current(id).await?,
+                Written::Gone => return Err(self.missing(id).await),
+            };
+            current = retry;
+            let m = crate::telemetry::metrics();
+            m.conflicts.add(1, &[]);
+            m.retries.add(1, &[]);
+            Self::backoff(attempt).await;
         }
         Err(Error::Conflict {
             session_id: id.clone(),
@@ -511,7 +550,8 @@ impl SessionStore {
     /// Sets and removes application keys: one `updated` event. Keys the store
     /// maintains (`_version`, `_last_updated`, `created_at`,
     /// `last_activity`) are refused. Concurrent updates of different keys all
-    /// survive.
+    /// survive; a change whose preconditions (`changes.expect`) a concurrent
+    /// write broke is refused with [`Error::StaleRead`].
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn update(&self, id: &SessionId, changes: Changes) -> Result<Session> {
         let started = std::time::Instant::now();
@@ -526,7 +566,8 @@ impl SessionStore {
     /// Like [`SessionStore::update`], folding on a state the caller already
     /// read (a web request's session), which saves the `GET`. When the
     /// session moved on since, the script returns its current state and the
-    /// change is folded again on top of it, as with `update`.
+    /// change is folded again on top of it, as with `update`, unless a
+    /// precondition in `changes.expect` no longer holds.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn update_from(
         &self,
@@ -535,6 +576,7 @@ impl SessionStore {
         changes: Changes,
     ) -> Result<Session> {
         let started = std::time::Instant::now();
+        self.catch_up().await;
         let result = self.update_in(id, current, changes).await;
         crate::telemetry::record_operation("update", started, &result);
         result
@@ -551,11 +593,106 @@ impl SessionStore {
                 "`{k}` is maintained by the store"
             )));
         }
-        self.write(id, current, |_| EventKind::Updated {
-            set: changes.set.clone(),
-            unset: changes.unset.clone(),
+        crate::session::check_fields(&changes.set)?;
+        self.write(id, current, |now| {
+            if let Some(key) = changes.stale_key(now) {
+                return Err(Error::StaleRead {
+                    session_id: id.clone(),
+                    key: key.to_owned(),
+                });
+            }
+            Ok(EventKind::Updated {
+                set: changes.set.clone(),
+                unset: changes.unset.clone(),
+            })
         })
         .await
+    }
+
+    /// Changes one key with a function of its current value (`None` when
+    /// absent; returning `None` removes it), as one `updated` event. The
+    /// function runs again on the fresh state after every version conflict,
+    /// so concurrent `modify` calls never lose each other's changes (a
+    /// read-modify-write done by hand does; see `docs/web.md`). Returns the
+    /// session as stored.
+    #[tracing::instrument(skip_all, fields(session_id = %id, key = key), err)]
+    pub async fn modify(
+        &self,
+        id: &SessionId,
+        key: &str,
+        f: impl Fn(Option<&Value>) -> Result<Option<Value>>,
+    ) -> Result<Session> {
+        let started = std::time::Instant::now();
+        let result = match self.current(id).await {
+            Ok(current) => self.modify_in(id, current, key, f).await,
+            Err(e) => Err(e),
+        };
+        crate::telemetry::record_operation("update", started, &result);
+        result
+    }
+
+    /// Like [`SessionStore::modify`], folding first on a state the caller
+    /// already read.
+    pub async fn modify_from(
+        &self,
+        id: &SessionId,
+        current: Session,
+        key: &str,
+        f: impl Fn(Option<&Value>) -> Result<Option<Value>>,
+    ) -> Result<Session> {
+        let started = std::time::Instant::now();
+        self.catch_up().await;
+        let result = self.modify_in(id, current, key, f).await;
+        crate::telemetry::record_operation("update", started, &result);
+        result
+    }
+
+    async fn modify_in(
+        &self,
+        id: &SessionId,
+        current: Session,
+        key: &str,
+        f: impl Fn(Option<&Value>) -> Result<Option<Value>>,
+    ) -> Result<Session> {
+        if RESERVED_KEYS.contains(&key) {
+            return Err(Error::InvalidInput(format!(
+                "`{key}` is maintained by the store"
+            )));
+        }
+        crate::session::check_key(key)?;
+        self.write(id, current, |now| {
+            let (set, unset) = match f(now.get(key))? {
+                Some(v) => (Map::from_iter([(key.to_owned(), v)]), Vec::new()),
+                None => (Map::new(), vec![key.to_owned()]),
+            };
+            Ok(EventKind::Updated { set, unset })
+        })
+        .await
+    }
+
+    /// Adds `by` to an integer key (absent counts as 0), atomically: one
+    /// `updated` event, re-applied on the fresh state after every conflict,
+    /// so a counter loses nothing under any concurrency. Returns the new
+    /// value. A key holding anything but an integer, or an overflow, is
+    /// [`Error::InvalidInput`] and writes nothing.
+    pub async fn increment(&self, id: &SessionId, key: &str, by: i64) -> Result<i64> {
+        let s = self
+            .modify(id, key, |v| increment_value(key, v, by))
+            .await?;
+        Ok(s.get(key).and_then(Value::as_i64).unwrap_or_default())
+    }
+
+    /// Like [`SessionStore::increment`], folding first on a state the caller
+    /// already read; returns the session as stored.
+    pub async fn increment_from(
+        &self,
+        id: &SessionId,
+        current: Session,
+        key: &str,
+        by: i64,
+    ) -> Result<Session> {
+        self.modify_from(id, current, key, |v| increment_value(key, v, by))
+            .await
     }
 
     /// Appends a `touched` event now, refreshing `last_activity` and the TTL.
@@ -582,11 +719,13 @@ impl SessionStore {
         let next = current.apply(&event);
         match self.write_once(id, &current, &next, &event, &meta).await? {
             Written::Redis(xid) => {
-                self.sync(vec![streamed(xid, event)]).await?;
+                if let Some(xid) = xid {
+                    self.sync(vec![streamed(xid, event)]).await;
+                }
                 Ok(next)
             }
             Written::Database => Ok(next),
-            Written::Conflict(_) => {
+            Written::Conflict(_) | Written::Reread => {
                 crate::telemetry::metrics().conflicts.add(1, &[]);
                 Err(Error::Conflict {
                     session_id: id.clone(),
@@ -605,7 +744,7 @@ impl SessionStore {
         let result: Result<Session> = async {
             let current = self.current(id).await?;
             self.write(id, current, |_| {
-                EventKind::PlatformSwitched(platform.clone())
+                Ok(EventKind::PlatformSwitched(platform.clone()))
             })
             .await
         }
@@ -630,6 +769,12 @@ impl SessionStore {
             let attempts = self.config.max_retries.max(1);
             for attempt in 1..=attempts {
                 let current = self.current(id).await?;
+                if let Some(key) = changes.stale_key(&current) {
+                    return Err(Error::StaleRead {
+                        session_id: id.clone(),
+                        key: key.to_owned(),
+                    });
+                }
                 let mut fields = current.app_fields();
                 for k in &changes.unset {
                     fields.remove(k);
@@ -663,11 +808,19 @@ impl SessionStore {
     /// Ends a session: one `destroyed` event, the key deleted, a tombstone
     /// left so that no in-flight request can bring it back. Returns false
     /// when there was no live session to end.
+    ///
+    /// Complete in every mode: a session that Redis does not hold but the
+    /// audit database knows live (Redis is recovering, or lost the key) is
+    /// put back and ended; while Redis is unreachable the end is staged in
+    /// the database (no proof that the database is current is needed: an
+    /// end can only end).
     #[tracing::instrument(skip_all, fields(session_id = %id, reason = reason.as_str()), err)]
     pub async fn destroy(&self, id: &SessionId, reason: DestroyReason) -> Result<bool> {
         let started = std::time::Instant::now();
         let result: Result<bool> = async {
+            self.catch_up().await;
             let attempts = self.config.max_retries.max(1);
+            let mut brought_back = false;
             for attempt in 1..=attempts {
                 let meta = Meta::now();
                 let kind = EventKind::Destroyed { reason };
@@ -682,38 +835,53 @@ impl SessionStore {
                     .arg(event_id.to_string())
                     .arg(kind.payload_json());
                 meta.push(&mut inv);
-                let reply = match script::run(&inv, &mut self.conn.clone()).await {
-                    // In fallback mode the end is checked against the snapshot.
-                    Err(e) if e.is_unavailable() && self.fallback_enabled() => {
-                        let Some(current) = self.fallback_get(id).await? else {
-                            return Ok(false);
-                        };
-                        let event = meta.event_with_id(
-                            event_id,
-                            id,
-                            current.version() + 1,
-                            current.user_id(),
-                            kind,
-                        );
-                        match self.fallback_append(&[(current.version(), event)]).await? {
-                            FallbackOutcome::Written => return Ok(true),
-                            FallbackOutcome::Conflict(_) => {
-                                Self::backoff(attempt).await;
-                                continue;
+                let (reply, retried) =
+                    match script::run_retrying(&inv, &mut self.conn.clone()).await {
+                        Err(e) if e.is_unavailable() => {
+                            self.note_unavailable();
+                            if !self.fallback_enabled() {
+                                return Err(e);
+                            }
+                            let Some(view) = self.fallback_view(id).await? else {
+                                return Ok(false);
+                            };
+                            if view.session.status() != crate::session::Status::Live {
+                                return Ok(false);
+                            }
+                            let event = meta.event_with_id(
+                                event_id,
+                                id,
+                                view.session.version() + 1,
+                                view.session.user_id(),
+                                kind,
+                            );
+                            match self
+                                .fallback_stage(part, &[(view.session.version(), event)], e)
+                                .await?
+                            {
+                                Staged::Written => return Ok(true),
+                                Staged::Conflict => {
+                                    Self::backoff(attempt).await;
+                                    continue;
+                                }
                             }
                         }
-                    }
-                    other => other?,
-                };
-                self.project_pending().await;
+                        other => other?,
+                    };
                 return match reply {
                     Reply::Ok(xid, extra) => {
                         self.replicate(part).await?;
                         let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
                         let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
                         let event = meta.event_with_id(event_id, id, seq, user, kind);
-                        self.sync(vec![streamed(xid, event)]).await?;
+                        self.sync(vec![streamed(xid, event)]).await;
                         Ok(true)
+                    }
+                    // The first attempt ended it before its connection broke.
+                    Reply::Ended(_) if retried => Ok(true),
+                    Reply::Missing if !brought_back && Box::pin(self.bring_back(id)).await? => {
+                        brought_back = true;
+                        continue;
                     }
                     Reply::Missing | Reply::Ended(_) => Ok(false),
                     other => Err(Error::Corrupt(format!(
@@ -732,11 +900,16 @@ impl SessionStore {
     }
 
     /// Logs a user out everywhere: every live session of the user is
-    /// destroyed. Returns the ids that were ended. Within one partition this
-    /// is one atomic step; with several partitions, each partition is one
-    /// atomic step and they run in turn, so a session created in a partition
-    /// already passed survives (as it would if it had been created just after
-    /// the call).
+    /// destroyed. Returns the ids that were ended. Within one partition the
+    /// sessions Redis holds end in one atomic step; with several partitions,
+    /// each partition is one atomic step and they run in turn, so a session
+    /// created in a partition already passed survives (as it would if it had
+    /// been created just after the call).
+    ///
+    /// With the audit database attached it is complete in every mode: the
+    /// sessions the database knows live that Redis did not end (Redis is
+    /// recovering, unreachable, or lost an index entry) are ended one by one
+    /// through [`SessionStore::destroy`].
     #[tracing::instrument(skip_all, fields(user_id = user_id), err)]
     pub async fn destroy_all_for_user(
         &self,
@@ -748,24 +921,39 @@ impl SessionStore {
             if user_id.is_empty() {
                 return Err(Error::InvalidInput("empty user id".to_owned()));
             }
+            crate::session::check_user_id(user_id)?;
+            self.catch_up().await;
             let mut ended = Vec::new();
+            let mut redis_down = None;
             for part in self.keys.all() {
-                match self.destroy_user_in(part, user_id, reason).await? {
-                    Some(ids) => ended.extend(ids),
-                    None => {
-                        // Redis unreachable: best effort, one session at a
-                        // time, from the snapshots.
-                        let live = match &self.audit {
-                            Some(a) => a.live_sessions_of(user_id).await?,
-                            None => Vec::new(),
-                        };
-                        for sid in live.iter().filter_map(|s| s.parse::<SessionId>().ok()) {
-                            if self.destroy(&sid, reason).await? {
-                                ended.push(sid);
-                            }
-                        }
-                        return Ok(ended);
+                match self.destroy_user_in(part, user_id, reason).await {
+                    Ok(ids) => ended.extend(ids),
+                    Err(e) if e.is_unavailable() && self.fallback_enabled() => {
+                        redis_down = Some(e);
+                        break;
                     }
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some(audit) = &self.audit else {
+                return Ok(ended);
+            };
+            let known = match crate::audit::outbox::sessions_of_user(audit.db(), user_id).await {
+                Ok(k) => k,
+                // Redis ended what it holds; without the database that is
+                // all that can be done now.
+                Err(e) if redis_down.is_none() => {
+                    tracing::warn!(err = %e, "logout everywhere: the audit database is unreachable; ended the sessions redis holds");
+                    return Ok(ended);
+                }
+                Err(e) => return Err(e),
+            };
+            for sid in known.iter().filter_map(|s| s.parse::<SessionId>().ok()) {
+                if ended.contains(&sid) {
+                    continue;
+                }
+                if self.destroy(&sid, reason).await? {
+                    ended.push(sid);
                 }
             }
             Ok(ended)
@@ -775,14 +963,13 @@ impl SessionStore {
         result
     }
 
-    /// Ends the user's sessions in one partition, atomically. `None` when
-    /// Redis is unreachable and the fallback should take over.
+    /// Ends the user's sessions that one partition holds, atomically.
     async fn destroy_user_in(
         &self,
         part: &Keys,
         user_id: &str,
         reason: DestroyReason,
-    ) -> Result<Option<Vec<SessionId>>> {
+    ) -> Result<Vec<SessionId>> {
         let mut spare = 4;
         loop {
             let meta = Meta::now();
@@ -793,17 +980,21 @@ impl SessionStore {
                 .arg(EventKind::Destroyed { reason }.payload_json());
             meta.push(&mut inv);
             inv.arg(&spare_ids);
-            let reply = match script::run(&inv, &mut self.conn.clone()).await {
-                Err(e) if e.is_unavailable() && self.fallback_enabled() => return Ok(None),
-                other => other?,
+            let reply = match script::run_retrying(&inv, &mut self.conn.clone()).await {
+                Err(e) => {
+                    if e.is_unavailable() {
+                        self.note_unavailable();
+                    }
+                    return Err(e);
+                }
+                Ok((r, _)) => r,
             };
-            self.project_pending().await;
             match reply {
                 Reply::Ok(_, entries) => {
                     self.replicate(part).await?;
                     let events = meta.composed(&entries, &spare_ids, Some(user_id), reason);
-                    self.sync(events).await?;
-                    return Ok(Some(first_ids(&entries)));
+                    self.sync(events).await;
+                    return Ok(first_ids(&entries));
                 }
                 Reply::NeedIds(n) => spare = n + 4,
                 other => {
@@ -875,12 +1066,12 @@ impl SessionStore {
             .arg(event_id.to_string())
             .arg(kind.payload_json());
         meta.push(&mut inv);
-        match script::run(&inv, &mut self.conn.clone()).await? {
+        match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
             Reply::Ok(xid, extra) => {
                 let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
                 let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
                 let event = meta.event_with_id(event_id, id, seq, user, kind);
-                self.sync(vec![streamed(xid, event)]).await?;
+                self.sync(vec![streamed(xid, event)]).await;
                 Ok(true)
             }
             Reply::Skip | Reply::Gone => Ok(false),
@@ -889,4 +1080,18 @@ impl SessionStore {
             ))),
         }
     }
+}
+
+/// `increment`'s change: the integer at `key` (absent is 0) plus `by`.
+fn increment_value(key: &str, v: Option<&Value>, by: i64) -> Result<Option<Value>> {
+    let now = match v {
+        None => 0,
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| Error::InvalidInput(format!("`{key}` holds {v}, not an integer")))?,
+    };
+    let next = now
+        .checked_add(by)
+        .ok_or_else(|| Error::InvalidInput(format!("`{key}` would overflow")))?;
+    Ok(Some(Value::from(next)))
 }

@@ -39,6 +39,8 @@ pub(crate) enum Reply {
     Current,
     /// Replay: the deadline has passed.
     Expired,
+    /// Projection: this staged event was applied before.
+    Applied,
 }
 
 /// `SCRIPT LOAD`s the script so that pipelined `EVALSHA`s find it.
@@ -81,6 +83,7 @@ pub(crate) fn decode(parts: Vec<String>) -> Result<Reply> {
         "newer" => Reply::Newer,
         "current" => Reply::Current,
         "expired" => Reply::Expired,
+        "applied" => Reply::Applied,
         other => {
             return Err(Error::Corrupt(format!(
                 "unexpected reply {other:?} from the session script"
@@ -102,11 +105,33 @@ pub(crate) fn invocation<'a>(keys: &Keys, op: &str) -> ScriptInvocation<'a> {
     inv
 }
 
-/// Runs an invocation and decodes its reply.
-pub(crate) async fn run(
+/// True when a command failed because its connection broke (Redis
+/// restarted, `CLIENT KILL`, a reset), so that the same command on a new
+/// connection may well succeed. A refused connection or a timeout is not:
+/// Redis is down or slow, and trying again at once only delays the fallback.
+pub(crate) fn connection_broke(e: &redis::RedisError) -> bool {
+    (e.is_connection_dropped() || e.is_io_error()) && !e.is_connection_refusal() && !e.is_timeout()
+}
+
+/// Runs an invocation and decodes its reply; sent once more when the
+/// connection broke. The invocation is the
+/// same (same event ids, same expected version), so the retry is idempotent
+/// in effect: when the first attempt was applied before its connection
+/// broke, the script answers as for a write that already happened (a
+/// conflict whose state is the one the caller wrote, an `exists`, an
+/// `ended`), and the caller recognizes its own write. Returns whether it
+/// retried.
+pub(crate) async fn run_retrying(
     inv: &ScriptInvocation<'_>,
     conn: &mut impl ConnectionLike,
-) -> Result<Reply> {
-    let parts: Vec<String> = inv.invoke_async(conn).await?;
-    decode(parts)
+) -> Result<(Reply, bool)> {
+    match inv.invoke_async::<Vec<String>>(conn).await {
+        Ok(parts) => Ok((decode(parts)?, false)),
+        Err(e) if connection_broke(&e) => {
+            tracing::debug!(err = %e, "the connection broke under a mutation; sending it again");
+            let parts: Vec<String> = inv.invoke_async(conn).await?;
+            Ok((decode(parts)?, true))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -88,6 +88,13 @@ pub struct Metrics {
     pub recovery_runs: Counter<u64>,
     /// `vedfolnir_redis_loss_detected_total`.
     pub redis_loss_detected: Counter<u64>,
+    /// `vedfolnir_audit_sync_failures_total`: mutations Redis took whose
+    /// synchronous audit write (`DB_SESSION_SYNC`) failed; the audit
+    /// consumer records them from the stream instead.
+    pub audit_sync_failures: Counter<u64>,
+    /// `vedfolnir_fallback_projected_total`: staged events applied to Redis
+    /// once it answered again.
+    pub fallback_projected: Counter<u64>,
 }
 
 const SECONDS: [f64; 14] = [
@@ -152,6 +159,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .u64_counter("vedfolnir.redis.loss_detected")
             .with_description("Times Redis was found to have lost its data")
             .build(),
+        audit_sync_failures: m
+            .u64_counter("vedfolnir.audit.sync_failures")
+            .with_description(
+                "Mutations whose synchronous audit write failed (audited later from the stream)",
+            )
+            .build(),
+        fallback_projected: m
+            .u64_counter("vedfolnir.fallback.projected")
+            .with_description("Events staged during a Redis outage and applied to Redis since")
+            .build(),
     }
 });
 
@@ -170,6 +187,8 @@ pub fn metrics() -> &'static Metrics {
             &m.expired,
             &m.recovery_runs,
             &m.redis_loss_detected,
+            &m.audit_sync_failures,
+            &m.fallback_projected,
         ] {
             c.add(0, &[]);
         }

@@ -33,14 +33,18 @@
 //!
 //! # Saves
 //!
-//! tower-sessions saves whole records. The adapter compares the record with
-//! the stored session and appends one `updated` event with the keys that
-//! differ (nothing when none do). The result is tower-sessions' usual
-//! semantics (the saved record is the session's data), recorded as a minimal
-//! event; per-key merging of concurrent requests, which needs the state each
-//! request loaded, is what the native layer adds. Keys the store maintains
-//! (`_version`, `created_at`, `last_activity`, `_last_updated`) cannot be
-//! saved and are left out of loaded records. The store's idle timeout governs
+//! tower-sessions saves whole records. A loaded record carries, under the key
+//! [`BASE_KEY`], the version and the fields it was loaded with; a save
+//! appends one `updated` event with the keys the request changed relative to
+//! that base (nothing when none), so concurrent requests that change
+//! different keys all survive. A key the request changed that a concurrent
+//! request changed too is refused (the save fails, and tower-sessions
+//! answers 500) instead of being overwritten with a value computed from a
+//! stale read: tower-sessions does not say which keys a handler read, so
+//! every changed key is treated as read. For counters use
+//! [`SessionStore::increment`] directly, which never conflicts. Keys the
+//! store maintains (`_version`, `created_at`, `last_activity`,
+//! `_last_updated`) cannot be saved and are left out of loaded records. The store's idle timeout governs
 //! expiry; configure tower-sessions with
 //! `Expiry::OnInactivity(REDIS_SESSION_TIMEOUT)` so the cookie agrees.
 //!
@@ -65,6 +69,7 @@ use super::handle::diff;
 use crate::error::Error;
 use crate::event::DestroyReason;
 use crate::id::SessionId;
+use crate::session::Changes;
 use crate::session::{NewSession, RESERVED_KEYS, Session as Stored};
 use crate::store::SessionStore;
 use crate::time::Timestamp;
@@ -135,6 +140,10 @@ impl TowerSessionsStore {
     }
 }
 
+/// The record key that carries the state a record was loaded with:
+/// `{"v": <_version>, "data": {<every field>}}`. It never reaches the store.
+pub const BASE_KEY: &str = "__vedfolnir_base";
+
 fn backend(e: Error) -> session_store::Error {
     session_store::Error::Backend(e.to_string())
 }
@@ -152,8 +161,17 @@ fn fields_of(record: &Record) -> session_store::Result<Map<String, Value>> {
     Ok(record
         .data
         .iter()
+        .filter(|(k, _)| k.as_str() != BASE_KEY)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect())
+}
+
+/// The base a loaded record carries.
+fn base_of(record: &Record) -> Option<Stored> {
+    let base = record.data.get(BASE_KEY)?;
+    let version = base.get("v")?.as_u64()?;
+    let data = base.get("data")?.as_object()?.clone();
+    Some(Stored::from_parts(data, version))
 }
 
 #[async_trait::async_trait]
@@ -196,16 +214,31 @@ impl tower_sessions::SessionStore for TowerSessionsStore {
                 "session not found".to_owned(),
             ));
         };
-        let Some(current) = self.store.get(&sid).await.map_err(backend)? else {
-            return Err(session_store::Error::Backend(format!(
-                "session {sid} has ended"
-            )));
+        let base = match base_of(record) {
+            Some(b) => b,
+            // A record that was not loaded through this adapter: compare
+            // with the stored session.
+            None => match self.store.get(&sid).await.map_err(backend)? {
+                Some(current) => current,
+                None => {
+                    return Err(session_store::Error::Backend(format!(
+                        "session {sid} has ended"
+                    )));
+                }
+            },
         };
-        let changes = diff(current.data(), &fields);
+        let mut changes: Changes = diff(base.data(), &fields);
         if changes.is_empty() {
             return Ok(());
         }
-        self.store.update(&sid, changes).await.map_err(backend)?;
+        // Every changed key counts as read (see the module docs).
+        for k in changes.set.keys().chain(changes.unset.iter()) {
+            changes.expect.insert(k.clone(), base.get(k).cloned());
+        }
+        self.store
+            .update_from(&sid, base, changes)
+            .await
+            .map_err(backend)?;
         self.refresh_alias(&record.id).await.map_err(backend)
     }
 
@@ -221,7 +254,13 @@ impl tower_sessions::SessionStore for TowerSessionsStore {
             // The load slid the session's TTL; slide the alias with it.
             self.refresh_alias(id).await.map_err(backend)?;
         }
-        let data: HashMap<String, Value> = session.app_fields().into_iter().collect();
+        let fields = session.app_fields();
+        let mut data: HashMap<String, Value> =
+            fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        data.insert(
+            BASE_KEY.to_owned(),
+            serde_json::json!({"v": session.version(), "data": session.data()}),
+        );
         Ok(Some(Record {
             id: *id,
             data,

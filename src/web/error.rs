@@ -32,6 +32,14 @@ pub enum SessionError {
     #[error("the session ended while the request was running")]
     Ended,
 
+    /// A concurrent request changed a value this request read and based its
+    /// changes on; nothing was stored (never silently merged). HTTP 409.
+    /// Use [`Session::increment`](super::Session::increment) or
+    /// [`Session::modify`](super::Session::modify) for changes that are
+    /// re-applied on the current value instead.
+    #[error("session conflict: {0}")]
+    Conflict(#[source] Error),
+
     /// The session would exceed `SESSION_MAX_BYTES`; nothing was stored.
     /// HTTP 413.
     #[error("session data too large: {0}")]
@@ -80,6 +88,7 @@ impl SessionError {
         match err {
             Error::Database(_) => SessionError::Unavailable(err),
             Error::Ended { .. } | Error::NotFound(_) => SessionError::Ended,
+            Error::StaleRead { .. } => SessionError::Conflict(err),
             Error::TooLarge { .. } => SessionError::TooLarge(err),
             Error::Conflict { .. } => SessionError::Busy(err),
             other => SessionError::Store(other),
@@ -91,7 +100,7 @@ impl SessionError {
         match self {
             SessionError::Unauthenticated => StatusCode::UNAUTHORIZED,
             SessionError::Csrf => StatusCode::FORBIDDEN,
-            SessionError::Ended => StatusCode::CONFLICT,
+            SessionError::Ended | SessionError::Conflict(_) => StatusCode::CONFLICT,
             SessionError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             SessionError::Unavailable(_) | SessionError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             SessionError::ReservedKey(_)
@@ -108,6 +117,7 @@ impl SessionError {
             SessionError::Unauthenticated => "unauthenticated",
             SessionError::Csrf => "csrf",
             SessionError::Ended => "session_ended",
+            SessionError::Conflict(_) => "session_conflict",
             SessionError::TooLarge(_) => "session_too_large",
             SessionError::Unavailable(_) => "session_store_unavailable",
             SessionError::Busy(_) => "session_busy",
@@ -126,6 +136,9 @@ impl SessionError {
             SessionError::Csrf => "missing or invalid X-CSRF-Token",
             SessionError::Ended => {
                 "the session ended while this request was running; its changes were not saved"
+            }
+            SessionError::Conflict(_) => {
+                "another request changed what this one read; nothing was saved, try again"
             }
             SessionError::TooLarge(_) => "the session would be too large; nothing was saved",
             SessionError::Unavailable(_) => "the session store is unavailable; try again shortly",

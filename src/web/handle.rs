@@ -62,6 +62,9 @@ pub(crate) struct State {
     pub(crate) cookie: CookieAction,
     /// The request carried a cookie of the configured name.
     pub(crate) presented: bool,
+    /// Application keys the handler read: a concurrent change of one of them
+    /// refuses this request's changes (409) instead of merging them.
+    pub(crate) read: std::collections::BTreeSet<String>,
 }
 
 impl State {
@@ -75,6 +78,7 @@ impl State {
             fingerprint,
             cookie: CookieAction::Keep,
             presented,
+            read: Default::default(),
         }
     }
 
@@ -93,6 +97,7 @@ impl State {
             fingerprint,
             cookie: CookieAction::Keep,
             presented: true,
+            read: Default::default(),
         }
     }
 
@@ -104,6 +109,16 @@ impl State {
         self.data = self.base.clone();
         self.version = created.session.version();
         self.cookie = CookieAction::Set;
+    }
+
+    /// The preconditions of this request's changes: the value each key it
+    /// read had in the state it read (`None` when absent).
+    pub(crate) fn expectations(&self) -> std::collections::BTreeMap<String, Option<Value>> {
+        self.read
+            .iter()
+            .filter(|k| !managed(k))
+            .map(|k| (k.clone(), self.base.get(k).cloned()))
+            .collect()
     }
 
     /// Takes a newer stored state as the base, keeping the handler's pending
@@ -162,6 +177,7 @@ impl State {
 pub(crate) fn diff(base: &Map<String, Value>, data: &Map<String, Value>) -> Changes {
     let reserved = |k: &str| RESERVED_KEYS.contains(&k);
     Changes {
+        expect: Default::default(),
         set: data
             .iter()
             .filter(|(k, v)| !reserved(k) && base.get(*k) != Some(*v))
@@ -261,15 +277,29 @@ impl Session {
     }
 
     /// All fields as this request sees them (the fingerprint hash left out).
+    /// Counts as a read of every field: a concurrent change of any of them
+    /// refuses this request's own changes (see [`Session::get_value`]).
     pub fn fields(&self) -> Map<String, Value> {
-        let mut m = self.lock().data.clone();
+        let mut s = self.lock();
+        let keys: Vec<String> = s.base.keys().chain(s.data.keys()).cloned().collect();
+        s.read.extend(keys);
+        let mut m = s.data.clone();
         m.remove(FINGERPRINT_KEY);
         m
     }
 
     /// One field as JSON.
+    ///
+    /// The key counts as read: when the handler then changes the session and
+    /// a concurrent request has changed this key meanwhile, the changes are
+    /// refused with [`SessionError::Conflict`] (409) rather than applied on
+    /// top of a value the handler never saw. A counter or any value computed
+    /// from the current one is best changed with [`Session::increment`] or
+    /// [`Session::modify`], which never conflict.
     pub fn get_value(&self, key: &str) -> Option<Value> {
-        self.lock().data.get(key).cloned()
+        let mut s = self.lock();
+        s.read.insert(key.to_owned());
+        s.data.get(key).cloned()
     }
 
     /// One field, deserialized. `Ok(None)` when absent; an error when the
@@ -282,8 +312,14 @@ impl Session {
     }
 
     /// Sets a field (stored when the handler returns). Returns the previous
-    /// value.
+    /// value, which counts as a read (see [`Session::get_value`]).
     pub fn insert_value(&self, key: &str, value: Value) -> Result<Option<Value>, SessionError> {
+        let old = self.set_value(key, value)?;
+        self.lock().read.insert(key.to_owned());
+        Ok(old)
+    }
+
+    fn set_value(&self, key: &str, value: Value) -> Result<Option<Value>, SessionError> {
         if managed(key) {
             return Err(SessionError::ReservedKey(key.to_owned()));
         }
@@ -291,18 +327,102 @@ impl Session {
     }
 
     /// Sets a field to any serializable value (stored when the handler
-    /// returns).
+    /// returns). A blind write: it reads nothing, so it never conflicts; of
+    /// two concurrent writes of one key, the later one wins.
     pub fn insert<T: Serialize>(&self, key: &str, value: T) -> Result<(), SessionError> {
-        self.insert_value(key, serde_json::to_value(value)?)
+        self.set_value(key, serde_json::to_value(value)?)
             .map(|_| ())
     }
 
-    /// Removes a field (stored when the handler returns). Returns its value.
+    /// Removes a field (stored when the handler returns). Returns its value,
+    /// which counts as a read (see [`Session::get_value`]).
     pub fn remove_value(&self, key: &str) -> Result<Option<Value>, SessionError> {
         if managed(key) {
             return Err(SessionError::ReservedKey(key.to_owned()));
         }
-        Ok(self.lock().data.remove(key))
+        let mut s = self.lock();
+        s.read.insert(key.to_owned());
+        Ok(s.data.remove(key))
+    }
+
+    /// Adds `by` to an integer field (absent counts as 0) and returns the new
+    /// value. Stored at once, atomically, and re-applied on the current
+    /// value if another request changed the session meanwhile: concurrent
+    /// increments are never lost. An anonymous request gets a session.
+    pub async fn increment(&self, key: &str, by: i64) -> Result<i64, SessionError> {
+        let stored = self
+            .modify_value(key, move |v| {
+                let now = match v {
+                    None => 0,
+                    Some(v) => v.as_i64().ok_or_else(|| {
+                        crate::Error::InvalidInput(format!("`{key}` holds {v}, not an integer"))
+                    })?,
+                };
+                now.checked_add(by)
+                    .map(|n| Some(Value::from(n)))
+                    .ok_or_else(|| crate::Error::InvalidInput(format!("`{key}` would overflow")))
+            })
+            .await?;
+        Ok(stored.and_then(|v| v.as_i64()).unwrap_or_default())
+    }
+
+    /// Changes one field with a function of its current value (`None` when
+    /// absent; returning `None` removes it) and returns the stored value.
+    /// Stored at once; the function runs again on the current value if
+    /// another request changed the session meanwhile, so nothing is lost.
+    pub async fn modify(
+        &self,
+        key: &str,
+        f: impl Fn(Option<&Value>) -> Option<Value>,
+    ) -> Result<Option<Value>, SessionError> {
+        self.modify_value(key, move |v| Ok(f(v))).await
+    }
+
+    async fn modify_value(
+        &self,
+        key: &str,
+        f: impl Fn(Option<&Value>) -> crate::Result<Option<Value>>,
+    ) -> Result<Option<Value>, SessionError> {
+        if managed(key) {
+            return Err(SessionError::ReservedKey(key.to_owned()));
+        }
+        let (id, current) = {
+            let s = self.lock();
+            (s.id.clone(), Stored::from_parts(s.base.clone(), s.version))
+        };
+        let store = &self.shared.store;
+        match id {
+            Some(id) => {
+                let stored = store
+                    .modify_from(&id, current, key, &f)
+                    .await
+                    .map_err(|e| self.shared.write_failed(e))?;
+                let value = stored.get(key).cloned();
+                let mut s = self.lock();
+                s.rebase(&stored);
+                // The pending change of this key, if any, is superseded.
+                match &value {
+                    Some(v) => s.data.insert(key.to_owned(), v.clone()),
+                    None => s.data.remove(key),
+                };
+                if s.cookie == CookieAction::Keep {
+                    s.cookie = CookieAction::Set;
+                }
+                Ok(value)
+            }
+            None => {
+                let value = f(None).map_err(|e| self.shared.write_failed(e))?;
+                let mut extra = Map::new();
+                if let Some(v) = &value {
+                    extra.insert(key.to_owned(), v.clone());
+                }
+                let fields = self.lock().new_session_fields(&extra);
+                let created = self.create(fields).await?;
+                let value = created.session.get(key).cloned();
+                self.lock().adopt(created);
+                Ok(value)
+            }
+        }
     }
 
     /// Removes a field and returns its value, deserialized.
@@ -342,6 +462,7 @@ impl Session {
             let mut changes = if previous.as_ref().is_some_and(|p| *p != new_user) {
                 // Another user's session: start clean.
                 Changes {
+                    expect: Default::default(),
                     set: Map::new(),
                     unset: s
                         .base

@@ -16,7 +16,9 @@
 //! 6. The difference between what was loaded and the handle's working copy is
 //!    written: one `updated` event (one `created` event for an anonymous
 //!    request that wrote), or nothing. A 5xx response from the handler writes
-//!    nothing.
+//!    nothing. A concurrent request that changed a key this handler read
+//!    makes the write fail with 409 (`session_conflict`): a change computed
+//!    from a stale value is never merged.
 //! 7. `Set-Cookie` when the session is new, rotated or was just refreshed in
 //!    the store (so the cookie's `Max-Age` slides with it); a removal cookie
 //!    after a logout. Error details attached to the response are logged here,
@@ -325,6 +327,8 @@ async fn commit(shared: &Shared, session: &Session, res: Response) -> Response {
                 if changes.is_empty() {
                     Plan::Nothing
                 } else {
+                    // What the handler read must not have changed meanwhile.
+                    changes.expect = s.expectations();
                     // The state this request read: no need to read it again.
                     let current = crate::session::Session::from_parts(s.base.clone(), s.version);
                     Plan::Update(id.clone(), current, changes)

@@ -36,7 +36,7 @@ mod fingerprint;
 mod handle;
 mod layer;
 
-pub use adapter::TowerSessionsStore;
+pub use adapter::{BASE_KEY, TowerSessionsStore};
 pub use csrf::{CSRF_KEY, CsrfPolicy};
 pub use error::SessionError;
 pub use fingerprint::{FINGERPRINT_KEY, Fingerprint};

@@ -1,0 +1,327 @@
+//! Recovering from a loss of Redis data, as a fact the system knows.
+//!
+//! Each partition's Redis data set carries an epoch: a random id in
+//! `<ns>epoch`, set once (`SET NX`) beside the data and lost with it. The
+//! audit database records, per stream, the epoch it knows complete
+//! ([`crate::audit::partition`]). Comparing the two gives three states:
+//!
+//! - **same epoch**: normal; a key that is missing in Redis is missing.
+//! - **the database knows no epoch**: a fresh namespace (or an audit database
+//!   attached for the first time). The epoch Redis has (created now if
+//!   needed) is recorded, and nothing is recovered: there is nothing to
+//!   recover.
+//! - **Redis has no epoch, or another one**: Redis lost data the database
+//!   knows. The partition is *recovering* until a replay has put every live
+//!   session back and recorded Redis's new epoch. Meanwhile a read that
+//!   misses in Redis is served from the database under the one rule
+//!   ([`super::admit`]) and the session is put back into Redis; ends reach
+//!   sessions that are not back yet.
+//!
+//! The replay runs in whichever process notices first and holds the
+//! partition's healing lock (`<ns>healing`): the worker's healer, or the app
+//! server itself when no worker runs, so recovering always ends. A "same
+//! epoch" answer is remembered by the process (it cannot change without the
+//! key changing); a "recovering" answer for [`RECOVERING_MEMO`].
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use redis::AsyncCommands as _;
+use serde::Serialize;
+
+use super::SessionStore;
+use super::admit::admit;
+use crate::audit::{outbox, partition};
+use crate::error::Result;
+use crate::id::SessionId;
+use crate::keys::Keys;
+use crate::session::Session;
+
+/// How long a "recovering" answer is remembered, so that a burst of misses
+/// during a recovery costs one database read, not one each.
+pub const RECOVERING_MEMO: Duration = Duration::from_millis(250);
+
+/// How long a healing lock lasts without its holder finishing.
+const HEALING_LOCK: Duration = Duration::from_secs(300);
+
+/// A partition's recovery state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecoveryState {
+    /// Redis holds the data set the database knows complete.
+    Normal {
+        /// The epoch both agree on.
+        epoch: String,
+    },
+    /// Redis lost data the database knows; a replay is due or running.
+    Recovering {
+        /// Redis's epoch now, if it has one yet.
+        redis_epoch: Option<String>,
+        /// The epoch the database knows complete.
+        database_epoch: String,
+    },
+}
+
+/// What each process remembers of a partition.
+#[derive(Debug, Default)]
+pub(super) struct Memo {
+    /// The epoch confirmed equal in Redis and the database.
+    confirmed: Option<String>,
+    /// When a "recovering" answer was last read.
+    recovering_at: Option<Instant>,
+}
+
+impl SessionStore {
+    /// The recovery state of partition `part`, read from Redis and the audit
+    /// database. A fresh namespace gets its epoch recorded here. Needs the
+    /// audit database.
+    pub async fn recovery_state(&self, part: &Keys) -> Result<RecoveryState> {
+        let db = self.db()?;
+        let mut conn = self.conn.clone();
+        let redis_epoch: Option<String> = conn.get(&part.epoch).await?;
+        let known = partition::load(db, &part.stream)
+            .await?
+            .and_then(|r| r.redis_epoch);
+        match (redis_epoch, known) {
+            (Some(r), Some(d)) if r == d => Ok(RecoveryState::Normal { epoch: r }),
+            (r, Some(d)) => Ok(RecoveryState::Recovering {
+                redis_epoch: r,
+                database_epoch: d,
+            }),
+            (r, None) => {
+                let r = match r {
+                    Some(r) => r,
+                    None => self.ensure_epoch(part).await?,
+                };
+                match partition::adopt_epoch(db, &part.stream, &r).await? {
+                    Some(d) if d == r => Ok(RecoveryState::Normal { epoch: r }),
+                    Some(d) => Ok(RecoveryState::Recovering {
+                        redis_epoch: Some(r),
+                        database_epoch: d,
+                    }),
+                    None => Ok(RecoveryState::Normal { epoch: r }),
+                }
+            }
+        }
+    }
+
+    /// Redis's epoch for `part`, set now (`SET NX`) if it has none.
+    pub(crate) async fn ensure_epoch(&self, part: &Keys) -> Result<String> {
+        let mut conn = self.conn.clone();
+        let fresh = uuid::Uuid::now_v7().to_string();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&part.epoch)
+            .arg(&fresh)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        let now: Option<String> = conn.get(&part.epoch).await?;
+        Ok(now.unwrap_or(fresh))
+    }
+
+    /// Once per process: records the epochs of a fresh namespace, so that a
+    /// later loss of Redis data is known as one even if no read missed in
+    /// between.
+    pub(super) async fn establish_epochs(&self) -> Result<()> {
+        for part in self.keys.all() {
+            if let RecoveryState::Recovering { .. } = self.recovery_state(part).await? {
+                self.start_healing();
+            }
+        }
+        Ok(())
+    }
+
+    /// True while partition `part` is recovering (see the module docs). A
+    /// read error counts as "not recovering": without the database nothing
+    /// could be restored anyway.
+    pub(super) async fn recovering(&self, part: &Keys) -> bool {
+        let p = part.partition;
+        let (confirmed, memo_fresh) = match self.shared.recovery.lock() {
+            Ok(m) => {
+                let memo = m.get(&p);
+                (
+                    memo.and_then(|m| m.confirmed.clone()),
+                    memo.and_then(|m| m.recovering_at)
+                        .is_some_and(|t| t.elapsed() < RECOVERING_MEMO),
+                )
+            }
+            Err(_) => (None, false),
+        };
+        if memo_fresh {
+            return true;
+        }
+        if let Some(c) = confirmed {
+            let redis_epoch: redis::RedisResult<Option<String>> =
+                self.conn.clone().get(&part.epoch).await;
+            if matches!(&redis_epoch, Ok(Some(r)) if *r == c) {
+                return false;
+            }
+        }
+        let state = match self.recovery_state(part).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(err = %e, "reading the recovery state failed");
+                return false;
+            }
+        };
+        let recovering = matches!(state, RecoveryState::Recovering { .. });
+        if let Ok(mut m) = self.shared.recovery.lock() {
+            let memo = m.entry(p).or_default();
+            match &state {
+                RecoveryState::Normal { epoch } => {
+                    memo.confirmed = Some(epoch.clone());
+                    memo.recovering_at = None;
+                }
+                RecoveryState::Recovering { .. } => {
+                    memo.confirmed = None;
+                    memo.recovering_at = Some(Instant::now());
+                }
+            }
+        }
+        if recovering {
+            self.start_healing();
+        }
+        recovering
+    }
+
+    /// During recovery: the session from the database, put back into Redis
+    /// under the one rule, then read from Redis (which has the last word).
+    pub(super) async fn restore_on_read(&self, id: &SessionId) -> Result<Option<Session>> {
+        let Some(view) = self.fallback_view(id).await? else {
+            return Ok(None);
+        };
+        if admit(&view, Utc::now()).is_none() {
+            return Ok(None);
+        }
+        if !view.staged.is_empty() {
+            // Writes staged during an outage come first.
+            self.project_session(id).await?;
+        } else if let (Some(snap), Some(deadline)) = (&view.snapshot, view.deadline) {
+            self.restore_snapshot(
+                id,
+                &snap.state,
+                snap.seq.max(0) as u64,
+                snap.user_id.as_deref(),
+                deadline,
+                true,
+            )
+            .await?;
+        }
+        let json: Option<String> = self.conn.clone().get(self.keys.session(id)).await?;
+        json.map(|j| super::parse_session(id, &j)).transpose()
+    }
+
+    /// Brings a session the database knows live back into Redis, for an end
+    /// that must reach it (during recovery, or after its key was lost).
+    /// True when Redis holds it now.
+    pub(super) async fn bring_back(&self, id: &SessionId) -> Result<bool> {
+        if self.audit.is_none() {
+            return Ok(false);
+        }
+        Ok(Box::pin(self.restore_on_read(id)).await?.is_some())
+    }
+
+    /// Starts a replay in the background unless this process runs one.
+    pub(super) fn start_healing(&self) {
+        if self.shared.healing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.shared.healing.store(false, Ordering::Release);
+            return;
+        };
+        let store = self.clone();
+        handle.spawn(async move {
+            match store.heal().await {
+                Ok(Some(s)) => tracing::info!(restored = s.restored, "recovery finished"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(err = %e, "recovery failed; will retry"),
+            }
+            store.shared.healing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Heals Redis when a partition is recovering: takes the healing locks,
+    /// sets Redis's epochs, replays every live session from the audit
+    /// database, projects staged writes, and records the epochs as complete.
+    /// `None` when nothing needed healing, or another process holds the lock.
+    pub async fn heal(&self) -> Result<Option<crate::recovery::ReplaySummary>> {
+        let db = self.db()?.clone();
+        let owner = uuid::Uuid::now_v7().to_string();
+        let mut conn = self.conn.clone();
+        let mut lost = Vec::new();
+        for part in self.keys.all() {
+            if let RecoveryState::Recovering { .. } = self.recovery_state(part).await? {
+                lost.push(part);
+            }
+        }
+        if lost.is_empty() {
+            return Ok(None);
+        }
+        let mut locked = Vec::new();
+        for part in &lost {
+            let got: Option<String> = redis::cmd("SET")
+                .arg(&part.healing)
+                .arg(&owner)
+                .arg("NX")
+                .arg("PX")
+                .arg(HEALING_LOCK.as_millis() as u64)
+                .query_async(&mut conn)
+                .await?;
+            if got.is_some() {
+                locked.push(*part);
+            }
+        }
+        if locked.is_empty() {
+            return Ok(None);
+        }
+        tracing::warn!(
+            partitions = locked.len(),
+            "redis lost its data: replaying from the audit database"
+        );
+        let m = crate::telemetry::metrics();
+        m.redis_loss_detected.add(1, &[]);
+        m.recovery_runs.add(1, &[]);
+        let result = async {
+            let mut epochs = Vec::with_capacity(locked.len());
+            for part in &locked {
+                epochs.push(self.ensure_epoch(part).await?);
+            }
+            let summary = crate::recovery::replay(self, &db, |_, _| {}).await?;
+            self.project_staged().await?;
+            for (part, epoch) in locked.iter().zip(&epochs) {
+                // Redis lost its data again during the replay: leave the
+                // partition recovering, the next check replays again.
+                let now: Option<String> = conn.get(&part.epoch).await?;
+                if now.as_deref() == Some(epoch.as_str()) {
+                    partition::record_epoch(&db, &part.stream, epoch).await?;
+                }
+            }
+            Ok::<_, crate::error::Error>(summary)
+        }
+        .await;
+        for part in &locked {
+            let release = redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            );
+            let _: redis::RedisResult<i64> = release
+                .key(&part.healing)
+                .arg(&owner)
+                .invoke_async(&mut conn)
+                .await;
+        }
+        if let Ok(mut memo) = self.shared.recovery.lock() {
+            memo.clear();
+        }
+        result.map(Some)
+    }
+
+    /// Staged events still waiting in the database for the partitions of
+    /// this store (for operators).
+    pub async fn staged_count(&self) -> Result<u64> {
+        let db = self.db()?;
+        let streams: Vec<&str> = self.keys.all().iter().map(|k| k.stream.as_str()).collect();
+        outbox::count(db, &streams).await
+    }
+}
