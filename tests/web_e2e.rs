@@ -1408,3 +1408,221 @@ async fn the_cookie_token_is_in_no_audit_database_row() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Degraded modes and concurrent writers, through the example app
+
+#[tokio::test]
+async fn with_the_audit_database_and_no_worker_a_logout_is_final() {
+    // Proves: the example app's default set-up (the audit database attached,
+    // no worker running) keeps a logout a logout: the old cookie answers 401
+    // on /me, and with its old CSRF token it cannot log the user out
+    // everywhere (403). Before, the store took every miss for a recovery
+    // and served the logged-out session from its snapshot.
+    let ctx = TestContext::new().await;
+    let (store, _db) = with_audit(&ctx).await;
+    let app = App::serve(ctx, None, app::routes(), Some(store)).await;
+    let client = App::jar();
+    let other = App::jar();
+    let elsewhere = app.login(&other, "admin", "admin123").await;
+    let login = app.login(&client, "admin", "admin123").await;
+    assert_eq!(
+        app.post(&client, "/logout", Some(&login.csrf)).await,
+        StatusCode::NO_CONTENT
+    );
+    let cookie = format!("session={}", login.token);
+    assert_eq!(
+        app.me_with_cookie(cookie.as_bytes()).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let res = App::bare()
+        .post(app.url("/logout-all"))
+        .header(COOKIE, &cookie)
+        .header("x-csrf-token", &login.csrf)
+        .send()
+        .await
+        .expect("POST /logout-all");
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        app.me(&other).await.0,
+        StatusCode::OK,
+        "{}",
+        elsewhere.token.len()
+    );
+}
+
+/// Sends `n` requests at once, each with `cookie` and `csrf`.
+async fn at_once(
+    n: usize,
+    req: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    cookie: &str,
+    csrf: &str,
+) -> Vec<(StatusCode, Value)> {
+    let client = App::bare();
+    let sends = (0..n).map(|_| {
+        req(&client)
+            .header(COOKIE, cookie)
+            .header("x-csrf-token", csrf)
+            .send()
+    });
+    let mut out = Vec::new();
+    for res in futures::future::join_all(sends).await {
+        let res = res.expect("request");
+        let status = res.status();
+        out.push((status, res.json().await.unwrap_or(Value::Null)));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_read_modify_writes_are_refused_never_lost() {
+    // Proves: the docs' old `visits` pattern (read a counter, write it plus
+    // one) hit by twenty concurrent requests of one session loses nothing
+    // silently: every request that succeeded was told a distinct value, the
+    // counter ends at the number of successes, and the others were refused
+    // with 409 `session_conflict`. Before, 17 of 20 increments were lost
+    // while their clients were told they had counted.
+    let routes = app::routes().route(
+        "/visit",
+        post(|session: Session| async move {
+            let n = session.get::<i64>("visits")?.unwrap_or(0) + 1;
+            session.insert("visits", n)?;
+            Ok::<_, vedfolnir_sessions::web::SessionError>(axum::Json(json!(n)))
+        }),
+    );
+    let app = App::serve(TestContext::new().await, None, routes, None).await;
+    let login = app.login(&App::jar(), "admin", "admin123").await;
+    let cookie = format!("session={}", login.token);
+    let results = at_once(20, |c| c.post(app.url("/visit")), &cookie, &login.csrf).await;
+    let mut told: Vec<i64> = Vec::new();
+    for (status, body) in &results {
+        match *status {
+            StatusCode::OK => told.push(body.as_i64().expect("a number")),
+            StatusCode::CONFLICT => assert_eq!(body["error"], "session_conflict"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(!told.is_empty());
+    let mut distinct = told.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        told.len(),
+        "two requests were told {told:?}"
+    );
+    let s = app
+        .ctx
+        .store
+        .get(&login.id())
+        .await
+        .expect("get")
+        .expect("live");
+    assert_eq!(s.get("visits"), Some(&json!(told.len())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_increments_through_the_example_count_every_one() {
+    // Proves: POST /session/incr/{key} (Session::increment) and its
+    // ?via=modify form, twenty times at once on one session each, count
+    // every request: the counters end at twenty, every response is a
+    // distinct JSON number, and the route needs the CSRF token.
+    let app = App::start().await;
+    let login = app.login(&App::jar(), "admin", "admin123").await;
+    let cookie = format!("session={}", login.token);
+    for (key, path) in [
+        ("hits", "/session/incr/hits"),
+        ("views", "/session/incr/views?via=modify"),
+    ] {
+        let results = at_once(20, |c| c.post(app.url(path)), &cookie, &login.csrf).await;
+        let mut told: Vec<i64> = results
+            .iter()
+            .map(|(status, body)| {
+                assert_eq!(*status, StatusCode::OK, "{body}");
+                body.as_i64().expect("a JSON number")
+            })
+            .collect();
+        told.sort_unstable();
+        assert_eq!(told, (1..=20).collect::<Vec<_>>(), "{key}");
+        let s = app
+            .ctx
+            .store
+            .get(&login.id())
+            .await
+            .expect("get")
+            .expect("live");
+        assert_eq!(s.get(key), Some(&json!(20)));
+    }
+    let res = App::bare()
+        .post(app.url("/session/incr/hits"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(res.status(), StatusCode::FORBIDDEN, "CSRF like every write");
+    let res = App::bare()
+        .post(app.url("/session/incr/hits"))
+        .header(COOKIE, &cookie)
+        .header("x-csrf-token", &login.csrf)
+        .json(&json!({"by": 5}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(res.json::<Value>().await.expect("json"), json!(25));
+}
+
+#[tokio::test]
+async fn user_input_is_logged_escaped_and_session_data_is_never_cached() {
+    // Proves: a failed login's user name reaches the log escaped (a newline
+    // cannot forge a line) and bounded (a 2 MB name is not logged whole);
+    // every response carrying session data says Cache-Control: no-store.
+    let app = App::start().await;
+    let client = App::jar();
+    let forged = "mallory\nINFO forged: admin logged in";
+    let res = client
+        .post(app.url("/login"))
+        .json(&json!({"username": forged, "password": "x"}))
+        .send()
+        .await
+        .expect("POST /login");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let huge = "A".repeat(2 * 1024 * 1024 - 64);
+    let res = client
+        .post(app.url("/login"))
+        .json(&json!({"username": huge, "password": "x"}))
+        .send()
+        .await
+        .expect("POST /login");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let text = logs().text();
+    assert!(
+        text.contains(r"mallory\nINFO forged"),
+        "the name is logged escaped"
+    );
+    assert!(
+        !text.lines().any(|l| l.starts_with("INFO forged")),
+        "no forged line"
+    );
+    assert!(!text.contains(&"A".repeat(100)), "a huge name is cut");
+    let login = app.login(&client, "admin", "admin123").await;
+    let res = client.get(app.url("/me")).send().await.expect("GET /me");
+    assert_eq!(
+        res.headers().get("cache-control").map(|v| v.as_bytes()),
+        Some(&b"no-store"[..])
+    );
+    let res = app.put(&client, "k", json!(1), Some(&login.csrf)).await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    let res = client
+        .get(app.url("/session/data/k"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(
+        res.headers().get("cache-control").map(|v| v.as_bytes()),
+        Some(&b"no-store"[..])
+    );
+    assert!(
+        app::loggable("a\u{1b}[31mb").contains(r"\u{1b}"),
+        "escape codes are escaped"
+    );
+}

@@ -1,0 +1,108 @@
+//! A TCP proxy the test controls, to make a real server unreachable without
+//! losing its data: `cut` closes every proxied connection and refuses new
+//! ones (they are accepted and closed at once) until `restore`.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    /// Bumped on every cut: live connections watch it and close.
+    generation: watch::Sender<u64>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let cut = Arc::new(AtomicBool::new(false));
+        let (generation, _) = watch::channel(0u64);
+        let stop = CancellationToken::new();
+        let (c, g, s) = (cut.clone(), generation.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = s.cancelled() => break,
+                    a = listener.accept() => a,
+                };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
+                if c.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut changed = g.subscribe();
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = changed.changed() => {}
+                        () = s.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            generation,
+            stop,
+        }
+    }
+
+    /// A proxy in front of `url`'s host and port.
+    pub async fn in_front_of(url: &str) -> Proxy {
+        let parsed = url::Url::parse(url).expect("url");
+        let upstream = tokio::net::lookup_host((
+            parsed.host_str().expect("host"),
+            parsed.port_or_known_default().unwrap_or(6379),
+        ))
+        .await
+        .expect("resolve")
+        .next()
+        .expect("an address");
+        Self::start(upstream).await
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    pub fn url_for(&self, url: &str) -> String {
+        let mut u = url::Url::parse(url).expect("url");
+        u.set_ip_host(self.addr.ip()).expect("host");
+        u.set_port(Some(self.addr.port())).expect("port");
+        u.to_string()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes every proxied connection; new ones are closed at once.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Forwards again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

@@ -1,0 +1,729 @@
+//! The store in its degraded modes, against the real Redis and both real
+//! databases: Redis lost its data (recovering), Redis unreachable (the
+//! fallback), the audit database unreachable, a connection dropped under a
+//! write. Each test is a finding of the trust review that failed before the
+//! rules of `docs/design.md` were enforced:
+//!
+//! 1. ending is absorbing: no ended session is served again, in any mode;
+//! 2. an acknowledged mutation is durable across the restart of the app
+//!    server that made it during an outage;
+//! 3. ending operations are complete while Redis recovers;
+//! 4. the audit database failing never fails a Redis operation;
+//! 5. a dropped connection is retried before the fallback;
+//! 6. recovering is a fact: a fresh namespace is not a recovery, and a
+//!    recovery ends without a worker;
+//! 7. concurrent increments lose nothing, and a change computed from a stale
+//!    read is refused.
+
+#[macro_use]
+mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
+#[path = "common/redis_server.rs"]
+mod redis_server;
+
+use std::time::Duration;
+
+use common::TestContext;
+use common::db::{Backend, TestDb};
+use redis::AsyncCommands as _;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use vedfolnir_sessions::audit::entity::{dead_letters, session_events};
+use vedfolnir_sessions::audit::{AuditConsumer, AuditSink, ConsumerConfig};
+use vedfolnir_sessions::config::RedisTarget;
+use vedfolnir_sessions::store::RecoveryState;
+use vedfolnir_sessions::{
+    Changes, Config, DestroyReason, Error, NewSession, SessionId, SessionStore, Status,
+};
+
+fn sink(config: &Config, db: &TestDb) -> AuditSink {
+    AuditSink::new(
+        db.db.clone(),
+        config.session_timeout,
+        config.event_stream.clone(),
+    )
+}
+
+/// An app server's store: its own connection, the audit database attached.
+async fn app(config: &Config, db: &TestDb) -> SessionStore {
+    SessionStore::connect(config)
+        .await
+        .expect("store")
+        .with_audit(sink(config, db))
+}
+
+fn consumer_config() -> ConsumerConfig {
+    ConsumerConfig {
+        block: Duration::from_millis(20),
+        retention: Duration::from_secs(600),
+        ..ConsumerConfig::default()
+    }
+}
+
+/// Runs an audit consumer until it has read everything.
+async fn drain(config: &Config, db: &TestDb) {
+    let mut c = AuditConsumer::new(config, sink(config, db), consumer_config())
+        .await
+        .expect("consumer");
+    c.ensure_group().await.expect("group");
+    let token = CancellationToken::new();
+    while c.step(&token).await.expect("step") > 0 {}
+}
+
+/// Deletes every key of the test's namespace (the epoch included): what a
+/// Redis restart without persistence does to it.
+async fn lose_redis_data(ctx: &TestContext) {
+    let keys = ctx.keys().await;
+    if !keys.is_empty() {
+        let _: () = ctx.conn().del(keys).await.expect("del");
+    }
+}
+
+async fn events_of(db: &TestDb, id: &SessionId) -> Vec<session_events::Model> {
+    use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _, QueryOrder as _};
+    session_events::Entity::find()
+        .filter(session_events::Column::SessionId.eq(id.as_str()))
+        .order_by_asc(session_events::Column::Seq)
+        .all(&db.db)
+        .await
+        .expect("events")
+}
+
+async fn dead_letter_count(db: &TestDb) -> u64 {
+    use sea_orm::{EntityTrait as _, PaginatorTrait as _};
+    dead_letters::Entity::find()
+        .count(&db.db)
+        .await
+        .expect("count")
+}
+
+async fn normal(store: &SessionStore) -> bool {
+    let mut all = true;
+    for part in store.keys().all() {
+        all &= matches!(
+            store.recovery_state(part).await,
+            Ok(RecoveryState::Normal { .. })
+        );
+    }
+    all
+}
+
+// ---------------------------------------------------------------------------
+// 1. Ending is absorbing
+
+/// Every way a session ends, with the audit database attached and no
+/// worker (the example app's default): the ended id loads as nothing, from
+/// this app server and from a fresh one, and stays ended after a loss of
+/// Redis data and its replay. Before, the store took every miss for a
+/// recovery (no worker had set its marker) and served the ended snapshot.
+async fn ended_sessions_are_never_served_again(backend: Backend) {
+    let ctx = TestContext::with(|c| c.with_max_per_user(2)).await;
+    let db = TestDb::new(backend).await;
+    let store = app(&ctx.config, &db).await;
+    let mut ended: Vec<(SessionId, &str)> = Vec::new();
+    let logout = store
+        .create(NewSession::for_user(1, "one"))
+        .await
+        .expect("create");
+    assert!(
+        store
+            .destroy(&logout.session_id, DestroyReason::Logout)
+            .await
+            .expect("destroy")
+    );
+    ended.push((logout.session_id, "logout"));
+    let rotated = store
+        .create(NewSession::for_user(2, "two"))
+        .await
+        .expect("create");
+    let successor = store
+        .rotate(&rotated.session_id, Changes::new())
+        .await
+        .expect("rotate");
+    ended.push((rotated.session_id, "rotated"));
+    let everywhere = store
+        .create(NewSession::for_user(3, "three"))
+        .await
+        .expect("create");
+    store
+        .destroy_all_for_user("3", DestroyReason::LogoutAll)
+        .await
+        .expect("logout everywhere");
+    ended.push((everywhere.session_id, "logout_all"));
+    let oldest = store
+        .create(NewSession::for_user(4, "four"))
+        .await
+        .expect("create");
+    for _ in 0..2 {
+        store
+            .create(NewSession::for_user(4, "four"))
+            .await
+            .expect("create");
+    }
+    ended.push((oldest.session_id, "evicted"));
+    for reason in [DestroyReason::Fingerprint, DestroyReason::Admin] {
+        let c = store
+            .create(NewSession::for_user(5, "five"))
+            .await
+            .expect("create");
+        assert!(store.destroy(&c.session_id, reason).await.expect("destroy"));
+        ended.push((c.session_id, reason.as_str()));
+    }
+    let fresh = app(&ctx.config, &db).await;
+    for (id, how) in &ended {
+        assert_eq!(store.load(id).await.expect("load"), None, "{how}");
+        assert_eq!(fresh.load(id).await.expect("load"), None, "{how}");
+        let err = fresh
+            .update(id, Changes::new().with_set("x", 1))
+            .await
+            .expect_err("no write revives it");
+        assert!(matches!(err, Error::Ended { .. }), "{how}: {err}");
+    }
+    // Redis loses everything; the replay and reads while recovering bring
+    // back what lives, and nothing that ended.
+    lose_redis_data(&ctx).await;
+    let after = app(&ctx.config, &db).await;
+    for (id, how) in &ended {
+        assert_eq!(after.get(id).await.expect("get"), None, "{how}");
+    }
+    assert!(
+        after
+            .get(&successor.session_id)
+            .await
+            .expect("get")
+            .is_some(),
+        "the live successor is back"
+    );
+    ctx.eventually(
+        "the app server's own replay",
+        Duration::from_secs(10),
+        || normal(&after),
+    )
+    .await;
+    for (id, how) in &ended {
+        assert_eq!(after.get(id).await.expect("get"), None, "{how}");
+        let key: bool = ctx
+            .conn()
+            .exists(ctx.session_key(id))
+            .await
+            .expect("exists");
+        assert!(!key, "{how}: the replay brought the key back");
+    }
+}
+
+/// The snapshot lags Redis (no synchronous audit, the consumer has not read
+/// the logout): a read during a recovery must not serve the older snapshot
+/// over the tombstone Redis still holds.
+async fn recovery_never_serves_a_snapshot_older_than_a_tombstone(backend: Backend) {
+    let ctx = TestContext::with(|mut c| {
+        c.db_sync = false;
+        c
+    })
+    .await;
+    let db = TestDb::new(backend).await;
+    let store = app(&ctx.config, &db).await;
+    let c = store
+        .create(NewSession::for_user(6, "six"))
+        .await
+        .expect("create");
+    drain(&ctx.config, &db).await;
+    assert!(
+        store
+            .destroy(&c.session_id, DestroyReason::Logout)
+            .await
+            .expect("destroy")
+    );
+    // Redis loses the recovery signal but keeps the tombstone (a partial
+    // loss); the snapshot still says live.
+    let epoch = &ctx.store.keys().part(0).epoch;
+    let _: () = ctx.conn().del(epoch).await.expect("del");
+    let fresh = app(&ctx.config, &db).await;
+    assert_eq!(fresh.get(&c.session_id).await.expect("get"), None);
+    assert_eq!(
+        fresh.tombstone(&c.session_id).await.expect("tombstone"),
+        Some(Status::Destroyed)
+    );
+}
+
+/// A session past its deadline that the reaper has not expired yet is not
+/// restored during a recovery.
+async fn an_expired_session_is_not_restored(backend: Backend) {
+    let ctx = TestContext::with(|c| {
+        c.with_session_timeout(Duration::from_millis(1500))
+            .with_touch_interval(Duration::from_millis(500))
+    })
+    .await;
+    let db = TestDb::new(backend).await;
+    let store = app(&ctx.config, &db).await;
+    let c = store
+        .create(NewSession::for_user(7, "seven"))
+        .await
+        .expect("create");
+    let key = ctx.session_key(&c.session_id);
+    ctx.eventually("the key to expire", Duration::from_secs(10), || async {
+        !ctx.conn().exists::<_, bool>(&key).await.expect("exists")
+    })
+    .await;
+    lose_redis_data(&ctx).await;
+    let fresh = app(&ctx.config, &db).await;
+    assert_eq!(fresh.load(&c.session_id).await.expect("load"), None);
+    assert!(!ctx.conn().exists::<_, bool>(&key).await.expect("exists"));
+}
+
+// ---------------------------------------------------------------------------
+// 6. Recovering is a fact
+
+/// A fresh namespace with an audit database is not a recovery: its epoch is
+/// recorded and a miss stays a miss. A real loss is one, and ends without a
+/// worker: the app server that notices replays every live session itself.
+async fn recovery_is_known_and_ends_without_a_worker(backend: Backend) {
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(backend).await;
+    let store = app(&ctx.config, &db).await;
+    let part = store.keys().part(0).clone();
+    assert!(matches!(
+        store.recovery_state(&part).await.expect("state"),
+        RecoveryState::Normal { .. }
+    ));
+    let random = vedfolnir_sessions::Token::generate().session_id();
+    assert_eq!(store.get(&random).await.expect("miss"), None);
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let c = store
+            .create(NewSession::for_user(n, "u").with("n", n))
+            .await
+            .expect("create");
+        ids.push((c.session_id, c.session.to_json()));
+    }
+    lose_redis_data(&ctx).await;
+    let fresh = app(&ctx.config, &db).await;
+    assert!(matches!(
+        fresh.recovery_state(&part).await.expect("state"),
+        RecoveryState::Recovering { .. }
+    ));
+    // One read notices; the app server replays the rest by itself.
+    let (first, json) = &ids[0];
+    let got = fresh.get(first).await.expect("get").expect("served");
+    assert_eq!(&got.to_json(), json);
+    ctx.eventually("the replay", Duration::from_secs(10), || normal(&fresh))
+        .await;
+    for (id, json) in &ids {
+        let raw: Option<String> = ctx.conn().get(ctx.session_key(id)).await.expect("get");
+        assert_eq!(raw.as_deref(), Some(json.as_str()), "{id} is back");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 3. Ends are complete during a recovery
+
+/// Logout everywhere and an operator's destroy while Redis recovers (before
+/// any replay): every session the database knows ends, and none comes back
+/// with the replay. Before, both looked at Redis only and ended nothing.
+async fn ends_reach_sessions_that_are_not_back_yet(backend: Backend) {
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(backend).await;
+    let store = app(&ctx.config, &db).await;
+    let mut mine = Vec::new();
+    for _ in 0..3 {
+        mine.push(
+            store
+                .create(NewSession::for_user(9, "nine"))
+                .await
+                .expect("create")
+                .session_id,
+        );
+    }
+    let other = store
+        .create(NewSession::for_user(10, "ten"))
+        .await
+        .expect("create")
+        .session_id;
+    lose_redis_data(&ctx).await;
+    let fresh = app(&ctx.config, &db).await;
+    let mut ended = fresh
+        .destroy_all_for_user("9", DestroyReason::LogoutAll)
+        .await
+        .expect("logout everywhere");
+    ended.sort();
+    let mut expected = mine.clone();
+    expected.sort();
+    assert_eq!(ended, expected);
+    assert!(
+        fresh
+            .destroy(&other, DestroyReason::Admin)
+            .await
+            .expect("destroy"),
+        "an operator's destroy reaches a session Redis lost"
+    );
+    let healed = fresh.heal().await.expect("heal");
+    ctx.eventually("the replay", Duration::from_secs(10), || normal(&fresh))
+        .await;
+    let _ = healed;
+    for id in mine.iter().chain([&other]) {
+        assert_eq!(fresh.get(id).await.expect("get"), None);
+        assert_eq!(
+            fresh.tombstone(id).await.expect("tombstone"),
+            Some(Status::Destroyed)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. Durable across a restart, and the split-brain rule
+
+/// A logout and an update made while Redis is unreachable (not wiped)
+/// survive the restart of the app server that made them: another store sees
+/// both once Redis answers. Before, they lived in the first store's memory.
+async fn outage_writes_survive_a_restart_of_their_app_server(backend: Backend) {
+    let server = redis_server::RedisServer::start().await;
+    let proxy = proxy::Proxy::in_front_of(&server.url()).await;
+    let db = TestDb::new(backend).await;
+    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
+    let mut config = Config::default()
+        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"))
+        .with_namespace(&namespace);
+    config.redis_timeout = Duration::from_millis(300);
+    let a = app(&config, &db).await;
+    let gone = a
+        .create(NewSession::for_user(11, "eleven"))
+        .await
+        .expect("create");
+    let kept = a
+        .create(NewSession::for_user(12, "twelve"))
+        .await
+        .expect("create");
+    proxy.cut();
+    assert!(
+        a.destroy(&gone.session_id, DestroyReason::Logout)
+            .await
+            .expect("logout during the outage")
+    );
+    let s = a
+        .update(&kept.session_id, Changes::new().with_set("cart", 3))
+        .await
+        .expect("update during the outage");
+    assert_eq!(s.get("cart"), Some(&json!(3)));
+    assert_eq!(a.load(&gone.session_id).await.expect("load"), None);
+    drop(a);
+    proxy.restore();
+    let b = app(&config, &db).await;
+    let mut admin = server.connection().await;
+    let b_ok = |b: &SessionStore| {
+        let b = b.clone();
+        async move { b.health().await.redis_reachable }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !b_ok(&b).await {
+        assert!(tokio::time::Instant::now() < deadline, "redis is back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.load(&gone.session_id).await.expect("load"), None);
+    let s = b.load(&kept.session_id).await.expect("load").expect("live");
+    assert_eq!(s.get("cart"), Some(&json!(3)));
+    let ledger: String = admin
+        .get(format!("{namespace}seq:{}", gone.session_id))
+        .await
+        .expect("ledger");
+    assert!(ledger.contains("|destroyed|"), "{ledger}");
+    assert_eq!(b.staged_count().await.expect("staged"), 0);
+    drain(&config, &db).await;
+    let kinds: Vec<String> = events_of(&db, &gone.session_id)
+        .await
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(kinds, ["created", "destroyed"]);
+    assert_eq!(dead_letter_count(&db).await, 0);
+}
+
+/// Split brain: the stream holds an event the audit database has not read
+/// when Redis becomes unreachable, and an update is staged for the same
+/// session in fallback mode. Both claim seq 2. The rule: the stream's event
+/// keeps its seq; the staged event is applied after it when Redis answers.
+/// Both are in the audit table, contiguous, and nothing is a dead letter.
+async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
+    let server = redis_server::RedisServer::start().await;
+    let proxy = proxy::Proxy::in_front_of(&server.url()).await;
+    let db = TestDb::new(backend).await;
+    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
+    let mut config = Config::default()
+        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"))
+        .with_namespace(&namespace);
+    config.redis_timeout = Duration::from_millis(300);
+    config.db_sync = false;
+    let store = app(&config, &db).await;
+    let c = store
+        .create(NewSession::for_user(13, "thirteen"))
+        .await
+        .expect("create");
+    // The consumer drains (and so vouches for the database) ...
+    drain(&config, &db).await;
+    // ... then one more write reaches only Redis before it goes away.
+    store
+        .update(&c.session_id, Changes::new().with_set("a", 1))
+        .await
+        .expect("update");
+    proxy.cut();
+    let s = store
+        .update(&c.session_id, Changes::new().with_set("b", 2))
+        .await
+        .expect("update staged during the outage");
+    assert_eq!(s.version(), 2, "the database's view was at seq 1");
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(s)) = store.get(&c.session_id).await
+            && s.version() == 3
+        {
+            assert_eq!(s.get("a"), Some(&json!(1)));
+            assert_eq!(s.get("b"), Some(&json!(2)));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "projection");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drain(&config, &db).await;
+    let events = events_of(&db, &c.session_id).await;
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert!(events[1].payload.contains("\"a\""));
+    assert!(events[2].payload.contains("\"b\""));
+    assert_eq!(dead_letter_count(&db).await, 0);
+}
+
+// ---------------------------------------------------------------------------
+// 4. The audit database failing fails no Redis operation
+
+/// With `DB_SESSION_SYNC` on and the audit database refusing connections, a
+/// load whose touch is due and a login (rotation) succeed: Redis took them,
+/// and the consumer records them later. Before, the load returned the audit
+/// error (the app answered 503) and the login ended the old session and
+/// then failed, logging the user out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_outage_fails_no_redis_operation() {
+    use sea_orm::ConnectionTrait as _;
+    let ctx = TestContext::with(|c| c.with_touch_interval(Duration::from_millis(1))).await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = app(&ctx.config, &db).await;
+    let c = store
+        .create(NewSession::for_user(14, "fourteen"))
+        .await
+        .expect("create");
+    let name = db.url.rsplit('/').next().expect("db name").to_owned();
+    let admin = sea_orm::Database::connect(format!("{}/postgres", common::db::pg_base_url()))
+        .await
+        .expect("admin");
+    let outage = |allow: bool| format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {allow}");
+    admin
+        .execute_unprepared(&outage(false))
+        .await
+        .expect("refuse connections");
+    admin
+        .execute_unprepared(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        ))
+        .await
+        .expect("terminate");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let loaded = store
+        .load(&c.session_id)
+        .await
+        .expect("a load succeeds while the audit database is down")
+        .expect("live");
+    assert!(loaded.version() >= 2, "the touch was written to Redis");
+    let rotated = store
+        .rotate(&c.session_id, Changes::new().with_set("csrf_token", "t"))
+        .await
+        .expect("a login succeeds while the audit database is down");
+    assert_eq!(store.load(&c.session_id).await.expect("load"), None);
+    assert!(
+        store
+            .load(&rotated.session_id)
+            .await
+            .expect("load")
+            .is_some(),
+        "the user has the new session"
+    );
+    admin
+        .execute_unprepared(&outage(true))
+        .await
+        .expect("allow connections");
+}
+
+// ---------------------------------------------------------------------------
+// 5. A dropped connection is retried before the fallback
+
+/// `CLIENT KILL TYPE normal` drops the store's connection: the next write (a
+/// login, the first command after the kill) is sent again on a new
+/// connection and lands in Redis, not in the fallback; so does a write that
+/// folds on a state read before the kill.
+async fn a_dropped_connection_is_retried_not_a_fallback(backend: Backend) {
+    let server = redis_server::RedisServer::start().await;
+    let db = TestDb::new(backend).await;
+    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
+    let config = Config::default()
+        .with_redis(RedisTarget::parse("REDIS_URL", &server.url()).expect("url"))
+        .with_namespace(&namespace);
+    let store = app(&config, &db).await;
+    let c = store
+        .create(NewSession::for_user(15, "fifteen"))
+        .await
+        .expect("create");
+    let mut admin = server.connection().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut admin)
+        .await
+        .expect("client kill");
+    assert!(killed >= 1);
+    let login = store
+        .create(NewSession::for_user(15, "fifteen"))
+        .await
+        .expect("login after the kill");
+    let exists: bool = admin
+        .exists(format!("{namespace}session:{}", login.session_id))
+        .await
+        .expect("exists");
+    assert!(exists, "the login is in Redis");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut admin)
+        .await
+        .expect("client kill");
+    assert!(killed >= 1);
+    let s = store
+        .update_from(
+            &c.session_id,
+            c.session.clone(),
+            Changes::new().with_set("after", "kill"),
+        )
+        .await
+        .expect("update");
+    assert_eq!(s.version(), 2);
+    assert_eq!(store.fallback_writes(), 0, "nothing went to the fallback");
+    assert_eq!(store.staged_count().await.expect("staged"), 0);
+    let raw: String = admin
+        .get(format!("{namespace}session:{}", c.session_id))
+        .await
+        .expect("get");
+    assert!(raw.contains("\"after\":\"kill\""), "{raw}");
+}
+
+// ---------------------------------------------------------------------------
+// 7. No lost updates for what users write
+
+/// Twenty concurrent increments of one session, through `increment` and
+/// through `modify`: the counter ends at twenty, and every caller was told a
+/// different value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_increments_lose_nothing() {
+    let ctx = TestContext::new().await;
+    let c = ctx
+        .store
+        .create(NewSession::for_user(16, "sixteen"))
+        .await
+        .expect("create");
+    let tasks = (0..20).map(|n| {
+        let store = ctx.store.clone();
+        let id = c.session_id.clone();
+        tokio::spawn(async move {
+            if n % 2 == 0 {
+                store.increment(&id, "visits", 1).await.expect("increment")
+            } else {
+                let s = store
+                    .modify(&id, "visits", |v| {
+                        let now = v.and_then(serde_json::Value::as_i64).unwrap_or(0);
+                        Ok(Some(json!(now + 1)))
+                    })
+                    .await
+                    .expect("modify");
+                s.get("visits")
+                    .and_then(serde_json::Value::as_i64)
+                    .expect("set")
+            }
+        })
+    });
+    let mut told: Vec<i64> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    told.sort_unstable();
+    assert_eq!(told, (1..=20).collect::<Vec<_>>());
+    let s = ctx
+        .store
+        .get(&c.session_id)
+        .await
+        .expect("get")
+        .expect("live");
+    assert_eq!(s.get("visits"), Some(&json!(20)));
+    assert_eq!(s.version(), 21);
+    let err = ctx
+        .store
+        .update(&c.session_id, Changes::new().with_set("name", "x"))
+        .await
+        .and(ctx.store.increment(&c.session_id, "name", 1).await)
+        .expect_err("a string is not a counter");
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+}
+
+/// A change computed from a read is refused when a concurrent write changed
+/// what was read, never merged; a change of other keys is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_from_a_stale_read_is_refused() {
+    let ctx = TestContext::new().await;
+    let c = ctx
+        .store
+        .create(NewSession::for_user(17, "seventeen").with("visits", 1))
+        .await
+        .expect("create");
+    let read = c.session.clone();
+    ctx.store
+        .update(&c.session_id, Changes::new().with_set("visits", 2))
+        .await
+        .expect("a concurrent write");
+    let err = ctx
+        .store
+        .update_from(
+            &c.session_id,
+            read.clone(),
+            Changes::new()
+                .with_set("visits", 2)
+                .with_expect("visits", Some(json!(1))),
+        )
+        .await
+        .expect_err("computed from a stale read");
+    assert!(
+        matches!(&err, Error::StaleRead { key, .. } if key == "visits"),
+        "{err}"
+    );
+    let s = ctx
+        .store
+        .update_from(
+            &c.session_id,
+            read,
+            Changes::new()
+                .with_set("theme", "dark")
+                .with_expect("other", None),
+        )
+        .await
+        .expect("unaffected by the concurrent write");
+    assert_eq!(s.get("visits"), Some(&json!(2)));
+    assert_eq!(s.get("theme"), Some(&json!("dark")));
+}
+
+on_both_backends!(
+    ended_sessions_are_never_served_again,
+    recovery_never_serves_a_snapshot_older_than_a_tombstone,
+    an_expired_session_is_not_restored,
+    recovery_is_known_and_ends_without_a_worker,
+    ends_reach_sessions_that_are_not_back_yet,
+    outage_writes_survive_a_restart_of_their_app_server,
+    split_brain_keeps_both_writes_in_order,
+    a_dropped_connection_is_retried_not_a_fallback,
+);
