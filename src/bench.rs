@@ -1,7 +1,7 @@
 //! `vedfolnir-sessions bench`: every speed claim of the product, measured
 //! beside a baseline in the same run, with the same client and concurrency.
 //!
-//! Four suites (`--suite`):
+//! Five suites (`--suite`):
 //!
 //! - `store` (the default): create, load, update, `update_from` (the web
 //!   layer's write on the state it loaded), touch and a realistic mix, each
@@ -16,6 +16,8 @@
 //!   snapshots into an empty namespace, beside pipelined plain `SET`s of the
 //!   same values.
 //! - `sync`: what `DB_SESSION_SYNC` costs an update, per database.
+//! - `rebuild`: `snapshots rebuild` of N sessions from the event table,
+//!   beside one read of that table in the same order (the floor).
 //!
 //! Every suite works in its own key namespace (`vedfolnir-bench:<uuid>:`)
 //! and deletes it at the end; the default databases (a temporary SQLite file
@@ -28,11 +30,12 @@
 //! - `driver`: C concurrent clients for a duration, latencies, CPU and
 //!   `INFO commandstats` deltas.
 //! - `databases`: the audit databases a suite runs against.
-//! - `store`, `audit`, `replay`, `sync`: the suites.
+//! - `store`, `audit`, `replay`, `sync`, `rebuild`: the suites.
 
 mod audit;
 mod databases;
 mod driver;
+mod rebuild;
 mod replay;
 mod store;
 mod sync;
@@ -59,6 +62,8 @@ pub enum Suite {
     Replay,
     /// Update latency with and without `DB_SESSION_SYNC`.
     Sync,
+    /// `snapshots rebuild` from the event table against one read of it.
+    Rebuild,
 }
 
 impl Suite {
@@ -68,6 +73,7 @@ impl Suite {
             Suite::Audit => "audit",
             Suite::Replay => "replay",
             Suite::Sync => "sync",
+            Suite::Rebuild => "rebuild",
         }
     }
 }
@@ -116,7 +122,7 @@ pub struct BenchArgs {
         default_value = "postgres://postgres@127.0.0.1:5432"
     )]
     pub pg_server: String,
-    /// Sessions: the replay suite's snapshots (default 50000); the pool the
+    /// Sessions: the replay and rebuild suites' sessions (default 50000); the pool the
     /// store and sync suites' load, update and touch pick from (default
     /// 250 per client, 1000 to 10000).
     #[arg(long)]
@@ -208,6 +214,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<crate::cli::Output> 
         Suite::Audit => audit::run(&args, config).await?,
         Suite::Replay => replay::run(&args, config).await?,
         Suite::Sync => sync::run(&args, config).await?,
+        Suite::Rebuild => rebuild::run(&args, config).await?,
     };
     // Other work on the machine disturbs the figures; the load says how much.
     let load = json!({"start": load_before, "end": load_average()});

@@ -53,6 +53,9 @@ pub enum Command {
     /// Compare Redis, the snapshots and the event history; exit 1 on any
     /// divergence.
     Verify,
+    /// The audit snapshots.
+    #[command(subcommand)]
+    Snapshots(SnapshotsCmd),
     /// Load benchmarks with a baseline measured in the same run.
     Bench(crate::bench::BenchArgs),
     /// A scripted day of simulated app servers, a loss of Redis data and
@@ -70,6 +73,20 @@ pub enum Command {
         /// Print the closing report as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `snapshots …` commands.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotsCmd {
+    /// Refold `session_snapshots` from `session_events` alone (the log is
+    /// the truth): every snapshot becomes the fold of its events. For
+    /// snapshots that are damaged or lost; idempotent. Then `replay` and
+    /// `verify` work as before.
+    Rebuild {
+        /// Only this session.
+        #[arg(long)]
+        session: Option<String>,
     },
 }
 
@@ -313,6 +330,9 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
             });
         }
         Command::Replay(r) => return replay(r, config).await,
+        Command::Snapshots(SnapshotsCmd::Rebuild { session }) => {
+            return rebuild_snapshots(session, config).await;
+        }
         Command::Bench(args) => {
             return crate::bench::run(args, config).await.map_err(Failure::from);
         }
@@ -412,6 +432,41 @@ async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
     ))
 }
 
+async fn rebuild_snapshots(session: Option<String>, config: Config) -> Result<Output, Failure> {
+    if let Some(s) = &session {
+        session_id(s)?;
+    }
+    let db = crate::audit::db::connect(&config.database_url).await?;
+    crate::audit::db::require_current_schema(&db).await?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "rebuild {bar:40} {pos}/{len} events ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let summary = crate::audit::rebuild::rebuild(
+        &db,
+        config.session_timeout,
+        session.as_deref(),
+        |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    )
+    .await?;
+    bar.finish_and_clear();
+    if session.is_some() && summary.sessions == 0 {
+        return Err(Failure {
+            code: 1,
+            message: "no events for that session".to_owned(),
+        });
+    }
+    Ok(Output::Json(
+        serde_json::to_value(&summary).map_err(|e| invalid(e.to_string()))?,
+    ))
+}
+
 async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
     let store = match SessionStore::connect(&config).await {
         Ok(s) => s,
@@ -455,6 +510,7 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
         | Command::History(_)
         | Command::Replay(_)
         | Command::Verify
+        | Command::Snapshots(_)
         | Command::Demo { .. }
         | Command::Bench(_) => Err(invalid("not a store command")),
         Command::Health => {

@@ -10,6 +10,7 @@
 //! - [`history`]: reading a session's or a user's audit trail.
 //! - [`outbox`]: mutations staged while Redis was unreachable, and the
 //!   database's view of a session meanwhile.
+//! - [`rebuild`]: refolding every snapshot from the event table.
 //! - [`partition`]: per partition, the Redis epoch the database knows
 //!   complete and how far the audit consumer has drained the stream.
 
@@ -19,6 +20,7 @@ pub mod entity;
 pub mod history;
 pub mod outbox;
 pub mod partition;
+pub mod rebuild;
 pub mod sink;
 
 pub use consumer::{AuditConsumer, ConsumerConfig};
