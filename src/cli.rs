@@ -482,7 +482,10 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
         }
         Err(e) => return Err(e.into()),
     };
-    let store = if matches!(cli.command, Command::Session(_) | Command::User(_)) {
+    let store = if matches!(
+        cli.command,
+        Command::Session(_) | Command::User(_) | Command::Stats { .. }
+    ) {
         attach_audit(store, &config).await
     } else {
         store

@@ -375,12 +375,17 @@ impl SessionStore {
             .collect();
         top_users.sort_by(|a, b| b.sessions.cmp(&a.sessions).then(a.user_id.cmp(&b.user_id)));
         top_users.truncate(top);
+        let staged_fallback_events = match &self.audit {
+            Some(_) => Some(self.staged_count().await?),
+            None => None,
+        };
         Ok(Stats {
             active_sessions: active,
             awaiting_expiry: indexed.saturating_sub(active),
             stream_length,
             users_with_sessions,
             top_users,
+            staged_fallback_events,
         })
     }
 
@@ -455,6 +460,10 @@ pub struct Stats {
     pub users_with_sessions: u64,
     /// The users with the most sessions.
     pub top_users: Vec<UserCount>,
+    /// Events staged in the audit database during a Redis outage and not yet
+    /// applied to Redis (with the audit database attached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staged_fallback_events: Option<u64>,
 }
 
 /// One user's session count.
