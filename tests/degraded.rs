@@ -492,6 +492,85 @@ async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
     assert_eq!(dead_letter_count(&db).await, 0);
 }
 
+/// A write that Redis applied but whose reply was lost (the connection
+/// broke after the command went out) goes to the fallback, unsure; when
+/// Redis answers again the projection finds the event in the stream and does
+/// not apply it twice: one event, once.
+async fn a_write_applied_before_its_reply_was_lost_is_not_applied_twice(backend: Backend) {
+    let server = redis_server::RedisServer::start().await;
+    let proxy = proxy::Proxy::in_front_of(&server.url()).await;
+    let db = TestDb::new(backend).await;
+    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
+    let mut config = Config::default()
+        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"))
+        .with_namespace(&namespace);
+    config.redis_timeout = Duration::from_millis(2000);
+    let store = app(&config, &db).await;
+    let c = store
+        .create(NewSession::for_user(18, "eighteen"))
+        .await
+        .expect("create");
+    let mut admin = server.connection().await;
+    let stream_len = |mut admin: redis::aio::MultiplexedConnection| {
+        let stream = config.event_stream.clone();
+        async move { admin.xlen::<_, u64>(&stream).await.expect("xlen") }
+    };
+    proxy.drop_replies(true);
+    let write = {
+        let store = store.clone();
+        let (id, base) = (c.session_id.clone(), c.session.clone());
+        tokio::spawn(async move {
+            store
+                .update_from(&id, base, Changes::new().with_set("cart", 1))
+                .await
+        })
+    };
+    // Redis applies the write; its reply goes nowhere; then the connection
+    // breaks.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stream_len(admin.clone()).await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write reaches Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.cut();
+    let s = write
+        .await
+        .expect("task")
+        .expect("staged after the connection broke");
+    assert_eq!(s.get("cart"), Some(&json!(1)));
+    assert_eq!(store.fallback_writes(), 1);
+    proxy.drop_replies(false);
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = store.get(&c.session_id).await;
+        if store.staged_count().await.expect("staged") == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "projection");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let now = store.get(&c.session_id).await.expect("get").expect("live");
+    assert_eq!(now.version(), 2, "applied once");
+    assert_eq!(now.get("cart"), Some(&json!(1)));
+    assert_eq!(stream_len(admin.clone()).await, 2);
+    drain(&config, &db).await;
+    let seqs: Vec<i64> = events_of(&db, &c.session_id)
+        .await
+        .into_iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2]);
+    assert_eq!(dead_letter_count(&db).await, 0);
+    let _: () = redis::cmd("PING")
+        .query_async(&mut admin)
+        .await
+        .expect("ping");
+}
+
 // ---------------------------------------------------------------------------
 // 4. The audit database failing fails no Redis operation
 
@@ -726,4 +805,5 @@ on_both_backends!(
     outage_writes_survive_a_restart_of_their_app_server,
     split_brain_keeps_both_writes_in_order,
     a_dropped_connection_is_retried_not_a_fallback,
+    a_write_applied_before_its_reply_was_lost_is_not_applied_twice,
 );

@@ -57,6 +57,16 @@ impl MigrationTrait for Migration {
                     )
                     .col(ColumnDef::new(FallbackEvents::Payload).text().not_null())
                     .col(ColumnDef::new(FallbackEvents::Traceparent).string().null())
+                    // The Redis attempt before it failed in a way that does
+                    // not say whether Redis applied it (a timeout, a
+                    // connection lost after sending): the projection first
+                    // looks for the event in the stream.
+                    .col(
+                        ColumnDef::new(FallbackEvents::Unsure)
+                            .boolean()
+                            .not_null()
+                            .default(false),
+                    )
                     .col(
                         ColumnDef::new(FallbackEvents::RecordedAt)
                             .timestamp_with_time_zone()
@@ -135,5 +145,6 @@ enum FallbackEvents {
     SchemaVersion,
     Payload,
     Traceparent,
+    Unsure,
     RecordedAt,
 }

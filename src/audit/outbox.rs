@@ -160,10 +160,13 @@ pub enum Staged {
 /// Stages events in one transaction, each checked against the version its
 /// session's view had when the caller folded it (`expected`; 0 for a new
 /// session). The event's `seq` must be `expected + 1`.
+/// `unsure`: the Redis attempt before failed without saying whether Redis
+/// applied it (see [`fallback_events::Model::unsure`]).
 pub async fn stage(
     db: &DatabaseConnection,
     stream: &str,
     writes: &[(u64, Event)],
+    unsure: bool,
 ) -> Result<Staged> {
     let txn = db.begin().await?;
     let recorded_at = Utc::now();
@@ -202,6 +205,7 @@ pub async fn stage(
             schema_version: Set(event.schema as i32),
             payload: Set(event.kind.payload_json()),
             traceparent: Set(event.traceparent.clone()),
+            unsure: Set(unsure),
             recorded_at: Set(recorded_at),
         };
         if let Err(e) = fallback_events::Entity::insert(row)

@@ -182,7 +182,11 @@ impl SessionStore {
             return Err(redis_err);
         }
         let db = self.db()?;
-        let out = Box::pin(outbox::stage(db, &part.stream, writes)).await?;
+        // A refused connection sent nothing; any other failure (a timeout,
+        // a connection lost after sending) leaves open whether Redis applied
+        // the attempt, which the projection then checks in the stream.
+        let unsure = !matches!(&redis_err, Error::Redis(e) if e.is_connection_refusal());
+        let out = Box::pin(outbox::stage(db, &part.stream, writes, unsure)).await?;
         if out == Staged::Written {
             self.shared
                 .fallback_writes
@@ -378,6 +382,13 @@ impl SessionStore {
         let staged = outbox::event_of(row)?;
         let id = staged.session_id.clone();
         let part = self.keys.for_session(&id);
+        if row.unsure
+            && (self.in_stream(part, row.event_id, row.occurred_at).await?
+                || outbox::logged(db, row.event_id).await?)
+        {
+            // The attempt before the fallback was applied after all.
+            return Ok(Projected::AlreadyThere);
+        }
         let ends = matches!(
             staged.kind,
             EventKind::Destroyed { .. } | EventKind::Expired { .. }
@@ -445,6 +456,40 @@ impl SessionStore {
             }
         }
         Ok(Projected::Waiting)
+    }
+
+    /// True when the partition's stream holds `event_id` in the minute
+    /// around `at` (the writer's clock; the window covers clock skew and the
+    /// command timeout). A rare path: only for staged events whose Redis
+    /// attempt failed ambiguously. An entry trimmed since was audited, which
+    /// the caller checks after this.
+    async fn in_stream(
+        &self,
+        part: &Keys,
+        event_id: uuid::Uuid,
+        at: chrono::DateTime<Utc>,
+    ) -> Result<bool> {
+        let wanted = event_id.to_string();
+        let mut start = format!("{}", (at.timestamp_millis() - 30_000).max(0));
+        let end = format!("{}", at.timestamp_millis() + 30_000);
+        loop {
+            let page: redis::streams::StreamRangeReply = self
+                .conn
+                .clone()
+                .xrange_count(&part.stream, &start, &end, 1000)
+                .await?;
+            if page
+                .ids
+                .iter()
+                .any(|e| e.get::<String>("event_id").as_deref() == Some(wanted.as_str()))
+            {
+                return Ok(true);
+            }
+            match page.ids.last() {
+                Some(last) if page.ids.len() == 1000 => start = format!("({}", last.id),
+                _ => return Ok(false),
+            }
+        }
     }
 
     /// Puts a session Redis lacks back from the database, for a staged event

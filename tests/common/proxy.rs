@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 pub struct Proxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// Replies from the server are read and thrown away (the requests still
+    /// reach it): a command is applied and its caller never hears of it.
+    drop_replies: Arc<AtomicBool>,
     /// Bumped on every cut: live connections watch it and close.
     generation: watch::Sender<u64>,
     stop: CancellationToken,
@@ -25,16 +28,22 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let cut = Arc::new(AtomicBool::new(false));
+        let drop_replies = Arc::new(AtomicBool::new(false));
         let (generation, _) = watch::channel(0u64);
         let stop = CancellationToken::new();
-        let (c, g, s) = (cut.clone(), generation.clone(), stop.clone());
+        let (c, g, s, d) = (
+            cut.clone(),
+            generation.clone(),
+            stop.clone(),
+            drop_replies.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
                     () = s.cancelled() => break,
                     a = listener.accept() => a,
                 };
-                let Ok((mut inbound, _)) = accepted else {
+                let Ok((inbound, _)) = accepted else {
                     continue;
                 };
                 if c.load(Ordering::SeqCst) {
@@ -43,12 +52,30 @@ impl Proxy {
                 }
                 let mut changed = g.subscribe();
                 let s = s.clone();
+                let d = d.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                    let Ok(outbound) = TcpStream::connect(upstream).await else {
                         return;
                     };
+                    let (mut client_read, mut client_write) = inbound.into_split();
+                    let (mut server_read, mut server_write) = outbound.into_split();
+                    let up = tokio::io::copy(&mut client_read, &mut server_write);
+                    let down = async move {
+                        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = server_read.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if !d.load(Ordering::SeqCst) {
+                                client_write.write_all(&buf[..n]).await?;
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = up => {}
+                        _ = down => {}
                         _ = changed.changed() => {}
                         () = s.cancelled() => {}
                     }
@@ -58,6 +85,7 @@ impl Proxy {
         Proxy {
             addr,
             cut,
+            drop_replies,
             generation,
             stop,
         }
@@ -98,6 +126,12 @@ impl Proxy {
     /// Forwards again.
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// From now on the server's replies are thrown away (`true`), or
+    /// forwarded again (`false`).
+    pub fn drop_replies(&self, on: bool) {
+        self.drop_replies.store(on, Ordering::SeqCst);
     }
 }
 

@@ -35,6 +35,9 @@ pub struct Model {
     pub payload: String,
     /// W3C trace context of the request that caused it.
     pub traceparent: Option<String>,
+    /// The Redis attempt before it failed without saying whether Redis
+    /// applied it; the projection looks for the event in the stream first.
+    pub unsure: bool,
     /// When it was staged (database clock of the writer).
     pub recorded_at: DateTimeUtc,
 }
