@@ -63,46 +63,51 @@ async fn run_and_judge(settings: Settings) {
     let outcome = run::run(settings.clone()).await;
     println!("{}", outcome.report);
 
-    // The run did what it was meant to: every planned fault fired, and
-    // every kind of operation was acknowledged at least once.
+    // The run did what it was meant to: the faults fired (the short form's
+    // all of them; the long form skips those past its duration), and the
+    // operations were acknowledged.
     let planned: usize = outcome.plan.lanes.iter().map(Vec::len).sum();
-    assert_eq!(
-        outcome.history.faults.len(),
-        planned,
-        "every planned fault was injected"
-    );
-    let acked: BTreeSet<&str> = outcome
-        .history
-        .ops
-        .iter()
-        .filter(|op| !op.final_read && class(op) == Class::Ok)
-        .map(|op| op.action.name())
-        .collect();
-    let mut expected = vec![
-        "login",
-        "me",
-        "platform",
-        "data put",
-        "data get",
-        "cli destroy",
-    ];
-    if settings.increments {
-        // Attempted, at least: a missing route is a violation of its own.
-        let attempted = outcome
+    let fired = outcome.history.faults.len();
+    match settings.form {
+        Form::Short => assert_eq!(fired, planned, "every planned fault was injected"),
+        Form::Long => assert!(
+            fired > 0 && fired <= planned,
+            "{fired} of {planned} faults fired"
+        ),
+    }
+    let names = |pick: fn(&history::Op) -> bool| -> BTreeSet<&str> {
+        outcome
             .history
             .ops
             .iter()
-            .any(|op| matches!(op.action, Action::Incr { .. }));
-        assert!(attempted, "no increment was attempted");
+            .filter(|op| !op.final_read && pick(op))
+            .map(|op| op.action.name())
+            .collect()
+    };
+    // The frequent kinds (dozens per short run); the rare ones (logouts,
+    // destroys: a few per short run) are not required, so that a seed's
+    // timing cannot make this check flaky.
+    let acked = names(|op| class(op) == Class::Ok);
+    let mut missing: Vec<&str> = ["login", "me", "platform", "data put", "data get"]
+        .into_iter()
+        .filter(|k| !acked.contains(k))
+        .collect();
+    if settings.increments
+        && !outcome
+            .history
+            .ops
+            .iter()
+            .any(|op| matches!(op.action, Action::Incr { .. }))
+    {
+        missing.push("incr");
     }
-    expected.retain(|k| !acked.contains(k));
+    assert!(
+        missing.is_empty(),
+        "the run did not exercise these operations: {missing:?}"
+    );
     assert!(
         !outcome.facts.events.is_empty(),
         "the audit database holds no event"
-    );
-    assert!(
-        expected.is_empty(),
-        "no operation of these kinds was acknowledged: {expected:?}"
     );
     assert!(
         outcome.violations.is_empty(),

@@ -367,6 +367,32 @@ fn an_end_with_an_unknown_outcome_is_no_end_but_explains_a_401() {
 }
 
 #[test]
+fn a_logout_all_explains_a_401_and_a_missing_key_on_the_users_other_session() {
+    let mut c = Case::new();
+    c.login("c0", 1, None, "s1", (0, 10));
+    c.login("c1", 1, None, "s2", (0, 10));
+    c.put("c0", "s1", "k", "v1", (20, 30), http(204));
+    c.set("s1", "k", json!("v1"));
+    // Its outcome unknown: it may have ended s1 at any time after 40.
+    c.op(
+        "c1",
+        Action::LogoutAll,
+        Some("s2"),
+        (40, 50),
+        Reply::Lost("reset".to_owned()),
+    );
+    c.op(
+        "c0",
+        Action::Me,
+        Some("s1"),
+        (60, 70),
+        error(401, "unauthenticated"),
+    );
+    c.get("c0", "s1", "k", (60, 70), error(404, "not_found"));
+    assert_eq!(c.check(), vec![]);
+}
+
+#[test]
 fn a_lost_session_is_reported() {
     let mut c = Case::new();
     c.login("c0", 1, None, "s1", (0, 10));
