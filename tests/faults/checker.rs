@@ -30,7 +30,9 @@
 //!   read as absent while a write to it was acknowledged is a lost write,
 //!   unless an end of the session may have happened. A session answered as
 //!   unknown (401, 403 with its CSRF token, 409) with no end that could
-//!   explain it is a lost session. Every acknowledged write is in
+//!   explain it is a lost session, or a session refused while live when it
+//!   is served again afterwards (its login, an acknowledged write, was not
+//!   visible for a while). Every acknowledged write is in
 //!   `session_events` exactly once, in its session; an unknown one at most
 //!   once; a failed one never. Increments: acknowledged results are
 //!   distinct and grow in real-time order; a read sees every increment
@@ -218,8 +220,15 @@ pub fn describe(op: &Op) -> String {
         Action::Login { user_id } => format!("login user {user_id}"),
         other => other.name().to_owned(),
     };
+    let new = match &op.reply {
+        Reply::Http {
+            cookie: CookieChange::New(sid),
+            ..
+        } => format!(" (new session {})", short(sid)),
+        _ => String::new(),
+    };
     format!(
-        "#{} {} {what} [{:.3}s..{:.3}s] -> {}",
+        "#{} {} {what} [{:.3}s..{:.3}s] -> {}{new}",
         op.id,
         op.actor,
         secs(op.invoke),
@@ -701,13 +710,27 @@ fn lost_sessions(ix: &Index<'_>, out: &mut Vec<Violation>) {
         }
     }
     for (sid, ops) in lost {
+        // Served again afterwards: refused while it lived (a login's write
+        // not visible for a while); never again: lost.
+        let later = ix.ops.iter().find(|op| {
+            op.session.as_deref() == Some(sid)
+                && op.invoke > ops[0].complete
+                && authenticated_success(op)
+        });
+        let (kind, then) = match later {
+            Some(op) => (
+                "session refused while live",
+                format!("; served again by {}", describe(op)),
+            ),
+            None => ("lost session", String::new()),
+        };
         out.push(Violation {
             rule: Rule::B,
-            kind: "lost session",
+            kind,
             session: Some(sid.to_owned()),
             detail: format!(
                 "session {} (login {:.3}s) was answered as unknown {} time(s) with no end that \
-                 could explain it, first {}",
+                 could explain it, first {}{then}",
                 short(sid),
                 secs(ix.born[sid].at),
                 ops.len(),

@@ -396,16 +396,15 @@ fn a_logout_all_explains_a_401_and_a_missing_key_on_the_users_other_session() {
 fn a_lost_session_is_reported() {
     let mut c = Case::new();
     c.login("c0", 1, None, "s1", (0, 10));
-    c.op(
-        "c0",
-        Action::Me,
-        Some("s1"),
-        (20, 30),
-        error(401, "unauthenticated"),
-    );
+    let unknown = error(401, "unauthenticated");
+    c.op("c0", Action::Me, Some("s1"), (20, 30), unknown);
     let v = c.check();
     assert_eq!(kinds(&v), vec!["lost session"], "{v:#?}");
     assert_eq!(v[0].rule, Rule::B);
+    // Served again later: it was refused while it lived.
+    c.op("c0", Action::Me, Some("s1"), (40, 50), me(None));
+    let v = c.check();
+    assert_eq!(kinds(&v), vec!["session refused while live"], "{v:#?}");
 }
 
 #[test]
@@ -469,8 +468,8 @@ fn values_that_no_acknowledged_write_explains_are_reported() {
     assert_eq!(
         kinds(&v),
         vec![
-            "lost session",
             "phantom write",
+            "session refused while live",
             "value never written",
             "value of another session",
         ],

@@ -292,6 +292,35 @@ impl Ctx {
         (op, answer.token)
     }
 
+    /// After an answer that the session does not exist: `GET /me` once
+    /// more (recorded like any read) to tell a session that is gone from one
+    /// that was refused while it lives; true when it is still served.
+    async fn still_served(
+        &self,
+        http: &Http,
+        actor: &str,
+        app: usize,
+        sess: Option<&Sess>,
+    ) -> bool {
+        let Some(sess) = sess else {
+            return false;
+        };
+        let (op, _) = self
+            .call(
+                http,
+                actor,
+                app + 1,
+                Action::Me,
+                Method::GET,
+                "/me",
+                Some(sess),
+                None,
+                false,
+            )
+            .await;
+        op.reply.status() == Some(200)
+    }
+
     /// `POST /login` as `USERS[user]`, carrying `carried`; the new session
     /// when it was acknowledged.
     async fn login(
@@ -510,7 +539,10 @@ pub async fn regular(
                 ..
             }
         );
-        if cleared || says_session_unknown(&op) {
+        if cleared
+            || (says_session_unknown(&op)
+                && !ctx.still_served(&http, &name, p.app, sess.as_ref()).await)
+        {
             sess = None;
         }
         ctx.set_current(slot, sess.as_ref().map(|s| s.sid.as_str()));
@@ -585,7 +617,7 @@ pub async fn counter(ctx: Arc<Ctx>, slot: usize, plan: ClientPlan, stop: Cancell
                 .await
             }
         };
-        if says_session_unknown(&op) {
+        if says_session_unknown(&op) && !ctx.still_served(&http, &name, p.app, Some(&sess)).await {
             let mut g = ctx.counter.lock().await;
             if g.generation == generation {
                 g.sess = None;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::checker::{Class, Rule, Violation, class};
+use crate::checker::{Class, Rule, Violation, class, describe};
 use crate::history::{DbFacts, FaultKind, History};
 use crate::schedule::Plan;
 
@@ -222,4 +222,53 @@ fn trail(facts: &DbFacts, sid: &str) -> String {
         })
         .collect();
     items.join(", ")
+}
+
+/// The whole history, one line per operation, fault and exit, in time
+/// order: what `VEDFOLNIR_FAULTS_KEEP=1` leaves beside the logs.
+pub fn history_text(h: &History) -> String {
+    let mut lines: Vec<(Duration, String)> = Vec::new();
+    for op in &h.ops {
+        let session = op.session.as_deref().map_or("-", |s| &s[..s.len().min(10)]);
+        let phase = if op.final_read { " (final)" } else { "" };
+        lines.push((
+            op.invoke,
+            format!("{} session {session}{phase}", describe(op)),
+        ));
+    }
+    for f in &h.faults {
+        lines.push((
+            f.start,
+            format!(
+                "FAULT {}{} [{:.3}s..{:.3}s] settled {}",
+                f.kind.name(),
+                f.target.map(|t| format!(" #{t}")).unwrap_or_default(),
+                f.start.as_secs_f64(),
+                f.end.as_secs_f64(),
+                f.settled.map_or_else(
+                    || "never".to_owned(),
+                    |t| format!("{:.3}s", t.as_secs_f64())
+                )
+            ),
+        ));
+    }
+    for e in &h.exits {
+        let when = if e.started { "running" } else { "starting" };
+        lines.push((
+            e.at,
+            format!(
+                "EXIT {} at {:.3}s ({when}, {})",
+                e.who,
+                e.at.as_secs_f64(),
+                e.status
+            ),
+        ));
+    }
+    lines.sort_by_key(|(t, _)| *t);
+    let mut s = String::new();
+    for (_, l) in lines {
+        s.push_str(&l);
+        s.push('\n');
+    }
+    s
 }

@@ -198,6 +198,11 @@ pub async fn run(settings: Settings) -> Outcome {
     let mut violations = check(&history, &facts);
     violations.extend(harness);
     let report = report::render(&plan, &history, &facts, &violations, load, wall.elapsed());
+    if sys.scratch.keep {
+        let path = sys.scratch.path.join("history.txt");
+        let _ = std::fs::write(&path, report::history_text(&history));
+        eprintln!("fault suite: history written to {}", path.display());
+    }
     Outcome {
         plan,
         history,

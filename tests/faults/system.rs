@@ -45,7 +45,8 @@ const WORKER_START: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Scratch {
     pub path: PathBuf,
-    keep: bool,
+    /// `VEDFOLNIR_FAULTS_KEEP=1`: the directory stays, with the history.
+    pub keep: bool,
 }
 
 impl Scratch {
