@@ -71,6 +71,7 @@ pub async fn run(settings: Settings) -> Outcome {
             .await
             .expect("start redis, postgres and the proxies"),
     );
+    eprintln!("  {}", sys.describe());
     let (code, out, err) = sys.cli(&["migrate"], Duration::from_secs(60)).await;
     assert_eq!(code, Some(0), "vedfolnir-sessions migrate: {out}{err}");
     sys.start_worker().await.expect("start the worker");

@@ -219,6 +219,18 @@ impl System {
         self.exits.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// One line naming the run's Redis, database and namespace.
+    pub fn describe(&self) -> String {
+        format!(
+            "redis {} (proxy :{}), database {} (proxy :{}), namespace {}",
+            self.redis_url,
+            self.redis_proxy.port(),
+            self.db.url.rsplit('/').next().unwrap_or_default(),
+            self.db_proxy.port(),
+            self.namespace
+        )
+    }
+
     pub fn app_servers(&self) -> usize {
         self.apps.len()
     }
