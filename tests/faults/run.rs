@@ -1,0 +1,290 @@
+//! One run of the suite: start the system, run the clients and the fault
+//! lanes of a seed's schedule, stop the faults, restore everything, wait
+//! (bounded, on observable conditions) until the worker drained every
+//! stream and the healer finished, read every session's state at
+//! quiescence, run `verify`, read the audit database, and check.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sea_orm::EntityTrait as _;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use vedfolnir_sessions::audit::entity::{dead_letters, session_events};
+
+use crate::checker::{Rule, Violation, check};
+use crate::client::{self, ClientEnd, CounterState, Ctx, Recorder};
+use crate::history::{AuditEvent, DbFacts, DeadLetter, FaultRecord, History, VerifyRun};
+use crate::inject::run_lane;
+use crate::report;
+use crate::schedule::{Form, Plan, Settings, plan};
+use crate::system::{System, poll};
+
+/// Longest wait for quiescence after the faults stop.
+const QUIESCE: Duration = Duration::from_secs(60);
+/// Longest time `verify` may keep failing while the system converges.
+const VERIFY_PATIENCE: Duration = Duration::from_secs(20);
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub plan: Plan,
+    pub history: History,
+    pub facts: DbFacts,
+    pub violations: Vec<Violation>,
+    /// The printed table.
+    pub report: String,
+}
+
+pub async fn run(settings: Settings) -> Outcome {
+    let wall = Instant::now();
+    let plan = plan(&settings);
+    eprintln!(
+        "fault suite: seed {} ({} form{}), load at least {:.1}s, increments {}; reproduce with \
+         VEDFOLNIR_FAULTS_SEED={}{}\nplanned faults:\n{}",
+        settings.seed,
+        match settings.form {
+            Form::Short => "short",
+            Form::Long => "long",
+        },
+        if settings.overlap {
+            ", overlapping"
+        } else {
+            ""
+        },
+        plan.load.as_secs_f64(),
+        if settings.increments { "on" } else { "off" },
+        settings.seed,
+        match settings.form {
+            Form::Short => String::new(),
+            Form::Long => format!(
+                " VEDFOLNIR_FAULTS_DURATION_SECS={} VEDFOLNIR_FAULTS_OVERLAP={}",
+                settings.duration.as_secs(),
+                u8::from(settings.overlap)
+            ),
+        },
+        plan.describe_faults()
+    );
+    let sys = Arc::new(
+        System::start(2)
+            .await
+            .expect("start redis, postgres and the proxies"),
+    );
+    eprintln!("  {}", sys.describe());
+    let (code, out, err) = sys.cli(&["migrate"], Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "vedfolnir-sessions migrate: {out}{err}");
+    sys.start_worker().await.expect("start the worker");
+    // The standby too, so that an app server killed early in the run is
+    // replaced at once.
+    let (a, b, ()) = tokio::join!(sys.launch_app(0), sys.launch_app(1), sys.prepare_standby());
+    a.expect("start app server 0");
+    b.expect("start app server 1");
+    assert!(
+        poll(Duration::from_secs(30), Duration::from_millis(50), || sys
+            .healed())
+        .await,
+        "the worker's healer never set its marker"
+    );
+    assert!(
+        poll(Duration::from_secs(30), Duration::from_millis(50), || sys
+            .apps_healthy())
+        .await,
+        "the app servers never reached Redis"
+    );
+
+    let origin = Instant::now();
+    let rec = Arc::new(Recorder::new(origin));
+    let ctx = Arc::new(Ctx {
+        sys: sys.clone(),
+        rec: rec.clone(),
+        seed: settings.seed,
+        current: Mutex::new(vec![None; plan.clients.len() + 1]),
+        counter: tokio::sync::Mutex::new(CounterState::default()),
+        storm: Arc::new(tokio::sync::watch::Sender::new(0)),
+    });
+    sys.set_origin(origin);
+    let stop = CancellationToken::new();
+    // Runs until the facts are read, through quiescence.
+    let supervising = CancellationToken::new();
+    let supervisor = {
+        let (sys, stop) = (sys.clone(), supervising.clone());
+        tokio::spawn(async move { sys.supervise(stop).await })
+    };
+    let until = match settings.form {
+        Form::Short => None,
+        Form::Long => Some(origin + plan.load),
+    };
+    let lanes: Vec<JoinHandle<Vec<FaultRecord>>> = plan
+        .lanes
+        .iter()
+        .map(|l| {
+            tokio::spawn(run_lane(
+                sys.clone(),
+                origin,
+                l.clone(),
+                plan.quiet,
+                until,
+                ctx.storm.clone(),
+            ))
+        })
+        .collect();
+    let clients: Vec<JoinHandle<ClientEnd>> = plan
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| tokio::spawn(client::regular(ctx.clone(), i, c.clone(), stop.clone())))
+        .collect();
+    let counter_slot = plan.clients.len();
+    let counters: Vec<JoinHandle<()>> = plan
+        .counters
+        .iter()
+        .map(|c| {
+            tokio::spawn(client::counter(
+                ctx.clone(),
+                counter_slot,
+                c.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let operator = tokio::spawn(client::operator(
+        ctx.clone(),
+        plan.admin.clone(),
+        stop.clone(),
+    ));
+
+    // Load until the planned end, every lane done, and one quiet period.
+    tokio::time::sleep_until(origin + plan.load).await;
+    let mut faults = Vec::new();
+    for l in lanes {
+        faults.extend(l.await.expect("fault lane"));
+    }
+    tokio::time::sleep(plan.quiet).await;
+    let load = origin.elapsed();
+    stop.cancel();
+    let mut ends = Vec::new();
+    for c in clients {
+        ends.push(c.await.expect("client"));
+    }
+    for c in counters {
+        c.await.expect("counter client");
+    }
+    operator.await.expect("operator");
+    eprintln!(
+        "  load stopped at {:.2}s; restoring and waiting for quiescence",
+        load.as_secs_f64()
+    );
+
+    // Quiescence (the supervisor keeps restarting what exits by itself).
+    let mut harness = Vec::new();
+    sys.restore_all().await.expect("restore every part");
+    if !settle(&sys).await {
+        harness.push(quiescence_violation("before the final reads"));
+    }
+    client::final_reads(&ctx, &ends).await;
+    if !settle(&sys).await {
+        harness.push(quiescence_violation("after the final reads"));
+    }
+    let verify = verify(&sys).await;
+    let facts = read_facts(&sys, verify).await;
+    supervising.cancel();
+    supervisor.await.expect("supervisor");
+    faults.sort_by_key(|f| f.start);
+    let history = History {
+        ops: rec.take(),
+        faults,
+        exits: sys.exits(),
+    };
+    let mut violations = check(&history, &facts);
+    violations.extend(harness);
+    let report = report::render(&plan, &history, &facts, &violations, load, wall.elapsed());
+    if sys.scratch.keep {
+        let path = sys.scratch.path.join("history.txt");
+        let _ = std::fs::write(&path, report::history_text(&history));
+        eprintln!("fault suite: history written to {}", path.display());
+    }
+    Outcome {
+        plan,
+        history,
+        facts,
+        violations,
+        report,
+    }
+}
+
+fn quiescence_violation(when: &str) -> Violation {
+    Violation {
+        rule: Rule::E,
+        kind: "no quiescence",
+        session: None,
+        detail: format!(
+            "{when}: within {QUIESCE:?} of restoring everything, the healer had not finished, \
+             an app server did not reach Redis, or the audit group had not drained every stream"
+        ),
+    }
+}
+
+/// Waits until the app servers reach Redis, the healer has finished and
+/// the audit group has drained every stream of the namespace. Each round
+/// sends every app server a request with an unknown cookie, as traffic
+/// would, so a store projects what it wrote in fallback mode.
+async fn settle(sys: &System) -> bool {
+    poll(QUIESCE, Duration::from_millis(100), || async {
+        sys.poke_apps().await;
+        sys.apps_healthy().await && sys.healed().await && sys.caught_up().await
+    })
+    .await
+}
+
+/// `vedfolnir-sessions verify`, until it exits 0 or [`VERIFY_PATIENCE`]
+/// passes; the last run.
+async fn verify(sys: &System) -> VerifyRun {
+    let deadline = Instant::now() + VERIFY_PATIENCE;
+    loop {
+        let (code, stdout, stderr) = sys.cli(&["verify"], Duration::from_secs(60)).await;
+        if code == Some(0) || Instant::now() >= deadline {
+            return VerifyRun {
+                code,
+                stdout: format!("{stdout}{stderr}"),
+            };
+        }
+        sys.poke_apps().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The audit tables, read directly (not through the proxy).
+async fn read_facts(sys: &System, verify: VerifyRun) -> DbFacts {
+    let events = session_events::Entity::find()
+        .all(&sys.db.db)
+        .await
+        .expect("read session_events")
+        .into_iter()
+        .map(|e| AuditEvent {
+            session_id: e.session_id,
+            seq: e.seq,
+            event_type: e.event_type,
+            payload: e.payload,
+            source: serde_json::to_value(e.source)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+        })
+        .collect();
+    let dead_letters = dead_letters::Entity::find()
+        .all(&sys.db.db)
+        .await
+        .expect("read dead_letters")
+        .into_iter()
+        .map(|d| DeadLetter {
+            fields: d.fields,
+            reason: d.reason,
+        })
+        .collect();
+    DbFacts {
+        events,
+        dead_letters,
+        verify: Some(verify),
+    }
+}

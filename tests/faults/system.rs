@@ -1,0 +1,708 @@
+//! The system under test, all real processes: a `redis-server` of the
+//! test's own behind a TCP proxy, a fresh PostgreSQL database behind another,
+//! two example app servers, the worker, and the CLI. Children reach Redis and
+//! PostgreSQL only through the proxies; the harness observes both directly.
+//! Children are killed when the value drops; the scratch directory (logs)
+//! is removed unless `VEDFOLNIR_FAULTS_KEEP=1`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use redis::AsyncCommands as _;
+use redis::aio::MultiplexedConnection;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use vedfolnir_sessions::Config;
+use vedfolnir_sessions::keys::KeySpace;
+
+use crate::common::db::{Backend, TestDb};
+use crate::history::ProcessExit;
+use crate::proxy::Proxy;
+use crate::redis_server::RedisServer;
+use crate::schedule::users_spec;
+
+/// `REDIS_TIMEOUT_MS` of every child.
+pub const REDIS_TIMEOUT_MS: u64 = 300;
+/// `SESSION_TOUCH_INTERVAL`: short, so that reads of sessions older than a
+/// couple of seconds write `touched` events, as reads of real sessions do
+/// once a minute.
+pub const TOUCH_INTERVAL_SECS: u64 = 2;
+/// How long an app server may take to print its address (it hashes every
+/// user's password with argon2 first, slow in a debug build), over all
+/// attempts.
+const APP_START: Duration = Duration::from_secs(90);
+/// A worker that exits within this long of its start failed to start.
+const WORKER_START: Duration = Duration::from_secs(5);
+
+/// A directory for this run's logs.
+#[derive(Debug)]
+pub struct Scratch {
+    pub path: PathBuf,
+    /// `VEDFOLNIR_FAULTS_KEEP=1`: the directory stays, with the history.
+    pub keep: bool,
+}
+
+impl Scratch {
+    fn new() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("vfaults-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let keep = std::env::var("VEDFOLNIR_FAULTS_KEEP").is_ok_and(|v| v == "1");
+        Ok(Scratch { path, keep })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("fault suite: logs kept in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Proc {
+    child: Child,
+    pid: u32,
+    started: Instant,
+}
+
+/// `target/<profile>`, the directory above this test's executable.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+fn binary(path: PathBuf) -> PathBuf {
+    assert!(
+        path.is_file(),
+        "{} is not built: `cargo test --workspace` builds it (or `cargo build --bin \
+         vedfolnir-worker --example app_server`)",
+        path.display()
+    );
+    path
+}
+
+/// The system. Field order is drop order: processes first, then the
+/// proxies, the database and Redis.
+pub struct System {
+    apps: Vec<Mutex<Option<Proc>>>,
+    /// A started app server waiting to replace a killed one, and its URL.
+    standby: Mutex<Option<(Proc, String)>>,
+    /// App server processes started so far (names their logs).
+    instances: AtomicUsize,
+    /// A standby is being started.
+    preparing: std::sync::atomic::AtomicBool,
+    worker: Mutex<Option<Proc>>,
+    /// Base URLs of the running app servers, for clients to follow.
+    addrs: RwLock<Vec<Option<String>>>,
+    pub redis_proxy: Proxy,
+    pub db_proxy: Proxy,
+    pub db: TestDb,
+    pub redis: Mutex<RedisServer>,
+    redis_url: String,
+    database_url: String,
+    namespace: String,
+    keys: KeySpace,
+    app_bin: PathBuf,
+    worker_bin: PathBuf,
+    http: reqwest::Client,
+    /// The start of the load: exits are recorded from it.
+    origin: OnceLock<Instant>,
+    exits: std::sync::Mutex<Vec<ProcessExit>>,
+    pub scratch: Scratch,
+}
+
+impl System {
+    /// Starts Redis, the database and both proxies (no app server or worker
+    /// yet).
+    pub async fn start(app_servers: usize) -> anyhow::Result<Self> {
+        let app_bin = binary(profile_dir().join("examples").join("app_server"));
+        let worker_bin = binary(profile_dir().join("vedfolnir-worker"));
+        let redis = RedisServer::start().await;
+        let redis_url = redis.url();
+        let redis_target = url::Url::parse(&redis_url)?;
+        let redis_proxy = Proxy::start(format!(
+            "127.0.0.1:{}",
+            redis_target.port().context("redis port")?
+        ))
+        .await?;
+        let db = TestDb::new(Backend::Postgres).await;
+        let mut pg = url::Url::parse(&db.url).context("the test database url")?;
+        let upstream = format!(
+            "{}:{}",
+            pg.host_str().context("postgres host")?,
+            pg.port().unwrap_or(5432)
+        );
+        let db_proxy = Proxy::start(upstream).await?;
+        pg.set_host(Some("127.0.0.1"))?;
+        pg.set_port(Some(db_proxy.port()))
+            .map_err(|()| anyhow::anyhow!("cannot set the port of the database url"))?;
+        if !pg.query_pairs().any(|(k, _)| k == "sslmode") {
+            pg.query_pairs_mut().append_pair("sslmode", "disable");
+        }
+        let namespace = format!("vfault:{}:", uuid::Uuid::new_v4().simple());
+        let keys = KeySpace::new(&Config::default().with_namespace(&namespace));
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .pool_max_idle_per_host(0)
+            .build()?;
+        Ok(System {
+            apps: (0..app_servers).map(|_| Mutex::new(None)).collect(),
+            standby: Mutex::new(None),
+            instances: AtomicUsize::new(0),
+            preparing: std::sync::atomic::AtomicBool::new(false),
+            worker: Mutex::new(None),
+            addrs: RwLock::new(vec![None; app_servers]),
+            redis_proxy,
+            db_proxy,
+            db,
+            redis: Mutex::new(redis),
+            redis_url,
+            database_url: pg.to_string(),
+            namespace,
+            keys,
+            app_bin,
+            worker_bin,
+            http,
+            origin: OnceLock::new(),
+            exits: std::sync::Mutex::new(Vec::new()),
+            scratch: Scratch::new()?,
+        })
+    }
+
+    /// Sets the start of the load (once).
+    pub fn set_origin(&self, origin: Instant) {
+        let _ = self.origin.set(origin);
+    }
+
+    fn now(&self) -> Duration {
+        self.origin.get().map(Instant::elapsed).unwrap_or_default()
+    }
+
+    fn note_exit(&self, who: &str, started: bool, status: std::process::ExitStatus) {
+        let at = self.now();
+        eprintln!(
+            "  {who} exited by itself at {:.2}s ({}): {status}",
+            at.as_secs_f64(),
+            if started {
+                "while running"
+            } else {
+                "while starting"
+            }
+        );
+        self.exits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ProcessExit {
+                who: who.to_owned(),
+                at,
+                started,
+                status: status.to_string(),
+            });
+    }
+
+    /// The exits recorded so far.
+    pub fn exits(&self) -> Vec<ProcessExit> {
+        self.exits.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// One line naming the run's Redis, database and namespace.
+    pub fn describe(&self) -> String {
+        format!(
+            "redis {} (proxy :{}), database {} (proxy :{}), namespace {}",
+            self.redis_url,
+            self.redis_proxy.port(),
+            self.db.url.rsplit('/').next().unwrap_or_default(),
+            self.db_proxy.port(),
+            self.namespace
+        )
+    }
+
+    pub fn app_servers(&self) -> usize {
+        self.apps.len()
+    }
+
+    /// The environment every child gets (after `env_clear`).
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PATH", std::env::var("PATH").unwrap_or_default()),
+            (
+                "REDIS_URL",
+                format!("redis://127.0.0.1:{}/0", self.redis_proxy.port()),
+            ),
+            (
+                "REDIS_SESSION_PREFIX",
+                format!("{}session:", self.namespace),
+            ),
+            ("REDIS_EVENT_STREAM", format!("{}events", self.namespace)),
+            ("DATABASE_URL", self.database_url.clone()),
+            ("REDIS_TIMEOUT_MS", REDIS_TIMEOUT_MS.to_string()),
+            ("SESSION_COOKIE_SECURE", "false".to_owned()),
+            ("SESSION_TOUCH_INTERVAL", TOUCH_INTERVAL_SECS.to_string()),
+            ("RUST_LOG", "warn".to_owned()),
+            ("NO_COLOR", "1".to_owned()),
+        ]
+    }
+
+    fn log(&self, name: &str) -> anyhow::Result<std::fs::File> {
+        let path = self.scratch.path.join(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))
+    }
+
+    /// Starts app server `i` (promoting the standby instance when one is
+    /// ready, else starting a process and waiting for its address); clients
+    /// follow it. Then prepares the next standby in the background.
+    pub async fn start_app(self: &Arc<Self>, i: usize) -> anyhow::Result<()> {
+        let mut slot = self.apps[i].lock().await;
+        if slot.is_some() {
+            return Ok(());
+        }
+        // A standby being started is nearer than a new process.
+        poll(APP_START, Duration::from_millis(50), || async {
+            !self.preparing.load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await;
+        let ready = self.standby.lock().await.take();
+        let (proc_, addr) = match ready {
+            Some((mut p, addr)) => match p.child.try_wait() {
+                Ok(None) => (p, addr),
+                _ => {
+                    if let Ok(Some(status)) = p.child.try_wait() {
+                        self.note_exit("standby app", true, status);
+                    }
+                    self.spawn_app().await?
+                }
+            },
+            None => self.spawn_app().await?,
+        };
+        *slot = Some(proc_);
+        self.addrs.write().unwrap_or_else(|e| e.into_inner())[i] = Some(addr);
+        drop(slot);
+        let sys = self.clone();
+        tokio::spawn(async move { sys.prepare_standby().await });
+        Ok(())
+    }
+
+    /// Starts app server `i` as a new process (not the standby), at setup.
+    pub async fn launch_app(&self, i: usize) -> anyhow::Result<()> {
+        let mut slot = self.apps[i].lock().await;
+        if slot.is_some() {
+            return Ok(());
+        }
+        let (proc_, addr) = self.spawn_app().await?;
+        *slot = Some(proc_);
+        self.addrs.write().unwrap_or_else(|e| e.into_inner())[i] = Some(addr);
+        Ok(())
+    }
+
+    /// Starts a spare app server and keeps it ready, so that a restart
+    /// after a SIGKILL does not wait for the password hashing of a debug
+    /// build. A fresh process all the same: it has served nothing.
+    pub async fn prepare_standby(&self) {
+        use std::sync::atomic::Ordering;
+        if self.standby.lock().await.is_some() || self.preparing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let spawned = self.spawn_app().await;
+        self.preparing.store(false, Ordering::SeqCst);
+        match spawned {
+            Ok(ready) => {
+                let mut standby = self.standby.lock().await;
+                if standby.is_none() {
+                    *standby = Some(ready);
+                }
+            }
+            Err(e) => eprintln!("  the standby app server did not start: {e:#}"),
+        }
+    }
+
+    /// Starts an app server process and waits for its address. An instance
+    /// that exits before printing it (Redis or the database unreachable at
+    /// start) is recorded and started again, as a supervisor would, for at
+    /// most [`APP_START`].
+    async fn spawn_app(&self) -> anyhow::Result<(Proc, String)> {
+        let deadline = Instant::now() + APP_START;
+        loop {
+            let n = self
+                .instances
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut cmd = Command::new(&self.app_bin);
+            cmd.env_clear()
+                .envs(self.env())
+                .env("APP_LISTEN", "127.0.0.1:0")
+                .env("APP_USERS", users_spec())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(self.log(&format!("app-instance{n}.log"))?))
+                .kill_on_drop(true);
+            let mut child = cmd.spawn().context("starting the example app server")?;
+            let pid = child.id().context("app pid")?;
+            let started = Instant::now();
+            let mut lines = BufReader::new(child.stdout.take().context("app stdout")?).lines();
+            let addr = tokio::time::timeout_at(deadline, async {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(a) = line.strip_prefix("vedfolnir example app listening on http://")
+                    {
+                        return Some(a.trim().to_owned());
+                    }
+                }
+                None
+            })
+            .await;
+            match addr {
+                Ok(Some(addr)) => {
+                    // Keep reading so that the pipe never fills.
+                    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                    let p = Proc {
+                        child,
+                        pid,
+                        started,
+                    };
+                    return Ok((p, format!("http://{addr}")));
+                }
+                Ok(None) => {
+                    let status = child.wait().await.context("app exit status")?;
+                    self.note_exit(&format!("app instance {n}"), false, status);
+                    if Instant::now() >= deadline {
+                        bail!("the app server kept exiting at start");
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(_) => bail!("the app server did not print its address in {APP_START:?}"),
+            }
+        }
+    }
+
+    /// SIGKILLs app server `i`; clients stop choosing it at once.
+    pub async fn kill_app(&self, i: usize) {
+        self.addrs.write().unwrap_or_else(|e| e.into_inner())[i] = None;
+        if let Some(mut p) = self.apps[i].lock().await.take() {
+            let _ = p.child.kill().await;
+        }
+    }
+
+    /// The base URL of app server `preferred`, or of another running one.
+    pub fn app_url(&self, preferred: usize) -> Option<String> {
+        let addrs = self.addrs.read().unwrap_or_else(|e| e.into_inner());
+        let n = addrs.len();
+        (0..n).find_map(|k| addrs[(preferred + k) % n].clone())
+    }
+
+    /// Starts the worker (again, if it exited); returns its pid.
+    pub async fn start_worker(&self) -> anyhow::Result<u32> {
+        let mut slot = self.worker.lock().await;
+        if let Some(p) = slot.as_mut() {
+            match p.child.try_wait() {
+                Ok(Some(status)) => {
+                    let ran = p.started.elapsed() >= WORKER_START;
+                    *slot = None;
+                    self.note_exit("worker", ran, status);
+                }
+                _ => return Ok(p.pid),
+            }
+        }
+        let child = Command::new(&self.worker_bin)
+            .env_clear()
+            .envs(self.env())
+            .env("HEAL_CHECK_MS", "100")
+            .env("WORKER_LEASE_MS", "1000")
+            .env("AUDIT_BLOCK_MS", "100")
+            .env("AUDIT_CLAIM_IDLE_MS", "1000")
+            .env("AUDIT_DB_RETRY_MAX_MS", "200")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(self.log("worker.log")?))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting vedfolnir-worker")?;
+        let pid = child.id().context("worker pid")?;
+        *slot = Some(Proc {
+            child,
+            pid,
+            started: Instant::now(),
+        });
+        Ok(pid)
+    }
+
+    /// SIGKILLs the worker.
+    pub async fn kill_worker(&self) {
+        if let Some(mut p) = self.worker.lock().await.take() {
+            let _ = p.child.kill().await;
+        }
+    }
+
+    /// Runs the CLI with the children's environment; `None` as the code
+    /// when it did not finish within `limit` (it is killed then).
+    pub async fn cli(&self, args: &[&str], limit: Duration) -> (Option<i32>, String, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vedfolnir-sessions"));
+        cmd.args(args)
+            .env_clear()
+            .envs(self.env())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        match tokio::time::timeout(limit, cmd.output()).await {
+            Ok(Ok(out)) => (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ),
+            Ok(Err(e)) => (None, String::new(), format!("could not run the CLI: {e}")),
+            Err(_) => (None, String::new(), format!("timed out after {limit:?}")),
+        }
+    }
+
+    /// Restarts, as a supervisor would, every child that exited by itself
+    /// (the harness's own kills take the process out of its slot first),
+    /// until `stop`.
+    pub async fn supervise(self: &Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            // Only a worker that exited: one the harness stopped stays
+            // stopped until the harness starts it.
+            let exited = {
+                let mut slot = self.worker.lock().await;
+                slot.as_mut()
+                    .is_some_and(|p| matches!(p.child.try_wait(), Ok(Some(_))))
+            };
+            if exited && let Err(e) = self.start_worker().await {
+                eprintln!("  the worker did not start again: {e:#}");
+            }
+            for i in 0..self.apps.len() {
+                let exited = {
+                    let mut slot = self.apps[i].lock().await;
+                    match slot.as_mut().map(|p| p.child.try_wait()) {
+                        Some(Ok(Some(status))) => {
+                            *slot = None;
+                            Some(status)
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some(status) = exited {
+                    self.addrs.write().unwrap_or_else(|e| e.into_inner())[i] = None;
+                    self.note_exit(&format!("app{i}"), true, status);
+                    if let Err(e) = self.start_app(i).await {
+                        eprintln!("  app server {i} did not start again: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Undoes every fault still in place: proxies restored, Redis running,
+    /// every app server and the worker running.
+    pub async fn restore_all(self: &Arc<Self>) -> anyhow::Result<()> {
+        self.redis_proxy.delay(Duration::ZERO);
+        self.redis_proxy.restore();
+        self.db_proxy.delay(Duration::ZERO);
+        self.db_proxy.restore();
+        {
+            let mut redis = self.redis.lock().await;
+            if !redis.running() {
+                redis.restart().await;
+            }
+        }
+        for i in 0..self.apps.len() {
+            self.start_app(i).await?;
+        }
+        self.start_worker().await?;
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------
+    // Observations, directly on Redis (not through the proxy)
+
+    /// A fresh connection of the harness's own, or `None` when Redis does
+    /// not answer in time.
+    pub async fn admin(&self) -> Option<MultiplexedConnection> {
+        let client = redis::Client::open(self.redis_url.as_str()).ok()?;
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .ok()?
+        .ok()
+    }
+
+    /// The healer's marker is present and no replay runs, in every
+    /// partition.
+    pub async fn healed(&self) -> bool {
+        let Some(mut conn) = self.admin().await else {
+            return false;
+        };
+        for part in self.keys.all() {
+            let r: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
+                .arg(&part.marker)
+                .arg(&part.recovering)
+                .query_async(&mut conn)
+                .await;
+            if !matches!(r, Ok((Some(_), None))) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Every stream of the namespace has been delivered to the audit group
+    /// up to its last entry, and nothing is pending.
+    pub async fn caught_up(&self) -> bool {
+        let Some(mut conn) = self.admin().await else {
+            return false;
+        };
+        let mut streams = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let r: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.namespace))
+                .arg("COUNT")
+                .arg(1000)
+                .arg("TYPE")
+                .arg("stream")
+                .query_async(&mut conn)
+                .await;
+            let Ok((next, keys)) = r else {
+                return false;
+            };
+            streams.extend(keys);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        for stream in streams {
+            let last: redis::RedisResult<redis::streams::StreamRangeReply> =
+                conn.xrevrange_count(&stream, "+", "-", 1).await;
+            let Ok(last) = last else {
+                return false;
+            };
+            let Some(last) = last.ids.first() else {
+                continue;
+            };
+            let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
+                conn.xinfo_groups(&stream).await;
+            let Ok(groups) = groups else {
+                return false;
+            };
+            let done = groups.groups.iter().any(|g| {
+                g.name == "audit"
+                    && g.pending == 0
+                    && stream_id(&g.last_delivered_id) >= stream_id(&last.id)
+            });
+            if !done {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The running worker (the harness may have restarted it since it was
+    /// started) has joined the audit group as a consumer.
+    pub async fn worker_consuming(&self) -> bool {
+        let pid = match self.worker.lock().await.as_ref() {
+            Some(p) => p.pid,
+            None => return false,
+        };
+        self.consumer_of(pid).await
+    }
+
+    /// The worker with this pid has joined the audit group as a consumer
+    /// (consumer names are `<host>-<pid>-<random>`).
+    async fn consumer_of(&self, pid: u32) -> bool {
+        let Some(mut conn) = self.admin().await else {
+            return false;
+        };
+        let needle = format!("-{pid}-");
+        for part in self.keys.all() {
+            let r: redis::RedisResult<redis::streams::StreamInfoConsumersReply> =
+                conn.xinfo_consumers(&part.stream, "audit").await;
+            if r.is_ok_and(|r| r.consumers.iter().any(|c| c.name.contains(&needle))) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Every running app server answers `/healthz` with 200 (its store
+    /// reaches Redis).
+    pub async fn apps_healthy(&self) -> bool {
+        let addrs: Vec<Option<String>> =
+            self.addrs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for base in addrs.into_iter().flatten() {
+            let ok = self
+                .http
+                .get(format!("{base}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == reqwest::StatusCode::OK);
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// One request with an unknown, well-formed cookie to every running app
+    /// server: a miss, which lets a store project what it wrote in fallback
+    /// mode, as any request would. Stores nothing.
+    pub async fn poke_apps(&self) {
+        let addrs: Vec<Option<String>> =
+            self.addrs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for base in addrs.into_iter().flatten() {
+            let token = vedfolnir_sessions::Token::generate();
+            let _ = self
+                .http
+                .get(format!("{base}/me"))
+                .header("cookie", format!("session={}", token.expose()))
+                .send()
+                .await;
+        }
+    }
+}
+
+/// Waits until `cond` holds, polling every `every`, at most `limit`;
+/// returns whether it held.
+pub async fn poll<F, Fut>(limit: Duration, every: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A stream id as a comparable pair.
+fn stream_id(id: &str) -> (u64, u64) {
+    let (a, b) = id.split_once('-').unwrap_or((id, "0"));
+    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
+}
