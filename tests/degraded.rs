@@ -314,6 +314,39 @@ async fn recovery_is_known_and_ends_without_a_worker(backend: Backend) {
     }
 }
 
+/// A write folded on a state read before Redis lost its data (a web
+/// request's session) lands on the session restored from the database, not
+/// on "not found": the user was not logged out.
+async fn a_write_during_a_recovery_reaches_a_session_not_back_yet(backend: Backend) {
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(backend).await;
+    let store = app(&ctx.config, &db).await;
+    let c = store
+        .create(NewSession::for_user(19, "nineteen").with("visits", 1))
+        .await
+        .expect("create");
+    lose_redis_data(&ctx).await;
+    let s = store
+        .update_from(
+            &c.session_id,
+            c.session.clone(),
+            Changes::new().with_set("theme", "dark"),
+        )
+        .await
+        .expect("the write lands on the restored session");
+    assert_eq!(s.version(), 2);
+    let s = store
+        .modify_from(&c.session_id, c.session.clone(), "visits", |v| {
+            Ok(Some(json!(
+                v.and_then(serde_json::Value::as_i64).unwrap_or(0) + 1
+            )))
+        })
+        .await
+        .expect("modify");
+    assert_eq!(s.get("visits"), Some(&json!(2)));
+    assert_eq!(s.get("theme"), Some(&json!("dark")));
+}
+
 // ---------------------------------------------------------------------------
 // 3. Ends are complete during a recovery
 
@@ -458,13 +491,21 @@ async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
         .await
         .expect("create");
     // The consumer drains (and so vouches for the database) ...
-    drain(&config, &db).await;
-    // ... then one more write reaches only Redis before it goes away.
+    let mut consumer = AuditConsumer::new(&config, sink(&config, &db), consumer_config())
+        .await
+        .expect("consumer");
+    consumer.ensure_group().await.expect("group");
+    let token = CancellationToken::new();
+    while consumer.step(&token).await.expect("step") > 0 {}
+    // ... then one more write reaches only Redis before it goes away, and
+    // the consumer finds Redis unreachable (which opens the database for
+    // writes: Redis is down for everyone).
     store
         .update(&c.session_id, Changes::new().with_set("a", 1))
         .await
         .expect("update");
     proxy.cut();
+    assert!(consumer.step(&token).await.is_err());
     let s = store
         .update(&c.session_id, Changes::new().with_set("b", 2))
         .await
@@ -569,6 +610,58 @@ async fn a_write_applied_before_its_reply_was_lost_is_not_applied_twice(backend:
         .query_async(&mut admin)
         .await
         .expect("ping");
+}
+
+/// The fence between the two ways of writing: app server A cannot reach
+/// Redis and stages a write; app server B reaches it, and before it reads
+/// or writes the session it closes the database for writes and applies A's
+/// staged write. From then on A's writes are refused (unavailable), never
+/// staged beside B's: the two can never diverge.
+async fn once_redis_is_back_for_one_app_server_no_other_stages_writes(backend: Backend) {
+    let server = redis_server::RedisServer::start().await;
+    let proxy = proxy::Proxy::in_front_of(&server.url()).await;
+    let db = TestDb::new(backend).await;
+    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
+    let direct = Config::default()
+        .with_redis(RedisTarget::parse("REDIS_URL", &server.url()).expect("url"))
+        .with_namespace(&namespace);
+    let mut cut_off = direct
+        .clone()
+        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"));
+    cut_off.redis_timeout = Duration::from_millis(300);
+    let a = app(&cut_off, &db).await;
+    let c = a
+        .create(NewSession::for_user(20, "twenty").with("n", 0))
+        .await
+        .expect("create");
+    proxy.cut();
+    let staged = a
+        .update(&c.session_id, Changes::new().with_set("from_a", 1))
+        .await
+        .expect("staged: Redis is down for A and nobody reported it up");
+    assert_eq!(staged.version(), 2);
+    let b = app(&direct, &db).await;
+    let seen = b.get(&c.session_id).await.expect("get").expect("live");
+    assert_eq!(
+        seen.get("from_a"),
+        Some(&json!(1)),
+        "B applied A's staged write first"
+    );
+    assert_eq!(b.staged_count().await.expect("staged"), 0);
+    let err = a
+        .update(&c.session_id, Changes::new().with_set("from_a", 2))
+        .await
+        .expect_err("Redis is back for B: A may not stage beside it");
+    assert!(err.is_unavailable(), "{err}");
+    let s = b
+        .increment(&c.session_id, "n", 1)
+        .await
+        .expect("B writes to Redis");
+    assert_eq!(s, 1);
+    let now = b.get(&c.session_id).await.expect("get").expect("live");
+    assert_eq!(now.get("from_a"), Some(&json!(1)));
+    assert_eq!(now.version(), 3);
+    assert_eq!(b.staged_count().await.expect("staged"), 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -806,4 +899,6 @@ on_both_backends!(
     split_brain_keeps_both_writes_in_order,
     a_dropped_connection_is_retried_not_a_fallback,
     a_write_applied_before_its_reply_was_lost_is_not_applied_twice,
+    a_write_during_a_recovery_reaches_a_session_not_back_yet,
+    once_redis_is_back_for_one_app_server_no_other_stages_writes,
 );

@@ -9,10 +9,15 @@
 //!   namespace, never a recovery.
 //! - `drained_at`: the last time the audit consumer had committed every
 //!   entry of the stream (nothing undelivered, nothing pending).
-//! - `redis_down_since`: since when the audit consumer cannot reach Redis
-//!   (null while it can). With `drained_at`, this tells an app server
-//!   whether the database holds everything Redis acknowledged before it
-//!   became unreachable, which is what the fallback needs to serve from it.
+//! - `redis_down_since`: since when Redis is unreachable, as the audit
+//!   consumer or an app server that began staging writes in the database
+//!   saw it (null while it is reachable). With `drained_at`, this tells an
+//!   app server whether the database holds everything Redis acknowledged
+//!   before it became unreachable, which is what the fallback needs to serve
+//!   from it. It is also the fence between the two ways of writing: writes
+//!   to existing sessions are staged in the database only while it is set.
+//! - `redis_up_at`: when a process last reported Redis reachable again after
+//!   an outage; no app server opens the database for writes shortly after.
 
 use sea_orm_migration::prelude::*;
 
@@ -51,6 +56,11 @@ impl MigrationTrait for Migration {
                             .null(),
                     )
                     .col(
+                        ColumnDef::new(PartitionState::RedisUpAt)
+                            .timestamp_with_time_zone()
+                            .null(),
+                    )
+                    .col(
                         ColumnDef::new(PartitionState::UpdatedAt)
                             .timestamp_with_time_zone()
                             .not_null(),
@@ -80,5 +90,6 @@ enum PartitionState {
     EpochAt,
     DrainedAt,
     RedisDownSince,
+    RedisUpAt,
     UpdatedAt,
 }

@@ -155,20 +155,35 @@ pub enum Staged {
     /// A session moved on (another writer staged first, or it ended): fold
     /// again on a fresh [`view`].
     Conflict,
+    /// Redis is back for other processes (see
+    /// [`partition::open_for_writes`](super::partition::open_for_writes)):
+    /// nothing was staged; the write must go to Redis.
+    Refused,
 }
 
 /// Stages events in one transaction, each checked against the version its
 /// session's view had when the caller folded it (`expected`; 0 for a new
 /// session). The event's `seq` must be `expected + 1`.
 /// `unsure`: the Redis attempt before failed without saying whether Redis
-/// applied it (see [`fallback_events::Model::unsure`]).
+/// applied it (see [`fallback_events::Model::unsure`]). Writes other than the
+/// creation of new sessions are staged only while the database is open for
+/// writes (see [`super::partition::open_for_writes`]); `settle` is how long
+/// after a process reached Redis again it stays closed.
 pub async fn stage(
     db: &DatabaseConnection,
     stream: &str,
     writes: &[(u64, Event)],
     unsure: bool,
+    settle: chrono::Duration,
 ) -> Result<Staged> {
     let txn = db.begin().await?;
+    let only_new = writes.iter().all(|(expected, e)| {
+        *expected == 0 && matches!(e.kind, crate::event::EventKind::Created { .. })
+    });
+    if !only_new && !super::partition::open_for_writes(&txn, stream, settle).await? {
+        txn.rollback().await?;
+        return Ok(Staged::Refused);
+    }
     let recorded_at = Utc::now();
     for (expected, event) in writes {
         let sid = event.session_id.as_str();
@@ -243,6 +258,19 @@ pub async fn has_pending(db: &impl ConnectionTrait, streams: &[&str]) -> Result<
         .select_only()
         .column(fallback_events::Column::Id)
         .filter(fallback_events::Column::Stream.is_in(streams.iter().copied()))
+        .limit(1)
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(one.is_some())
+}
+
+/// True when `session_id` has staged rows.
+pub async fn has_session(db: &impl ConnectionTrait, session_id: &str) -> Result<bool> {
+    let one: Option<i64> = fallback_events::Entity::find()
+        .select_only()
+        .column(fallback_events::Column::Id)
+        .filter(fallback_events::Column::SessionId.eq(session_id))
         .limit(1)
         .into_tuple()
         .one(db)

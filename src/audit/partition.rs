@@ -57,6 +57,7 @@ fn blank(stream: &str, now: DateTime<Utc>) -> ActiveModel {
         epoch_at: Set(None),
         drained_at: Set(None),
         redis_down_since: Set(None),
+        redis_up_at: Set(None),
         updated_at: Set(now),
     }
 }
@@ -71,10 +72,16 @@ pub async fn record_drained(
 ) -> Result<()> {
     let mut row = blank(stream, Utc::now());
     row.drained_at = Set(Some(at));
+    row.redis_up_at = Set(Some(at));
     Entity::insert(row)
         .on_conflict(
             OnConflict::column(Column::Stream)
-                .update_columns([Column::DrainedAt, Column::RedisDownSince, Column::UpdatedAt])
+                .update_columns([
+                    Column::DrainedAt,
+                    Column::RedisDownSince,
+                    Column::RedisUpAt,
+                    Column::UpdatedAt,
+                ])
                 .to_owned(),
         )
         .exec_without_returning(db)
@@ -107,6 +114,72 @@ pub async fn record_redis_down(
         .exec_without_returning(db)
         .await?;
     Ok(())
+}
+
+/// A process reaches Redis while the database is open for writes (an
+/// outage is over, for it): closes the database for writes (clears
+/// `redis_down_since`) and records `redis_up_at`, before it writes to Redis
+/// itself. Does nothing when the database is not open. Serialized with
+/// [`open_for_writes`] by the row, so a write staged before is visible to
+/// the caller afterwards, and none is staged after.
+pub async fn reached_redis(db: &impl ConnectionTrait, stream: &str) -> Result<()> {
+    use sea_orm::sea_query::{Expr, Value};
+    use sea_orm::{ColumnTrait as _, QueryFilter as _};
+    let now = Utc::now();
+    Entity::update_many()
+        .col_expr(
+            Column::RedisDownSince,
+            Expr::value(Value::ChronoDateTimeUtc(None)),
+        )
+        .col_expr(Column::RedisUpAt, Expr::value(now))
+        .col_expr(Column::UpdatedAt, Expr::value(now))
+        .filter(Column::Stream.eq(stream))
+        .filter(Column::RedisDownSince.is_not_null())
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Inside a staging transaction: whether writes to existing sessions of
+/// `stream` may be staged in the database now. They may while Redis is known
+/// unreachable (`redis_down_since` set); when it is not, the caller opens the
+/// database for writes itself, unless a process reported Redis reachable
+/// less than `settle` ago (then Redis is back for others, and a write staged
+/// now could diverge from theirs). Locks the row on PostgreSQL, so that it
+/// and [`reached_redis`] are serialized.
+pub async fn open_for_writes(
+    txn: &impl ConnectionTrait,
+    stream: &str,
+    settle: chrono::Duration,
+) -> Result<bool> {
+    use sea_orm::{QueryFilter as _, QuerySelect as _};
+    let now = Utc::now();
+    let mut q = Entity::find().filter(sea_orm::ColumnTrait::eq(&Column::Stream, stream));
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        q = q.lock_exclusive();
+    }
+    let row = q.one(txn).await?;
+    if row.as_ref().is_some_and(|r| r.redis_down_since.is_some()) {
+        return Ok(true);
+    }
+    if row
+        .as_ref()
+        .and_then(|r| r.redis_up_at)
+        .is_some_and(|up| now - up < settle)
+    {
+        return Ok(false);
+    }
+    let mut fresh = blank(stream, now);
+    fresh.redis_down_since = Set(Some(now));
+    Entity::insert(fresh)
+        .on_conflict(
+            OnConflict::column(Column::Stream)
+                .update_columns([Column::RedisDownSince, Column::UpdatedAt])
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    Ok(true)
 }
 
 /// Records `epoch` as the Redis data set this database knows complete.
@@ -171,6 +244,7 @@ mod tests {
             epoch_at: None,
             drained_at: drained.map(t),
             redis_down_since: down.map(t),
+            redis_up_at: None,
             updated_at: t(0),
         }
     }

@@ -64,8 +64,8 @@ const TRUST_FOR: Duration = Duration::from_millis(250);
 /// mutation returns; one that does not costs each mutation this long, once.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// After a failed synchronous audit write, how long mutations skip theirs.
-const SYNC_PAUSE: Duration = Duration::from_secs(2);
+/// How long a synchronous audit write waits while the last one failed.
+const SYNC_TIMEOUT_FAILING: Duration = Duration::from_millis(250);
 
 /// Staged rows read per round of a projection.
 const PROJECTION_PAGE: u64 = 500;
@@ -102,9 +102,44 @@ impl SessionStore {
     }
 
     /// Remembers that Redis was unreachable: the next operation that reaches
-    /// it first projects whatever the fallback staged meanwhile.
+    /// it first closes the database for writes and projects whatever the
+    /// fallback staged meanwhile.
     pub(super) fn note_unavailable(&self) {
         self.shared.suspect.store(true, Ordering::Release);
+        if let Ok(mut r) = self.shared.reopened.lock() {
+            r.clear();
+        }
+    }
+
+    /// Takes writes back from the database once Redis answers this store
+    /// for `part` (a command on the partition's slot): closes the database
+    /// for writes if an outage opened it (see
+    /// [`partition::reached_redis`]). Unavailable when Redis does not answer.
+    async fn reach(&self, part: &Keys) -> Result<()> {
+        let reached: redis::RedisResult<bool> = self.conn.clone().exists(&part.epoch).await;
+        if let Err(e) = reached {
+            let e = Error::from(e);
+            if e.is_unavailable() {
+                self.note_unavailable();
+            }
+            return Err(e);
+        }
+        match partition::reached_redis(self.db()?, &part.stream).await {
+            Ok(()) => {
+                if let Ok(mut r) = self.shared.reopened.lock() {
+                    r.insert(part.partition);
+                }
+            }
+            // Without the database nobody stages anything meanwhile.
+            Err(e) => tracing::debug!(err = %e, "recording that redis answers failed"),
+        }
+        Ok(())
+    }
+
+    /// True when this store reported Redis reachable for partition `p` since
+    /// it last found Redis unreachable.
+    fn reopened(&self, p: u32) -> bool {
+        self.shared.reopened.lock().is_ok_and(|r| r.contains(&p))
     }
 
     /// Whether the database may stand in for Redis for partition `part`
@@ -186,7 +221,14 @@ impl SessionStore {
         // a connection lost after sending) leaves open whether Redis applied
         // the attempt, which the projection then checks in the stream.
         let unsure = !matches!(&redis_err, Error::Redis(e) if e.is_connection_refusal());
-        let out = Box::pin(outbox::stage(db, &part.stream, writes, unsure)).await?;
+        let settle = chrono::Duration::from_std(self.settle_window()).unwrap_or_default();
+        let out = Box::pin(outbox::stage(db, &part.stream, writes, unsure, settle)).await?;
+        if out == Staged::Refused {
+            // Redis is back for other processes: a write staged now could
+            // diverge from theirs. Not acknowledged; the client retries.
+            tracing::info!("redis unreachable from here but reachable for others; not staging");
+            return Err(redis_err);
+        }
         if out == Staged::Written {
             self.shared
                 .fallback_writes
@@ -217,25 +259,24 @@ impl SessionStore {
 
     async fn sync_now(&self, events: Vec<Incoming>) {
         let Some(audit) = &self.audit else { return };
-        let now = self.shared.elapsed_ms();
-        if now < self.shared.sync_suspended_until_ms.load(Ordering::Acquire) {
-            // The database just failed: do not make every mutation wait on
-            // it; the consumer records these events from the stream.
-            crate::telemetry::metrics()
-                .audit_sync_failures
-                .add(events.len() as u64, &[]);
-            return;
-        }
-        let limit = SYNC_TIMEOUT;
+        // After a failure, wait less on the next attempts: a database that
+        // hangs must not hold every mutation for the full timeout. Every
+        // mutation still tries, so nothing acknowledged while the database
+        // answers is missing from it.
+        let limit = if self.shared.sync_failing.load(Ordering::Acquire) {
+            SYNC_TIMEOUT_FAILING
+        } else {
+            SYNC_TIMEOUT
+        };
         let failure = match tokio::time::timeout(limit, audit.write(&events, &[])).await {
-            Ok(Ok(_)) => return,
+            Ok(Ok(_)) => {
+                self.shared.sync_failing.store(false, Ordering::Release);
+                return;
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {} ms", limit.as_millis()),
         };
-        self.shared.sync_suspended_until_ms.store(
-            self.shared.elapsed_ms() + SYNC_PAUSE.as_millis() as u64,
-            Ordering::Release,
-        );
+        self.shared.sync_failing.store(true, Ordering::Release);
         crate::telemetry::metrics()
             .audit_sync_failures
             .add(events.len() as u64, &[]);
@@ -278,12 +319,23 @@ impl SessionStore {
                 Err(e) => tracing::debug!(err = %e, "checking the redis epochs failed"),
             }
         }
-        if !self.fallback_enabled() && !self.shared.suspect.load(Ordering::Acquire) {
-            return;
+        // Redis may be back after an outage this store did not see: close
+        // the database for writes before anything here writes to Redis.
+        for part in self.keys.all() {
+            if let Err(e) = self.reach(part).await {
+                tracing::debug!(err = %e, partition = part.partition, "redis does not answer yet");
+            }
         }
         match self.project_staged().await {
             Ok(summary) => {
                 if summary.waiting == 0 {
+                    // Another app server may still stage a write it began
+                    // while Redis was away: keep checking each session a
+                    // while longer.
+                    let grace = self.config.redis_timeout.as_millis() as u64 + 1000;
+                    self.shared
+                        .guard_until_ms
+                        .store(self.shared.elapsed_ms() + grace, Ordering::Release);
                     self.shared.suspect.store(false, Ordering::Release);
                 }
                 if summary.projected + summary.logged_directly > 0 {
@@ -295,6 +347,60 @@ impl SessionStore {
                 }
             }
             Err(e) => tracing::debug!(err = %e, "projecting staged writes failed; will retry"),
+        }
+    }
+
+    /// Before an operation on `id` reaches Redis while this store may be
+    /// behind on staged writes (it saw Redis fail and has not projected
+    /// everything since, or did so a moment ago): projects the session's
+    /// staged events first, so that no read serves and no write overwrites
+    /// a state they have not reached yet. An error (unavailable) when they
+    /// cannot be projected now; the caller then treats Redis as unreachable
+    /// for this session. One database read per operation, only then.
+    pub(super) async fn settle(&self, id: &SessionId) -> Result<()> {
+        if self.audit.is_none() {
+            return Ok(());
+        }
+        let now = self.shared.elapsed_ms();
+        if !self.shared.suspect.load(Ordering::Acquire)
+            && now >= self.shared.guard_until_ms.load(Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        Box::pin(self.settle_now(id)).await
+    }
+
+    /// How long after any process reached Redis again no app server stages
+    /// writes of existing sessions in the database: long enough for every
+    /// app server's connection to have failed or recovered (twice the
+    /// command timeout, plus a second).
+    pub(super) fn settle_window(&self) -> Duration {
+        self.config.redis_timeout * 2 + Duration::from_secs(1)
+    }
+
+    async fn settle_now(&self, id: &SessionId) -> Result<()> {
+        let db = self.db()?;
+        let part = self.keys.for_session(id);
+        if !self.reopened(part.partition) {
+            self.reach(part).await?;
+        }
+        match outbox::has_session(db, id.as_str()).await {
+            Ok(false) => Ok(()),
+            // Without the database nothing can be projected, nor staged:
+            // Redis is the best this store has.
+            Err(e) => {
+                tracing::debug!(err = %e, "checking staged writes failed");
+                Ok(())
+            }
+            Ok(true) => match self.project_session(id).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(not_settled(id)),
+                Err(e) if e.is_unavailable() => Err(e),
+                Err(e) => {
+                    tracing::warn!(err = %e, session_id = %id, "projecting a session's staged writes failed");
+                    Err(not_settled(id))
+                }
+            },
         }
     }
 
@@ -619,6 +725,16 @@ impl SessionStore {
             .await?;
         Ok(Projected::Logged)
     }
+}
+
+/// The error of an operation whose session still has staged writes that
+/// cannot be applied to Redis yet: Redis counts as unreachable for it.
+fn not_settled(id: &SessionId) -> Error {
+    tracing::debug!(session_id = %id, "staged writes of the session wait; using the database");
+    Error::Redis(redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "the session has writes staged during an outage that Redis does not have yet",
+    )))
 }
 
 /// What became of one staged event.

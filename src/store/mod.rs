@@ -84,11 +84,16 @@ struct Shared {
     /// Per partition: whether the database may stand in for Redis, and when
     /// that was read.
     trust: Mutex<HashMap<u32, (Instant, bool)>>,
+    /// Partitions for which this store reported Redis reachable (closing the
+    /// database for writes) since it last found Redis unreachable.
+    reopened: Mutex<std::collections::HashSet<u32>>,
     /// This process runs a replay.
     healing: AtomicBool,
-    /// Milliseconds since `started` until which synchronous audit writes are
-    /// skipped after one failed.
-    sync_suspended_until_ms: AtomicU64,
+    /// The last synchronous audit write failed.
+    sync_failing: AtomicBool,
+    /// Milliseconds since `started` until which operations still check their
+    /// session for staged writes after a clean projection.
+    guard_until_ms: AtomicU64,
     /// Mutations staged in the database because Redis was unreachable.
     fallback_writes: AtomicU64,
 }
@@ -97,14 +102,18 @@ impl Default for Shared {
     fn default() -> Self {
         Shared {
             started: Instant::now(),
-            suspect: AtomicBool::new(false),
+            // Until a first projection says otherwise, writes staged by
+            // other processes may wait in the database.
+            suspect: AtomicBool::new(true),
             last_contact_ms: AtomicU64::new(0),
             last_catch_up_ms: AtomicU64::new(0),
             epochs_checked: AtomicBool::new(false),
             recovery: Mutex::new(HashMap::new()),
             trust: Mutex::new(HashMap::new()),
+            reopened: Mutex::new(std::collections::HashSet::new()),
             healing: AtomicBool::new(false),
-            sync_suspended_until_ms: AtomicU64::new(0),
+            sync_failing: AtomicBool::new(false),
+            guard_until_ms: AtomicU64::new(0),
             fallback_writes: AtomicU64::new(0),
         }
     }
@@ -225,6 +234,12 @@ impl SessionStore {
     /// docs for what happens while Redis is unreachable or recovering).
     pub async fn get(&self, id: &SessionId) -> Result<Option<Session>> {
         self.catch_up().await;
+        if let Err(e) = self.settle(id).await {
+            if e.is_unavailable() && self.fallback_enabled() {
+                return Box::pin(self.fallback_get(id, e)).await;
+            }
+            return Err(e);
+        }
         let key = self.keys.session(id);
         let mut json: redis::RedisResult<Option<String>> = self.conn.clone().get(&key).await;
         // A read is safe to repeat: the first command on a connection that

@@ -248,9 +248,18 @@ impl SessionStore {
         &self,
         part: &Keys,
         inv: &redis::ScriptInvocation<'_>,
+        settle: Option<&SessionId>,
         fallback: impl FnOnce() -> Vec<(u64, Event)>,
     ) -> Result<Outcome> {
-        match script::run_retrying(inv, &mut self.conn.clone()).await {
+        let settled = match settle {
+            Some(id) => self.settle(id).await,
+            None => Ok(()),
+        };
+        let ran = match settled {
+            Ok(()) => script::run_retrying(inv, &mut self.conn.clone()).await,
+            Err(e) => Err(e),
+        };
+        match ran {
             Ok((r, retried)) => {
                 if matches!(r, Reply::Ok(..)) {
                     self.replicate(part).await?;
@@ -384,8 +393,9 @@ impl SessionStore {
                 session: session.clone(),
                 evicted,
             };
+            let settle = rotated_from.as_ref().map(|r| &r.0);
             match self
-                .run_or_fallback(part, &inv, || {
+                .run_or_fallback(part, &inv, settle, || {
                     let mut events: Vec<(u64, Event)> = ended_old.iter().cloned().collect();
                     events.push((0, created.clone()));
                     events
@@ -429,7 +439,8 @@ impl SessionStore {
                     return Ok(done(Vec::new()));
                 }
                 Outcome::Redis(Reply::Exists, _) => continue,
-                Outcome::Redis(Reply::Conflict(_), _) | Outcome::Staged(Staged::Conflict) => {
+                Outcome::Redis(Reply::Conflict(_), _)
+                | Outcome::Staged(Staged::Conflict | Staged::Refused) => {
                     return Err(Error::Conflict {
                         session_id: rotated_from.map(|r| r.0).unwrap_or(id),
                         attempts: 1,
@@ -474,7 +485,9 @@ impl SessionStore {
         meta.push(&mut inv);
         Ok(
             match self
-                .run_or_fallback(part, &inv, || vec![(current.version(), event.clone())])
+                .run_or_fallback(part, &inv, Some(id), || {
+                    vec![(current.version(), event.clone())]
+                })
                 .await?
             {
                 Outcome::Redis(Reply::Ok(xid, _), _) => Written::Redis(Some(xid)),
@@ -490,7 +503,7 @@ impl SessionStore {
                     return Err(Error::Corrupt(format!("write: unexpected reply {other:?}")));
                 }
                 Outcome::Staged(Staged::Written) => Written::Database,
-                Outcome::Staged(Staged::Conflict) => Written::Reread,
+                Outcome::Staged(Staged::Conflict | Staged::Refused) => Written::Reread,
             },
         )
     }
@@ -508,6 +521,7 @@ impl SessionStore {
         change: impl Fn(&Session) -> Result<EventKind>,
     ) -> Result<Session> {
         let attempts = self.config.max_retries.max(1);
+        let mut brought_back = false;
         for attempt in 1..=attempts {
             let meta = Meta::now();
             let draft = meta.event(id, current.version() + 1, None, change(&current)?);
@@ -526,6 +540,13 @@ impl SessionStore {
                 Written::Database => return Ok(next),
                 Written::Conflict(s) => s,
                 Written::Reread => self.current(id).await?,
+                // Redis lacks a session the audit database may know live
+                // (it is recovering, or lost the key): put it back under the
+                // one rule and fold again on it.
+                Written::Gone if !brought_back && Box::pin(self.bring_back(id)).await? => {
+                    brought_back = true;
+                    self.current(id).await?
+                }
                 Written::Gone => return Err(self.missing(id).await),
             };
             current = retry;
@@ -860,7 +881,8 @@ impl SessionStore {
                                 .await?
                             {
                                 Staged::Written => return Ok(true),
-                                Staged::Conflict => {
+                                // (`Refused` comes back as the Redis error.)
+                                Staged::Conflict | Staged::Refused => {
                                     Self::backoff(attempt).await;
                                     continue;
                                 }

@@ -195,8 +195,11 @@ impl SessionStore {
             return Ok(None);
         }
         if !view.staged.is_empty() {
-            // Writes staged during an outage come first.
-            self.project_session(id).await?;
+            // Writes staged during an outage come first; until Redis has them
+            // the database's view is the session.
+            if !self.project_session(id).await? {
+                return Ok(admit(&view, Utc::now()));
+            }
         } else if let (Some(snap), Some(deadline)) = (&view.snapshot, view.deadline) {
             self.restore_snapshot(
                 id,

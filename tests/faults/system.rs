@@ -545,23 +545,32 @@ impl System {
         .ok()
     }
 
-    /// The healer's marker is present and no replay runs, in every
-    /// partition.
+    /// Redis holds the data set the audit database knows complete in every
+    /// partition (the same epoch in both: no recovery due or running), and
+    /// nothing staged during an outage waits to be applied.
     pub async fn healed(&self) -> bool {
+        use sea_orm::{EntityTrait as _, PaginatorTrait as _};
         let Some(mut conn) = self.admin().await else {
             return false;
         };
         for part in self.keys.all() {
-            let r: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
-                .arg(&part.marker)
-                .arg(&part.recovering)
+            let redis_epoch: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                .arg(&part.epoch)
                 .query_async(&mut conn)
                 .await;
-            if !matches!(r, Ok((Some(_), None))) {
+            let Ok(Some(redis_epoch)) = redis_epoch else {
+                return false;
+            };
+            let known = vedfolnir_sessions::audit::partition::load(&self.db.db, &part.stream).await;
+            if !matches!(known, Ok(Some(row)) if row.redis_epoch.as_deref() == Some(redis_epoch.as_str()))
+            {
                 return false;
             }
         }
-        true
+        let staged = vedfolnir_sessions::audit::entity::fallback_events::Entity::find()
+            .count(&self.db.db)
+            .await;
+        matches!(staged, Ok(0))
     }
 
     /// Every stream of the namespace has been delivered to the audit group

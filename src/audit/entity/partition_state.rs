@@ -23,8 +23,11 @@ pub struct Model {
     pub epoch_at: Option<DateTimeUtc>,
     /// When the audit consumer last had every entry of the stream committed.
     pub drained_at: Option<DateTimeUtc>,
-    /// Since when the audit consumer cannot reach Redis (none while it can).
+    /// Since when Redis is unreachable (none while it is reachable): set by
+    /// the audit consumer, or by the app server that began staging writes.
     pub redis_down_since: Option<DateTimeUtc>,
+    /// When a process last reported Redis reachable again.
+    pub redis_up_at: Option<DateTimeUtc>,
     /// When this row was last written.
     pub updated_at: DateTimeUtc,
 }
