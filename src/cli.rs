@@ -306,6 +306,14 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
             let db = crate::audit::db::connect(&config.database_url).await?;
             crate::audit::db::require_current_schema(&db).await?;
             let rows = crate::audit::history::history(&db, &query).await?;
+            // Not found is 1, as everywhere in the CLI; a known session with
+            // nothing in the window is an empty answer.
+            if rows.is_empty()
+                && let Some(id) = &query.session_id
+                && !crate::recovery::session_known(&db, id).await?
+            {
+                return Err(not_in_audit_trail(id));
+            }
             return Ok(if h.json {
                 Output::Json(serde_json::to_value(&rows).map_err(|e| invalid(e.to_string()))?)
             } else {
@@ -360,6 +368,14 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
     run_store(cli, config).await.map(Output::Json)
 }
 
+/// The failure for a session id the audit database has never seen.
+fn not_in_audit_trail(id: &str) -> Failure {
+    Failure {
+        code: 1,
+        message: format!("session {id} not found in the audit trail"),
+    }
+}
+
 async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
     let db = crate::audit::db::connect(&config.database_url).await?;
     crate::audit::db::require_current_schema(&db).await?;
@@ -373,10 +389,25 @@ async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
                 .map(|s| s.to_string()),
             user_id: r.user,
         };
-        let sessions = crate::recovery::state_at(&db, at, &selection).await?;
+        let report = crate::recovery::point_in_time(&db, at, &selection).await?;
+        if report.sessions.is_empty()
+            && report.skipped.is_empty()
+            && let Some(id) = &selection.session_id
+            && !crate::recovery::session_known(&db, id).await?
+        {
+            return Err(not_in_audit_trail(id));
+        }
+        if !report.skipped.is_empty() {
+            // One bad row must not stop the answer, and must not go unsaid.
+            eprintln!(
+                "warning: skipped {} audit row(s) that do not decode (listed under \"skipped\")",
+                report.skipped.len()
+            );
+        }
         let doc = json!({
             "at": crate::time::Timestamp::from_datetime(at),
-            "sessions": sessions,
+            "sessions": report.sessions,
+            "skipped": report.skipped,
         });
         return match r.output {
             Some(path) => {
@@ -387,6 +418,7 @@ async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
                 Ok(Output::Json(json!({
                     "at": doc["at"],
                     "sessions": doc["sessions"].as_array().map_or(0, Vec::len),
+                    "skipped": doc["skipped"].as_array().map_or(0, Vec::len),
                     "output": path.display().to_string(),
                 })))
             }

@@ -17,7 +17,9 @@
 //! # Layout
 //!
 //! - `replay`: [`replay`] and its [`ReplaySummary`].
-//! - `state_at`: [`state_at`], [`Selection`] and [`PointInTime`].
+//! - `state_at`: [`state_at`], [`point_in_time`], [`Selection`] and
+//!   [`PointInTime`]; reading the audit trail without letting a bad row
+//!   stop the reader.
 //! - `verify`: [`verify`], [`VerifyReport`] and [`Divergence`].
 //! - `healer`: [`Healer`] and [`HealerTotals`].
 
@@ -28,5 +30,7 @@ mod verify;
 
 pub use healer::{Healer, HealerTotals};
 pub use replay::{PAGE, ReplaySummary, replay};
-pub use state_at::{PointInTime, Selection, state_at};
+pub use state_at::{
+    PointInTime, PointInTimeReport, Selection, SkippedRow, point_in_time, session_known, state_at,
+};
 pub use verify::{Divergence, VerifyReport, verify};
