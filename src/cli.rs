@@ -51,8 +51,8 @@ pub enum Command {
     /// of sessions as of an instant to a file instead (Redis untouched).
     Replay(ReplayArgs),
     /// Compare Redis, the snapshots and the event history; exit 1 on any
-    /// divergence.
-    Verify,
+    /// divergence (with `--repair`: on any that could not be put right).
+    Verify(VerifyArgs),
     /// Load benchmarks with a baseline measured in the same run.
     Bench(crate::bench::BenchArgs),
     /// A scripted day of simulated app servers, a loss of Redis data and
@@ -88,6 +88,19 @@ pub struct ReplayArgs {
     /// With `--at`: where to write the JSON (default: stdout).
     #[arg(long, requires = "at")]
     pub output: Option<std::path::PathBuf>,
+}
+
+/// Arguments of `verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Put right what the log determines (ledgers, indexes, TTLs, keys,
+    /// snapshots, missing ends) and report what was done.
+    #[arg(long)]
+    pub repair: bool,
+    /// Seconds a gap in the audit trail, or an overdue end, may be old
+    /// before it counts as a divergence.
+    #[arg(long, default_value_t = 60)]
+    pub grace: u64,
 }
 
 /// Arguments of `history`.
@@ -345,24 +358,7 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
                 Output::Text(crate::demo::render(&report))
             });
         }
-        Command::Verify => {
-            let db = crate::audit::db::connect(&config.database_url).await?;
-            crate::audit::db::require_current_schema(&db).await?;
-            let store = SessionStore::connect(&config).await?;
-            let report = crate::recovery::verify(&store, &db).await?;
-            let v = serde_json::to_value(&report).map_err(|e| invalid(e.to_string()))?;
-            if report.ok {
-                return Ok(Output::Json(v));
-            }
-            println!("{v:#}");
-            return Err(Failure {
-                code: 1,
-                message: format!(
-                    "{} divergence(s) between Redis and the audit database",
-                    report.divergences.len()
-                ),
-            });
-        }
+        Command::Verify(v) => return verify(v, config).await,
         _ => {}
     }
     run_store(cli, config).await.map(Output::Json)
@@ -374,6 +370,35 @@ fn not_in_audit_trail(id: &str) -> Failure {
         code: 1,
         message: format!("session {id} not found in the audit trail"),
     }
+}
+
+async fn verify(v: VerifyArgs, config: Config) -> Result<Output, Failure> {
+    let db = crate::audit::db::connect(&config.database_url).await?;
+    crate::audit::db::require_current_schema(&db).await?;
+    let store = SessionStore::connect(&config).await?;
+    let opts = crate::recovery::VerifyOptions {
+        repair: v.repair,
+        grace: std::time::Duration::from_secs(v.grace),
+        ..crate::recovery::VerifyOptions::default()
+    };
+    let report = crate::recovery::verify_with(&store, &db, &opts).await?;
+    let out = serde_json::to_value(&report).map_err(|e| invalid(e.to_string()))?;
+    if report.ok {
+        return Ok(Output::Json(out));
+    }
+    println!("{out:#}");
+    let repaired = if v.repair {
+        format!(" ({} repaired)", report.repaired.len())
+    } else {
+        String::new()
+    };
+    Err(Failure {
+        code: 1,
+        message: format!(
+            "{} divergence(s) between Redis and the audit database{repaired}",
+            report.divergences.len()
+        ),
+    })
 }
 
 async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
@@ -481,7 +506,7 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
         Command::Migrate
         | Command::History(_)
         | Command::Replay(_)
-        | Command::Verify
+        | Command::Verify(_)
         | Command::Demo { .. }
         | Command::Bench(_) => Err(invalid("not a store command")),
         Command::Health => {

@@ -200,6 +200,8 @@ pub(crate) enum AuditRow {
     Event {
         /// The event and its stream id.
         incoming: Incoming,
+        /// When the audit database recorded it.
+        recorded_at: DateTime<Utc>,
     },
     /// A row that does not.
     Unreadable(SkippedRow),
@@ -236,7 +238,10 @@ impl FromQueryResult for AuditRow {
             )));
         }
         Ok(match incoming_from_row(&model) {
-            Ok(incoming) => AuditRow::Event { incoming },
+            Ok(incoming) => AuditRow::Event {
+                incoming,
+                recorded_at: model.recorded_at,
+            },
             Err(e) => unreadable(e.to_string()),
         })
     }
