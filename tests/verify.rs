@@ -592,6 +592,83 @@ async fn an_old_seq_gap_is_a_divergence(backend: Backend) {
     }
 }
 
+/// A session past its deadline whose end is not in the log, and which
+/// Redis no longer knows (its ledger expired before any reaper ran): older
+/// than the grace period it is `end_missing`, and `--repair` writes its end
+/// the way the database sweep does.
+async fn a_missing_end_is_named_and_written(backend: Backend) {
+    let f = Fixture::new(backend, |c| {
+        let mut c = c.with_session_timeout(Duration::from_secs(1));
+        c.tombstone_ttl = Duration::from_secs(1);
+        c
+    })
+    .await;
+    let c = f
+        .ctx
+        .store
+        .create(NewSession::for_user(6, "six"))
+        .await
+        .expect("create");
+    f.drain().await;
+    let ledger = f.ledger_key(&c.session_id);
+    f.ctx
+        .eventually("the ledger to expire", Duration::from_secs(10), || {
+            let (mut conn, ledger) = (f.ctx.conn(), ledger.clone());
+            async move { !conn.exists::<_, bool>(&ledger).await.expect("exists") }
+        })
+        .await;
+    let deadline = session_snapshots::Entity::find_by_id(c.session_id.to_string())
+        .one(&f.db.db)
+        .await
+        .expect("read")
+        .and_then(|s| s.expires_at)
+        .expect("a deadline");
+    f.ctx
+        .eventually(
+            "the drain to prove the database current",
+            Duration::from_secs(20),
+            || async move {
+                chrono::Utc::now() > deadline + vedfolnir_sessions::audit::partition::DRAIN_SLACK
+            },
+        )
+        .await;
+    f.drain().await;
+    // Within the grace period: an end still to come, not a divergence.
+    let run = f.verify(&[]).await;
+    assert_eq!(run.code, 0, "{:#} {}", run.json, run.stderr);
+    let run = f.verify(&["--grace", "0"]).await;
+    assert_eq!(run.code, 1, "{:#} {}", run.json, run.stderr);
+    assert_eq!(
+        run.kinds("divergences").get(c.session_id.as_str()),
+        Some(&vec!["end_missing".to_owned()]),
+        "{:#}",
+        run.json
+    );
+    let run = f.verify(&["--grace", "0", "--repair"]).await;
+    assert_eq!(run.code, 0, "{:#} {}", run.json, run.stderr);
+    assert_eq!(
+        run.json["repaired"][0]["kind"], "end_missing",
+        "{:#}",
+        run.json
+    );
+    assert!(
+        run.json["repaired"][0]["action"]
+            .as_str()
+            .is_some_and(|a| a.contains("audit database")),
+        "{:#}",
+        run.json
+    );
+    let events = session_events::Entity::find()
+        .filter(session_events::Column::SessionId.eq(c.session_id.as_str()))
+        .all(&f.db.db)
+        .await
+        .expect("events");
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["created", "expired"]);
+    let run = f.verify(&["--grace", "0"]).await;
+    assert_eq!(run.code, 0, "{:#} {}", run.json, run.stderr);
+}
+
 /// A row whose seq was written outside the i64 range (a u64 above it wraps
 /// to a negative number): one divergence of that session, and the rest of
 /// the database is still checked.
@@ -727,6 +804,7 @@ on_both_backends!(
     each_kind_of_damage_is_named_and_repaired,
     a_tampered_key_is_rewritten_from_the_log,
     a_missing_key_is_restored,
+    a_missing_end_is_named_and_written,
     an_old_seq_gap_is_a_divergence,
     a_row_with_a_seq_out_of_range_is_one_divergence,
     replay_at_skips_a_row_out_of_range,

@@ -1,5 +1,6 @@
 -- vedfolnir-sessions: one session's derived Redis state, read and put right
--- atomically, for `verify` and `verify --repair`.
+-- atomically, for `verify`, `verify --repair` and the database sweep of
+-- overdue sessions.
 --
 -- This script and `src/recovery/layout.rs` are the only places outside the
 -- store that know how a session is laid out in Redis (the key, its ledger,

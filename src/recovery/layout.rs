@@ -1,6 +1,7 @@
 //! One session's derived state in Redis, read and put right in one place.
 //!
-//! `verify` and `verify --repair` need to know how a session is laid out
+//! `verify`, `verify --repair` and the database sweep of overdue sessions
+//! ([`crate::reaper::OverdueSweeper`]) need to know how a session is laid out
 //! in Redis beyond its key: the ledger, the expiry index, the user index and
 //! how their TTLs and scores relate. That knowledge lives here and in
 //! `src/lua/repair.lua`, nowhere else outside the store, so that a change of

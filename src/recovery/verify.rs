@@ -49,11 +49,11 @@
 //! - a session past its deadline that fell out of the expiry index is put
 //!   back, so the reaper appends its end;
 //! - a snapshot that is not the fold of its events is rebuilt (only from
-//!   the version it was read at).
+//!   the version it was read at);
+//! - a missing end is settled by the [`OverdueSweeper`].
 //!
 //! What the log cannot tell (a gap in the trail, an unreadable row, a key
-//! ahead of the log, a key of an ended session, a missing end) stays a
-//! divergence.
+//! ahead of the log, a key of an ended session) stays a divergence.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -76,6 +76,7 @@ use crate::audit::{AuditSink, Incoming};
 use crate::conn::RedisConn;
 use crate::error::Result;
 use crate::id::SessionId;
+use crate::reaper::{OverdueConfig, OverdueSweeper, Settled};
 use crate::session::{Session, Status};
 use crate::store::SessionStore;
 
@@ -367,6 +368,7 @@ enum Fix {
     Reindex,
     Requeue,
     Snapshot,
+    Settle,
 }
 
 #[derive(Debug, Clone)]
@@ -391,6 +393,7 @@ struct Judgement {
     /// For repair: the state Redis must hold (and what it held).
     reindex: Option<(Option<String>, Expected)>,
     requeue: Option<(u64, i64)>,
+    snapshot: Option<session_snapshots::Model>,
     redis_version: Option<u64>,
     snapshot_version: Option<u64>,
     history_version: Option<u64>,
@@ -883,6 +886,7 @@ impl Checker<'_> {
             }
             (None, None) => {}
         }
+        j.snapshot = db.snapshot.clone();
         folded.as_ref().map(LogView::of)
     }
 
@@ -1055,7 +1059,8 @@ impl Checker<'_> {
                 j.reindex = Some((None, l.expected()));
             }
             ledger => {
-                // Past its deadline: the reaper's business.
+                // Past its deadline: the reaper's business, then the
+                // database sweep's.
                 for p in layout::check_overdue(r, l.seq) {
                     j.problem(p.kind, p.detail, Some(Fix::Requeue));
                     j.requeue = Some((l.seq, deadline));
@@ -1066,10 +1071,11 @@ impl Checker<'_> {
                             "past its deadline by more than the grace period; the reaper has not written its end"
                         }
                         None => {
-                            "past its deadline by more than the grace period, and Redis has no ledger for it: the reaper cannot write its end"
+                            "past its deadline by more than the grace period, and Redis has no ledger for it: only the database sweep can write its end"
                         }
                     };
-                    j.problem("end_missing", detail, None);
+                    let fix = j.snapshot.is_some().then_some(Fix::Settle);
+                    j.problem("end_missing", detail, fix);
                 }
             }
         }
@@ -1155,6 +1161,27 @@ impl Checker<'_> {
                     "nothing: the session changed meanwhile".to_owned()
                 },
             );
+        }
+        if wants(Fix::Settle)
+            && let Some(snapshot) = &j.snapshot
+        {
+            let sweeper = OverdueSweeper::new(
+                self.store.clone(),
+                self.db.clone(),
+                OverdueConfig {
+                    grace: self.opts.grace,
+                    ..OverdueConfig::default()
+                },
+            );
+            let action = match sweeper.settle(snapshot).await? {
+                Settled::ExpiredInRedis => "appended its `expired` event through Redis".to_owned(),
+                Settled::WrittenToDatabase => {
+                    "wrote its `expired` event into the audit database".to_owned()
+                }
+                Settled::AlreadyEnded => "nothing: it ended meanwhile".to_owned(),
+                Settled::Waiting(why) => format!("nothing yet: {why}"),
+            };
+            actions.insert(Fix::Settle, action);
         }
         // Look again: what is gone was repaired, what is left is not.
         let after = self.settled_look(id, &j.users).await?;
