@@ -51,8 +51,8 @@ pub enum Command {
     /// of sessions as of an instant to a file instead (Redis untouched).
     Replay(ReplayArgs),
     /// Compare Redis, the snapshots and the event history; exit 1 on any
-    /// divergence.
-    Verify,
+    /// divergence (with `--repair`: on any that could not be put right).
+    Verify(VerifyArgs),
     /// The audit snapshots.
     #[command(subcommand)]
     Snapshots(SnapshotsCmd),
@@ -105,6 +105,19 @@ pub struct ReplayArgs {
     /// With `--at`: where to write the JSON (default: stdout).
     #[arg(long, requires = "at")]
     pub output: Option<std::path::PathBuf>,
+}
+
+/// Arguments of `verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Put right what the log determines (ledgers, indexes, TTLs, keys,
+    /// snapshots, missing ends) and report what was done.
+    #[arg(long)]
+    pub repair: bool,
+    /// Seconds a gap in the audit trail, or an overdue end, may be old
+    /// before it counts as a divergence.
+    #[arg(long, default_value_t = 60)]
+    pub grace: u64,
 }
 
 /// Arguments of `history`.
@@ -323,6 +336,14 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
             let db = crate::audit::db::connect(&config.database_url).await?;
             crate::audit::db::require_current_schema(&db).await?;
             let rows = crate::audit::history::history(&db, &query).await?;
+            // Not found is 1, as everywhere in the CLI; a known session with
+            // nothing in the window is an empty answer.
+            if rows.is_empty()
+                && let Some(id) = &query.session_id
+                && !crate::recovery::session_known(&db, id).await?
+            {
+                return Err(not_in_audit_trail(id));
+            }
             return Ok(if h.json {
                 Output::Json(serde_json::to_value(&rows).map_err(|e| invalid(e.to_string()))?)
             } else {
@@ -357,27 +378,47 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
                 Output::Text(crate::demo::render(&report))
             });
         }
-        Command::Verify => {
-            let db = crate::audit::db::connect(&config.database_url).await?;
-            crate::audit::db::require_current_schema(&db).await?;
-            let store = SessionStore::connect(&config).await?;
-            let report = crate::recovery::verify(&store, &db).await?;
-            let v = serde_json::to_value(&report).map_err(|e| invalid(e.to_string()))?;
-            if report.ok {
-                return Ok(Output::Json(v));
-            }
-            println!("{v:#}");
-            return Err(Failure {
-                code: 1,
-                message: format!(
-                    "{} divergence(s) between Redis and the audit database",
-                    report.divergences.len()
-                ),
-            });
-        }
+        Command::Verify(v) => return verify(v, config).await,
         _ => {}
     }
     run_store(cli, config).await.map(Output::Json)
+}
+
+/// The failure for a session id the audit database has never seen.
+fn not_in_audit_trail(id: &str) -> Failure {
+    Failure {
+        code: 1,
+        message: format!("session {id} not found in the audit trail"),
+    }
+}
+
+async fn verify(v: VerifyArgs, config: Config) -> Result<Output, Failure> {
+    let db = crate::audit::db::connect(&config.database_url).await?;
+    crate::audit::db::require_current_schema(&db).await?;
+    let store = SessionStore::connect(&config).await?;
+    let opts = crate::recovery::VerifyOptions {
+        repair: v.repair,
+        grace: std::time::Duration::from_secs(v.grace),
+        ..crate::recovery::VerifyOptions::default()
+    };
+    let report = crate::recovery::verify_with(&store, &db, &opts).await?;
+    let out = serde_json::to_value(&report).map_err(|e| invalid(e.to_string()))?;
+    if report.ok {
+        return Ok(Output::Json(out));
+    }
+    println!("{out:#}");
+    let repaired = if v.repair {
+        format!(" ({} repaired)", report.repaired.len())
+    } else {
+        String::new()
+    };
+    Err(Failure {
+        code: 1,
+        message: format!(
+            "{} divergence(s) between Redis and the audit database{repaired}",
+            report.divergences.len()
+        ),
+    })
 }
 
 async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
@@ -393,10 +434,25 @@ async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
                 .map(|s| s.to_string()),
             user_id: r.user,
         };
-        let sessions = crate::recovery::state_at(&db, at, &selection).await?;
+        let report = crate::recovery::point_in_time(&db, at, &selection).await?;
+        if report.sessions.is_empty()
+            && report.skipped.is_empty()
+            && let Some(id) = &selection.session_id
+            && !crate::recovery::session_known(&db, id).await?
+        {
+            return Err(not_in_audit_trail(id));
+        }
+        if !report.skipped.is_empty() {
+            // One bad row must not stop the answer, and must not go unsaid.
+            eprintln!(
+                "warning: skipped {} audit row(s) that do not decode (listed under \"skipped\")",
+                report.skipped.len()
+            );
+        }
         let doc = json!({
             "at": crate::time::Timestamp::from_datetime(at),
-            "sessions": sessions,
+            "sessions": report.sessions,
+            "skipped": report.skipped,
         });
         return match r.output {
             Some(path) => {
@@ -407,6 +463,7 @@ async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
                 Ok(Output::Json(json!({
                     "at": doc["at"],
                     "sessions": doc["sessions"].as_array().map_or(0, Vec::len),
+                    "skipped": doc["skipped"].as_array().map_or(0, Vec::len),
                     "output": path.display().to_string(),
                 })))
             }
@@ -512,7 +569,7 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
         Command::Migrate
         | Command::History(_)
         | Command::Replay(_)
-        | Command::Verify
+        | Command::Verify(_)
         | Command::Snapshots(_)
         | Command::Demo { .. }
         | Command::Bench(_) => Err(invalid("not a store command")),

@@ -8,6 +8,20 @@
 //! session touched just before its deadline is left alone and two reapers
 //! never expire one session twice. Keyspace notifications are not used: Redis
 //! does not deliver them reliably.
+//!
+//! The reaper needs the session's ledger in Redis. A session whose ledger is
+//! gone (the reaper was down longer than `SESSION_TOMBSTONE_TTL`, or Redis
+//! lost its data just after the deadline) still gets its `expired` event from
+//! [`OverdueSweeper`], which works from the audit database's live snapshots
+//! instead (`overdue`).
+//!
+//! # Layout
+//!
+//! - this file: [`Reaper`] and [`ReaperConfig`], the sweep of the expiry index;
+//! - `overdue`: [`OverdueSweeper`] and [`OverdueConfig`], the sweep of the
+//!   audit database for live snapshots past their deadline.
+
+mod overdue;
 
 use std::time::Duration;
 
@@ -18,6 +32,8 @@ use crate::config::{ConfigError, non_empty, parse};
 use crate::error::Result;
 use crate::id::SessionId;
 use crate::store::SessionStore;
+
+pub use overdue::{OverdueConfig, OverdueSweep, OverdueSweeper, Settled};
 
 /// Reaper settings.
 #[derive(Debug, Clone)]

@@ -1,5 +1,7 @@
 //! The worker process: the audit consumer and the expiry reaper, side by
-//! side, until a shutdown signal.
+//! side, until a shutdown signal. With the audit database, each partition
+//! also gets the database sweep of overdue sessions
+//! ([`crate::reaper::OverdueSweeper`]).
 
 use std::collections::BTreeMap;
 
@@ -39,6 +41,9 @@ pub async fn run(
     lease_ttl: std::time::Duration,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // Read here rather than passed in, so that the binary and the callers of
+    // `run` stay as they are; a bad value still stops the worker at start.
+    let overdue = crate::reaper::OverdueConfig::from_env()?;
     let store = SessionStore::connect(config).await?;
     let health = store.health().await;
     for w in &health.warnings {
@@ -93,6 +98,7 @@ pub async fn run(
                         db: db.clone(),
                         consumer: consumer.clone(),
                         reaper: reaper.clone(),
+                        overdue: overdue.clone(),
                         parts,
                     };
                     partitions.spawn(async move { work.run(p, token).await });
@@ -158,6 +164,7 @@ struct Partition {
     db: Option<sea_orm::DatabaseConnection>,
     consumer: ConsumerConfig,
     reaper: ReaperConfig,
+    overdue: crate::reaper::OverdueConfig,
     parts: Parts,
 }
 
@@ -165,6 +172,13 @@ impl Partition {
     async fn run(self, p: u32, token: CancellationToken) -> Result<()> {
         let keys = self.store.keys().part(p).clone();
         let mut set = tokio::task::JoinSet::new();
+        if let Some(db) = &self.db {
+            // Ends the reaper cannot write (no ledger left in Redis).
+            let s =
+                crate::reaper::OverdueSweeper::new(self.store.clone(), db.clone(), self.overdue);
+            let t = token.clone();
+            set.spawn(async move { s.run_partition(p, t).await.map(|_| ()) });
+        }
         if let Some(db) = self.db {
             let sink = AuditSink::new(db, self.config.session_timeout, keys.stream.clone());
             let mut c =

@@ -1,6 +1,6 @@
-//! `vedfolnir-sessions migrate` and `vedfolnir-sessions history` as
-//! subprocesses, on a fresh SQLite file and a fresh PostgreSQL database, over
-//! events the audit consumer recorded from the real Redis.
+//! `vedfolnir-sessions migrate`, `history` and `replay --at` as subprocesses,
+//! on a fresh SQLite file and a fresh PostgreSQL database, over events the
+//! audit consumer recorded from the real Redis.
 
 mod common;
 
@@ -294,4 +294,75 @@ async fn migrate_then_history_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_then_history_on_postgres() {
     migrate_then_history(Backend::Postgres).await;
+}
+
+/// The CLI's convention: not found is exit 1. An id the audit trail has
+/// never seen is not found for `history` and for `replay --at --session`; a
+/// known session with nothing in the window is an empty answer.
+async fn unknown_session_ids_exit_1(backend: Backend) {
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(backend).await;
+    let known = ctx
+        .store
+        .create(NewSession::for_user(9, "nine"))
+        .await
+        .expect("create")
+        .session_id;
+    audit(&ctx, &db.url).await;
+    let unknown = vedfolnir_sessions::Token::generate().session_id();
+    let now = Timestamp::now().to_string();
+
+    for args in [
+        vec!["history", unknown.as_str()],
+        vec!["history", unknown.as_str(), "--json"],
+        vec![
+            "replay",
+            "--at",
+            now.as_str(),
+            "--session",
+            unknown.as_str(),
+        ],
+    ] {
+        let out = cli(&ctx, &db, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "one line on stderr: {err}");
+        assert!(
+            err.contains("not found") && err.contains(unknown.as_str()),
+            "{args:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+    }
+
+    // The known session: found, and an empty window is an empty answer.
+    let rows = cli_json(&ctx, &db, &["history", known.as_str(), "--json"]);
+    assert_eq!(places(&rows), [(known.to_string(), 1)]);
+    let later = boundary().to_string();
+    let none = cli_json(
+        &ctx,
+        &db,
+        &["history", known.as_str(), "--since", &later, "--json"],
+    );
+    assert_eq!(none, json!([]));
+    let at = cli_json(
+        &ctx,
+        &db,
+        &["replay", "--at", &now, "--session", known.as_str()],
+    );
+    assert_eq!(
+        at["sessions"][0]["session_id"],
+        json!(known.as_str()),
+        "{at}"
+    );
+    assert_eq!(at["skipped"], json!([]), "{at}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_session_ids_exit_1_on_sqlite() {
+    unknown_session_ids_exit_1(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_session_ids_exit_1_on_postgres() {
+    unknown_session_ids_exit_1(Backend::Postgres).await;
 }

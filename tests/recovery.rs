@@ -1,5 +1,6 @@
 //! Recovery against the real Redis and both databases: replay after a loss,
-//! point-in-time state, verify, and reads while recovering.
+//! point-in-time state, verify, reads while recovering, and the ends that
+//! only the database sweep of overdue sessions can write.
 
 #[macro_use]
 mod common;
@@ -11,9 +12,14 @@ use common::db::{Backend, TestDb};
 use redis::AsyncCommands as _;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use vedfolnir_sessions::audit::entity::dead_letters;
+use vedfolnir_sessions::audit::entity::session_events::{self, EventSource};
+use vedfolnir_sessions::audit::entity::session_snapshots::{self, SnapshotStatus};
+use vedfolnir_sessions::audit::partition::DRAIN_SLACK;
 use vedfolnir_sessions::audit::{AuditConsumer, AuditSink, ConsumerConfig};
+use vedfolnir_sessions::reaper::{OverdueConfig, OverdueSweeper, Reaper, ReaperConfig};
 use vedfolnir_sessions::recovery::{self, Healer, Selection};
-use vedfolnir_sessions::{Changes, DestroyReason, NewSession};
+use vedfolnir_sessions::{Changes, DestroyReason, NewSession, SessionId};
 
 fn sink(ctx: &TestContext, db: &TestDb) -> AuditSink {
     AuditSink::new(
@@ -374,9 +380,295 @@ async fn synchronous_mode_commits_before_returning(backend: Backend) {
     assert_eq!(rows2, rows);
 }
 
+// ---------------------------------------------------------------------------
+// Every end in the log exactly once
+
+/// The database sweep with no grace period: anything past its deadline.
+fn sweeper(
+    store: vedfolnir_sessions::SessionStore,
+    db: sea_orm::DatabaseConnection,
+) -> OverdueSweeper {
+    OverdueSweeper::new(
+        store,
+        db,
+        OverdueConfig {
+            grace: Duration::ZERO,
+            ..OverdueConfig::default()
+        },
+    )
+}
+
+async fn snapshot_row(db: &TestDb, id: &SessionId) -> session_snapshots::Model {
+    use sea_orm::EntityTrait as _;
+    session_snapshots::Entity::find_by_id(id.to_string())
+        .one(&db.db)
+        .await
+        .expect("read the snapshot")
+        .expect("a snapshot")
+}
+
+async fn audited_events(db: &TestDb, id: &SessionId) -> Vec<session_events::Model> {
+    use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _, QueryOrder as _};
+    session_events::Entity::find()
+        .filter(session_events::Column::SessionId.eq(id.as_str()))
+        .order_by_asc(session_events::Column::Seq)
+        .all(&db.db)
+        .await
+        .expect("read the events")
+}
+
+async fn dead_letter_count(db: &TestDb) -> u64 {
+    use sea_orm::{EntityTrait as _, PaginatorTrait as _};
+    dead_letters::Entity::find()
+        .count(&db.db)
+        .await
+        .expect("count")
+}
+
+/// Waits until the audit consumer's next drain can prove the database
+/// current at the snapshot's deadline (a drain at least [`DRAIN_SLACK`]
+/// after it).
+async fn wait_past_deadline(ctx: &TestContext, snap: &session_snapshots::Model) {
+    let deadline = snap.expires_at.expect("a live snapshot has a deadline");
+    ctx.eventually(
+        "the deadline to be DRAIN_SLACK behind",
+        Duration::from_secs(20),
+        || async move { chrono::Utc::now() > deadline + DRAIN_SLACK },
+    )
+    .await;
+}
+
+/// The end, once: one `expired` event at the next seq, and the snapshot
+/// expired with it.
+async fn assert_expired_once(db: &TestDb, id: &SessionId, seq: i64, source: EventSource) {
+    let events = audited_events(db, id).await;
+    let expired: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "expired")
+        .collect();
+    assert_eq!(expired.len(), 1, "exactly one expired event: {events:?}");
+    assert_eq!(expired[0].seq, seq, "{events:?}");
+    assert_eq!(expired[0].source, source, "{events:?}");
+    assert_eq!(
+        expired[0].stream_id.is_none(),
+        source == EventSource::Fallback
+    );
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seq).collect::<Vec<_>>(), "contiguous");
+    let snap = snapshot_row(db, id).await;
+    assert_eq!(snap.status, SnapshotStatus::Expired);
+    assert_eq!(snap.seq, seq);
+    assert_eq!(snap.expires_at, None);
+    let state: serde_json::Value = serde_json::from_str(&snap.state).expect("JSON");
+    assert_eq!(state["_version"], seq);
+}
+
+/// The reaper was down longer than `SESSION_TOMBSTONE_TTL`: when it comes
+/// back the ledger is gone, the `expire` script answers `gone` and drops the
+/// index entry, and nothing in Redis can write the end any more. The
+/// database sweep writes it, once, even with two sweepers at the same time,
+/// and only once the audit consumer has drained the stream past the
+/// deadline.
+async fn an_expiry_the_reaper_learns_late_is_written_once(backend: Backend) {
+    let ctx = TestContext::with(|c| {
+        let mut c = c.with_session_timeout(Duration::from_secs(1));
+        c.tombstone_ttl = Duration::from_secs(1);
+        c
+    })
+    .await;
+    let db = TestDb::new(backend).await;
+    let s = ctx
+        .store
+        .create(NewSession::for_user(6, "late"))
+        .await
+        .expect("create");
+    drain(&ctx, &db).await;
+    let ledger = ctx.store.keys().ledger(&s.session_id);
+    ctx.eventually("the ledger to expire", Duration::from_secs(10), || {
+        let (mut conn, ledger) = (ctx.conn(), ledger.clone());
+        async move { !conn.exists::<_, bool>(&ledger).await.expect("exists") }
+    })
+    .await;
+    // The reaper comes back: the script finds no ledger and writes nothing.
+    let reaper = Reaper::new(ctx.store.clone(), ReaperConfig::default());
+    assert_eq!(reaper.sweep().await.expect("sweep"), 0);
+    assert!(
+        ctx.events_of(&s.session_id)
+            .await
+            .iter()
+            .all(|e| e["type"] != "expired")
+    );
+    let score: Option<f64> = ctx
+        .conn()
+        .zscore(ctx.expiry_key(&s.session_id), s.session_id.as_str())
+        .await
+        .expect("zscore");
+    assert_eq!(score, None, "the index entry is gone too");
+    let snap = snapshot_row(&db, &s.session_id).await;
+    assert_eq!(
+        snap.status,
+        SnapshotStatus::Live,
+        "the end is not in the log yet"
+    );
+    // The database cannot yet be proven to hold everything the stream had at
+    // the deadline: the sweep waits.
+    let early = sweeper(ctx.store.clone(), db.db.clone())
+        .sweep()
+        .await
+        .expect("sweep");
+    assert_eq!(
+        (early.examined, early.written_to_database, early.waiting),
+        (1, 0, 1)
+    );
+    wait_past_deadline(&ctx, &snap).await;
+    drain(&ctx, &db).await;
+    // Two sweepers at once, each with its own Redis connection and pool.
+    let other_db = vedfolnir_sessions::audit::db::connect(&db.url)
+        .await
+        .expect("connect");
+    let a = sweeper(ctx.store.clone(), db.db.clone());
+    let b = sweeper(ctx.other_store().await, other_db);
+    let (x, y) = tokio::join!(a.sweep(), b.sweep());
+    let (x, y) = (x.expect("sweep"), y.expect("sweep"));
+    assert_eq!(
+        x.written_to_database + y.written_to_database,
+        1,
+        "one of them wrote it: {x:?} {y:?}"
+    );
+    assert_eq!(x.expired_in_redis + y.expired_in_redis, 0);
+    assert_expired_once(&db, &s.session_id, 2, EventSource::Fallback).await;
+    let payload: serde_json::Value =
+        serde_json::from_str(&audited_events(&db, &s.session_id).await[1].payload)
+            .expect("payload");
+    assert_eq!(
+        payload["deadline"],
+        vedfolnir_sessions::time::Timestamp::from_datetime(snap.expires_at.expect("deadline"))
+            .to_string()
+    );
+    // Nothing is left to sweep, and nothing else arrives from the stream.
+    let again = a.sweep().await.expect("sweep");
+    assert_eq!(again.examined, 0, "{again:?}");
+    drain(&ctx, &db).await;
+    assert_expired_once(&db, &s.session_id, 2, EventSource::Fallback).await;
+    assert_eq!(dead_letter_count(&db).await, 0);
+    let report = recovery::verify(&ctx.store, &db.db).await.expect("verify");
+    assert!(report.ok, "{report:?}");
+}
+
+/// The deadline passed just before Redis lost its data: replay skips the
+/// session (it is over) and nothing in Redis remembers it. The database
+/// sweep writes its end once the consumer has drained the new stream.
+async fn a_deadline_that_passed_before_a_redis_loss_gets_its_end(backend: Backend) {
+    let ctx = TestContext::with(|c| c.with_session_timeout(Duration::from_secs(1))).await;
+    let db = TestDb::new(backend).await;
+    let s = ctx
+        .store
+        .create(NewSession::for_user(7, "lost"))
+        .await
+        .expect("create");
+    ctx.store
+        .update(&s.session_id, Changes::new().with_set("k", 1))
+        .await
+        .expect("update");
+    drain(&ctx, &db).await;
+    let store = ctx.store.clone();
+    let id = s.session_id.clone();
+    ctx.eventually("the key to expire", Duration::from_secs(10), || {
+        let (store, id) = (store.clone(), id.clone());
+        async move { store.get(&id).await.expect("get").is_none() }
+    })
+    .await;
+    // Redis loses everything before any reaper ran.
+    lose_redis_data(&ctx).await;
+    let summary = recovery::replay(&ctx.store, &db.db, |_, _| {})
+        .await
+        .expect("replay");
+    assert_eq!((summary.restored, summary.expired_meanwhile), (0, 1));
+    let snap = snapshot_row(&db, &s.session_id).await;
+    assert_eq!(
+        snap.status,
+        SnapshotStatus::Live,
+        "the end is not in the log yet"
+    );
+    wait_past_deadline(&ctx, &snap).await;
+    // The consumer re-creates its group and drains the (new, empty) stream.
+    drain(&ctx, &db).await;
+    let swept = sweeper(ctx.store.clone(), db.db.clone())
+        .sweep()
+        .await
+        .expect("sweep");
+    assert_eq!(swept.written_to_database, 1, "{swept:?}");
+    assert_expired_once(&db, &s.session_id, 3, EventSource::Fallback).await;
+    // Replay leaves it ended, and the session stays gone.
+    let summary = recovery::replay(&ctx.store, &db.db, |_, _| {})
+        .await
+        .expect("replay");
+    assert_eq!(summary.restored, 0);
+    assert_eq!(ctx.store.get(&s.session_id).await.expect("get"), None);
+    let report = recovery::verify(&ctx.store, &db.db).await.expect("verify");
+    assert!(report.ok, "{report:?}");
+}
+
+/// A session past its deadline whose ledger is still live but which fell
+/// out of the expiry index: the reaper never sees it. The sweep puts it back
+/// and the `expired` event goes through Redis, the one script path.
+async fn an_overdue_session_out_of_the_expiry_index_expires_through_redis(backend: Backend) {
+    let ctx = TestContext::with(|c| c.with_session_timeout(Duration::from_secs(1))).await;
+    let db = TestDb::new(backend).await;
+    let s = ctx
+        .store
+        .create(NewSession::for_user(8, "lost"))
+        .await
+        .expect("create");
+    drain(&ctx, &db).await;
+    let _: () = ctx
+        .conn()
+        .zrem(ctx.expiry_key(&s.session_id), s.session_id.as_str())
+        .await
+        .expect("zrem");
+    let store = ctx.store.clone();
+    let id = s.session_id.clone();
+    ctx.eventually("the key to expire", Duration::from_secs(10), || {
+        let (store, id) = (store.clone(), id.clone());
+        async move { store.get(&id).await.expect("get").is_none() }
+    })
+    .await;
+    let reaper = Reaper::new(ctx.store.clone(), ReaperConfig::default());
+    assert_eq!(
+        reaper.sweep().await.expect("sweep"),
+        0,
+        "the reaper cannot see it"
+    );
+    let swept = sweeper(ctx.store.clone(), db.db.clone())
+        .sweep()
+        .await
+        .expect("sweep");
+    assert_eq!(swept.expired_in_redis, 1, "{swept:?}");
+    let expired: Vec<_> = ctx
+        .events_of(&s.session_id)
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "expired")
+        .collect();
+    assert_eq!(expired.len(), 1);
+    drain(&ctx, &db).await;
+    assert_expired_once(&db, &s.session_id, 2, EventSource::Stream).await;
+    assert_eq!(
+        sweeper(ctx.store.clone(), db.db.clone())
+            .sweep()
+            .await
+            .expect("sweep")
+            .examined,
+        0
+    );
+}
+
 on_both_backends!(
     replay_restores_identical_sessions,
     point_in_time_and_verify,
     loads_during_recovery_come_from_the_database,
     synchronous_mode_commits_before_returning,
+    an_expiry_the_reaper_learns_late_is_written_once,
+    a_deadline_that_passed_before_a_redis_loss_gets_its_end,
+    an_overdue_session_out_of_the_expiry_index_expires_through_redis,
 );

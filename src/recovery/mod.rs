@@ -11,22 +11,31 @@
 //!   Redis (forensics).
 //! - [`verify`] compares the three views and names every divergence; events
 //!   still on their way from the stream to the database are reported as lag.
-
+//!   [`verify_with`] can also repair what the log determines.
 //! - [`Healer`] notices a loss of Redis data and runs the replay by itself.
 //!
 //! # Layout
 //!
 //! - `replay`: [`replay`] and its [`ReplaySummary`].
-//! - `state_at`: [`state_at`], [`Selection`] and [`PointInTime`].
-//! - `verify`: [`verify`], [`VerifyReport`] and [`Divergence`].
+//! - `state_at`: [`state_at`], [`point_in_time`], [`Selection`] and
+//!   [`PointInTime`]; reading the audit trail without letting a bad row
+//!   stop the reader.
+//! - `verify`: [`verify`], [`verify_with`], [`VerifyReport`], [`Divergence`]
+//!   and [`Repair`].
+//! - `layout`: one session's derived Redis state (key, TTL, ledger, expiry
+//!   and user index) read and put right atomically, with `src/lua/repair.lua`;
+//!   the one place outside the store that knows the key layout.
 //! - `healer`: [`Healer`] and [`HealerTotals`].
 
 mod healer;
+pub(crate) mod layout;
 mod replay;
 mod state_at;
 mod verify;
 
 pub use healer::{Healer, HealerTotals};
 pub use replay::{PAGE, ReplaySummary, replay};
-pub use state_at::{PointInTime, Selection, state_at};
-pub use verify::{Divergence, VerifyReport, verify};
+pub use state_at::{
+    PointInTime, PointInTimeReport, Selection, SkippedRow, point_in_time, session_known, state_at,
+};
+pub use verify::{Divergence, Repair, VerifyOptions, VerifyReport, verify, verify_with};
