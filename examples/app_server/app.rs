@@ -183,9 +183,24 @@ impl AppConfig {
 /// schema up to date itself so that nothing else is needed to start; a
 /// production deployment runs `vedfolnir-sessions migrate` as a release step.
 pub async fn connect_store(config: &Config) -> anyhow::Result<SessionStore> {
-    let store = SessionStore::connect(config)
-        .await
-        .with_context(|| format!("connecting to redis at {}", config.redis_redacted()))?;
+    let store = match SessionStore::connect(config).await {
+        Ok(store) => store,
+        // With the fallback the app serves from the audit database while
+        // Redis is unreachable, at start too; the connection is made on
+        // first use once Redis answers.
+        Err(e) if e.is_unavailable() && config.db_fallback => {
+            tracing::warn!(
+                redis = %config.redis_redacted(),
+                err = %e,
+                "redis unreachable at start; serving from the audit database until it answers"
+            );
+            SessionStore::connect_lazy(config)?
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("connecting to redis at {}", config.redis_redacted()));
+        }
+    };
     if !(config.db_sync || config.db_fallback) {
         return Ok(store);
     }
