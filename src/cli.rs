@@ -58,6 +58,10 @@ pub enum Command {
     Snapshots(SnapshotsCmd),
     /// Load benchmarks with a baseline measured in the same run.
     Bench(crate::bench::BenchArgs),
+    /// Stream entries the audit consumer set aside: list them, retry them
+    /// once the cause is fixed, or discard them explicitly.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCmd),
     /// A scripted day of simulated app servers, a loss of Redis data and
     /// the healing (needs a running worker on the same configuration).
     Demo {
@@ -141,6 +145,60 @@ pub struct HistoryArgs {
     /// A JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `dead-letters …` commands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCmd {
+    /// The dead letters awaiting a decision, oldest first, as a JSON array
+    /// (with the session and seq each leaves a gap at, when valid).
+    List(DeadLetterListArgs),
+    /// Decode each dead letter's raw fields again and write the event with
+    /// its original id and seq; a dead letter written is deleted, one still
+    /// refused is kept with the new reason. Prints a summary.
+    Retry(DeadLetterSelect),
+    /// Set dead letters aside explicitly: they are marked discarded, no
+    /// longer listed or retried by default (`list --discarded` shows them).
+    Discard {
+        /// Which ones.
+        #[command(flatten)]
+        select: DeadLetterSelect,
+        /// Confirm: without it nothing is discarded (exit 2).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Arguments of `dead-letters list`.
+#[derive(Debug, Args)]
+pub struct DeadLetterListArgs {
+    /// Only those of this stream.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// Only those of this session.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Include the discarded ones.
+    #[arg(long)]
+    pub discarded: bool,
+    /// At most this many (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: u64,
+}
+
+/// Which dead letters `retry` and `discard` act on.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
+pub struct DeadLetterSelect {
+    /// This dead letter, by the `id` that `list` prints (repeatable).
+    #[arg(long = "id")]
+    pub id: Vec<i64>,
+    /// Every dead letter awaiting a decision.
+    #[arg(long)]
+    pub all: bool,
+    /// With `--all`: only those of this stream.
+    #[arg(long)]
+    pub stream: Option<String>,
 }
 
 /// `session …` commands.
@@ -354,6 +412,7 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
         Command::Snapshots(SnapshotsCmd::Rebuild { session }) => {
             return rebuild_snapshots(session, config).await;
         }
+        Command::DeadLetters(cmd) => return dead_letters(cmd, config).await,
         Command::Bench(args) => {
             return crate::bench::run(args, config).await.map_err(Failure::from);
         }
@@ -524,6 +583,139 @@ async fn rebuild_snapshots(session: Option<String>, config: Config) -> Result<Ou
     ))
 }
 
+/// `dead-letters list | retry | discard`.
+async fn dead_letters(cmd: DeadLettersCmd, config: Config) -> Result<Output, Failure> {
+    use crate::audit::sink::{DeadLetterFilter, RetryOutcome, list_dead_letters};
+    let db = crate::audit::db::connect(&config.database_url).await?;
+    crate::audit::db::require_current_schema(&db).await?;
+    match cmd {
+        DeadLettersCmd::List(a) => {
+            let filter = DeadLetterFilter {
+                stream: a.stream,
+                session_id: a.session,
+                discarded: a.discarded,
+                limit: a.limit,
+                ..DeadLetterFilter::default()
+            };
+            let rows = list_dead_letters(&db, &filter).await?;
+            Ok(Output::Json(Value::Array(
+                rows.iter().map(dead_letter_json).collect(),
+            )))
+        }
+        DeadLettersCmd::Retry(select) => {
+            let mut rows = selected_dead_letters(&db, &select).await?;
+            // In stream order, so a session's events go in oldest first.
+            rows.sort_by_key(|r| (r.stream.clone(), stream_order(&r.stream_id)));
+            let mut sinks: std::collections::HashMap<String, crate::audit::AuditSink> =
+                std::collections::HashMap::new();
+            let (mut written, mut duplicates, mut kept) = (0u64, 0u64, 0u64);
+            let mut results = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let sink = sinks.entry(row.stream.clone()).or_insert_with(|| {
+                    crate::audit::AuditSink::new(
+                        db.clone(),
+                        config.session_timeout,
+                        row.stream.clone(),
+                    )
+                });
+                let outcome = sink.retry_dead_letter(row).await?;
+                let (name, reason) = match outcome {
+                    RetryOutcome::Written => {
+                        written += 1;
+                        ("written", None)
+                    }
+                    RetryOutcome::Duplicate => {
+                        duplicates += 1;
+                        ("duplicate", None)
+                    }
+                    RetryOutcome::Kept { reason } => {
+                        kept += 1;
+                        ("kept", Some(reason))
+                    }
+                };
+                results.push(json!({
+                    "id": row.id,
+                    "stream_id": row.stream_id,
+                    "outcome": name,
+                    "reason": reason,
+                }));
+            }
+            Ok(Output::Json(json!({
+                "retried": rows.len(),
+                "written": written,
+                "duplicates": duplicates,
+                "kept": kept,
+                "results": results,
+            })))
+        }
+        DeadLettersCmd::Discard { select, yes } => {
+            let rows = selected_dead_letters(&db, &select).await?;
+            if !yes {
+                return Err(invalid(format!(
+                    "discarding sets {} dead letter(s) aside for good; add --yes to confirm",
+                    rows.len()
+                )));
+            }
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            let n = crate::audit::sink::discard_dead_letters(&db, &ids).await?;
+            Ok(Output::Json(json!({"discarded": n, "ids": ids})))
+        }
+    }
+}
+
+/// The dead letters `--id …` names (exit 1 when one does not exist), or
+/// every one awaiting a decision with `--all`.
+async fn selected_dead_letters(
+    db: &sea_orm::DatabaseConnection,
+    select: &DeadLetterSelect,
+) -> Result<Vec<crate::audit::entity::dead_letters::Model>, Failure> {
+    use crate::audit::sink::{DeadLetterFilter, list_dead_letters};
+    let filter = DeadLetterFilter {
+        ids: select.id.clone(),
+        stream: select.stream.clone(),
+        ..DeadLetterFilter::default()
+    };
+    let rows = list_dead_letters(db, &filter).await?;
+    let missing: Vec<String> = select
+        .id
+        .iter()
+        .filter(|id| !rows.iter().any(|r| r.id == **id))
+        .map(i64::to_string)
+        .collect();
+    if !missing.is_empty() {
+        return Err(Failure {
+            code: 1,
+            message: format!("no dead letter with id {}", missing.join(", ")),
+        });
+    }
+    Ok(rows)
+}
+
+/// A stream id's place in its stream (`<ms>-<seq>`); fallback ids last.
+fn stream_order(id: &str) -> (u64, u64) {
+    id.split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        .unwrap_or((u64::MAX, u64::MAX))
+}
+
+/// One dead letter as `list` prints it: the raw fields as the JSON object
+/// they are stored as.
+fn dead_letter_json(r: &crate::audit::entity::dead_letters::Model) -> Value {
+    json!({
+        "id": r.id,
+        "stream": r.stream,
+        "stream_id": r.stream_id,
+        "session_id": r.session_id,
+        "seq": r.seq,
+        "reason": r.reason,
+        "deliveries": r.deliveries,
+        "recorded_at": crate::time::Timestamp::from_datetime(r.recorded_at),
+        "discarded_at": r.discarded_at.map(crate::time::Timestamp::from_datetime),
+        "fields": serde_json::from_str::<Value>(&r.fields)
+            .unwrap_or_else(|_| Value::String(r.fields.clone())),
+    })
+}
+
 async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
     let store = match SessionStore::connect(&config).await {
         Ok(s) => s,
@@ -572,7 +764,8 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
         | Command::Verify(_)
         | Command::Snapshots(_)
         | Command::Demo { .. }
-        | Command::Bench(_) => Err(invalid("not a store command")),
+        | Command::Bench(_)
+        | Command::DeadLetters(_) => Err(invalid("not a store command")),
         Command::Health => {
             let h = store.health().await;
             let v = serde_json::to_value(&h).map_err(|e| invalid(e.to_string()))?;

@@ -279,6 +279,18 @@ impl Event {
         if seq == 0 {
             return Err(invalid("seq", "sequence numbers start at 1"));
         }
+        // The audit database stores `seq` as a signed 64-bit integer: a
+        // larger one would come back negative, so it is refused here, where
+        // the entry becomes a dead letter with this reason.
+        if i64::try_from(seq).is_err() {
+            return Err(invalid(
+                "seq",
+                format!(
+                    "{seq} is above the largest storable sequence number ({})",
+                    i64::MAX
+                ),
+            ));
+        }
         let type_name = get(fields, "type")?;
         let occurred_at = get(fields, "occurred_at")?
             .parse::<Timestamp>()
@@ -449,6 +461,14 @@ mod tests {
                 ..
             })
         ));
+        let mut f = good.clone();
+        f.insert("seq".to_owned(), (i64::MAX as u64 + 1).to_string());
+        assert!(matches!(
+            Event::from_fields(&f),
+            Err(DecodeError::InvalidField { field: "seq", .. })
+        ));
+        f.insert("seq".to_owned(), i64::MAX.to_string());
+        assert_eq!(Event::from_fields(&f).map(|e| e.seq), Ok(i64::MAX as u64));
         let mut f = good;
         f.insert("payload".to_owned(), r#"{"reason":"bored"}"#.to_owned());
         assert!(matches!(

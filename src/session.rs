@@ -537,7 +537,8 @@ mod tests {
     fn event() -> impl Strategy<Value = Event> {
         (
             kind(),
-            1u64..u64::MAX,
+            // The codec refuses seqs the audit database cannot store.
+            1u64..=i64::MAX as u64,
             timestamp(),
             proptest::option::of("[a-zA-Z0-9_é]{1,12}"),
             proptest::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01"),

@@ -1,49 +1,67 @@
-//! The worker process: the audit consumer and the expiry reaper, side by
-//! side, until a shutdown signal. With the audit database, each partition
-//! also gets the database sweep of overdue sessions
-//! ([`crate::reaper::OverdueSweeper`]).
+//! The worker process: the audit consumer, the expiry reaper and the healer,
+//! side by side, until a shutdown signal. Beside each partition's audit
+//! consumer runs the database sweep of overdue sessions
+//! ([`crate::reaper::OverdueSweeper`]), which needs the same database.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditConsumer, AuditSink, ConsumerConfig};
 use crate::config::Config;
 use crate::error::Result;
-use crate::lease::Leases;
+use crate::lease::{Leases, Role};
 use crate::reaper::{Reaper, ReaperConfig};
 use crate::store::SessionStore;
 
 /// Which parts to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parts {
-    /// The audit consumer and the reaper.
+    /// Every part: the audit consumer, the reaper and the healer.
     Both,
-    /// Only the audit consumer.
+    /// The audit consumer (and the healer, which needs the same database).
     Audit,
     /// Only the reaper.
     Reaper,
+    /// Only the healer.
+    Healer,
 }
 
-/// Runs the worker until `shutdown` is cancelled. The audit consumer refuses
-/// to start on an audit schema that is behind (`vedfolnir-sessions migrate`).
+impl Parts {
+    /// The roles this selection runs; each has leases of its own.
+    pub fn roles(self) -> &'static [Role] {
+        match self {
+            Parts::Both => &Role::ALL,
+            Parts::Audit => &[Role::Audit, Role::Healer],
+            Parts::Reaper => &[Role::Reaper],
+            Parts::Healer => &[Role::Healer],
+        }
+    }
+}
+
+/// Runs the worker until `shutdown` is cancelled. The audit consumer and the
+/// healer refuse to start on an audit schema that is behind
+/// (`vedfolnir-sessions migrate`).
 ///
-/// The worker works on the partitions it holds a lease on (see
-/// [`crate::lease`]): for each, an audit consumer on the partition's stream
-/// and a reaper on its expiry index. Partitions are spread over the running
-/// workers and taken over when a worker dies (after `lease_ttl`). Without
-/// partitions there is one, held by one worker at a time; the others stand by.
+/// Each role the worker runs holds leases of its own (see [`crate::lease`]):
+/// an audit consumer on a partition's stream and a reaper on its expiry
+/// index where the worker holds that role's lease of the partition, and the
+/// healer while it holds the healer's single lease. Leases are spread over
+/// the workers that run the role and taken over when a worker dies (after
+/// `lease_ttl`), so any split of the roles over processes covers every
+/// partition. An audit consumer writes under a fencing token that taking the
+/// lease bumped in the database, so a worker that lost its lease cannot
+/// commit.
 pub async fn run(
     config: &Config,
     parts: Parts,
     consumer: ConsumerConfig,
     reaper: ReaperConfig,
-    lease_ttl: std::time::Duration,
+    lease_ttl: Duration,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    // Read here rather than passed in, so that the binary and the callers of
-    // `run` stay as they are; a bad value still stops the worker at start.
-    let overdue = crate::reaper::OverdueConfig::from_env()?;
     let store = SessionStore::connect(config).await?;
     let health = store.health().await;
     for w in &health.warnings {
@@ -60,90 +78,140 @@ pub async fn run(
             Ok(())
         });
     }
-    let db = if parts != Parts::Reaper {
+    let overdue = crate::reaper::OverdueConfig::from_env()?;
+    let roles = parts.roles();
+    let db = if roles
+        .iter()
+        .any(|r| matches!(r, Role::Audit | Role::Healer))
+    {
         let db = audit::db::connect(&config.database_url).await?;
         audit::db::require_current_schema(&db).await?;
-        let healer = crate::recovery::Healer::new(store.clone(), db.clone(), consumer.heal_check);
-        let token = shutdown.clone();
-        tasks.spawn(async move { healer.run(token).await.map(|_| ()) });
         Some(db)
     } else {
         None
     };
-    let mut leases = Leases::new(
-        store.connection(),
-        store.keys().clone(),
-        consumer.consumer.clone(),
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        store,
+        db,
+        consumer,
+        reaper,
+        overdue,
         lease_ttl,
-    );
-    let mut running: BTreeMap<u32, CancellationToken> = BTreeMap::new();
-    let mut partitions = tokio::task::JoinSet::new();
+    });
+    for &role in roles {
+        tasks.spawn(hold_leases(role, shared.clone(), shutdown.clone()));
+    }
     let mut result = Ok(());
-    while !shutdown.is_cancelled() {
-        match leases.tick().await {
-            Ok(change) => {
-                for p in change.released {
-                    if let Some(token) = running.remove(&p) {
-                        tracing::info!(partition = p, "partition released");
-                        token.cancel();
-                    }
-                }
-                for p in change.acquired {
-                    tracing::info!(partition = p, consumer = %consumer.consumer, "partition taken");
-                    let token = shutdown.child_token();
-                    running.insert(p, token.clone());
-                    let work = Partition {
-                        config: config.clone(),
-                        store: store.clone(),
-                        db: db.clone(),
-                        consumer: consumer.clone(),
-                        reaper: reaper.clone(),
-                        overdue: overdue.clone(),
-                        parts,
-                    };
-                    partitions.spawn(async move { work.run(p, token).await });
-                }
-            }
-            Err(e) => tracing::warn!(err = %e, "partition lease tick failed"),
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = task_result(done) {
+            shutdown.cancel();
+            result = Err(e);
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(leases.interval()) => {}
-            Some(done) = tasks.join_next() => {
-                if let Err(e) = task_result(done) {
-                    shutdown.cancel();
-                    result = Err(e);
-                }
-            }
-            Some(done) = partitions.join_next() => {
-                if let Err(e) = task_result(done) {
-                    shutdown.cancel();
-                    result = Err(e);
-                }
-            }
-        }
-    }
-    // Shutdown: every partition finishes and acknowledges its batch in hand,
-    // then the leases go, so that other workers take over at once.
-    if let Err(e) = join_all(&mut partitions).await {
-        result = Err(e);
-    }
-    if let Err(e) = leases.release_all().await {
-        tracing::warn!(err = %e, "releasing the partition leases failed");
-    }
-    if let Err(e) = join_all(&mut tasks).await {
-        result = Err(e);
     }
     result
 }
 
-/// Waits for every task of `set`; the last error, if any.
-async fn join_all(set: &mut tokio::task::JoinSet<Result<()>>) -> Result<()> {
+/// What every role's work needs.
+struct Shared {
+    config: Config,
+    store: SessionStore,
+    db: Option<sea_orm::DatabaseConnection>,
+    consumer: ConsumerConfig,
+    reaper: ReaperConfig,
+    overdue: crate::reaper::OverdueConfig,
+    lease_ttl: Duration,
+}
+
+/// Holds `role`'s leases until `shutdown`: starts the role's work on each
+/// partition acquired, stops it on each released, and gives up the lease of
+/// a partition whose work stopped by itself (its fence was taken over).
+async fn hold_leases(role: Role, shared: Arc<Shared>, shutdown: CancellationToken) -> Result<()> {
+    let mut leases = Leases::new(
+        shared.store.connection(),
+        shared.store.keys().clone(),
+        shared.consumer.consumer.clone(),
+        shared.lease_ttl,
+    )
+    .with_role(role);
+    // Each partition's work, by the generation of its start: work that ends
+    // is matched to the start it belongs to, not to a later one.
+    let mut running: BTreeMap<u32, (u64, CancellationToken)> = BTreeMap::new();
+    let mut generation = 0u64;
+    let mut work: tokio::task::JoinSet<(u32, u64, Result<()>)> = tokio::task::JoinSet::new();
     let mut result = Ok(());
-    while let Some(done) = set.join_next().await {
-        if let Err(e) = task_result(done) {
-            result = Err(e);
+    while !shutdown.is_cancelled() {
+        match leases.tick().await {
+            Ok(change) => {
+                for p in &change.released {
+                    // A lease that ran out (this process was slow to renew)
+                    // and was taken again in the same tick: the work goes on.
+                    // If another worker held it meanwhile, it bumped the
+                    // fence, and the work stops by itself at its next commit.
+                    if change.acquired.contains(p) {
+                        tracing::info!(role = %role, partition = p, "lease ran out and was taken again");
+                        continue;
+                    }
+                    if let Some((_, token)) = running.remove(p) {
+                        tracing::info!(role = %role, partition = p, "partition released");
+                        token.cancel();
+                    }
+                }
+                for p in change.acquired {
+                    if running.contains_key(&p) {
+                        continue;
+                    }
+                    tracing::info!(role = %role, partition = p, worker = %leases.name(), "partition taken");
+                    let token = shutdown.child_token();
+                    generation += 1;
+                    running.insert(p, (generation, token.clone()));
+                    let (shared, g) = (shared.clone(), generation);
+                    work.spawn(async move { (p, g, run_role(role, p, &shared, token).await) });
+                }
+            }
+            Err(e) => tracing::warn!(role = %role, err = %e, "partition lease tick failed"),
         }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(leases.interval()) => {}
+            Some(done) = work.join_next() => match done {
+                Ok((p, g, Ok(()))) => {
+                    // Work that stopped while its lease was still held lost
+                    // its fence: let the partition go to its new holder.
+                    if running.get(&p).is_some_and(|(current, t)| *current == g && !t.is_cancelled()) {
+                        running.remove(&p);
+                        tracing::warn!(role = %role, partition = p, "work stopped; giving up the lease");
+                        if let Err(e) = leases.release(p).await {
+                            tracing::warn!(err = %e, "releasing a lease failed");
+                        }
+                    }
+                }
+                Ok((_, _, Err(e))) => {
+                    shutdown.cancel();
+                    result = Err(e);
+                }
+                Err(join) => {
+                    shutdown.cancel();
+                    result = Err(crate::error::Error::Corrupt(format!("worker task failed: {join}")));
+                }
+            },
+        }
+    }
+    // Shutdown: every partition finishes and acknowledges its batch in hand,
+    // then the leases go, so that other workers take over at once.
+    while let Some(done) = work.join_next().await {
+        match done {
+            Ok((_, _, Err(e))) => result = Err(e),
+            Err(join) => {
+                result = Err(crate::error::Error::Corrupt(format!(
+                    "worker task failed: {join}"
+                )))
+            }
+            Ok(_) => {}
+        }
+    }
+    if let Err(e) = leases.release_all().await {
+        tracing::warn!(role = %role, err = %e, "releasing the partition leases failed");
     }
     result
 }
@@ -157,43 +225,62 @@ fn task_result(done: std::result::Result<Result<()>, tokio::task::JoinError>) ->
     }
 }
 
-/// The work on one partition.
-struct Partition {
-    config: Config,
-    store: SessionStore,
-    db: Option<sea_orm::DatabaseConnection>,
-    consumer: ConsumerConfig,
-    reaper: ReaperConfig,
-    overdue: crate::reaper::OverdueConfig,
-    parts: Parts,
-}
-
-impl Partition {
-    async fn run(self, p: u32, token: CancellationToken) -> Result<()> {
-        let keys = self.store.keys().part(p).clone();
-        let mut set = tokio::task::JoinSet::new();
-        if let Some(db) = &self.db {
-            // Ends the reaper cannot write (no ledger left in Redis).
-            let s =
-                crate::reaper::OverdueSweeper::new(self.store.clone(), db.clone(), self.overdue);
-            let t = token.clone();
-            set.spawn(async move { s.run_partition(p, t).await.map(|_| ()) });
-        }
-        if let Some(db) = self.db {
-            let sink = AuditSink::new(db, self.config.session_timeout, keys.stream.clone());
+/// The work of `role` on partition `p` (the healer's single lease: every
+/// partition), until `token` is cancelled or, for the audit consumer, its
+/// fence is taken over.
+async fn run_role(role: Role, p: u32, shared: &Shared, token: CancellationToken) -> Result<()> {
+    match role {
+        Role::Audit => {
+            let Some(db) = shared.db.clone() else {
+                return Ok(());
+            };
+            let keys = shared.store.keys().part(p).clone();
+            let sink = AuditSink::new(
+                db.clone(),
+                shared.config.session_timeout,
+                keys.stream.clone(),
+            );
             let mut c =
-                AuditConsumer::for_partition(&self.config, &keys, sink, self.consumer).await?;
+                AuditConsumer::for_partition(&shared.config, &keys, sink, shared.consumer.clone())
+                    .await?
+                    .with_lease(shared.consumer.consumer.clone(), shared.lease_ttl);
             c.ensure_group().await?;
             tracing::info!(consumer = %c.name(), partition = p, "audit consumer started");
-            let t = token.clone();
-            set.spawn(async move { c.run(t).await.map(|_| ()) });
+            // Ends the reaper cannot write (no ledger left in Redis), under
+            // the same lease as the consumer.
+            let sweeper = crate::reaper::OverdueSweeper::new(
+                shared.store.clone(),
+                db,
+                shared.overdue.clone(),
+            );
+            let sweeping = token.child_token();
+            let (consumed, swept) = tokio::join!(
+                async {
+                    let r = c.run(token.clone()).await;
+                    // The consumer stopped (shutdown, or its fence was
+                    // taken over): so does the sweep of its partition.
+                    sweeping.cancel();
+                    r
+                },
+                sweeper.run_partition(p, sweeping.clone())
+            );
+            consumed.map(|_| ())?;
+            swept.map(|_| ())
         }
-        if self.parts != Parts::Audit {
-            let r = Reaper::new(self.store.clone(), self.reaper);
+        Role::Reaper => {
+            let r = Reaper::new(shared.store.clone(), shared.reaper.clone());
             tracing::info!(partition = p, "expiry reaper started");
-            set.spawn(async move { r.run_partition(p, token).await.map(|_| ()) });
+            r.run_partition(p, token).await.map(|_| ())
         }
-        join_all(&mut set).await
+        Role::Healer => {
+            let Some(db) = shared.db.clone() else {
+                return Ok(());
+            };
+            let healer =
+                crate::recovery::Healer::new(shared.store.clone(), db, shared.consumer.heal_check);
+            tracing::info!("healer started");
+            healer.run(token).await.map(|_| ())
+        }
     }
 }
 

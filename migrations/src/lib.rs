@@ -24,6 +24,11 @@
 //!   the database last knew complete and the audit consumer's progress.
 //! - `m20261129_000005_create_fallback_events`: mutations accepted while
 //!   Redis was unreachable, waiting to be projected through it.
+//! - `m20261130_000006_create_lease_fences`: per stream and worker role, the
+//!   fencing token that a worker's commits check, so that a worker that
+//!   lost its lease cannot commit.
+//! - `m20261130_000007_extend_dead_letters`: the refused entry's session and
+//!   seq (gaps in a history) and when an operator discarded it.
 
 pub use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseConnection;
@@ -33,6 +38,8 @@ mod m20261128_000002_create_session_snapshots;
 mod m20261128_000003_create_dead_letters;
 mod m20261129_000004_create_partition_state;
 mod m20261129_000005_create_fallback_events;
+mod m20261130_000006_create_lease_fences;
+mod m20261130_000007_extend_dead_letters;
 
 /// The audit database's migrations, oldest first.
 ///
@@ -51,6 +58,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000003_create_dead_letters::Migration),
             Box::new(m20261129_000004_create_partition_state::Migration),
             Box::new(m20261129_000005_create_fallback_events::Migration),
+            Box::new(m20261130_000006_create_lease_fences::Migration),
+            Box::new(m20261130_000007_extend_dead_letters::Migration),
         ]
     }
 }

@@ -18,15 +18,16 @@ use migration::{Migrator, MigratorTrait, SchemaManager, pending_count};
 use uuid::Uuid;
 
 const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const MIGRATIONS: usize = 5;
-const TABLES: [&str; 5] = [
+const MIGRATIONS: usize = 7;
+const TABLES: [&str; 6] = [
     "session_events",
     "session_snapshots",
     "dead_letters",
     "partition_state",
     "fallback_events",
+    "lease_fences",
 ];
-const INDEXES: [(&str, &str); 10] = [
+const INDEXES: [(&str, &str); 11] = [
     ("session_events", "uq_session_events_event_id"),
     ("session_events", "uq_session_events_session_id_seq"),
     ("session_events", "idx_session_events_user_id_occurred_at"),
@@ -40,6 +41,7 @@ const INDEXES: [(&str, &str); 10] = [
     ("fallback_events", "uq_fallback_events_session_id_seq"),
     ("fallback_events", "idx_fallback_events_stream_id"),
     ("fallback_events", "idx_fallback_events_user_id"),
+    ("dead_letters", "idx_dead_letters_session_id_seq"),
 ];
 const DEAD_LETTER_INDEX: (&str, &str) = ("dead_letters", "uq_dead_letters_stream_stream_id");
 /// Deliberately not in the key order or spacing a serializer would produce.
@@ -285,6 +287,31 @@ async fn assert_constraints(db: &DatabaseConnection) -> Result<()> {
         .await
         .context("staging a fallback event")?;
     expect_unique_violation(db.execute_unprepared(&staged(Uuid::now_v7())).await, "seq")?;
+
+    // One fencing token per stream and role.
+    let fence = |role: &str| {
+        format!(
+            "INSERT INTO lease_fences (stream, role, token, holder, updated_at) \
+             VALUES ('vedfolnir:events', '{role}', 1, 'w-1', '2026-11-30T10:00:00Z')"
+        )
+    };
+    db.execute_unprepared(&fence("audit"))
+        .await
+        .context("inserting a fence")?;
+    db.execute_unprepared(&fence("reaper"))
+        .await
+        .context("inserting the fence of another role")?;
+    expect_unique_violation(db.execute_unprepared(&fence("audit")).await, "lease_fences")?;
+
+    // A dead letter names its session and seq, and can be discarded.
+    db.execute_unprepared(
+        "INSERT INTO dead_letters \
+         (stream, stream_id, fields, reason, deliveries, recorded_at, session_id, seq, discarded_at) \
+         VALUES ('vedfolnir:events', '1764324000001-0', '{}', 'bad', 1, '2026-11-28T10:00:00Z', \
+                 's-1', 4, '2026-11-30T10:00:00Z')",
+    )
+    .await
+    .context("inserting a dead letter with its session and seq")?;
     Ok(())
 }
 

@@ -1,25 +1,44 @@
-//! Writing events into the audit database, exactly once in effect.
+//! Writing events into the audit database, exactly once in effect, and
+//! never a snapshot that is not the fold of its events.
 //!
 //! [`AuditSink::write`] takes a batch of decoded events (and the dead letters
 //! found while decoding it) and, in one transaction:
 //!
-//! 1. inserts the events, skipping rows whose `event_id` is already there
-//!    (redelivery) — `ON CONFLICT DO NOTHING`;
-//! 2. finds events that were skipped because *another* event already holds
-//!    their `(session_id, seq)` and records them as dead letters, so neither
-//!    side is dropped silently;
-//! 3. folds each touched session forward from its snapshot with the one fold
-//!    ([`Session::apply`]) and upserts the snapshot only when the new `seq` is
-//!    higher than the stored one;
-//! 4. inserts the dead letters.
+//! 1. opens the transaction: bounds how long it may sit idle, and, for a
+//!    worker that writes under a lease ([`AuditSink::write_fenced`]), checks
+//!    that its fencing token is still current; a stale token writes nothing
+//!    ([`Commit::Fenced`]);
+//! 2. locks the snapshot row of every session of the batch (PostgreSQL; a
+//!    placeholder row for a session without one), so that whoever folds a
+//!    session (the consumer, another consumer, an app server writing
+//!    synchronously) takes turns and reads what the previous one committed;
+//!    SQLite has one writer at a time, and every transaction here starts
+//!    with a write, which takes that lock;
+//! 3. inserts the events, skipping rows already there. Only a true
+//!    redelivery (the same `event_id` with the same content) is skipped
+//!    silently; the same `event_id` with other content, or a
+//!    `(session_id, seq)` already held by another event, becomes a dead
+//!    letter whose reason names the id, and so does an `event_id` that
+//!    appears twice in one batch with different content;
+//! 4. folds each touched session forward with the one fold
+//!    ([`Session::apply`]) from what the table holds: from its snapshot when
+//!    the batch continues it, from the session's events otherwise (out of
+//!    order, a gap filled, an unreadable snapshot row, which is rebuilt from
+//!    the log rather than blamed on the incoming events); a fold stops at a
+//!    gap and says so ([`BatchOutcome::gaps`]);
+//! 5. inserts the dead letters, made storable on both backends (a NUL is
+//!    written as `\u0000`, a reason is bounded).
 //!
-//! The caller acknowledges the stream entries only after this commits.
+//! The caller acknowledges the stream entries only after this commits. A
+//! failure is classified by its cause ([`cause_of`]): the caller isolates
+//! the entry at fault, or retries the batch when the connection or the
+//! server is at fault.
 //!
-//! On PostgreSQL, steps 1–3 use constant statements over binary arrays
+//! On PostgreSQL, the statements are constant texts over binary arrays
 //! (`INSERT … SELECT … FROM unnest(…)`), each request kept under 16 KiB on a
 //! connection that may use TLS so that no part of it waits for a delayed ACK
 //! (see [`postgres`](self::postgres) for why, and what the bound costs).
-//! Step 1 first runs as a plain insert, the cheapest statement PostgreSQL has
+//! Step 3 first runs as a plain insert, the cheapest statement PostgreSQL has
 //! for it; when that meets a unique violation the transaction is rolled back
 //! and the batch written again with `ON CONFLICT DO NOTHING RETURNING
 //! event_id`, and only the events that did not come back are looked up
@@ -34,24 +53,32 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Alias, Expr, OnConflict};
+use sea_orm::sea_query::{Alias, Expr, OnConflict, Query};
 use sea_orm::{
-    ColumnTrait as _, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
-    EntityTrait as _, ExprTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, Set,
-    TransactionTrait as _,
+    ActiveEnum as _, ColumnTrait as _, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    DbBackend, EntityTrait as _, ExprTrait as _, QueryFilter as _, QueryOrder as _,
+    QuerySelect as _, Set, TransactionTrait as _,
 };
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+mod cause;
+mod dead_letter_ops;
 mod postgres;
 
+pub use cause::{Cause, cause_of, cause_of_sqlite, cause_of_sqlstate, refusal};
+pub use dead_letter_ops::{
+    DeadLetterFilter, RetryOutcome, discard_dead_letters, list_dead_letters,
+};
 use postgres::Insert;
 
 use super::entity::session_events::EventSource;
 use super::entity::session_snapshots::SnapshotStatus;
-use super::entity::{dead_letters, session_events, session_snapshots};
+use super::entity::{dead_letters, lease_fences, session_events, session_snapshots};
 use crate::error::{Error, Result};
 use crate::event::Event;
+use crate::id::SessionId;
+use crate::lease::Fence;
 use crate::session::{Session, Status};
 
 /// Rows per multi-row insert: 12 columns × 1000 stays well under both
@@ -61,6 +88,30 @@ const CHUNK: usize = 1000;
 /// Batches written with the checked insert after a plain insert met a
 /// duplicate, before the sink tries the plain one again.
 pub const CAUTIOUS_BATCHES: u32 = 16;
+
+/// How long a transaction of an unfenced writer (an app server writing
+/// synchronously, the CLI) may sit idle on PostgreSQL before the server ends
+/// it: a process stopped inside one must not hold its locks for ever. A
+/// fenced writer uses its lease's TTL instead.
+pub const TXN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The least idle time a fenced transaction is allowed on PostgreSQL: the
+/// client folds sessions between statements, which takes a while for large
+/// ones on a loaded machine.
+pub const FENCED_IDLE_FLOOR: Duration = Duration::from_secs(5);
+
+/// How long a transaction of a worker whose lease runs out after `ttl` may
+/// sit idle before PostgreSQL ends it: the lease's TTL, at least
+/// [`FENCED_IDLE_FLOOR`]. Fencing does not depend on it (a stale token never
+/// commits); it bounds how long a stopped worker's locks hold up its
+/// successor.
+pub fn fenced_idle_timeout(ttl: Duration) -> Duration {
+    ttl.max(FENCED_IDLE_FLOOR)
+}
+
+/// The longest reason a dead letter keeps, in characters: the database's
+/// message may quote the refused value.
+pub const REASON_CHARS: usize = 2000;
 
 /// One event on its way into the database.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,19 +137,113 @@ pub struct DeadLetter {
     pub deliveries: i64,
 }
 
+impl DeadLetter {
+    /// The session and `seq` the raw fields name, when they are valid ones:
+    /// where the entry leaves a gap.
+    pub fn session_and_seq(&self) -> (Option<String>, Option<i64>) {
+        let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&self.fields) else {
+            return (None, None);
+        };
+        let session = fields
+            .get("session_id")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<SessionId>().ok())
+            .map(|s| s.as_str().to_owned());
+        let seq = fields
+            .get("seq")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<i64>().ok())
+            .filter(|n| *n >= 1);
+        (session, seq)
+    }
+
+    /// The same dead letter with every text storable on both backends: no
+    /// NUL (PostgreSQL refuses it in text; it is written `\u0000`), and a
+    /// reason of at most [`REASON_CHARS`].
+    pub fn storable(&self) -> DeadLetter {
+        DeadLetter {
+            stream: storable_text(&self.stream),
+            stream_id: storable_text(&self.stream_id),
+            fields: storable_text(&self.fields),
+            reason: storable_reason(&self.reason),
+            deliveries: self.deliveries,
+        }
+    }
+
+    /// The last resort when even the storable form is refused: the fields
+    /// as one ASCII string (`escape_default`), and the refusal in the reason.
+    pub fn escaped(&self, refused: &str) -> DeadLetter {
+        let raw: String = self.fields.escape_default().collect();
+        DeadLetter {
+            stream: self.stream.escape_default().collect(),
+            stream_id: self.stream_id.escape_default().collect(),
+            fields: serde_json::json!({ "_escaped": raw }).to_string(),
+            reason: storable_reason(&format!(
+                "{} (stored escaped: {refused})",
+                self.reason.escape_default()
+            )),
+            deliveries: self.deliveries,
+        }
+    }
+}
+
+/// `text` without NUL characters, which PostgreSQL cannot store in text:
+/// each is written as the JSON escape `\u0000`.
+pub fn storable_text(text: &str) -> String {
+    text.replace('\0', "\\u0000")
+}
+
+fn storable_reason(text: &str) -> String {
+    let text = storable_text(text);
+    match text.char_indices().nth(REASON_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
 /// What one batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
     /// Events inserted now.
     pub inserted: u64,
-    /// Events that were already there (redelivered).
+    /// Events that were already there, with the same content (redelivered).
     pub duplicates: u64,
-    /// Events refused because their `(session_id, seq)` was taken by another event.
+    /// Events refused because their `(session_id, seq)` was taken by another
+    /// event, or their `event_id` by other content.
     pub seq_conflicts: u64,
-    /// Snapshots moved forward.
+    /// Snapshots moved forward (or rebuilt).
     pub snapshots: u64,
-    /// Dead letters written (including the seq conflicts).
+    /// Dead letters written (including the conflicts).
     pub dead_letters: u64,
+    /// Sessions whose snapshot stops before their newest event in the table
+    /// because an earlier `seq` is missing there (an entry still on its way,
+    /// or a dead letter to retry).
+    pub gaps: u64,
+}
+
+impl BatchOutcome {
+    /// Adds `other` to these totals.
+    pub fn add(&mut self, other: &BatchOutcome) {
+        self.inserted += other.inserted;
+        self.duplicates += other.duplicates;
+        self.seq_conflicts += other.seq_conflicts;
+        self.snapshots += other.snapshots;
+        self.dead_letters += other.dead_letters;
+        self.gaps += other.gaps;
+    }
+}
+
+/// The result of a fenced write ([`AuditSink::write_fenced`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    /// Committed.
+    Done(BatchOutcome),
+    /// Nothing was written: another worker took the lease over and bumped
+    /// the token (`current`, `None` when there is none any more).
+    Fenced {
+        /// The token the database holds.
+        current: Option<i64>,
+    },
 }
 
 /// The write side of the audit database.
@@ -112,7 +257,12 @@ pub struct AuditSink {
     /// Batches left to write with the checked insert before trying a plain
     /// one again; shared by clones.
     cautious: Arc<AtomicU32>,
+    /// How long an unfenced transaction may sit idle (PostgreSQL).
+    txn_idle_timeout: Duration,
 }
+
+/// A snapshot row as loaded: the row, or why it cannot be read.
+pub(crate) type Loaded = std::result::Result<session_snapshots::Model, String>;
 
 impl AuditSink {
     /// A sink over an open, migrated database. `session_timeout` turns an
@@ -129,12 +279,25 @@ impl AuditSink {
             session_timeout,
             stream: stream.into(),
             cautious: Arc::new(AtomicU32::new(0)),
+            txn_idle_timeout: TXN_IDLE_TIMEOUT,
         }
+    }
+
+    /// How long an unfenced transaction may sit idle before PostgreSQL ends
+    /// it ([`TXN_IDLE_TIMEOUT`] unless set).
+    pub fn with_txn_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.txn_idle_timeout = timeout;
+        self
     }
 
     /// The database.
     pub fn db(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// The stream this sink names in the dead letters it makes.
+    pub fn stream(&self) -> &str {
+        &self.stream
     }
 
     /// The most bytes one PostgreSQL statement of the sink sends: 16 KiB on
@@ -144,22 +307,49 @@ impl AuditSink {
         self.request_bytes
     }
 
-    /// Writes a batch in one transaction (see the module docs).
+    /// Writes a batch in one transaction (see the module docs), unfenced: an
+    /// app server writing synchronously, the CLI, tests.
     #[tracing::instrument(skip_all, fields(events = batch.len(), dead = dead.len()), err)]
     pub async fn write(&self, batch: &[Incoming], dead: &[DeadLetter]) -> Result<BatchOutcome> {
-        // The same event twice in one batch would be one row anyway.
-        let mut seen = HashSet::new();
-        let batch: Vec<&Incoming> = batch
-            .iter()
-            .filter(|i| seen.insert(i.event.event_id))
-            .collect();
+        match self.write_as(None, batch, dead).await? {
+            Commit::Done(out) => Ok(out),
+            // Only a fenced write checks a token.
+            Commit::Fenced { .. } => Ok(BatchOutcome::default()),
+        }
+    }
+
+    /// Writes a batch in one transaction that commits only while `fence` is
+    /// still the current token of its stream and role; otherwise writes
+    /// nothing and returns [`Commit::Fenced`].
+    #[tracing::instrument(skip_all, fields(events = batch.len(), dead = dead.len(), token = fence.token), err)]
+    pub async fn write_fenced(
+        &self,
+        fence: &Fence,
+        batch: &[Incoming],
+        dead: &[DeadLetter],
+    ) -> Result<Commit> {
+        self.write_as(Some(fence), batch, dead).await
+    }
+
+    async fn write_as(
+        &self,
+        fence: Option<&Fence>,
+        batch: &[Incoming],
+        dead: &[DeadLetter],
+    ) -> Result<Commit> {
+        let (batch, mut refused) = self.dedup(batch);
+        refused.extend_from_slice(dead);
         let recorded_at = Utc::now();
         if self.try_plain(&batch) {
             let txn = self.db.begin().await?;
-            match self.write_plain(&txn, &batch, dead, recorded_at).await {
+            if let Some(fenced) = self.open(&txn, fence).await? {
+                txn.rollback().await?;
+                return Ok(fenced);
+            }
+            match self.write_plain(&txn, &batch, &refused, recorded_at).await {
                 Ok(out) => {
                     txn.commit().await?;
-                    return Ok(out);
+                    return Ok(Commit::Done(out));
                 }
                 Err(e) if postgres::is_unique_violation(&e) => {
                     txn.rollback().await?;
@@ -170,9 +360,114 @@ impl AuditSink {
             }
         }
         let txn = self.db.begin().await?;
-        let out = self.write_checked(&txn, &batch, dead, recorded_at).await?;
+        if let Some(fenced) = self.open(&txn, fence).await? {
+            txn.rollback().await?;
+            return Ok(fenced);
+        }
+        let (mut out, conflicts) = self.write_checked(&txn, &batch, recorded_at).await?;
+        refused.extend(conflicts);
+        out.dead_letters = insert_dead_letters(&txn, &refused, recorded_at).await?;
         txn.commit().await?;
-        Ok(out)
+        Ok(Commit::Done(out))
+    }
+
+    /// Opens a transaction: on PostgreSQL bounds its idle time and reads the
+    /// fencing token; on SQLite checks the token with a write, which also
+    /// takes the database's write lock before anything is read. `Some` when
+    /// the token is not `fence`'s any more.
+    async fn open(
+        &self,
+        txn: &DatabaseTransaction,
+        fence: Option<&Fence>,
+    ) -> Result<Option<Commit>> {
+        let stale = |current: Option<i64>| {
+            let f = fence?;
+            (current != Some(f.token)).then(|| {
+                tracing::warn!(
+                    stream = %f.stream,
+                    token = f.token,
+                    current = ?current,
+                    "another worker took the lease over; nothing is committed"
+                );
+                Commit::Fenced { current }
+            })
+        };
+        match txn.get_database_backend() {
+            DbBackend::Postgres => {
+                let idle = fence.map_or(self.txn_idle_timeout, |f| fenced_idle_timeout(f.ttl));
+                let key = fence.map(|f| (f.stream.as_str(), f.role.as_str()));
+                let current = postgres::open(txn, idle.as_millis(), key).await?;
+                Ok(stale(current))
+            }
+            _ => {
+                let Some(f) = fence else {
+                    return Ok(None);
+                };
+                use lease_fences::Column as C;
+                let mut check = Query::update();
+                check
+                    .table(lease_fences::Entity)
+                    .value(C::Token, Expr::col(C::Token))
+                    .and_where(Expr::col(C::Stream).eq(f.stream.as_str()))
+                    .and_where(Expr::col(C::Role).eq(f.role.as_str()))
+                    .and_where(Expr::col(C::Token).eq(f.token));
+                if txn.execute(&check).await?.rows_affected() == 1 {
+                    return Ok(None);
+                }
+                let current = lease_fences::Entity::find_by_id((
+                    f.stream.clone(),
+                    f.role.as_str().to_owned(),
+                ))
+                .one(txn)
+                .await?
+                .map(|m| m.token);
+                Ok(stale(current))
+            }
+        }
+    }
+
+    /// The batch without repeated event ids: the same event twice is one
+    /// row; the same id with other content is a dead letter (the first in
+    /// stream order is kept).
+    fn dedup<'a>(&self, batch: &'a [Incoming]) -> (Vec<&'a Incoming>, Vec<DeadLetter>) {
+        let mut first: HashMap<Uuid, &Incoming> = HashMap::with_capacity(batch.len());
+        let mut kept = Vec::with_capacity(batch.len());
+        let mut refused = Vec::new();
+        for i in batch {
+            match first.get(&i.event.event_id) {
+                None => {
+                    first.insert(i.event.event_id, i);
+                    kept.push(i);
+                }
+                Some(prev) if prev.event == i.event => {}
+                Some(prev) => refused.push(self.conflict(
+                    i,
+                    format!(
+                        "event_id {} appears twice in one batch with different content \
+                         (kept: session {}, seq {}, {})",
+                        i.event.event_id,
+                        prev.event.session_id,
+                        prev.event.seq,
+                        prev.event.kind.type_name()
+                    ),
+                )),
+            }
+        }
+        (kept, refused)
+    }
+
+    /// A dead letter for an event refused in favour of another one.
+    fn conflict(&self, i: &Incoming, reason: String) -> DeadLetter {
+        DeadLetter {
+            stream: self.stream.clone(),
+            stream_id: i
+                .stream_id
+                .clone()
+                .unwrap_or_else(|| format!("fallback-{}", i.event.event_id)),
+            fields: fields_json(&i.event),
+            reason,
+            deliveries: 1,
+        }
     }
 
     /// Whether to try `batch` with a plain insert first (see the module docs).
@@ -186,87 +481,91 @@ impl AuditSink {
     }
 
     /// Writes `batch` (distinct event ids) skipping rows already taken:
-    /// redeliveries count as duplicates, seq conflicts become dead letters.
+    /// redeliveries of the same content count as duplicates; other content
+    /// under a stored id and seq conflicts are returned as dead letters.
     async fn write_checked(
         &self,
         txn: &DatabaseTransaction,
         batch: &[&Incoming],
-        dead: &[DeadLetter],
         recorded_at: DateTime<Utc>,
-    ) -> Result<BatchOutcome> {
+    ) -> Result<(BatchOutcome, Vec<DeadLetter>)> {
         let mut out = BatchOutcome::default();
-        let present = if txn.get_database_backend() == DbBackend::Postgres {
+        let by_session = by_session(batch);
+        let ids: Vec<&str> = by_session.keys().copied().collect();
+        let placeholders = self.lock_sessions(txn, &ids).await?;
+        // The rows each event id holds after the insert, for the events
+        // that may not have gone in.
+        let (inserted, stored) = if txn.get_database_backend() == DbBackend::Postgres {
             let bound = self.request_bytes;
             let statements = postgres::event_statements(batch, recorded_at, bound, Insert::Checked);
-            let mut present = postgres::insert_checked(txn, statements).await?;
-            out.inserted = present.len() as u64;
-            // Only rows that were not inserted can be redeliveries or
-            // seq conflicts; tell them apart by their event id.
+            let inserted = postgres::insert_checked(txn, statements).await?;
             let skipped: Vec<Uuid> = batch
                 .iter()
                 .map(|i| i.event.event_id)
-                .filter(|id| !present.contains(id))
+                .filter(|id| !inserted.contains(id))
                 .collect();
-            if !skipped.is_empty() {
-                present.extend(postgres::present_event_ids(txn, &skipped, bound).await?);
-            }
-            present
+            out.inserted = inserted.len() as u64;
+            let stored = postgres::stored_events(txn, &skipped, bound).await?;
+            (Some(inserted), stored)
         } else {
             for chunk in batch.chunks(CHUNK) {
                 let rows = chunk.iter().map(|i| event_row(i, recorded_at));
-                let n = session_events::Entity::insert_many(rows)
+                out.inserted += session_events::Entity::insert_many(rows)
                     .on_conflict(OnConflict::new().do_nothing().to_owned())
                     .exec_without_returning(txn)
                     .await?;
-                out.inserted += n;
             }
-            // Which events are now in the table, under which event id per place?
-            let mut present: HashSet<Uuid> = HashSet::new();
-            for chunk in batch.chunks(CHUNK) {
-                let ids: Vec<Uuid> = chunk.iter().map(|i| i.event.event_id).collect();
-                let found: Vec<Uuid> = session_events::Entity::find()
-                    .select_only()
-                    .column(session_events::Column::EventId)
-                    .filter(session_events::Column::EventId.is_in(ids))
-                    .into_tuple()
-                    .all(txn)
-                    .await?;
-                present.extend(found);
-            }
-            present
+            let all: Vec<Uuid> = batch.iter().map(|i| i.event.event_id).collect();
+            (None, stored_events(txn, &all).await?)
         };
-        let mut dead: Vec<DeadLetter> = dead.to_vec();
+        let mut refused = Vec::new();
         let mut accepted: Vec<&Incoming> = Vec::with_capacity(batch.len());
         for &i in batch {
-            if present.contains(&i.event.event_id) {
+            let id = i.event.event_id;
+            if inserted.as_ref().is_some_and(|ins| ins.contains(&id)) {
                 accepted.push(i);
-            } else {
-                out.seq_conflicts += 1;
-                dead.push(DeadLetter {
-                    stream: self.stream.clone(),
-                    stream_id: i
-                        .stream_id
-                        .clone()
-                        .unwrap_or_else(|| format!("fallback-{}", i.event.event_id)),
-                    fields: fields_json(&i.event),
-                    reason: format!(
-                        "seq {} of session {} is already held by another event",
-                        i.event.seq, i.event.session_id
-                    ),
-                    deliveries: 1,
-                });
+                continue;
+            }
+            match stored.get(&id) {
+                Some(row) if same_event(row, &i.event) => accepted.push(i),
+                Some(row) => {
+                    out.seq_conflicts += 1;
+                    refused.push(self.conflict(
+                        i,
+                        format!(
+                            "event_id {id} is already stored with other content (session {}, \
+                             seq {}, {}); only a redelivery of the same event may reuse it",
+                            row.session_id, row.seq, row.event_type
+                        ),
+                    ));
+                }
+                None => {
+                    out.seq_conflicts += 1;
+                    refused.push(self.conflict(
+                        i,
+                        format!(
+                            "seq {} of session {} is already held by another event \
+                             (event_id {id} refused)",
+                            i.event.seq, i.event.session_id
+                        ),
+                    ));
+                }
             }
         }
         out.duplicates = (accepted.len() as u64).saturating_sub(out.inserted);
-        out.snapshots = self.advance_snapshots(txn, &accepted).await?;
-        out.dead_letters = insert_dead_letters(txn, &dead, recorded_at).await?;
-        Ok(out)
+        // Every placeholder not replaced goes, those of sessions whose
+        // events were all refused included.
+        let (snapshots, gaps) = self.advance_locked(txn, &accepted, &placeholders).await?;
+        out.snapshots = snapshots;
+        out.gaps = gaps;
+        Ok((out, refused))
     }
 
     /// The plain-insert path on PostgreSQL (see the module docs). Every event
     /// of `batch` goes in or the statement fails, so the newest `seq` of each
     /// session after the insert is known before it runs: the snapshots are
-    /// read first, and the fold runs while PostgreSQL inserts the events.
+    /// locked and read first, and the fold runs while PostgreSQL inserts the
+    /// events.
     async fn write_plain(
         &self,
         txn: &DatabaseTransaction,
@@ -277,6 +576,7 @@ impl AuditSink {
         let bound = self.request_bytes;
         let by_session = by_session(batch);
         let ids: Vec<&str> = by_session.keys().copied().collect();
+        let placeholders = self.lock_sessions(txn, &ids).await?;
         // The insert's arrays are built while the snapshots are read.
         let (loaded, statements) = tokio::join!(postgres::load_sessions(txn, &ids, bound), async {
             postgres::event_statements(batch, recorded_at, bound, Insert::Plain)
@@ -291,74 +591,177 @@ impl AuditSink {
             self.plan_snapshots(by_session, &snapshots, &newest, now)
         });
         let inserted = inserted?;
-        let (upserts, behind) = planned?;
+        let (snapshots, gaps) = self
+            .finish_snapshots(txn, planned, &placeholders, now)
+            .await?;
         Ok(BatchOutcome {
             inserted,
             duplicates: 0,
             seq_conflicts: 0,
-            snapshots: self.finish_snapshots(txn, upserts, behind, now).await?,
+            snapshots,
             dead_letters: insert_dead_letters(txn, dead, recorded_at).await?,
+            gaps,
         })
     }
 
-    /// Folds every session of the batch forward from its snapshot.
-    async fn advance_snapshots(
+    /// Locks the snapshot rows of `ids` (sorted) for this transaction
+    /// (PostgreSQL; see the module docs). Returns the sessions that got a
+    /// placeholder row, which must be replaced or deleted before the commit.
+    async fn lock_sessions(
+        &self,
+        txn: &DatabaseTransaction,
+        ids: &[&str],
+    ) -> Result<HashSet<String>> {
+        if ids.is_empty() || txn.get_database_backend() != DbBackend::Postgres {
+            return Ok(HashSet::new());
+        }
+        postgres::lock_sessions(txn, ids, Utc::now(), self.request_bytes).await
+    }
+
+    async fn delete_placeholders(&self, txn: &DatabaseTransaction, ids: &[String]) -> Result<()> {
+        if ids.is_empty() || txn.get_database_backend() != DbBackend::Postgres {
+            return Ok(());
+        }
+        postgres::delete_snapshots(txn, ids, postgres::PLACEHOLDER_SEQ, self.request_bytes).await
+    }
+
+    /// Folds every session of the batch forward, its snapshot row locked:
+    /// returns the snapshots written and the sessions held at a gap.
+    async fn advance_locked(
         &self,
         txn: &DatabaseTransaction,
         batch: &[&Incoming],
-    ) -> Result<u64> {
+        placeholders: &HashSet<String>,
+    ) -> Result<(u64, u64)> {
         let by_session = by_session(batch);
         let ids: Vec<&str> = by_session.keys().copied().collect();
-        let postgres = txn.get_database_backend() == DbBackend::Postgres;
         // The newest seq each session has in the table now (this batch
         // included): a batch that is contiguous but not the newest (an older
         // entry claimed late, a synchronous write racing the consumer) must
         // still fold up to it.
-        let (snapshots, newest) = if postgres {
-            postgres::load_sessions(txn, &ids, self.request_bytes).await?
-        } else {
-            let mut snapshots: HashMap<String, session_snapshots::Model> = HashMap::new();
-            for chunk in ids.chunks(CHUNK) {
-                let rows = session_snapshots::Entity::find()
-                    .filter(session_snapshots::Column::SessionId.is_in(chunk.iter().copied()))
-                    .all(txn)
-                    .await?;
-                snapshots.extend(rows.into_iter().map(|r| (r.session_id.clone(), r)));
-            }
-            let mut newest: HashMap<String, i64> = HashMap::new();
-            for chunk in ids.chunks(CHUNK) {
-                let rows: Vec<(String, Option<i64>)> = session_events::Entity::find()
-                    .select_only()
-                    .column(session_events::Column::SessionId)
-                    .column_as(session_events::Column::Seq.max(), "max_seq")
-                    .filter(session_events::Column::SessionId.is_in(chunk.iter().copied()))
-                    .group_by(session_events::Column::SessionId)
-                    .into_tuple()
-                    .all(txn)
-                    .await?;
-                newest.extend(rows.into_iter().filter_map(|(s, m)| Some((s, m?))));
-            }
-            (snapshots, newest)
-        };
+        let (snapshots, newest) = self.load(txn, &ids).await?;
         let now = Utc::now();
-        let (upserts, behind) = self.plan_snapshots(by_session, &snapshots, &newest, now)?;
-        self.finish_snapshots(txn, upserts, behind, now).await
+        let planned = self.plan_snapshots(by_session, &snapshots, &newest, now);
+        self.finish_snapshots(txn, planned, placeholders, now).await
     }
 
-    /// Adds the sessions folded from the table (`behind`) to the planned
-    /// `upserts`, and writes them all. Returns how many were written.
+    /// Each session's snapshot (or why its row cannot be read) and the
+    /// newest `seq` the table holds for it.
+    async fn load(
+        &self,
+        txn: &DatabaseTransaction,
+        ids: &[&str],
+    ) -> Result<(HashMap<String, Loaded>, HashMap<String, i64>)> {
+        if txn.get_database_backend() == DbBackend::Postgres {
+            return postgres::load_sessions(txn, ids, self.request_bytes).await;
+        }
+        use session_snapshots::Column as C;
+        type Row = (
+            String,
+            Option<String>,
+            String,
+            i64,
+            String,
+            Option<DateTime<Utc>>,
+            DateTime<Utc>,
+        );
+        let mut snapshots: HashMap<String, Loaded> = HashMap::new();
+        for chunk in ids.chunks(CHUNK) {
+            let rows: Vec<Row> = session_snapshots::Entity::find()
+                .select_only()
+                .columns([
+                    C::SessionId,
+                    C::UserId,
+                    C::State,
+                    C::Seq,
+                    C::Status,
+                    C::ExpiresAt,
+                    C::UpdatedAt,
+                ])
+                .filter(C::SessionId.is_in(chunk.iter().copied()))
+                .into_tuple()
+                .all(txn)
+                .await?;
+            for (session_id, user_id, state, seq, status, expires_at, updated_at) in rows {
+                let loaded = match SnapshotStatus::try_from_value(&status) {
+                    Ok(status) => Ok(session_snapshots::Model {
+                        session_id: session_id.clone(),
+                        user_id,
+                        state,
+                        seq,
+                        status,
+                        expires_at,
+                        updated_at,
+                    }),
+                    Err(e) => Err(format!("status {status:?}: {e}")),
+                };
+                snapshots.insert(session_id, loaded);
+            }
+        }
+        let mut newest: HashMap<String, i64> = HashMap::new();
+        for chunk in ids.chunks(CHUNK) {
+            let rows: Vec<(String, Option<i64>)> = session_events::Entity::find()
+                .select_only()
+                .column(session_events::Column::SessionId)
+                .column_as(session_events::Column::Seq.max(), "max_seq")
+                .filter(session_events::Column::SessionId.is_in(chunk.iter().copied()))
+                .group_by(session_events::Column::SessionId)
+                .into_tuple()
+                .all(txn)
+                .await?;
+            newest.extend(rows.into_iter().filter_map(|(s, m)| Some((s, m?))));
+        }
+        Ok((snapshots, newest))
+    }
+
+    /// Adds the sessions folded from the table to the planned upserts,
+    /// replaces unreadable snapshot rows, writes them all and deletes the
+    /// placeholders nothing replaced. Returns how many snapshots were written
+    /// and how many sessions are held at a gap.
     async fn finish_snapshots(
         &self,
         txn: &DatabaseTransaction,
-        mut upserts: Vec<session_snapshots::Model>,
-        behind: Vec<Behind<'_>>,
+        planned: Plan<'_>,
+        placeholders: &HashSet<String>,
         now: DateTime<Utc>,
-    ) -> Result<u64> {
-        upserts.extend(self.fold_from_table(txn, behind, now).await?);
+    ) -> Result<(u64, u64)> {
+        let Plan {
+            mut upserts,
+            behind,
+        } = planned;
+        let mut repairs = Vec::new();
+        let mut gaps = 0;
+        for b in behind {
+            let run = self.history_after(txn, b.sid, b.from).await?;
+            let (model, gap) = self.fold_run(b.sid, b.state, &run, now);
+            gaps += u64::from(gap);
+            if let Some(m) = model {
+                if b.repair {
+                    repairs.push(m.session_id.clone());
+                }
+                upserts.push(m);
+            }
+        }
+        let written: HashSet<&str> = upserts.iter().map(|m| m.session_id.as_str()).collect();
+        let leftover: Vec<String> = placeholders
+            .iter()
+            .filter(|s| !written.contains(s.as_str()))
+            .cloned()
+            .collect();
         let n = upserts.len() as u64;
         if txn.get_database_backend() == DbBackend::Postgres {
+            if !repairs.is_empty() {
+                postgres::delete_snapshots(txn, &repairs, i64::MAX, self.request_bytes).await?;
+            }
             postgres::upsert_snapshots(txn, &upserts, now, self.request_bytes).await?;
-            return Ok(n);
+            self.delete_placeholders(txn, &leftover).await?;
+            return Ok((n, gaps));
+        }
+        for chunk in repairs.chunks(CHUNK) {
+            session_snapshots::Entity::delete_many()
+                .filter(session_snapshots::Column::SessionId.is_in(chunk.iter().cloned()))
+                .exec(txn)
+                .await?;
         }
         for chunk in upserts.chunks(CHUNK) {
             use session_snapshots::Column as C;
@@ -390,30 +793,41 @@ impl AuditSink {
                 .exec_without_returning(txn)
                 .await?;
         }
-        Ok(n)
+        Ok((n, gaps))
     }
 
     /// Folds the sessions whose new events continue their snapshot and are
-    /// the newest the table holds; the others (out of order, or newer events
-    /// already committed) are returned to be folded from the table.
+    /// the newest the table holds; the others (out of order, newer events
+    /// already committed, an unreadable snapshot) are left to be folded from
+    /// the table.
     fn plan_snapshots<'a>(
         &self,
         by_session: BTreeMap<&'a str, Vec<&'a Incoming>>,
-        snapshots: &HashMap<String, session_snapshots::Model>,
+        snapshots: &HashMap<String, Loaded>,
         newest: &HashMap<String, i64>,
         now: DateTime<Utc>,
-    ) -> Result<(Vec<session_snapshots::Model>, Vec<Behind<'a>>)> {
+    ) -> Plan<'a> {
         let mut upserts = Vec::with_capacity(by_session.len());
         let mut behind = Vec::new();
         for (sid, mut events) in by_session {
             events.sort_by_key(|i| i.event.seq);
-            let (state, from) = match snapshots.get(sid) {
-                Some(s) => (
-                    Session::from_json(&s.state)
-                        .map_err(|e| Error::Corrupt(format!("snapshot of {sid}: {e}")))?
-                        .with_status(status_of(s.status)),
-                    s.seq as u64,
-                ),
+            let (state, from) = match snapshots.get(sid).map(readable) {
+                Some(Ok(s)) => s,
+                Some(Err(why)) => {
+                    // The log is the truth: rebuild the snapshot from it.
+                    tracing::warn!(
+                        session_id = sid,
+                        why = %why,
+                        "the snapshot cannot be read; rebuilding it from the session's events"
+                    );
+                    behind.push(Behind {
+                        sid,
+                        state: Session::default(),
+                        from: 0,
+                        repair: true,
+                    });
+                    continue;
+                }
                 None => (Session::default(), 0),
             };
             let pending: Vec<&Incoming> =
@@ -428,27 +842,45 @@ impl AuditSink {
                 .all(|(k, i)| i.event.seq == from + 1 + k as u64);
             let batch_newest = pending.last().map_or(from, |i| i.event.seq);
             if contiguous && batch_newest == table_newest {
-                upserts.extend(self.fold_run(sid, state, pending, now));
+                upserts.extend(self.fold_run(sid, state, pending, now).0);
             } else {
-                behind.push(Behind { sid, state, from });
+                behind.push(Behind {
+                    sid,
+                    state,
+                    from,
+                    repair: false,
+                });
             }
         }
-        Ok((upserts, behind))
+        Plan { upserts, behind }
     }
 
     /// Folds `run` (oldest first) onto `state` up to the first gap; the new
-    /// snapshot, or `None` when nothing applied.
+    /// snapshot (`None` when nothing applied), and whether a gap stopped it
+    /// before the end of `run`.
     fn fold_run<'a>(
         &self,
         sid: &str,
         mut state: Session,
         run: impl IntoIterator<Item = &'a Incoming>,
         now: DateTime<Utc>,
-    ) -> Option<session_snapshots::Model> {
+    ) -> (Option<session_snapshots::Model>, bool) {
         let mut last: Option<&Incoming> = None;
         let mut deadline_from: Option<&Incoming> = None;
+        let mut gap = false;
         for i in run {
+            if i.event.seq <= state.version() {
+                continue;
+            }
             if i.event.seq != state.version() + 1 {
+                tracing::info!(
+                    session_id = sid,
+                    at = state.version(),
+                    next = i.event.seq,
+                    "the snapshot stops at a gap: seq {} is not in the table (yet)",
+                    state.version() + 1
+                );
+                gap = true;
                 break;
             }
             state.apply_mut(&i.event);
@@ -457,12 +889,14 @@ impl AuditSink {
             }
             last = Some(i);
         }
-        let last = last?;
+        let Some(last) = last else {
+            return (None, gap);
+        };
         let expires_at = match (state.status(), deadline_from) {
             (Status::Live, Some(i)) => Some(self.deadline(i)),
             _ => None,
         };
-        Some(session_snapshots::Model {
+        let model = session_snapshots::Model {
             session_id: sid.to_owned(),
             user_id: state.user_id().or_else(|| last.event.user_id.clone()),
             state: state.to_json(),
@@ -470,25 +904,13 @@ impl AuditSink {
             status: snapshot_status(state.status()),
             expires_at,
             updated_at: now,
-        })
+        };
+        (Some(model), gap)
     }
 
-    /// Folds each session of `behind` from the events the table holds after
-    /// its snapshot (this transaction's included).
-    async fn fold_from_table(
-        &self,
-        txn: &DatabaseTransaction,
-        behind: Vec<Behind<'_>>,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<session_snapshots::Model>> {
-        let mut upserts = Vec::with_capacity(behind.len());
-        for b in behind {
-            let run = self.history_after(txn, b.sid, b.from).await?;
-            upserts.extend(self.fold_run(b.sid, b.state, &run, now));
-        }
-        Ok(upserts)
-    }
-
+    /// The session's events after `after` in `seq` order, as the table holds
+    /// them (this transaction's included), up to the first row that cannot
+    /// be read: the fold stops there, and the row is named in the log.
     async fn history_after(
         &self,
         txn: &DatabaseTransaction,
@@ -501,7 +923,22 @@ impl AuditSink {
             .order_by_asc(session_events::Column::Seq)
             .all(txn)
             .await?;
-        rows.into_iter().map(|r| incoming_from_row(&r)).collect()
+        let mut run = Vec::with_capacity(rows.len());
+        for r in &rows {
+            match incoming_from_row(r) {
+                Ok(i) => run.push(i),
+                Err(e) => {
+                    tracing::warn!(
+                        session_id,
+                        seq = r.seq,
+                        err = %e,
+                        "an audit row cannot be read; the snapshot stops before it"
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(run)
     }
 
     /// When a session written by this event runs out: Redis's clock at the
@@ -518,14 +955,37 @@ impl AuditSink {
     }
 }
 
+/// A snapshot row's state and `seq`, or why it cannot be used.
+fn readable(loaded: &Loaded) -> std::result::Result<(Session, u64), String> {
+    let s = loaded.as_ref().map_err(Clone::clone)?;
+    let state = Session::from_json(&s.state).map_err(|e| format!("state: {e}"))?;
+    if s.seq < 1 || state.version() != s.seq as u64 {
+        return Err(format!(
+            "seq {} but the state says version {}",
+            s.seq,
+            state.version()
+        ));
+    }
+    Ok((state.with_status(status_of(s.status)), s.seq as u64))
+}
+
+/// The snapshots folded from the batch, and the sessions to fold from the
+/// table.
+struct Plan<'a> {
+    upserts: Vec<session_snapshots::Model>,
+    behind: Vec<Behind<'a>>,
+}
+
 /// A session whose snapshot must be folded from the table.
 struct Behind<'a> {
     sid: &'a str,
     state: Session,
     from: u64,
+    /// Its snapshot row cannot be read: replace it.
+    repair: bool,
 }
 
-/// The batch's events per session.
+/// The batch's events per session, sessions in order.
 fn by_session<'a>(batch: &[&'a Incoming]) -> BTreeMap<&'a str, Vec<&'a Incoming>> {
     let mut out: BTreeMap<&str, Vec<&Incoming>> = BTreeMap::new();
     for i in batch {
@@ -534,8 +994,31 @@ fn by_session<'a>(batch: &[&'a Incoming]) -> BTreeMap<&'a str, Vec<&'a Incoming>
     out
 }
 
-/// Inserts dead letters, skipping any already recorded; returns how many
-/// went in.
+/// The rows the table holds under the event ids `ids` (SQLite).
+async fn stored_events(
+    txn: &DatabaseTransaction,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, session_events::Model>> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        let rows = session_events::Entity::find()
+            .filter(session_events::Column::EventId.is_in(chunk.iter().copied()))
+            .all(txn)
+            .await?;
+        out.extend(rows.into_iter().map(|r| (r.event_id, r)));
+    }
+    Ok(out)
+}
+
+/// True when the stored row is the same event as `e` (a redelivery):
+/// compared as decoded events, so that the payload's formatting and the
+/// stream id (a fallback event that later reached the stream) do not count.
+fn same_event(row: &session_events::Model, e: &Event) -> bool {
+    incoming_from_row(row).is_ok_and(|stored| stored.event == *e)
+}
+
+/// Inserts dead letters, made storable, skipping any already recorded;
+/// returns how many went in.
 async fn insert_dead_letters(
     txn: &DatabaseTransaction,
     dead: &[DeadLetter],
@@ -543,14 +1026,21 @@ async fn insert_dead_letters(
 ) -> Result<u64> {
     let mut total = 0;
     for chunk in dead.chunks(CHUNK) {
-        let rows = chunk.iter().map(|d| dead_letters::ActiveModel {
-            id: Default::default(),
-            stream: Set(d.stream.clone()),
-            stream_id: Set(d.stream_id.clone()),
-            fields: Set(d.fields.clone()),
-            reason: Set(d.reason.clone()),
-            deliveries: Set(d.deliveries),
-            recorded_at: Set(recorded_at),
+        let rows = chunk.iter().map(|d| {
+            let (session_id, seq) = d.session_and_seq();
+            let d = d.storable();
+            dead_letters::ActiveModel {
+                id: Default::default(),
+                stream: Set(d.stream),
+                stream_id: Set(d.stream_id),
+                fields: Set(d.fields),
+                reason: Set(d.reason),
+                deliveries: Set(d.deliveries),
+                recorded_at: Set(recorded_at),
+                session_id: Set(session_id),
+                seq: Set(seq),
+                discarded_at: Set(None),
+            }
         });
         total += dead_letters::Entity::insert_many(rows)
             .on_conflict(OnConflict::new().do_nothing().to_owned())
@@ -646,14 +1136,42 @@ pub async fn reachable(db: &impl ConnectionTrait) -> bool {
     db.execute_unprepared("SELECT 1").await.is_ok()
 }
 
-/// What a fallback append found.
-#[derive(Debug, Clone, PartialEq)]
-pub enum FallbackOutcome {
-    /// The events are committed.
-    Written,
-    /// The session moved on: its current state (`None` when it has ended or
-    /// does not exist).
-    Conflict(Option<Session>),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(fields: &str, reason: &str) -> DeadLetter {
+        DeadLetter {
+            stream: "s".to_owned(),
+            stream_id: "1-0".to_owned(),
+            fields: fields.to_owned(),
+            reason: reason.to_owned(),
+            deliveries: 1,
+        }
+    }
+
+    #[test]
+    fn dead_letters_are_made_storable() {
+        let d = letter(r#"{"event_id":"a\u0000b"}"#, "found `\0` at 1").storable();
+        assert!(!d.reason.contains('\0'));
+        assert_eq!(d.reason, "found `\\u0000` at 1");
+        let long = letter("{}", &"é".repeat(REASON_CHARS + 10)).storable();
+        assert_eq!(long.reason.chars().count(), REASON_CHARS + 1);
+        let escaped = letter("{\"k\":\"\0\u{7f}é\"}", "r\0").escaped("54000");
+        assert!(escaped.fields.is_ascii() && !escaped.fields.contains('\0'));
+        assert!(escaped.reason.contains("54000"));
+        assert!(serde_json::from_str::<Value>(&escaped.fields).is_ok());
+    }
+
+    #[test]
+    fn a_dead_letter_names_its_session_and_seq_when_valid() {
+        let sid = "ab".repeat(32);
+        let d = letter(&format!(r#"{{"session_id":"{sid}","seq":"7"}}"#), "");
+        assert_eq!(d.session_and_seq(), (Some(sid), Some(7)));
+        let d = letter(r#"{"session_id":"nope","seq":"18446744073709551615"}"#, "");
+        assert_eq!(d.session_and_seq(), (None, None));
+        assert_eq!(letter("not json", "").session_and_seq(), (None, None));
+    }
 }
 
 /// A session as the audit database knows it.
@@ -680,65 +1198,5 @@ impl AuditSink {
             })
         })
         .transpose()
-    }
-
-    /// Live snapshots of one user.
-    pub async fn live_sessions_of(&self, user_id: &str) -> Result<Vec<String>> {
-        let rows: Vec<String> = session_snapshots::Entity::find()
-            .select_only()
-            .column(session_snapshots::Column::SessionId)
-            .filter(session_snapshots::Column::UserId.eq(user_id))
-            .filter(session_snapshots::Column::Status.eq(SnapshotStatus::Live))
-            .into_tuple()
-            .all(&self.db)
-            .await?;
-        Ok(rows)
-    }
-
-    /// Fallback mode (Redis unreachable): appends events straight to the
-    /// database, each checked against the snapshot's `seq` (`expected`, 0 for
-    /// a new session), in one transaction. `source` is `fallback` and
-    /// `stream_id` is null. A concurrent writer makes it a conflict, never a
-    /// lost update.
-    pub async fn append_fallback(&self, writes: &[(u64, Event)]) -> Result<FallbackOutcome> {
-        let txn = self.db.begin().await?;
-        for (expected, event) in writes {
-            let row = session_snapshots::Entity::find_by_id(event.session_id.to_string())
-                .one(&txn)
-                .await?;
-            let current = row.as_ref().map_or(0, |r| r.seq as u64);
-            let live = row
-                .as_ref()
-                .is_none_or(|r| r.status == SnapshotStatus::Live);
-            if current != *expected || !live {
-                let state = match row {
-                    Some(r) if r.status == SnapshotStatus::Live => {
-                        Session::from_json(&r.state).ok()
-                    }
-                    _ => None,
-                };
-                txn.rollback().await?;
-                return Ok(FallbackOutcome::Conflict(state));
-            }
-            let incoming = Incoming {
-                stream_id: None,
-                event: event.clone(),
-            };
-            let inserted = session_events::Entity::insert(event_row(&incoming, Utc::now()))
-                .exec_without_returning(&txn)
-                .await;
-            if let Err(e) = inserted {
-                txn.rollback().await?;
-                return match e.sql_err() {
-                    Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => {
-                        Ok(FallbackOutcome::Conflict(None))
-                    }
-                    _ => Err(e.into()),
-                };
-            }
-            self.advance_snapshots(&txn, &[&incoming]).await?;
-        }
-        txn.commit().await?;
-        Ok(FallbackOutcome::Written)
     }
 }

@@ -1,4 +1,4 @@
-//! `vedfolnir-worker`: the audit consumer and the expiry reaper.
+//! `vedfolnir-worker`: the audit consumer, the expiry reaper and the healer.
 //!
 //! Thin over [`vedfolnir_sessions::worker::run`]: parses the configuration,
 //! installs telemetry (logs; OTLP traces when `OTEL_EXPORTER_OTLP_ENDPOINT`
@@ -24,17 +24,23 @@ use vedfolnir_sessions::worker::{self, Parts};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// A part to run alone. Each has leases of its own, so the parts can be
+/// split over processes in any way and every partition is still covered.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Only {
+    /// The audit consumer (with the healer, which needs the same database).
     Audit,
+    /// The expiry reaper (no database needed).
     Reaper,
+    /// The healer alone.
+    Healer,
 }
 
-/// Audit consumer and expiry reaper for vedfolnir-sessions.
+/// Audit consumer, expiry reaper and healer for vedfolnir-sessions.
 #[derive(Debug, Parser)]
 #[command(name = "vedfolnir-worker", version, about)]
 struct Args {
-    /// Run only one part (default: both).
+    /// Run only one part (default: all).
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// How long a shutdown may take before the process gives up, seconds.
@@ -64,6 +70,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => Parts::Both,
         Some(Only::Audit) => Parts::Audit,
         Some(Only::Reaper) => Parts::Reaper,
+        Some(Only::Healer) => Parts::Healer,
     };
     let shutdown = CancellationToken::new();
     if let Some(listen) = export::metrics_listen()? {

@@ -26,7 +26,8 @@ use redis::AsyncCommands as _;
 use redis::streams::{StreamInfoConsumersReply, StreamInfoGroup, StreamInfoGroupsReply};
 use sea_orm::{
     ColumnTrait as _, ConnectionTrait as _, DatabaseConnection, EntityTrait as _,
-    PaginatorTrait as _, QueryFilter as _, QuerySelect as _, TransactionTrait as _,
+    PaginatorTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
+    TransactionTrait as _,
 };
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
@@ -34,7 +35,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::audit::entity::{dead_letters, session_events, session_snapshots};
-use vedfolnir_sessions::{Changes, NewSession, SessionId, SessionStore};
+use vedfolnir_sessions::{Changes, NewSession, Session, SessionId, SessionStore};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vedfolnir-worker");
 const GROUP: &str = "audit";
@@ -81,13 +82,24 @@ struct Worker {
 
 impl Worker {
     fn start(ctx: &TestContext, database_url: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start_with(ctx, database_url, extra, &[])
+    }
+
+    /// Like `start`, with command-line arguments (`--only audit`).
+    fn start_with(
+        ctx: &TestContext,
+        database_url: &str,
+        extra: &[(&str, &str)],
+        args: &[&str],
+    ) -> Self {
         let log = std::env::temp_dir().join(format!(
             "vtest_worker_{}.log",
             uuid::Uuid::new_v4().simple()
         ));
         let file = std::fs::File::create(&log).expect("create the worker log");
         let mut cmd = Command::new(BIN);
-        cmd.env_clear()
+        cmd.args(args)
+            .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
             .env("REDIS_URL", common::redis_url())
@@ -822,4 +834,341 @@ on_both_backends!(
     sigkill_mid_run_then_restart_audits_every_event_once,
     sigterm_finishes_the_batch_in_hand_and_exits_0,
     refuses_a_schema_that_is_behind,
+    split_roles_cover_every_partition,
+    a_worker_paused_past_its_lease_cannot_commit,
 );
+
+/// `vedfolnir-worker --only audit` and `--only reaper` in two processes over
+/// four partitions, as `docs/audit.md` offers: every partition is audited
+/// and every partition is reaped (each role has leases of its own).
+async fn split_roles_cover_every_partition(backend: Backend) {
+    let ctx = TestContext::with(|c| {
+        c.with_partitions(4)
+            .with_session_timeout(Duration::from_secs(1))
+    })
+    .await;
+    let db = TestDb::new(backend).await;
+    let keys = ctx.store.keys().clone();
+    let mut ids = Vec::new();
+    let mut per_partition = [0u32; 4];
+    while per_partition.iter().any(|n| *n < 2) {
+        assert!(ids.len() < 500, "sessions never spread: {per_partition:?}");
+        let c = ctx
+            .store
+            .create(NewSession::for_user(1, "u"))
+            .await
+            .expect("create");
+        per_partition[keys.partition_of(&c.session_id) as usize] += 1;
+        ids.push(c.session_id);
+    }
+    let env = [("REDIS_PARTITIONS", "4")];
+    let mut audit = Worker::start_with(&ctx, &db.url, &env, &["--only", "audit"]);
+    let mut reaper = Worker::start_with(&ctx, &db.url, &env, &["--only", "reaper"]);
+    let d = Deadline::new(
+        "every partition audited and reaped",
+        Duration::from_secs(30),
+    );
+    loop {
+        assert!(audit.running(), "the audit worker exited:\n{}", audit.log());
+        assert!(reaper.running(), "the reaper exited:\n{}", reaper.log());
+        let stream = ctx.stream().await;
+        let expired: HashSet<String> = stream
+            .iter()
+            .filter(|e| e["type"] == "expired")
+            .map(|e| e["session_id"].clone())
+            .collect();
+        let reaped = ids
+            .iter()
+            .filter(|id| expired.contains(id.as_str()))
+            .count();
+        let rows = event_count(&db.db).await;
+        if reaped == ids.len() && rows == stream.len() as u64 {
+            break;
+        }
+        d.tick_saying(Duration::from_millis(50), || {
+            format!(
+                "({reaped} of {} sessions expired, {rows} of {} events audited)",
+                ids.len(),
+                stream.len()
+            )
+        })
+        .await;
+    }
+    for id in &ids {
+        let snap = session_snapshots::Entity::find_by_id(id.as_str().to_owned())
+            .one(&db.db)
+            .await
+            .expect("snapshot")
+            .expect("a snapshot");
+        assert_eq!(snap.status, session_snapshots::SnapshotStatus::Expired);
+    }
+    audit.signal("TERM");
+    reaper.signal("TERM");
+    assert!(audit.exit(Duration::from_secs(10)).await.success());
+    assert!(reaper.exit(Duration::from_secs(10)).await.success());
+}
+
+/// True when a session of the test's PostgreSQL database waits for a lock.
+async fn someone_waits_for_a_lock(db: &DatabaseConnection) -> bool {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        ))
+        .await
+        .expect("pg_stat_activity")
+        .expect("a row");
+    row.try_get::<i64>("", "n").expect("n") > 0
+}
+
+/// The session folded from the events the table holds, in `seq` order.
+async fn fold_of_table(db: &DatabaseConnection, id: &SessionId) -> (Session, usize) {
+    let rows = session_events::Entity::find()
+        .filter(session_events::Column::SessionId.eq(id.as_str()))
+        .order_by_asc(session_events::Column::Seq)
+        .all(db)
+        .await
+        .expect("events");
+    let n = rows.len();
+    let mut s = Session::default();
+    for r in rows {
+        let i = vedfolnir_sessions::audit::sink::incoming_from_row(&r).expect("row");
+        if i.event.seq != s.version() + 1 {
+            break;
+        }
+        s = s.apply(&i.event);
+    }
+    (s, n)
+}
+
+/// Whether the snapshot of `id` is the fold of its `events` events.
+async fn snapshot_is_the_fold(db: &DatabaseConnection, id: &SessionId, events: usize) -> bool {
+    let (fold, n) = fold_of_table(db, id).await;
+    let Some(snap) = session_snapshots::Entity::find_by_id(id.as_str().to_owned())
+        .one(db)
+        .await
+        .expect("snapshot")
+    else {
+        return false;
+    };
+    n == events
+        && snap.seq == fold.version() as i64
+        && snap.state == fold.to_json()
+        && vedfolnir_sessions::audit::sink::status_of(snap.status) == fold.status()
+}
+
+/// Worker A is committing seq 3 when it is stopped (SIGSTOP) past its
+/// lease; worker B takes the partition over and commits seq 4, a logout;
+/// A resumes. A must not commit anything (its fencing token is stale), the
+/// snapshot is the fold of all four events (destroyed), and after Redis
+/// loses the namespace the healer does not bring the session back.
+///
+/// On SQLite the single writer lock already orders A's commit after B's,
+/// so this guards the behaviour rather than reproducing the finding.
+async fn a_worker_paused_past_its_lease_cannot_commit(backend: Backend) {
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(backend).await;
+    // A long claim idle time: B takes over A's entries only because it
+    // took A's lease, never because they sat idle.
+    let env = [("AUDIT_CLAIM_IDLE_MS", "60000"), ("HEAL_CHECK_MS", "100")];
+    let mut a = Worker::start_with(&ctx, &db.url, &env, &["--only", "audit"]);
+    let a_name = a.wait_until_consuming(&ctx).await;
+    let s = ctx
+        .store
+        .create(NewSession::for_user(1, "u"))
+        .await
+        .expect("create");
+    ctx.store
+        .update(&s.session_id, Changes::new().with_set("k", 1))
+        .await
+        .expect("update");
+    let d = Deadline::new("the first two events", Duration::from_secs(10));
+    while !snapshot_is_the_fold(&db.db, &s.session_id, 2).await {
+        d.tick().await;
+    }
+    // A reads seq 3 and blocks inside its transaction on our lock.
+    let lock = hold_write_lock(&db.url, backend).await;
+    ctx.store
+        .update(&s.session_id, Changes::new().with_set("k", 3))
+        .await
+        .expect("update");
+    // On SQLite, A may first wait out its busy timeout (5 s) on our lock
+    // while it records its progress (`partition_state`), before it reads.
+    let limit = match backend {
+        Backend::Postgres => Duration::from_secs(4),
+        Backend::Sqlite => Duration::from_secs(15),
+    };
+    let d = Deadline::new("A to be committing seq 3", limit);
+    loop {
+        assert!(a.running(), "A exited:\n{}", a.log());
+        if pending_of(&ctx, &a_name).await == 1
+            && (backend == Backend::Sqlite || someone_waits_for_a_lock(&db.db).await)
+        {
+            break;
+        }
+        d.tick().await;
+    }
+    if backend == Backend::Sqlite {
+        // No view of SQLite's lock waits: give A time to reach its write.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    a.signal("STOP");
+    lock.commit().await.expect("release the lock");
+    let mut b = Worker::start_with(&ctx, &db.url, &env, &["--only", "audit"]);
+    ctx.store
+        .destroy(&s.session_id, vedfolnir_sessions::DestroyReason::Logout)
+        .await
+        .expect("destroy");
+    let d = Deadline::new("B to commit seq 4", Duration::from_secs(20));
+    loop {
+        assert!(b.running(), "B exited:\n{}", b.log());
+        let rows = session_events::Entity::find()
+            .filter(session_events::Column::SessionId.eq(s.session_id.as_str()))
+            .filter(session_events::Column::Seq.eq(4))
+            .count(&db.db)
+            .await
+            .expect("count");
+        if rows == 1 {
+            break;
+        }
+        d.tick_every(Duration::from_millis(20)).await;
+    }
+    a.signal("CONT");
+    let d = Deadline::new(
+        "the snapshot to be the fold of the four events",
+        Duration::from_secs(20),
+    );
+    loop {
+        if pending_count(&ctx).await == 0 && snapshot_is_the_fold(&db.db, &s.session_id, 4).await {
+            break;
+        }
+        d.tick_saying(Duration::from_millis(50), || {
+            format!("(A's log:\n{}\nB's log:\n{})", a.log(), b.log())
+        })
+        .await;
+    }
+    // A has resumed for a while (several of its retries): still the fold.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(snapshot_is_the_fold(&db.db, &s.session_id, 4).await);
+    let snap = session_snapshots::Entity::find_by_id(s.session_id.as_str().to_owned())
+        .one(&db.db)
+        .await
+        .expect("snapshot")
+        .expect("a snapshot");
+    assert_eq!(snap.status, session_snapshots::SnapshotStatus::Destroyed);
+    // Redis loses the namespace: the healer replays, the logout stays.
+    common::delete_namespace(&ctx.namespace);
+    let part = ctx.store.keys().part(0).clone();
+    let d = Deadline::new("the healer to replay", Duration::from_secs(20));
+    loop {
+        let epoch: Option<String> = ctx.conn().get(&part.epoch).await.expect("get");
+        let known = vedfolnir_sessions::audit::partition::load(&db.db, &part.stream)
+            .await
+            .expect("partition state")
+            .and_then(|r| r.redis_epoch);
+        if epoch.is_some() && epoch == known {
+            break;
+        }
+        d.tick_every(Duration::from_millis(20)).await;
+    }
+    let key = ctx.session_key(&s.session_id);
+    assert!(
+        !ctx.conn().exists::<_, bool>(&key).await.expect("exists"),
+        "the logged-out session came back"
+    );
+    a.signal("KILL");
+    b.signal("TERM");
+    assert!(
+        b.exit(Duration::from_secs(10)).await.success(),
+        "{}",
+        b.log()
+    );
+}
+
+/// Reads a process's peak resident set (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM");
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("a number");
+    kb * 1024
+}
+
+/// Entries of about 1 MB each: a batch is bounded by `AUDIT_BATCH_BYTES`
+/// (read-ahead included), not only by `AUDIT_BATCH_SIZE`, so the worker's
+/// memory stays near the byte bound instead of growing with the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batches_stay_within_audit_batch_bytes() {
+    use vedfolnir_sessions::event::SCHEMA_VERSION;
+    use vedfolnir_sessions::{Event, EventKind};
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let sid: SessionId = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+    .parse()
+    .expect("id");
+    const N: u64 = 80;
+    for seq in 1..=N {
+        let kind = if seq == 1 {
+            let mut fields = serde_json::Map::new();
+            fields.insert("user_id".to_owned(), json!(1));
+            EventKind::Created {
+                fields,
+                rotated_from: None,
+            }
+        } else {
+            let mut set = serde_json::Map::new();
+            set.insert(
+                "blob".to_owned(),
+                json!(format!("{seq}{}", "x".repeat(1 << 20))),
+            );
+            EventKind::Updated { set, unset: vec![] }
+        };
+        let e = Event {
+            event_id: uuid::Uuid::now_v7(),
+            session_id: sid.clone(),
+            seq,
+            occurred_at: vedfolnir_sessions::time::Timestamp::now(),
+            user_id: Some("1".to_owned()),
+            schema: SCHEMA_VERSION,
+            kind,
+            traceparent: None,
+        };
+        let fields: Vec<(&str, String)> = e.to_fields();
+        let _: String = ctx
+            .conn()
+            .xadd(&ctx.config.event_stream, "*", &fields)
+            .await
+            .expect("xadd");
+    }
+    let mut w = Worker::start_with(
+        &ctx,
+        &db.url,
+        &[("AUDIT_BATCH_BYTES", "4194304")],
+        &["--only", "audit"],
+    );
+    let d = Deadline::new("every large event audited", Duration::from_secs(120));
+    while event_count(&db.db).await < N {
+        assert!(w.running(), "the worker exited:\n{}", w.log());
+        d.tick_every(Duration::from_millis(50)).await;
+    }
+    let peak = peak_rss(w.pid());
+    eprintln!("peak RSS {} MiB for {N} entries of 1 MiB", peak >> 20);
+    assert!(
+        peak < 160 << 20,
+        "the worker peaked at {} MiB with AUDIT_BATCH_BYTES=4 MiB",
+        peak >> 20
+    );
+    w.signal("TERM");
+    assert!(w.exit(Duration::from_secs(20)).await.success());
+}

@@ -1,9 +1,10 @@
 //! `dead_letters`: stream entries the audit consumer could not process.
 //!
-//! An entry lands here after too many deliveries or when it can never be
-//! decoded. It is kept verbatim so an operator can read why and replay it once
-//! the cause is fixed; `(stream, stream_id)` is unique, so recording the same
-//! entry twice keeps one row.
+//! An entry lands here when it cannot be decoded, or when the database
+//! refused it on its own (written alone, for its own data). It is kept
+//! verbatim so an operator can read why and retry it once the cause is fixed
+//! (`vedfolnir-sessions dead-letters retry`); `(stream, stream_id)` is
+//! unique, so recording the same entry twice keeps one row.
 
 use sea_orm::entity::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,14 @@ pub struct Model {
     pub deliveries: i64,
     /// When this row was written.
     pub recorded_at: DateTimeUtc,
+    /// The session the entry names, when it names a valid one: with `seq`,
+    /// the gap it leaves in that session's history.
+    pub session_id: Option<String>,
+    /// The entry's `seq`, when it is a valid one.
+    pub seq: Option<i64>,
+    /// When an operator set it aside (`vedfolnir-sessions dead-letters
+    /// discard`); `None` while it awaits a decision.
+    pub discarded_at: Option<DateTimeUtc>,
 }
 
 /// `dead_letters` has no foreign keys.

@@ -45,6 +45,18 @@
 //! back and the batch is written again with the checked statement
 //! ([`Insert::Checked`]), which tells duplicates and conflicts apart.
 //!
+//! # Opening a transaction, taking turns per session
+//!
+//! Every transaction starts with [`open`]: it bounds how long the
+//! transaction may sit idle (`idle_in_transaction_session_timeout`, so a
+//! writer stopped inside it cannot hold its locks for ever) and, for a
+//! fenced writer, reads its fencing token with `FOR SHARE`, which a
+//! successor's bump waits for. Then [`lock_sessions`] locks the snapshot row
+//! of every session of the batch, in session order, inserting a placeholder
+//! (`seq` 0) where there is none: two writers of one session take turns, and
+//! the second reads what the first committed. Placeholders are replaced by
+//! the real snapshot or deleted ([`delete_snapshots`]) before the commit.
+//!
 //! Nullable text columns travel as text arrays whose empty strings become
 //! `NULL` (`NULLIF`): sea-query binds arrays without null elements. An empty
 //! `user_id`, `stream_id` or `traceparent` means "none" everywhere else too
@@ -59,7 +71,8 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::Incoming;
+use super::{Incoming, Loaded};
+use crate::audit::entity::session_events;
 use crate::audit::entity::session_snapshots::{self, SnapshotStatus};
 use crate::error::{Error, Result};
 
@@ -279,27 +292,30 @@ pub(super) async fn insert_checked(
     Ok(inserted)
 }
 
-const PRESENT_EVENT_IDS: &str =
-    r#"SELECT "event_id" FROM "session_events" WHERE "event_id" = ANY($1::uuid[])"#;
+const STORED_EVENTS: &str = r#"SELECT * FROM "session_events" WHERE "event_id" = ANY($1::uuid[])"#;
 
-/// Which of `ids` the table holds.
-pub(super) async fn present_event_ids(
+/// The rows the table holds under the event ids `ids` (those a checked
+/// insert skipped: redeliveries, or conflicts to tell apart from them).
+pub(super) async fn stored_events(
     txn: &impl ConnectionTrait,
     ids: &[Uuid],
     bound: usize,
-) -> Result<HashSet<Uuid>> {
-    let mut present = HashSet::with_capacity(ids.len());
+) -> Result<HashMap<Uuid, session_events::Model>> {
+    use sea_orm::EntityTrait as _;
+    let mut out = HashMap::with_capacity(ids.len());
     for chunk in chunks_by_bytes(ids, bound, |_| fixed(16)) {
         let stmt = Statement::from_sql_and_values(
             DbBackend::Postgres,
-            PRESENT_EVENT_IDS,
+            STORED_EVENTS,
             [Value::from(chunk.to_vec())],
         );
-        for row in txn.query_all_raw(stmt).await? {
-            present.insert(row.try_get_by_index::<Uuid>(0)?);
-        }
+        let rows = session_events::Entity::find()
+            .from_raw_sql(stmt)
+            .all(txn)
+            .await?;
+        out.extend(rows.into_iter().map(|r| (r.event_id, r)));
     }
-    Ok(present)
+    Ok(out)
 }
 
 /// Each session's snapshot (if any) and the newest `seq` the table holds for
@@ -313,15 +329,15 @@ const LOAD_SESSIONS: &str = r#"SELECT s.id, p."user_id", p."state", p."seq", p."
 FROM unnest($1::text[]) AS s(id)
 LEFT JOIN "session_snapshots" p ON p."session_id" = s.id"#;
 
-/// Snapshots, and the newest `seq` in the table, of the sessions `ids`.
+/// Snapshots, and the newest `seq` in the table, of the sessions `ids`. A
+/// snapshot row that cannot be read (an unknown status) is returned as
+/// `Err(why)`, to be rebuilt from the events; a placeholder row of this
+/// transaction ([`lock_sessions`]) is no snapshot.
 pub(super) async fn load_sessions(
     txn: &impl ConnectionTrait,
     ids: &[&str],
     bound: usize,
-) -> Result<(
-    HashMap<String, session_snapshots::Model>,
-    HashMap<String, i64>,
-)> {
+) -> Result<(HashMap<String, Loaded>, HashMap<String, i64>)> {
     let mut snapshots = HashMap::with_capacity(ids.len());
     let mut newest = HashMap::with_capacity(ids.len());
     for chunk in chunks_by_bytes(ids, bound, |s| text(s)) {
@@ -335,24 +351,119 @@ pub(super) async fn load_sessions(
             let Some(state) = row.try_get_by_index::<Option<String>>(2)? else {
                 continue;
             };
+            let seq: i64 = row.try_get_by_index(3)?;
+            if seq == PLACEHOLDER_SEQ {
+                continue;
+            }
             let status: String = row.try_get_by_index(4)?;
-            let status = SnapshotStatus::try_from_value(&status)
-                .map_err(|e| Error::Corrupt(format!("snapshot of {id}: status {status}: {e}")))?;
-            snapshots.insert(
-                id.clone(),
-                session_snapshots::Model {
-                    session_id: id,
+            let loaded = match SnapshotStatus::try_from_value(&status) {
+                Ok(status) => Ok(session_snapshots::Model {
+                    session_id: id.clone(),
                     user_id: row.try_get_by_index(1)?,
                     state,
-                    seq: row.try_get_by_index(3)?,
+                    seq,
                     status,
                     expires_at: row.try_get_by_index(5)?,
                     updated_at: row.try_get_by_index(6)?,
-                },
-            );
+                }),
+                Err(e) => Err(format!("status {status:?}: {e}")),
+            };
+            snapshots.insert(id, loaded);
         }
     }
     Ok((snapshots, newest))
+}
+
+/// The `seq` of a placeholder snapshot row: real snapshots start at 1.
+pub(super) const PLACEHOLDER_SEQ: i64 = 0;
+
+/// Locks the snapshot row of every session `ids` (sorted), inserting a
+/// placeholder row (`seq` 0, never committed) for sessions without one, so
+/// that two transactions that fold the same session take turns: the second
+/// waits here until the first commits, then reads what it committed. Rows
+/// are locked in `ids` order, so two transactions never wait for each other
+/// in a cycle. Returns the sessions that got a placeholder.
+const LOCK_SESSIONS: &str = r#"INSERT INTO "session_snapshots" ("session_id", "user_id", "state", "seq", "status", "expires_at", "updated_at")
+SELECT s.id, NULL, '', 0, 'live', NULL, $1 FROM unnest($2::text[]) AS s(id) ORDER BY s.id
+ON CONFLICT ("session_id") DO UPDATE SET "seq" = "session_snapshots"."seq"
+RETURNING "session_id", ("xmax" = 0) AS "inserted""#;
+
+/// See [`LOCK_SESSIONS`].
+pub(super) async fn lock_sessions(
+    txn: &impl ConnectionTrait,
+    ids: &[&str],
+    now: DateTime<Utc>,
+    bound: usize,
+) -> Result<HashSet<String>> {
+    let mut placeholders = HashSet::new();
+    for chunk in chunks_by_bytes(ids, bound, |s| text(s)) {
+        let arg: Vec<String> = chunk.iter().map(|s| (*s).to_owned()).collect();
+        let stmt = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            LOCK_SESSIONS,
+            [now.into(), arg.into()],
+        );
+        for row in txn.query_all_raw(stmt).await? {
+            if row.try_get_by_index::<bool>(1)? {
+                placeholders.insert(row.try_get_by_index::<String>(0)?);
+            }
+        }
+    }
+    Ok(placeholders)
+}
+
+const DELETE_SNAPSHOTS: &str =
+    r#"DELETE FROM "session_snapshots" WHERE "session_id" = ANY($1::text[]) AND "seq" <= $2"#;
+
+/// Deletes the snapshot rows of `ids` whose `seq` is at most `max_seq`:
+/// placeholders left over (`max_seq` 0), or unreadable snapshots about to be
+/// rebuilt (`max_seq` [`i64::MAX`]).
+pub(super) async fn delete_snapshots(
+    txn: &impl ConnectionTrait,
+    ids: &[String],
+    max_seq: i64,
+    bound: usize,
+) -> Result<()> {
+    for chunk in chunks_by_bytes(ids, bound, |s| text(s)) {
+        let stmt = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            DELETE_SNAPSHOTS,
+            [chunk.to_vec().into(), max_seq.into()],
+        );
+        txn.execute_raw(stmt).await?;
+    }
+    Ok(())
+}
+
+/// Opens a transaction of the sink: bounds how long it may sit idle (a
+/// process stopped inside it must not hold its locks for ever), and, for a
+/// fenced writer, reads the fencing token of `(stream, role)` with a share
+/// lock that a successor's bump waits for. Returns the token (`None` when
+/// unfenced, or when there is no token).
+pub(super) async fn open(
+    txn: &impl ConnectionTrait,
+    idle_timeout_ms: u128,
+    fence: Option<(&str, &str)>,
+) -> Result<Option<i64>> {
+    let timeout = format!("{}ms", idle_timeout_ms.max(1));
+    let stmt = match fence {
+        Some((stream, role)) => Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            r#"SELECT set_config('idle_in_transaction_session_timeout', $1, true),
+       (SELECT "token" FROM "lease_fences" WHERE "stream" = $2 AND "role" = $3 FOR SHARE)"#,
+            [timeout.into(), stream.into(), role.into()],
+        ),
+        None => Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT set_config('idle_in_transaction_session_timeout', $1, true), NULL::int8",
+            [timeout.into()],
+        ),
+    };
+    let row = txn.query_one_raw(stmt).await?;
+    Ok(match row {
+        Some(r) => r.try_get_by_index::<Option<i64>>(1)?,
+        None => None,
+    })
 }
 
 /// Estimated bytes of one snapshot row in [`upsert_snapshots`].
