@@ -25,16 +25,23 @@ use crate::session::{Session, Status};
 /// The session a database view may be served as, under the rule above
 /// (Redis's half is checked by `restore`).
 pub(crate) fn admit(view: &View, now: DateTime<Utc>) -> Option<Session> {
-    if view.session.status() != Status::Live {
-        return None;
-    }
-    if !view.deadline.is_some_and(|d| d > now) {
-        return None;
-    }
-    if view.behind_the_log() {
-        return None;
-    }
-    Some(view.session.clone())
+    let refused = if view.session.status() != Status::Live {
+        "it has ended"
+    } else if !view.deadline.is_some_and(|d| d > now) {
+        "its deadline has passed"
+    } else if view.behind_the_log() {
+        "the event table holds events its snapshot has not folded"
+    } else {
+        return Some(view.session.clone());
+    };
+    tracing::debug!(
+        seq = view.session.version(),
+        snapshot_seq = view.snapshot_seq(),
+        newest_logged = view.newest_logged,
+        staged = view.staged.len(),
+        "not serving a stored state: {refused}"
+    );
+    None
 }
 
 #[cfg(test)]

@@ -216,13 +216,22 @@ impl SessionStore {
     }
 
     /// Brings a session the database knows live back into Redis, for an end
-    /// that must reach it (during recovery, or after its key was lost).
-    /// True when Redis holds it now.
+    /// or a write that must reach it (during recovery, or after its key was
+    /// lost). True when Redis holds it now. Without the audit database (or
+    /// when it cannot be read) nothing is brought back: the operation then
+    /// acts on what Redis holds, as it would without the database.
     pub(super) async fn bring_back(&self, id: &SessionId) -> Result<bool> {
         if self.audit.is_none() {
             return Ok(false);
         }
-        Ok(Box::pin(self.restore_on_read(id)).await?.is_some())
+        match Box::pin(self.restore_on_read(id)).await {
+            Ok(s) => Ok(s.is_some()),
+            Err(e) if e.is_unavailable() => Err(e),
+            Err(e) => {
+                tracing::debug!(err = %e, session_id = %id, "could not bring a session back from the database");
+                Ok(false)
+            }
+        }
     }
 
     /// Starts a replay in the background unless this process runs one.

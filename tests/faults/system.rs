@@ -252,7 +252,12 @@ impl System {
             ("REDIS_TIMEOUT_MS", REDIS_TIMEOUT_MS.to_string()),
             ("SESSION_COOKIE_SECURE", "false".to_owned()),
             ("SESSION_TOUCH_INTERVAL", TOUCH_INTERVAL_SECS.to_string()),
-            ("RUST_LOG", "warn".to_owned()),
+            // `VEDFOLNIR_FAULTS_RUST_LOG` raises the children's log level to
+            // look into a run.
+            (
+                "RUST_LOG",
+                std::env::var("VEDFOLNIR_FAULTS_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            ),
             ("NO_COLOR", "1".to_owned()),
         ]
     }
