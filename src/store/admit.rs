@@ -27,7 +27,7 @@ use crate::session::{Session, Status};
 pub(crate) fn admit(view: &View, now: DateTime<Utc>) -> Option<Session> {
     let refused = if view.session.status() != Status::Live {
         "it has ended"
-    } else if !view.deadline.is_some_and(|d| d > now) {
+    } else if view.deadline.is_none_or(|d| d <= now) {
         "its deadline has passed"
     } else if view.behind_the_log() {
         "the event table holds events its snapshot has not folded"
