@@ -149,7 +149,8 @@ pub struct Config {
     pub event_stream: String,
     /// `REDIS_SESSION_TIMEOUT` (7200 s): idle lifetime of a session.
     pub session_timeout: Duration,
-    /// `SESSION_TOUCH_INTERVAL` (60 s): at most one `touched` event per interval.
+    /// `SESSION_TOUCH_INTERVAL` (60 s, or half a shorter timeout): at most one
+    /// `touched` event per interval.
     pub touch_interval: Duration,
     /// `SESSION_MAX_BYTES` (65536): largest session JSON accepted.
     pub max_bytes: usize,
@@ -290,7 +291,11 @@ impl Config {
             Ok(Duration::from_secs(n))
         };
         let session_timeout = secs("REDIS_SESSION_TIMEOUT", 7200)?;
-        let touch_interval = secs("SESSION_TOUCH_INTERVAL", 60)?;
+        // Unset, the interval follows a short timeout down to half of it.
+        let touch_interval = match var("SESSION_TOUCH_INTERVAL") {
+            Some(_) => secs("SESSION_TOUCH_INTERVAL", 60)?,
+            None => Duration::from_secs(60).min(session_timeout / 2),
+        };
         let tombstone_ttl = secs("SESSION_TOMBSTONE_TTL", 86_400)?;
         if touch_interval >= session_timeout {
             return Err(ConfigError {
@@ -604,6 +609,11 @@ mod tests {
         ])
         .expect("shorter is fine");
         assert_eq!(c.touch_interval, Duration::from_secs(1));
+        // Unset, it follows a short timeout down to half of it.
+        let c = cfg(&[("REDIS_SESSION_TIMEOUT", "1")]).expect("derived interval");
+        assert_eq!(c.touch_interval, Duration::from_millis(500));
+        let c = cfg(&[]).expect("defaults");
+        assert_eq!(c.touch_interval, Duration::from_secs(60));
     }
 
     #[test]
