@@ -126,6 +126,32 @@ fn redact_text(text: &str) -> String {
     }
 }
 
+/// How live sessions are kept in Redis (`SESSION_LAYOUT`). Both layouts
+/// read each other's keys; see `docs/keys.md` for the rolling upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// An update writes the session key and the stream and nothing else:
+    /// the expiry index holds a lower bound of each deadline, a session's
+    /// version and user are recorded only near its deadline, index members
+    /// are the 32 bytes of the id.
+    #[default]
+    Lean,
+    /// What the release before the lean layout wrote and reads: a ledger
+    /// for every live session, exact deadlines, hex index members. For a
+    /// rolling upgrade from that release.
+    Ledger,
+}
+
+impl Layout {
+    /// `lean` or `ledger`, as the scripts take it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Lean => "lean",
+            Layout::Ledger => "ledger",
+        }
+    }
+}
+
 /// Everything the library, the worker and the CLI need to know.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -159,6 +185,15 @@ pub struct Config {
     /// `SESSION_TOMBSTONE_TTL` (86400 s): how long an ended session's id is
     /// remembered, so no in-flight request can bring it back.
     pub tombstone_ttl: Duration,
+    /// `SESSION_LAYOUT` (`lean`): how live sessions are kept in Redis (see
+    /// [`Layout`] and `docs/keys.md`).
+    pub layout: Layout,
+    /// `SESSION_EXPIRY_LOOKAHEAD_MS` (300000): in the lean layout, how long
+    /// before a session's deadline the reaper records its version and user,
+    /// which it needs to write `expired` once Redis has dropped the key.
+    /// Sessions whose timeout is no longer than this keep that record all
+    /// their life.
+    pub expiry_lookahead: Duration,
     /// `SESSION_MAX_RETRIES` (100): attempts on version conflicts before `Conflict`.
     pub max_retries: u32,
     /// `REDIS_TIMEOUT_MS` (2000): connect and response timeout for store commands.
@@ -324,6 +359,30 @@ impl Config {
             "a whole number (0 = unlimited)",
         )?;
         let max_retries: u32 = parse(&var, "SESSION_MAX_RETRIES", 100, "a whole number")?;
+        let layout = match var("SESSION_LAYOUT").as_deref() {
+            None | Some("lean") => Layout::Lean,
+            Some("ledger") => Layout::Ledger,
+            Some(other) => {
+                return Err(ConfigError {
+                    var: "SESSION_LAYOUT",
+                    value: other.to_owned(),
+                    reason: "`lean` or `ledger`".to_owned(),
+                });
+            }
+        };
+        let lookahead_ms: u64 = parse(
+            &var,
+            "SESSION_EXPIRY_LOOKAHEAD_MS",
+            300_000,
+            "milliseconds, at least 1",
+        )?;
+        if lookahead_ms == 0 {
+            return Err(ConfigError {
+                var: "SESSION_EXPIRY_LOOKAHEAD_MS",
+                value: "0".to_owned(),
+                reason: "milliseconds, at least 1".to_owned(),
+            });
+        }
         let timeout_ms: u64 = parse(&var, "REDIS_TIMEOUT_MS", 2000, "milliseconds")?;
         let same_site = match var("SESSION_COOKIE_SAMESITE")
             .unwrap_or_else(|| "Lax".to_owned())
@@ -376,6 +435,8 @@ impl Config {
             max_bytes,
             max_per_user,
             tombstone_ttl,
+            layout,
+            expiry_lookahead: Duration::from_millis(lookahead_ms),
             max_retries,
             redis_timeout: Duration::from_millis(timeout_ms.max(1)),
             wait_replicas: parse(&var, "REDIS_WAIT_REPLICAS", 0, "a number of replicas")?,
@@ -410,6 +471,18 @@ impl Config {
     /// Builder: another touch interval.
     pub fn with_touch_interval(mut self, interval: Duration) -> Self {
         self.touch_interval = interval;
+        self
+    }
+
+    /// Builder: another layout of live sessions in Redis.
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Builder: another expiry look-ahead (lean layout).
+    pub fn with_expiry_lookahead(mut self, lookahead: Duration) -> Self {
+        self.expiry_lookahead = lookahead;
         self
     }
 

@@ -8,7 +8,10 @@
 //!
 //! On the stream an event is a flat list of fields (`event_id`, `session_id`,
 //! `seq`, `type`, `occurred_at`, `user_id`, `schema`, `payload`,
-//! `traceparent`), see [`Event::to_fields`] and [`Event::from_fields`].
+//! `traceparent`, `source`), see [`Event::to_fields`] and
+//! [`Event::from_fields`]. `user_id`, `traceparent` and `source` are
+//! optional: left out when empty (an anonymous session, no trace, a write
+//! that went straight to Redis).
 //! Decoding upcasts older schema versions ([`upcast`]) and refuses newer ones
 //! with [`DecodeError::UnsupportedSchema`], so a reader never folds what it
 //! cannot understand.
@@ -232,7 +235,7 @@ pub fn upcast(schema: u32, _type_name: &str, payload: Value) -> Result<Value, De
 
 impl Event {
     /// The stream entry's fields, in the order the design lists them.
-    /// `traceparent` is left out when there is none.
+    /// `user_id` and `traceparent` are left out when there are none.
     pub fn to_fields(&self) -> Vec<(&'static str, String)> {
         let mut f = vec![
             ("event_id", self.event_id.to_string()),
@@ -240,10 +243,12 @@ impl Event {
             ("seq", self.seq.to_string()),
             ("type", self.kind.type_name().to_owned()),
             ("occurred_at", self.occurred_at.to_string()),
-            ("user_id", self.user_id.clone().unwrap_or_default()),
-            ("schema", self.schema.to_string()),
-            ("payload", self.kind.payload_json()),
         ];
+        if let Some(u) = &self.user_id {
+            f.push(("user_id", u.clone()));
+        }
+        f.push(("schema", self.schema.to_string()));
+        f.push(("payload", self.kind.payload_json()));
         if let Some(tp) = &self.traceparent {
             f.push(("traceparent", tp.clone()));
         }
@@ -295,10 +300,7 @@ impl Event {
         let occurred_at = get(fields, "occurred_at")?
             .parse::<Timestamp>()
             .map_err(|e| invalid("occurred_at", e))?;
-        let user_id = match get(fields, "user_id")? {
-            "" => None,
-            u => Some(u.to_owned()),
-        };
+        let user_id = fields.get("user_id").filter(|u| !u.is_empty()).cloned();
         let schema = get(fields, "schema")?
             .parse::<u32>()
             .map_err(|e| invalid("schema", e))?;
@@ -422,6 +424,12 @@ mod tests {
         let f = fields_of(&e);
         assert_eq!(f["type"], "destroyed");
         assert_eq!(f["payload"], r#"{"reason":"logout_all"}"#);
+        // An anonymous session's events carry no `user_id` field, and decode
+        // back without a user.
+        let anonymous = Event { user_id: None, ..e };
+        let f = fields_of(&anonymous);
+        assert!(!f.contains_key("user_id"), "{f:?}");
+        assert_eq!(Event::from_fields(&f).expect("decodes"), anonymous);
     }
 
     #[test]

@@ -86,6 +86,27 @@ impl SessionId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The 32 bytes the hex spells: how the lean layout files the id in its
+    /// indexes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        // Checked on construction: 64 lowercase hex characters.
+        if hex::decode_to_slice(&self.0, &mut out).is_err() {
+            unreachable!("a session id is 64 hex characters");
+        }
+        out
+    }
+
+    /// The id of an index member: 64 hex characters, or the 32 bytes they
+    /// spell (the lean layout). `None` for anything else.
+    pub fn from_member(member: &[u8]) -> Option<SessionId> {
+        match member.len() {
+            32 => Some(SessionId(hex::encode(member))),
+            64 => std::str::from_utf8(member).ok()?.parse().ok(),
+            _ => None,
+        }
+    }
 }
 
 /// An id that is not 64 lowercase hex characters.

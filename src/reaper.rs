@@ -1,19 +1,27 @@
 //! The expiry reaper: turns every idle timeout into an `expired` event.
 //!
 //! Redis deletes a session key when its TTL runs out, silently. The reaper
-//! reads the expiry index (session id → deadline on Redis's clock) for
-//! deadlines that have passed and runs the same atomic script path as every
-//! other mutation to append one `expired` event per session, tombstone it and
-//! clean the indexes. The script re-checks the deadline and the ledger, so a
-//! session touched just before its deadline is left alone and two reapers
-//! never expire one session twice. Keyspace notifications are not used: Redis
+//! reads the expiry index (session → a time at or before its deadline, on
+//! Redis's clock) for entries that have come due and runs the same atomic
+//! script path as every other mutation:
+//!
+//! - a session still live is filed again from its key's real TTL: at the
+//!   look-ahead before its deadline, or, once within it, at the deadline
+//!   after recording its version and user in its ledger (the lean layout
+//!   does not keep them for a live session otherwise);
+//! - a session whose key is gone gets one `expired` event with the version
+//!   and user of its ledger, its tombstone, and its index entries removed.
+//!
+//! The script re-checks the entry, the key and the ledger, so a session
+//! touched just before its deadline is left alone and two reapers never
+//! expire one session twice. Keyspace notifications are not used: Redis
 //! does not deliver them reliably.
 //!
 //! The reaper needs the session's ledger in Redis. A session whose ledger is
-//! gone (the reaper was down longer than `SESSION_TOMBSTONE_TTL`, or Redis
-//! lost its data just after the deadline) still gets its `expired` event from
-//! [`OverdueSweeper`], which works from the audit database's live snapshots
-//! instead (`overdue`).
+//! gone (the reaper was down longer than `SESSION_TOMBSTONE_TTL`, or missed
+//! the look-ahead window, or Redis lost its data just after the deadline)
+//! still gets its `expired` event from [`OverdueSweeper`], which works from
+//! the audit database's live snapshots instead (`overdue`).
 //!
 //! # Layout
 //!
@@ -109,13 +117,13 @@ impl Reaper {
         // candidate (the script checks the deadline again).
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
         let now_ms = secs * 1000 + micros / 1000;
-        let due: Vec<(String, f64)> = conn
+        let due: Vec<(Vec<u8>, f64)> = conn
             .zrangebyscore_limit_withscores(expiry, "-inf", now_ms, 0, self.cfg.batch as isize)
             .await?;
         let mut expired = 0;
-        for (id, score) in due {
-            let Ok(sid) = id.parse::<SessionId>() else {
-                let _: redis::RedisResult<u64> = conn.zrem(expiry, &id).await;
+        for (member, score) in due {
+            let Some(sid) = SessionId::from_member(&member) else {
+                let _: redis::RedisResult<u64> = conn.zrem(expiry, &member).await;
                 continue;
             };
             if self.store.expire(&sid, score as i64).await? {

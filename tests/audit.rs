@@ -378,11 +378,7 @@ async fn idle_sessions_expire_exactly_once(backend: Backend) {
         .await
         .expect("create");
     // Touched after its deadline was read: the reaper must leave it alone.
-    let old_score: f64 = ctx
-        .conn()
-        .zscore(format!("{}expiry", ctx.namespace), kept.session_id.as_str())
-        .await
-        .expect("score");
+    let old_score: f64 = ctx.expiry_score(&kept.session_id).await.expect("score");
     let store = ctx.store.clone();
     let id = s.session_id.clone();
     ctx.eventually("the key to expire", Duration::from_secs(5), || {

@@ -498,11 +498,7 @@ async fn an_expiry_the_reaper_learns_late_is_written_once(backend: Backend) {
             .iter()
             .all(|e| e["type"] != "expired")
     );
-    let score: Option<f64> = ctx
-        .conn()
-        .zscore(ctx.expiry_key(&s.session_id), s.session_id.as_str())
-        .await
-        .expect("zscore");
+    let score = ctx.expiry_score(&s.session_id).await;
     assert_eq!(score, None, "the index entry is gone too");
     let snap = snapshot_row(&db, &s.session_id).await;
     assert_eq!(
@@ -621,11 +617,8 @@ async fn an_overdue_session_out_of_the_expiry_index_expires_through_redis(backen
         .await
         .expect("create");
     drain(&ctx, &db).await;
-    let _: () = ctx
-        .conn()
-        .zrem(ctx.expiry_key(&s.session_id), s.session_id.as_str())
-        .await
-        .expect("zrem");
+    ctx.unindex(&ctx.expiry_key(&s.session_id), &s.session_id)
+        .await;
     let store = ctx.store.clone();
     let id = s.session_id.clone();
     ctx.eventually("the key to expire", Duration::from_secs(10), || {

@@ -4,12 +4,13 @@
 //! - Under four concurrent writers, with the audit consumer and the reaper
 //!   running, `verify` exits 0 every time: a session is read again before it
 //!   is reported, so a write in flight is not a divergence.
-//! - Each kind of damage to the state derived from the log (a deleted
-//!   ledger, a ledger at the wrong seq, a session missing from the expiry
-//!   index or from its user's index, a key without TTL, a snapshot that is
-//!   not the fold of its events) makes it exit 1 naming the session and the
-//!   problem; `verify --repair` puts it right from the log and says what it
-//!   did, and `verify` exits 0 afterwards.
+//! - Each kind of damage to the state derived from the log (a ledger at the
+//!   wrong seq, an expiry entry after the time the reaper must look, a
+//!   session missing from the expiry index or from its user's index, a key
+//!   without TTL, a snapshot that is not the fold of its events; in the
+//!   ledger layout also a deleted ledger) makes it exit 1 naming the session
+//!   and the problem; `verify --repair` puts it right from the log and says
+//!   what it did, and `verify` exits 0 afterwards.
 //! - A gap in a session's audit trail older than the grace period is a
 //!   divergence that `--repair` cannot fix.
 //! - A row whose `seq` is outside the i64 range is reported as a divergence
@@ -35,6 +36,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::audit::entity::{session_events, session_snapshots};
 use vedfolnir_sessions::audit::{AuditConsumer, AuditSink, ConsumerConfig};
+use vedfolnir_sessions::config::Layout;
 use vedfolnir_sessions::reaper::{Reaper, ReaperConfig};
 use vedfolnir_sessions::recovery::{self, VerifyOptions};
 use vedfolnir_sessions::{Changes, DestroyReason, Error, NewSession, Platform, SessionId};
@@ -127,6 +129,11 @@ impl Fixture {
             .env(
                 "SESSION_TOMBSTONE_TTL",
                 c.tombstone_ttl.as_secs().to_string(),
+            )
+            .env("SESSION_LAYOUT", c.layout.as_str())
+            .env(
+                "SESSION_EXPIRY_LOOKAHEAD_MS",
+                c.expiry_lookahead.as_millis().to_string(),
             )
             .env("DATABASE_URL", &self.db.url)
             .output()
@@ -316,8 +323,9 @@ async fn verify_under_load_exits_0_every_time(backend: Backend) {
 // ---------------------------------------------------------------------------
 // Damage
 
-async fn each_kind_of_damage_is_named_and_repaired(backend: Backend) {
-    let f = Fixture::new(backend, |c| c).await;
+/// Seven sessions of seven users, each updated once, audited; `verify`
+/// exits 0.
+async fn seven_sessions(f: &Fixture) -> Vec<SessionId> {
     let store = &f.ctx.store;
     let mut ids = Vec::new();
     for u in 0..7 {
@@ -339,36 +347,12 @@ async fn each_kind_of_damage_is_named_and_repaired(backend: Backend) {
         run.json, run.stderr
     );
     assert_eq!(run.json["agree"], 7, "{:#}", run.json);
+    ids
+}
 
-    let mut conn = f.ctx.conn();
-    // 0: the ledger deleted.
-    let _: () = conn.del(f.ledger_key(&ids[0])).await.expect("del ledger");
-    // 1: the ledger at the wrong seq.
-    let _: () = conn
-        .set_options(
-            f.ledger_key(&ids[1]),
-            "9|live|1",
-            redis::SetOptions::default().with_expiration(redis::SetExpiry::KEEPTTL),
-        )
-        .await
-        .expect("set ledger");
-    // 2: missing from the expiry index.
-    let _: () = conn
-        .zrem(f.ctx.expiry_key(&ids[2]), ids[2].as_str())
-        .await
-        .expect("zrem");
-    // 3: the key made persistent.
-    let _: () = conn
-        .persist(f.ctx.session_key(&ids[3]))
-        .await
-        .expect("persist");
-    // 4: missing from its user's index.
-    let _: () = conn
-        .zrem(f.user_key(&ids[4], "4"), ids[4].as_str())
-        .await
-        .expect("zrem");
-    // 5: the snapshot is not the fold of its events.
-    let snap = session_snapshots::Entity::find_by_id(ids[5].to_string())
+/// Forges session `id`'s snapshot: it is no longer the fold of its events.
+async fn forge_snapshot(f: &Fixture, id: &SessionId) {
+    let snap = session_snapshots::Entity::find_by_id(id.to_string())
         .one(&f.db.db)
         .await
         .expect("read snapshot")
@@ -378,29 +362,12 @@ async fn each_kind_of_damage_is_named_and_repaired(backend: Backend) {
     let mut row: session_snapshots::ActiveModel = snap.into();
     row.state = Set(forged);
     row.update(&f.db.db).await.expect("forge snapshot");
-    // 6 stays healthy.
+}
 
-    // What the damage does to the application: the first session answers
-    // "not found", the second "changed concurrently".
-    let err = store
-        .update(&ids[0], Changes::new().with_set("x", 1))
-        .await
-        .expect_err("a session without ledger takes no write");
-    assert!(matches!(err, Error::NotFound(_)), "{err}");
-    let err = store
-        .update(&ids[1], Changes::new().with_set("x", 1))
-        .await
-        .expect_err("a ledger at the wrong seq takes no write");
-    assert!(matches!(err, Error::Conflict { .. }), "{err}");
-
-    let expected = [
-        (0, "ledger_missing"),
-        (1, "ledger_seq"),
-        (2, "expiry_index_missing"),
-        (3, "ttl_missing"),
-        (4, "user_index_missing"),
-        (5, "snapshot"),
-    ];
+/// `verify` names each damage (`expected`: session index, kind) and no
+/// healthy session; `--repair` puts each right from the log, after which
+/// `verify` exits 0 and every session takes a write at version 3.
+async fn named_then_repaired(f: &Fixture, ids: &[SessionId], expected: &[(usize, &str)]) {
     let run = f.verify(&[]).await;
     assert_eq!(
         run.code, 1,
@@ -409,7 +376,7 @@ async fn each_kind_of_damage_is_named_and_repaired(backend: Backend) {
     );
     assert_eq!(run.json["ok"], false);
     let named = run.kinds("divergences");
-    for (i, kind) in expected {
+    for &(i, kind) in expected {
         assert!(
             named
                 .get(ids[i].as_str())
@@ -433,7 +400,7 @@ async fn each_kind_of_damage_is_named_and_repaired(backend: Backend) {
         run.json, run.stderr
     );
     let repaired = run.kinds("repaired");
-    for (i, kind) in expected {
+    for &(i, kind) in expected {
         assert!(
             repaired
                 .get(ids[i].as_str())
@@ -450,19 +417,130 @@ async fn each_kind_of_damage_is_named_and_repaired(backend: Backend) {
     );
     assert_eq!(run.json["agree"], 7, "{:#}", run.json);
 
-    // The application works again, and versions continue.
-    for id in &ids {
-        let s = store
+    // The application works, and versions continue (the key's version is
+    // the truth; a ledger follows it).
+    for id in ids {
+        let s = f
+            .ctx
+            .store
             .update(id, Changes::new().with_set("after", true))
             .await
             .expect("write after the repair");
         assert_eq!(s.version(), 3, "{id}");
     }
-    let ttl: i64 = conn.pttl(f.ctx.session_key(&ids[3])).await.expect("pttl");
-    assert!(ttl > 0, "the TTL is back");
     f.drain().await;
     let run = f.verify(&[]).await;
     assert_eq!(run.code, 0, "{:#} {}", run.json, run.stderr);
+}
+
+/// The lean layout (the default): a live session is its key, a lower bound
+/// of its deadline in the expiry index and an entry in its user's index.
+async fn each_kind_of_damage_is_named_and_repaired(backend: Backend) {
+    let f = Fixture::new(backend, |c| c).await;
+    let ids = seven_sessions(&f).await;
+    let mut conn = f.ctx.conn();
+    // Nothing but the key and the index entries: no ledger while the
+    // deadline is far.
+    for id in &ids {
+        let ledger: bool = conn.exists(f.ledger_key(id)).await.expect("exists");
+        assert!(
+            !ledger,
+            "a live session far from its deadline has no ledger"
+        );
+    }
+    // 0: a ledger at the wrong seq (it would give the reaper a wrong
+    // version for the `expired` event).
+    let _: () = conn
+        .set_ex(f.ledger_key(&ids[0]), "9|live|0", 7_200)
+        .await
+        .expect("set ledger");
+    // 1: the expiry entry after the look-ahead before the deadline: the key
+    // could expire before the reaper records its version and user.
+    let late = chrono::Utc::now().timestamp_millis() + 7_300_000;
+    let _: () = conn
+        .zadd(f.ctx.expiry_key(&ids[1]), &ids[1].to_bytes()[..], late)
+        .await
+        .expect("zadd");
+    // 2: missing from the expiry index.
+    f.ctx.unindex(&f.ctx.expiry_key(&ids[2]), &ids[2]).await;
+    // 3: the key made persistent.
+    let _: () = conn
+        .persist(f.ctx.session_key(&ids[3]))
+        .await
+        .expect("persist");
+    // 4: missing from its user's index.
+    f.ctx.unindex(&f.user_key(&ids[4], "4"), &ids[4]).await;
+    // 5: the snapshot is not the fold of its events.
+    forge_snapshot(&f, &ids[5]).await;
+    // 6 stays healthy.
+    named_then_repaired(
+        &f,
+        &ids,
+        &[
+            (0, "ledger_seq"),
+            (1, "expiry_index_wrong"),
+            (2, "expiry_index_missing"),
+            (3, "ttl_missing"),
+            (4, "user_index_missing"),
+            (5, "snapshot"),
+        ],
+    )
+    .await;
+    let ttl: i64 = conn.pttl(f.ctx.session_key(&ids[3])).await.expect("pttl");
+    assert!(ttl > 0, "the TTL is back");
+}
+
+/// The ledger layout (a rolling upgrade from the release before the lean
+/// one): every live session has a ledger, which writes need.
+async fn each_kind_of_damage_is_named_and_repaired_in_the_ledger_layout(backend: Backend) {
+    let f = Fixture::new(backend, |c| c.with_layout(Layout::Ledger)).await;
+    let ids = seven_sessions(&f).await;
+    let store = &f.ctx.store;
+    let mut conn = f.ctx.conn();
+    // 0: the ledger deleted.
+    let _: () = conn.del(f.ledger_key(&ids[0])).await.expect("del ledger");
+    // 1: the ledger at the wrong seq.
+    let _: () = conn
+        .set_options(
+            f.ledger_key(&ids[1]),
+            "9|live|1",
+            redis::SetOptions::default().with_expiration(redis::SetExpiry::KEEPTTL),
+        )
+        .await
+        .expect("set ledger");
+    // 2: missing from the expiry index.
+    f.ctx.unindex(&f.ctx.expiry_key(&ids[2]), &ids[2]).await;
+    // 3: the key made persistent.
+    let _: () = conn
+        .persist(f.ctx.session_key(&ids[3]))
+        .await
+        .expect("persist");
+    // 4: missing from its user's index.
+    f.ctx.unindex(&f.user_key(&ids[4], "4"), &ids[4]).await;
+    // 5: the snapshot is not the fold of its events.
+    forge_snapshot(&f, &ids[5]).await;
+    // 6 stays healthy.
+    named_then_repaired(
+        &f,
+        &ids,
+        &[
+            (0, "ledger_missing"),
+            (1, "ledger_seq"),
+            (2, "expiry_index_missing"),
+            (3, "ttl_missing"),
+            (4, "user_index_missing"),
+            (5, "snapshot"),
+        ],
+    )
+    .await;
+    for id in &ids {
+        let ledger: String = conn.get(f.ledger_key(id)).await.expect("ledger");
+        let s = store.get(id).await.expect("get").expect("live");
+        assert!(
+            ledger.starts_with(&format!("{}|live|", s.version())),
+            "{ledger}"
+        );
+    }
 }
 
 /// A Redis key whose JSON was changed behind the store's back, at the
@@ -802,6 +880,7 @@ async fn replay_at_skips_a_row_out_of_range(backend: Backend) {
 on_both_backends!(
     verify_under_load_exits_0_every_time,
     each_kind_of_damage_is_named_and_repaired,
+    each_kind_of_damage_is_named_and_repaired_in_the_ledger_layout,
     a_tampered_key_is_rewritten_from_the_log,
     a_missing_key_is_restored,
     a_missing_end_is_named_and_written,
@@ -852,15 +931,18 @@ async fn damage_is_named_and_repaired_on_a_cluster() {
         .expect("verify");
     assert!(report.ok && report.agree == 12, "{report:?}");
     let mut conn = f.ctx.conn();
-    let _: () = conn.del(f.ledger_key(&ids[0])).await.expect("del");
+    // A ledger at the wrong seq, with the TTL a ledger has.
+    let pttl: i64 = conn.pttl(f.ctx.session_key(&ids[0])).await.expect("pttl");
+    let px = pttl as u64 + f.ctx.config.tombstone_ttl.as_millis() as u64;
+    let _: () = conn
+        .pset_ex(f.ledger_key(&ids[0]), "9|live|0", px)
+        .await
+        .expect("set ledger");
     let _: () = conn
         .persist(f.ctx.session_key(&ids[1]))
         .await
         .expect("persist");
-    let _: () = conn
-        .zrem(f.ctx.expiry_key(&ids[2]), ids[2].as_str())
-        .await
-        .expect("zrem");
+    f.ctx.unindex(&f.ctx.expiry_key(&ids[2]), &ids[2]).await;
     let partitions: std::collections::BTreeSet<u32> = ids[..3]
         .iter()
         .map(|id| f.ctx.store.keys().partition_of(id))
@@ -876,7 +958,7 @@ async fn damage_is_named_and_repaired_on_a_cluster() {
     assert_eq!(
         named,
         BTreeMap::from([
-            (ids[0].as_str(), "ledger_missing"),
+            (ids[0].as_str(), "ledger_seq"),
             (ids[1].as_str(), "ttl_missing"),
             (ids[2].as_str(), "expiry_index_missing"),
         ]),

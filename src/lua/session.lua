@@ -1,22 +1,41 @@
 -- vedfolnir-sessions: every session mutation in one atomic step.
 --
--- The fold runs in Rust; this script only checks the expected version and the
+-- The fold runs in Rust; this script checks the expected version and the
 -- tombstone, appends the event the caller built, and stores the JSON the
--- caller computed (it never decodes or re-encodes session JSON).
+-- caller computed. It never decodes session JSON: the live version is the
+-- number the canonical JSON ends with (`"_version":N}`).
 --
 -- KEYS[1]  the event stream
--- KEYS[2]  the expiry index (sorted set: session id -> deadline in ms)
+-- KEYS[2]  the expiry index (sorted set: member -> when the reaper looks)
 -- ARGV[1]  operation: create | write | end | rotate | destroy_user | expire |
---          restore | apply
+--          look | restore | apply
 -- ARGV[2]  session key prefix, ARGV[3] ledger prefix, ARGV[4] user-index prefix
--- ARGV[5…] the operation's arguments, read in order with arg().
+-- ARGV[5]  layout: lean | ledger
+-- ARGV[6]  look-ahead in ms (lean layout)
+-- ARGV[7…] the operation's arguments, read in order with arg().
 --
 -- Per-session keys are built from the prefixes. In a partitioned deployment
 -- the prefixes and both KEYS carry the partition's hash tag, so everything one
 -- call touches lives in one slot.
 --
--- Ledger value: "<seq>|<status>|<user_id>" with status live, destroyed or
--- expired. Deadlines use the Redis clock (TIME), never a writer's clock.
+-- Ledger value: "<seq>|<status>|<user_id>", status live, destroyed or expired.
+-- An ended session's ledger is its tombstone. A live one's is a look: the
+-- version and user the reaper needs once Redis has dropped the key.
+--
+-- The lean layout writes a live session's key and nothing else on an update:
+-- its expiry entry is a lower bound (the reaper looks again when it comes
+-- due and files it again from the key's real TTL), the user index changes
+-- only when the user does, and a look exists only within the look-ahead of
+-- the deadline (written by the reaper) or for sessions whose timeout is no
+-- longer than the look-ahead. Index members are the 32 raw bytes of the id.
+-- A ledger that exists is always kept current.
+--
+-- The ledger layout writes what the previous release wrote and reads: a
+-- ledger for every live session, the exact deadline in the expiry index and
+-- hex members. Both layouts read each other's keys.
+--
+-- Deadlines use the Redis clock (TIME), never a writer's clock; TIME is read
+-- only by steps that write one.
 
 local stream = KEYS[1]
 local expiry = KEYS[2]
@@ -24,8 +43,10 @@ local op = ARGV[1]
 local sp = ARGV[2]
 local lp = ARGV[3]
 local up = ARGV[4]
+local lean = ARGV[5] == 'lean'
+local ahead = tonumber(ARGV[6])
 
-local argi = 4
+local argi = 6
 local function arg()
   argi = argi + 1
   return ARGV[argi]
@@ -38,10 +59,15 @@ local function rest()
   return out
 end
 
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
--- Creation order in the user index needs finer steps than a millisecond.
-local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local now, now_us
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    -- Creation order in the user index needs finer steps than a millisecond.
+    now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+end
 
 local meta = { occurred = '', schema = '', tp = '', source = '' }
 local function read_meta()
@@ -54,8 +80,27 @@ local function int(n)
   return string.format('%d', n)
 end
 
-local function read_ledger(id)
-  local v = redis.call('GET', lp .. id)
+local HEX = string.rep('%02x', 32)
+-- The id of an index member: 64 hex characters, or the 32 bytes they spell.
+local function id_of(m)
+  if #m == 32 then
+    return string.format(HEX, string.byte(m, 1, 32))
+  end
+  return m
+end
+-- The member this layout writes for a session: `m` is always the lean one.
+local function member(id, m)
+  if lean then
+    return m
+  end
+  return id
+end
+-- Removes a session from an index under both member forms.
+local function unindex(key, id, m)
+  redis.call('ZREM', key, m, id)
+end
+
+local function parse_ledger(v)
   if not v then
     return nil
   end
@@ -63,11 +108,26 @@ local function read_ledger(id)
   return tonumber(seq), status, user
 end
 
+-- The version a session's JSON ends with.
+local function version_of(json)
+  return tonumber(string.match(json, '"_version":(%d+)}$', math.max(1, #json - 40)))
+end
+
+-- The session's JSON (false when absent) and its parsed ledger.
+local function state(id)
+  local r = redis.call('MGET', sp .. id, lp .. id)
+  local lseq, status, user = parse_ledger(r[2])
+  return r[1], lseq, status, user
+end
+
 local function append(id, seq, kind, user, payload, event_id)
   local a = { stream, '*',
     'event_id', event_id, 'session_id', id, 'seq', int(seq), 'type', kind,
-    'occurred_at', meta.occurred, 'user_id', user, 'schema', meta.schema,
-    'payload', payload }
+    'occurred_at', meta.occurred, 'schema', meta.schema, 'payload', payload }
+  if user ~= '' then
+    a[#a + 1] = 'user_id'
+    a[#a + 1] = user
+  end
   if meta.tp ~= '' then
     a[#a + 1] = 'traceparent'
     a[#a + 1] = meta.tp
@@ -79,57 +139,104 @@ local function append(id, seq, kind, user, payload, event_id)
   return redis.call('XADD', unpack(a))
 end
 
-local function store_live(id, seq, json, ttl, tomb, user, old_user)
-  redis.call('SET', sp .. id, json, 'PX', ttl)
-  redis.call('SET', lp .. id, int(seq) .. '|live|' .. user, 'PX', ttl + tomb)
-  redis.call('ZADD', expiry, now + ttl, id)
-  if user ~= '' then
-    redis.call('ZADD', up .. user, 'NX', now_us, id)
+local function set_ledger(id, seq, user, px)
+  redis.call('SET', lp .. id, int(seq) .. '|live|' .. user, 'PX', px)
+end
+
+-- Files a session in the expiry index `remaining` ms ahead: the deadline
+-- itself where a ledger holds its version, else the look-ahead before it.
+-- `again`: it may be filed already, maybe under the other member form.
+local function file(id, m, remaining, with_ledger, again)
+  clock()
+  local at = now + remaining
+  if not with_ledger then
+    at = at - ahead
   end
-  if old_user and old_user ~= '' and old_user ~= user then
-    redis.call('ZREM', up .. old_user, id)
+  local w = member(id, m)
+  if again then
+    redis.call('ZREM', expiry, w == m and id or m)
+  end
+  redis.call('ZADD', expiry, at, w)
+end
+
+-- A live session's key at `seq`. `fresh`: its first state here (created,
+-- restored, rotated to), so the expiry index gets an entry; an update leaves
+-- the entry alone, a lower bound of the new deadline. `had`: it has a ledger.
+local function store_live(id, m, seq, json, ttl, tomb, user, old_user, had, fresh)
+  redis.call('SET', sp .. id, json, 'PX', ttl)
+  local ledger = had or not lean or ttl <= ahead
+  if ledger then
+    set_ledger(id, seq, user, ttl + tomb)
+  end
+  if fresh or not lean then
+    file(id, m, ttl, ledger, not fresh)
+  end
+  if user ~= old_user then
+    if user ~= '' then
+      clock()
+      redis.call('ZADD', up .. user, 'NX', now_us, member(id, m))
+    end
+    if old_user ~= '' then
+      unindex(up .. old_user, id, m)
+    end
   end
 end
 
-local function store_end(id, seq, status, user, tomb)
+local function store_end(id, m, seq, status, user, tomb)
   redis.call('DEL', sp .. id)
   redis.call('SET', lp .. id, int(seq) .. '|' .. status .. '|' .. user, 'PX', tomb)
-  redis.call('ZREM', expiry, id)
+  unindex(expiry, id, m)
   if user ~= '' then
-    redis.call('ZREM', up .. user, id)
+    unindex(up .. user, id, m)
   end
 end
 
--- The live session's seq and user, or nil and the reply for the caller.
+-- The live session's version, or nil and the reply for the caller. `expected`
+-- -1 accepts any version. Also answers whether a ledger exists.
 local function current(id, expected)
-  local seq, status, user = read_ledger(id)
-  if not seq then
-    return nil, { 'missing' }
-  end
-  if status ~= 'live' then
+  local json, lseq, status = state(id)
+  if status and status ~= 'live' then
     return nil, { 'ended', status }
   end
-  if redis.call('EXISTS', sp .. id) == 0 then
-    -- Past its deadline; the reaper writes its `expired` event.
+  if not json then
+    -- Never existed, or past its deadline: the reaper writes `expired`.
     return nil, { 'missing' }
   end
-  if expected >= 0 and seq ~= expected then
-    return nil, { 'conflict', redis.call('GET', sp .. id) }
+  local v = version_of(json)
+  if not v then
+    return nil, redis.error_reply('session ' .. id .. ': its JSON does not end with _version')
   end
-  return seq, user
+  if expected >= 0 and v ~= expected then
+    return nil, { 'conflict', json }
+  end
+  return v, json, lseq ~= nil
 end
 
--- The user's live sessions, oldest first, leaving out `skip`. Index entries of
--- ended sessions are dropped on the way.
+-- The user's live sessions, oldest first, leaving out `skip`: a list of
+-- {id, lean member, seq}. Index entries of ended or expired sessions are
+-- dropped on the way.
 local function live_sessions(user, skip)
   local live = {}
-  for _, id in ipairs(redis.call('ZRANGE', up .. user, 0, -1)) do
-    if id ~= skip then
-      local seq, status = read_ledger(id)
-      if not seq or status ~= 'live' then
-        redis.call('ZREM', up .. user, id)
-      elseif redis.call('EXISTS', sp .. id) == 1 then
-        live[#live + 1] = { id, seq }
+  local listed = {}
+  for _, e in ipairs(redis.call('ZRANGE', up .. user, 0, -1)) do
+    local id = id_of(e)
+    if listed[id] then
+      -- Filed under both member forms: keep one.
+      redis.call('ZREM', up .. user, e)
+    elseif id ~= skip then
+      listed[id] = true
+      local json, _, status = state(id)
+      local v = json and version_of(json)
+      if not v or (status and status ~= 'live') then
+        redis.call('ZREM', up .. user, e)
+      else
+        local m = e
+        if #e ~= 32 then
+          m = string.gsub(id, '%x%x', function(h)
+            return string.char(tonumber(h, 16))
+          end)
+        end
+        live[#live + 1] = { id, m, v }
       end
     end
   end
@@ -142,6 +249,9 @@ local function evict(user, max, skip, ids, tomb)
   if user == '' or max <= 0 then
     return {}
   end
+  if redis.call('ZCARD', up .. user) + 1 <= max then
+    return {}
+  end
   local live = live_sessions(user, skip)
   local excess = #live + 1 - max
   if excess <= 0 then
@@ -152,9 +262,9 @@ local function evict(user, max, skip, ids, tomb)
   end
   local ended = {}
   for i = 1, excess do
-    local id, seq = live[i][1], live[i][2]
+    local id, m, seq = live[i][1], live[i][2], live[i][3]
     local xid = append(id, seq + 1, 'destroyed', user, '{"reason":"evicted"}', ids[i])
-    store_end(id, seq + 1, 'destroyed', user, tomb)
+    store_end(id, m, seq + 1, 'destroyed', user, tomb)
     ended[#ended + 1] = id .. ' ' .. int(seq + 1) .. ' ' .. xid
   end
   return ended
@@ -162,6 +272,7 @@ end
 
 if op == 'create' then
   local id = arg()
+  local m = arg()
   local json = arg()
   local ttl = tonumber(arg())
   local tomb = tonumber(arg())
@@ -171,7 +282,7 @@ if op == 'create' then
   local payload = arg()
   read_meta()
   local spare = rest()
-  if redis.call('EXISTS', lp .. id) == 1 then
+  if redis.call('EXISTS', sp .. id, lp .. id) > 0 then
     return { 'exists' }
   end
   local ended, need = evict(user, max, id, spare, tomb)
@@ -179,46 +290,71 @@ if op == 'create' then
     return { 'need_ids', int(need) }
   end
   local sid = append(id, 1, 'created', user, payload, event_id)
-  store_live(id, 1, json, ttl, tomb, user, nil)
+  store_live(id, m, 1, json, ttl, tomb, user, '', false, true)
   return { 'ok', sid, unpack(ended) }
 elseif op == 'write' then
   local id = arg()
+  local m = arg()
   local expected = tonumber(arg())
   local json = arg()
   local ttl = tonumber(arg())
   local tomb = tonumber(arg())
   local user = arg()
+  local old_user = arg()
   local kind = arg()
   local event_id = arg()
   local payload = arg()
   read_meta()
-  local seq, old_user = current(id, expected)
+  local seq, reply, had = current(id, expected)
   if not seq then
-    return old_user
+    return reply
   end
   local sid = append(id, seq + 1, kind, user, payload, event_id)
-  store_live(id, seq + 1, json, ttl, tomb, user, old_user)
+  store_live(id, m, seq + 1, json, ttl, tomb, user, old_user, had, false)
   return { 'ok', sid }
 elseif op == 'end' then
+  -- With `expected` -1 the caller does not know the session: the user comes
+  -- from a ledger at the key's version, or the reply is a conflict with the
+  -- JSON so that the caller asks again knowing it.
   local id = arg()
+  local m = arg()
   local expected = tonumber(arg())
+  local user = arg()
   local kind = arg()
   local status = arg()
   local tomb = tonumber(arg())
   local event_id = arg()
   local payload = arg()
   read_meta()
-  local seq, user = current(id, expected)
+  local json, lseq, lstatus, luser = state(id)
+  if lstatus and lstatus ~= 'live' then
+    return { 'ended', lstatus }
+  end
+  if not json then
+    return { 'missing' }
+  end
+  local seq = version_of(json)
   if not seq then
-    return user
+    return redis.error_reply('session ' .. id .. ': its JSON does not end with _version')
+  end
+  if expected < 0 then
+    if lseq ~= seq then
+      return { 'conflict', json }
+    end
+    user = luser
+  elseif seq ~= expected then
+    return { 'conflict', json }
   end
   local sid = append(id, seq + 1, kind, user, payload, event_id)
-  store_end(id, seq + 1, status, user, tomb)
+  store_end(id, m, seq + 1, status, user, tomb)
   return { 'ok', sid, int(seq + 1), user }
 elseif op == 'rotate' then
   local old = arg()
+  local old_m = arg()
   local expected = tonumber(arg())
+  local old_user = arg()
   local new = arg()
+  local new_m = arg()
   local json = arg()
   local ttl = tonumber(arg())
   local tomb = tonumber(arg())
@@ -230,11 +366,11 @@ elseif op == 'rotate' then
   local create_payload = arg()
   read_meta()
   local spare = rest()
-  local seq, old_user = current(old, expected)
+  local seq, reply = current(old, expected)
   if not seq then
-    return old_user
+    return reply
   end
-  if redis.call('EXISTS', lp .. new) == 1 then
+  if redis.call('EXISTS', sp .. new, lp .. new) > 0 then
     return { 'exists' }
   end
   local ended, need = evict(user, max, old, spare, tomb)
@@ -242,9 +378,9 @@ elseif op == 'rotate' then
     return { 'need_ids', int(need) }
   end
   local oxid = append(old, seq + 1, 'destroyed', old_user, end_payload, end_id)
-  store_end(old, seq + 1, 'destroyed', old_user, tomb)
+  store_end(old, old_m, seq + 1, 'destroyed', old_user, tomb)
   local sid = append(new, 1, 'created', user, create_payload, create_id)
-  store_live(new, 1, json, ttl, tomb, user, nil)
+  store_live(new, new_m, 1, json, ttl, tomb, user, '', false, true)
   return { 'ok', sid, oxid, old_user, unpack(ended) }
 elseif op == 'destroy_user' then
   local user = arg()
@@ -258,80 +394,174 @@ elseif op == 'destroy_user' then
   end
   local ended = { 'ok', '' }
   for i, s in ipairs(live) do
-    local xid = append(s[1], s[2] + 1, 'destroyed', user, payload, ids[i])
-    store_end(s[1], s[2] + 1, 'destroyed', user, tomb)
-    ended[#ended + 1] = s[1] .. ' ' .. int(s[2] + 1) .. ' ' .. xid
+    local xid = append(s[1], s[3] + 1, 'destroyed', user, payload, ids[i])
+    store_end(s[1], s[2], s[3] + 1, 'destroyed', user, tomb)
+    ended[#ended + 1] = s[1] .. ' ' .. int(s[3] + 1) .. ' ' .. xid
   end
   return ended
 elseif op == 'expire' then
+  -- The reaper's visit of a due entry (filed under either member form,
+  -- with `score`). A session still live is filed again from its key's TTL, or,
+  -- within the look-ahead of its deadline, needs a look first ('look' with
+  -- its JSON: the caller reads the user and calls `look`). A session whose
+  -- key is gone ends with the version and user of its ledger; without a
+  -- ledger nothing in Redis knows them, and the database sweep of overdue
+  -- sessions writes the end.
   local id = arg()
+  local m = arg()
   local score = tonumber(arg())
   local tomb = tonumber(arg())
   local event_id = arg()
   local payload = arg()
   read_meta()
-  local s = redis.call('ZSCORE', expiry, id)
+  clock()
+  local s = redis.call('ZSCORE', expiry, m) or redis.call('ZSCORE', expiry, id)
   if not s or tonumber(s) ~= score or score > now then
-    -- Touched since the reaper looked, or not due yet.
+    -- Filed again since the reaper looked, or not due yet.
     return { 'skip' }
   end
-  if redis.call('EXISTS', sp .. id) == 1 then
-    return { 'skip' }
-  end
-  local seq, status, user = read_ledger(id)
-  if not seq or status ~= 'live' then
-    redis.call('ZREM', expiry, id)
+  local json, lseq, status, user = state(id)
+  if status and status ~= 'live' then
+    unindex(expiry, id, m)
     return { 'gone' }
   end
-  local sid = append(id, seq + 1, 'expired', user, payload, event_id)
-  store_end(id, seq + 1, 'expired', user, tomb)
-  return { 'ok', sid, int(seq + 1), user }
+  if json then
+    local pttl = redis.call('PTTL', sp .. id)
+    if pttl < 0 then
+      -- A key without a TTL never expires: `verify` names it.
+      return { 'skip' }
+    end
+    local v = version_of(json)
+    if lean and pttl > ahead then
+      -- Not near its deadline: no look needed (one taken before a write
+      -- that extended the session is dropped).
+      if lseq then
+        redis.call('DEL', lp .. id)
+      end
+      file(id, m, pttl, false, true)
+      return { 'skip' }
+    end
+    if lseq and v == lseq then
+      file(id, m, pttl, true, true)
+      return { 'skip' }
+    end
+    return { 'look', json }
+  end
+  if not lseq then
+    unindex(expiry, id, m)
+    return { 'gone' }
+  end
+  -- An early entry seen after the key went: the ledger's TTL (the deadline
+  -- plus the tombstone TTL) tells the deadline, which the event carries.
+  local lpttl = redis.call('PTTL', lp .. id)
+  if lpttl > 0 then
+    local d = math.min(now, now + lpttl - tomb)
+    if math.abs(d - score) > 1000 then
+      redis.call('ZADD', expiry, d, member(id, m))
+      redis.call('ZREM', expiry, member(id, m) == m and id or m)
+      return { 'skip' }
+    end
+  end
+  local sid = append(id, lseq + 1, 'expired', user, payload, event_id)
+  store_end(id, m, lseq + 1, 'expired', user, tomb)
+  return { 'ok', sid, int(lseq + 1), user }
+elseif op == 'look' then
+  -- Writes the look of a live session at `seq` (the reaper read its user
+  -- from the JSON) and files it at its deadline, unless it changed since.
+  local id = arg()
+  local m = arg()
+  local seq = tonumber(arg())
+  local user = arg()
+  local tomb = tonumber(arg())
+  local json, _, status = state(id)
+  if not json or (status and status ~= 'live') or version_of(json) ~= seq then
+    return { 'skip' }
+  end
+  local pttl = redis.call('PTTL', sp .. id)
+  if pttl < 0 then
+    return { 'skip' }
+  end
+  set_ledger(id, seq, user, pttl + tomb)
+  file(id, m, pttl, true, true)
+  return { 'ok', '' }
 elseif op == 'restore' then
   -- Re-materialize a session from the audit database (replay, a read during
   -- recovery, the base of a projection). The one rule of ending: nothing
   -- comes back that Redis knows has ended, or knows a newer state of, and
   -- nothing past its deadline. A ledger at the same seq without its key (a
-  -- key evicted or deleted by hand) is restored.
+  -- key evicted or deleted by hand) is restored. A key behind the database
+  -- is replaced; its user must then be given (`old_seq`, `old_user`), or the
+  -- reply is 'behind' with its JSON.
   local id = arg()
+  local m = arg()
   local json = arg()
   local seq = tonumber(arg())
   local user = arg()
   local deadline = tonumber(arg())
   local tomb = tonumber(arg())
-  local have, status = read_ledger(id)
-  if have and status ~= 'live' then
-    return { 'ended', status, int(have) }
+  local old_seq = tonumber(arg())
+  local old_user = arg()
+  local cur, lseq, status, luser = state(id)
+  if status and status ~= 'live' then
+    return { 'ended', status, int(lseq) }
   end
-  if have and have > seq then
-    return { 'newer', int(have) }
+  local had = lseq ~= nil
+  if cur then
+    local v = version_of(cur) or 0
+    if v > seq then
+      return { 'newer', int(v) }
+    end
+    if v == seq then
+      return { 'current', int(v) }
+    end
+    if lseq == v then
+      old_user = luser
+    elseif old_seq ~= v then
+      return { 'behind', cur }
+    end
+  elseif lseq then
+    if lseq > seq then
+      return { 'newer', int(lseq) }
+    end
+    old_user = luser
+  else
+    old_user = ''
   end
-  if have and have == seq and redis.call('EXISTS', sp .. id) == 1 then
-    return { 'current', int(have) }
-  end
+  clock()
   local remaining = deadline - now
   if remaining <= 0 then
     return { 'expired' }
   end
   redis.call('SET', sp .. id, json, 'PX', remaining)
-  redis.call('SET', lp .. id, int(seq) .. '|live|' .. user, 'PX', remaining + tomb)
-  redis.call('ZADD', expiry, deadline, id)
+  local ledger = had or not lean or remaining <= ahead
+  if ledger then
+    set_ledger(id, seq, user, remaining + tomb)
+  end
+  file(id, m, remaining, ledger, true)
   if user ~= '' then
-    redis.call('ZADD', up .. user, 'NX', now_us, id)
+    local w = member(id, m)
+    redis.call('ZREM', up .. user, w == m and id or m)
+    redis.call('ZADD', up .. user, 'NX', now_us, w)
+  end
+  if old_user ~= '' and old_user ~= user then
+    unindex(up .. old_user, id, m)
   end
   return { 'ok', '' }
 elseif op == 'apply' then
   -- Projection of an event staged in the audit database while Redis was
   -- unreachable. The event keeps its id; Redis gives it its place: right
   -- after what Redis holds when that is the state the caller folded on
-  -- (`base`), or after the end when the session has ended meanwhile (the
-  -- event is logged, the session stays ended). Applied at most once: a
-  -- marker per event id outlives any retry.
+  -- (`base`, whose user is `old_user`), or after the end when the session
+  -- has ended meanwhile (the event is logged, the session stays ended).
+  -- Applied at most once: a marker per event id outlives any retry.
   local id = arg()
+  local m = arg()
   local base = tonumber(arg())
   local json = arg()
   local ttl = tonumber(arg())
   local tomb = tonumber(arg())
   local user = arg()
+  local old_user = arg()
   local kind = arg()
   local status_after = arg()
   local event_id = arg()
@@ -342,34 +572,35 @@ elseif op == 'apply' then
   if redis.call('EXISTS', applied) == 1 then
     return { 'applied' }
   end
-  local have, status, old_user = read_ledger(id)
+  local cur, lseq, status, luser = state(id)
   local sid
-  if have and status ~= 'live' then
+  if status and status ~= 'live' then
     redis.call('SET', applied, '1', 'PX', tomb)
     if kind == 'destroyed' or kind == 'expired' then
       -- Already ended: an end is in the log once.
       return { 'applied' }
     end
-    sid = append(id, have + 1, kind, old_user, payload, event_id)
-    redis.call('SET', lp .. id, int(have + 1) .. '|' .. status .. '|' .. old_user, 'KEEPTTL')
-    return { 'ok', sid, int(have + 1), 'ended' }
+    sid = append(id, lseq + 1, kind, luser, payload, event_id)
+    redis.call('SET', lp .. id, int(lseq + 1) .. '|' .. status .. '|' .. luser, 'KEEPTTL')
+    return { 'ok', sid, int(lseq + 1), 'ended' }
   end
-  if (have or 0) ~= base then
-    if have and redis.call('EXISTS', sp .. id) == 1 then
-      return { 'conflict', redis.call('GET', sp .. id) }
+  local have = (cur and version_of(cur)) or lseq or 0
+  if have ~= base then
+    if cur then
+      return { 'conflict', cur }
     end
     return { 'conflict' }
   end
-  if have and redis.call('EXISTS', sp .. id) == 0 then
+  if lseq and not cur then
     -- Live in the ledger but past its deadline in Redis: the caller restores
     -- it first when its deadline in the database allows.
     return { 'missing' }
   end
   sid = append(id, base + 1, kind, user, payload, event_id)
   if status_after == 'live' then
-    store_live(id, base + 1, json, ttl, tomb, user, old_user)
+    store_live(id, m, base + 1, json, ttl, tomb, user, old_user, lseq ~= nil, base == 0)
   else
-    store_end(id, base + 1, status_after, user, tomb)
+    store_end(id, m, base + 1, status_after, user, tomb)
   end
   redis.call('SET', applied, '1', 'PX', tomb)
   return { 'ok', sid, int(base + 1), status_after }

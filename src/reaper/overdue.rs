@@ -56,6 +56,7 @@ use crate::id::SessionId;
 use crate::recovery::layout;
 use crate::session::Session;
 use crate::store::SessionStore;
+use crate::store::script::Shape;
 use crate::time::Timestamp;
 
 /// Settings of the database sweep.
@@ -242,7 +243,8 @@ impl OverdueSweeper {
             .map_err(|_| Error::Corrupt(format!("snapshot of {id}: seq {}", snapshot.seq)))?;
         let keys = self.store.keys().for_session(&id);
         let mut conn = self.store.connection();
-        let view = layout::inspect(&mut conn, keys, id.as_str(), &[]).await?;
+        let shape = Shape::of(self.store.config());
+        let view = layout::inspect(&mut conn, keys, shape, id.as_str(), &[]).await?;
         if view.now_ms < deadline.timestamp_millis() {
             return Ok(Settled::Waiting(
                 "not past its deadline on Redis's clock".to_owned(),
@@ -261,8 +263,8 @@ impl OverdueSweeper {
                         // Fallen out of the expiry index: put it back, so
                         // that the one script path appends the end.
                         let d = deadline.timestamp_millis();
-                        layout::requeue(&mut conn, keys, id.as_str(), l.seq, d).await?;
-                        layout::inspect(&mut conn, keys, id.as_str(), &[])
+                        layout::requeue(&mut conn, keys, shape, id.as_str(), l.seq, d).await?;
+                        layout::inspect(&mut conn, keys, shape, id.as_str(), &[])
                             .await?
                             .expiry
                             .unwrap_or(d)

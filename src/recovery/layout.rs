@@ -7,40 +7,37 @@
 //! `src/lua/repair.lua`, nowhere else outside the store, so that a change of
 //! the layout is a change of these two files.
 //!
-//! # What the layout is today (`docs/keys.md`)
+//! # The layout (`docs/keys.md`)
 //!
 //! For a live session whose key exists, at version `V`, user `U`, deadline
-//! `D` (Redis's clock, ms):
+//! `D` (Redis's clock, ms), look-ahead `A` (`SESSION_EXPIRY_LOOKAHEAD_MS`):
 //!
 //! | derived state | must hold | kind when it does not |
 //! |---|---|---|
 //! | the key | a TTL, ending at `D` (±1 s) | `ttl_missing`, `ttl_wrong` |
-//! | the ledger `<ns>seq:<id>` | `V\|live\|U` | `ledger_missing`, `ledger_invalid`, `ledger_seq`, `ledger_user`, `ledger_status` |
+//! | the ledger `<ns>seq:<id>` | absent, or `V\|live\|U`; present in the ledger layout | `ledger_missing`, `ledger_invalid`, `ledger_seq`, `ledger_user`, `ledger_status` |
 //! | the ledger's TTL | `D` + `SESSION_TOMBSTONE_TTL` (±1 s) | `ledger_ttl` |
-//! | the expiry index | the id, scored `D` (±1 s) | `expiry_index_missing`, `expiry_index_wrong` |
-//! | the user index `<ns>user:U` | the id (when `U` is not empty) | `user_index_missing` |
+//! | the expiry index | the session, scored at most `D` with a ledger, at most `D - A` without (±1 s) | `expiry_index_missing`, `expiry_index_wrong` |
+//! | the user index `<ns>user:U` | the session (when `U` is not empty) | `user_index_missing` |
+//!
+//! An expiry entry earlier than that is fine: the reaper files it again
+//! from the key's TTL when it comes due. A later one is not: the key could
+//! expire before the reaper has recorded what its `expired` event needs.
 //!
 //! A session past its deadline (no key) whose ledger is still live must be
 //! in the expiry index, or the reaper never writes its `expired` event
 //! (`expiry_index_missing`).
-//!
-//! # When the layout changes
-//!
-//! The ledger is planned to be written only when a session ends, and the
-//! expiry index to hold a lower bound of the deadline instead of the
-//! deadline itself. Then [`check_live`] no longer expects a ledger for a live
-//! session (only one that is absent or `live`), and the expiry check becomes
-//! "score at or below the key's deadline"; `repair.lua`'s `reindex` stops
-//! writing the ledger of a live session. The verdicts of `verify` that
-//! compare Redis with the log do not change.
 
 use std::sync::LazyLock;
 
 use redis::Script;
 use redis::aio::ConnectionLike;
 
+use crate::config::Layout;
 use crate::error::{Error, Result};
+use crate::id::SessionId;
 use crate::keys::Keys;
+use crate::store::script::Shape;
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/repair.lua")));
 
@@ -125,22 +122,44 @@ pub(crate) async fn load(conn: &mut impl ConnectionLike) -> Result<()> {
     Ok(())
 }
 
-/// The common head of every call: the expiry index and the prefixes.
-fn args(cmd: &mut redis::Cmd, keys: &Keys, op: &str) {
-    cmd.arg(&keys.expiry)
+/// An invocation with the common head: the expiry index, the prefixes and
+/// the layout.
+fn invocation<'a>(keys: &Keys, shape: Shape, op: &str) -> redis::ScriptInvocation<'a> {
+    let mut inv = SCRIPT.prepare_invoke();
+    inv.key(&keys.expiry)
         .arg(op)
         .arg(&keys.session_prefix)
         .arg(&keys.ledger_prefix)
-        .arg(&keys.user_prefix);
+        .arg(&keys.user_prefix)
+        .arg(shape.layout.as_str())
+        .arg(shape.lookahead_ms);
+    inv
+}
+
+/// The 32 bytes of an id (its lean index member); an id that does not parse
+/// has none.
+fn member(id: &str) -> Vec<u8> {
+    id.parse::<SessionId>()
+        .map(|s| s.to_bytes().to_vec())
+        .unwrap_or_default()
 }
 
 /// A bare `EVALSHA` reading one session, for pipelines (load the script
 /// first with [`load`]). `users` are the user indexes to look in.
-pub(crate) fn inspect_cmd(keys: &Keys, id: &str, users: &[&str]) -> redis::Cmd {
+pub(crate) fn inspect_cmd(keys: &Keys, shape: Shape, id: &str, users: &[&str]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(SCRIPT.get_hash()).arg(1);
-    args(&mut cmd, keys, "inspect");
-    cmd.arg(id).arg(users);
+    cmd.arg(SCRIPT.get_hash())
+        .arg(1)
+        .arg(&keys.expiry)
+        .arg("inspect")
+        .arg(&keys.session_prefix)
+        .arg(&keys.ledger_prefix)
+        .arg(&keys.user_prefix)
+        .arg(shape.layout.as_str())
+        .arg(shape.lookahead_ms)
+        .arg(id)
+        .arg(member(id))
+        .arg(users);
     cmd
 }
 
@@ -148,17 +167,12 @@ pub(crate) fn inspect_cmd(keys: &Keys, id: &str, users: &[&str]) -> redis::Cmd {
 pub(crate) async fn inspect(
     conn: &mut impl ConnectionLike,
     keys: &Keys,
+    shape: Shape,
     id: &str,
     users: &[&str],
 ) -> Result<RedisView> {
-    let mut inv = SCRIPT.prepare_invoke();
-    inv.key(&keys.expiry)
-        .arg("inspect")
-        .arg(&keys.session_prefix)
-        .arg(&keys.ledger_prefix)
-        .arg(&keys.user_prefix)
-        .arg(id)
-        .arg(users);
+    let mut inv = invocation(keys, shape, "inspect");
+    inv.arg(id).arg(member(id)).arg(users);
     let parts: Vec<String> = inv.invoke_async(conn).await?;
     decode_inspect(parts, users)
 }
@@ -242,12 +256,20 @@ fn problem(kind: &'static str, detail: String) -> Problem {
 /// The layout's checks of a session whose key exists and holds the version
 /// the log expects (`exp`); `tomb_ms` is `SESSION_TOMBSTONE_TTL`. The user
 /// index of `exp.user` must have been read (see [`RedisView::in_user_index`]).
-pub(crate) fn check_live(view: &RedisView, exp: &Expected, tomb_ms: i64) -> Vec<Problem> {
+pub(crate) fn check_live(
+    view: &RedisView,
+    exp: &Expected,
+    tomb_ms: i64,
+    shape: Shape,
+) -> Vec<Problem> {
     let mut out = Vec::new();
     let key_deadline = view.key_deadline();
     // The log's deadline when it tells one, else the key's own.
     let deadline = exp.deadline_ms.or(key_deadline);
     match (&view.ledger, &view.ledger_raw) {
+        // The lean layout records a live session's version and user only
+        // near its deadline; the reaper writes them when it needs them.
+        (None, None) if shape.layout == Layout::Lean => {}
         (None, None) => out.push(problem(
             "ledger_missing",
             format!(
@@ -272,7 +294,7 @@ pub(crate) fn check_live(view: &RedisView, exp: &Expected, tomb_ms: i64) -> Vec<
                 out.push(problem(
                     "ledger_seq",
                     format!(
-                        "the ledger is at seq {}, the session at {}; writes to it conflict",
+                        "the ledger is at seq {}, the session at {}: the reaper would end it at the wrong seq",
                         l.seq, exp.seq
                     ),
                 ));
@@ -315,14 +337,24 @@ pub(crate) fn check_live(view: &RedisView, exp: &Expected, tomb_ms: i64) -> Vec<
             format!("the key expires at {kd} ms, the log's deadline is {d} ms"),
         ));
     }
-    match (view.expiry, deadline) {
+    // The latest the reaper may first look: the deadline when a ledger
+    // holds the version and user, else the look-ahead before it.
+    // (A ledger that is missing or wrong is named above, and a repair writes
+    // it.)
+    let latest = deadline.map(|d| match &view.ledger {
+        None if shape.layout == Layout::Lean => d - shape.lookahead_ms as i64,
+        _ => d,
+    });
+    match (view.expiry, latest) {
         (None, _) => out.push(problem(
             "expiry_index_missing",
             "not in the expiry index: the reaper would never expire it".to_owned(),
         )),
-        (Some(s), Some(d)) if (s - d).abs() > TOLERANCE_MS => out.push(problem(
+        (Some(s), Some(l)) if s > l + TOLERANCE_MS => out.push(problem(
             "expiry_index_wrong",
-            format!("the expiry index says {s} ms, the deadline is {d} ms"),
+            format!(
+                "the expiry index says {s} ms, after {l} ms: the key may expire before the reaper records what its end needs"
+            ),
         )),
         _ => {}
     }
@@ -369,6 +401,7 @@ pub(crate) enum Reindexed {
 pub(crate) async fn reindex(
     conn: &mut impl ConnectionLike,
     keys: &Keys,
+    shape: Shape,
     id: &str,
     inspected: Option<&str>,
     exp: &Expected,
@@ -379,20 +412,22 @@ pub(crate) async fn reindex(
             "reindex of {id} without a deadline"
         )));
     };
-    let mut inv = SCRIPT.prepare_invoke();
-    inv.key(&keys.expiry)
-        .arg("reindex")
-        .arg(&keys.session_prefix)
-        .arg(&keys.ledger_prefix)
-        .arg(&keys.user_prefix)
-        .arg(id)
+    // The user whose index holds the inspected state.
+    let old_user = inspected
+        .and_then(|j| crate::session::Session::from_json(j).ok())
+        .and_then(|s| s.user_id())
+        .unwrap_or_default();
+    let mut inv = invocation(keys, shape, "reindex");
+    inv.arg(id)
+        .arg(member(id))
         .arg(if inspected.is_some() { "1" } else { "0" })
         .arg(inspected.unwrap_or(""))
         .arg(&exp.json)
         .arg(exp.seq)
         .arg(&exp.user)
         .arg(deadline)
-        .arg(tomb_ms);
+        .arg(tomb_ms)
+        .arg(old_user);
     let parts: Vec<String> = inv.invoke_async(conn).await?;
     Ok(match parts.first().map(String::as_str) {
         Some("ok") => Reindexed::Done,
@@ -413,19 +448,13 @@ pub(crate) async fn reindex(
 pub(crate) async fn requeue(
     conn: &mut impl ConnectionLike,
     keys: &Keys,
+    shape: Shape,
     id: &str,
     seq: u64,
     deadline_ms: i64,
 ) -> Result<bool> {
-    let mut inv = SCRIPT.prepare_invoke();
-    inv.key(&keys.expiry)
-        .arg("requeue")
-        .arg(&keys.session_prefix)
-        .arg(&keys.ledger_prefix)
-        .arg(&keys.user_prefix)
-        .arg(id)
-        .arg(seq)
-        .arg(deadline_ms);
+    let mut inv = invocation(keys, shape, "requeue");
+    inv.arg(id).arg(member(id)).arg(seq).arg(deadline_ms);
     let parts: Vec<String> = inv.invoke_async(conn).await?;
     Ok(parts.first().is_some_and(|p| p == "ok"))
 }
@@ -456,11 +485,24 @@ mod tests {
         }
     }
 
-    fn kinds(v: &RedisView) -> Vec<&'static str> {
-        check_live(v, &expected(), 86_400_000)
+    const LEDGER: Shape = Shape {
+        layout: Layout::Ledger,
+        lookahead_ms: 300_000,
+    };
+    const LEAN: Shape = Shape {
+        layout: Layout::Lean,
+        lookahead_ms: 20_000,
+    };
+
+    fn kinds_in(v: &RedisView, shape: Shape) -> Vec<&'static str> {
+        check_live(v, &expected(), 86_400_000, shape)
             .into_iter()
             .map(|p| p.kind)
             .collect()
+    }
+
+    fn kinds(v: &RedisView) -> Vec<&'static str> {
+        kinds_in(v, LEDGER)
     }
 
     #[test]
@@ -492,7 +534,7 @@ mod tests {
         v.pttl = 10_000;
         assert_eq!(kinds(&v), ["ttl_wrong"]);
         let mut v = view();
-        v.expiry = Some(1_010_000);
+        v.expiry = Some(1_070_000);
         assert_eq!(kinds(&v), ["expiry_index_wrong"]);
         let mut v = view();
         v.expiry = None;
@@ -500,6 +542,29 @@ mod tests {
         let mut v = view();
         v.users = vec![("7".to_owned(), None)];
         assert_eq!(kinds(&v), ["user_index_missing"]);
+    }
+
+    #[test]
+    fn the_lean_layout_wants_no_ledger_but_an_earlier_entry() {
+        // With a current ledger the entry may sit at the deadline.
+        assert!(kinds_in(&view(), LEAN).is_empty());
+        // Without one it must come the look-ahead earlier, or the key could
+        // go before the reaper records what the end needs.
+        let mut v = view();
+        v.ledger = None;
+        v.ledger_raw = None;
+        assert_eq!(kinds_in(&v, LEAN), ["expiry_index_wrong"]);
+        v.expiry = Some(1_060_000 - 20_000);
+        assert!(kinds_in(&v, LEAN).is_empty());
+        // Earlier still is fine: the reaper files it again.
+        v.expiry = Some(1_000_000);
+        assert!(kinds_in(&v, LEAN).is_empty());
+        // The ledger layout wants the ledger.
+        assert_eq!(kinds_in(&v, LEDGER), ["ledger_missing"]);
+        // A stale ledger is named in either layout.
+        let mut v = view();
+        v.ledger = Ledger::parse("2|live|7");
+        assert_eq!(kinds_in(&v, LEAN), ["ledger_seq"]);
     }
 
     #[test]

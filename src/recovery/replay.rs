@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use chrono::Utc;
 use sea_orm::{
     ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _,
     QuerySelect as _,
@@ -63,6 +64,7 @@ pub async fn replay(
     script::load(&mut conn).await?;
     let keys = store.keys().clone();
     let tomb_ms = store.config().tombstone_ttl.as_millis() as u64;
+    let shape = script::Shape::of(store.config());
     let mut summary = ReplaySummary::default();
     let mut after = String::new();
     loop {
@@ -83,8 +85,8 @@ pub async fn replay(
         )
         .await?;
         // One pipeline per partition: a pipeline stays within one slot.
-        let mut pipes: BTreeMap<u32, redis::Pipeline> = BTreeMap::new();
-        for r in &rows {
+        let mut pipes: BTreeMap<u32, (redis::Pipeline, Vec<(SessionId, usize)>)> = BTreeMap::new();
+        for (i, r) in rows.iter().enumerate() {
             if r.status != SnapshotStatus::Live {
                 summary.destroyed += 1;
                 continue;
@@ -102,19 +104,27 @@ pub async fn replay(
                 continue;
             }
             let part = keys.for_session(&id);
-            let mut cmd = script::evalsha(part, "restore");
-            cmd.arg(&r.session_id)
-                .arg(&r.state)
-                .arg(r.seq)
-                .arg(r.user_id.as_deref().unwrap_or(""))
-                .arg(deadline.timestamp_millis())
-                .arg(tomb_ms);
-            pipes
+            let mut cmd = script::evalsha(part, shape, "restore");
+            let args = script::Restore {
+                id: &id,
+                state: &r.state,
+                seq: r.seq.max(0) as u64,
+                user: r.user_id.as_deref().unwrap_or(""),
+                deadline_ms: deadline.timestamp_millis(),
+                tomb_ms,
+                behind: None,
+            }
+            .args();
+            for a in &args {
+                cmd.arg(a);
+            }
+            let (pipe, sent) = pipes
                 .entry(part.partition)
-                .or_insert_with(redis::pipe)
-                .add_command(cmd);
+                .or_insert_with(|| (redis::pipe(), Vec::new()));
+            pipe.add_command(cmd);
+            sent.push((id, i));
         }
-        for pipe in pipes.values() {
+        for (pipe, sent) in pipes.values() {
             let replies: Vec<Vec<String>> = match pipe.query_async(&mut conn).await {
                 Ok(r) => r,
                 Err(e)
@@ -125,8 +135,25 @@ pub async fn replay(
                 }
                 Err(e) => return Err(e.into()),
             };
-            for reply in replies {
-                match script::decode(reply)? {
+            for (reply, (id, i)) in replies.into_iter().zip(sent) {
+                let mut reply = script::decode(reply)?;
+                if let Reply::Behind(_) = reply {
+                    // Redis holds an older state: the store's restore names
+                    // its user and tries again.
+                    let r = &rows[*i];
+                    let deadline = r.expires_at.unwrap_or_else(Utc::now);
+                    reply = store
+                        .restore_snapshot(
+                            id,
+                            &r.state,
+                            r.seq.max(0) as u64,
+                            r.user_id.as_deref(),
+                            deadline,
+                            true,
+                        )
+                        .await?;
+                }
+                match reply {
                     Reply::Ok(..) => summary.restored += 1,
                     Reply::Newer => summary.skipped_newer += 1,
                     Reply::Current => summary.already_current += 1,

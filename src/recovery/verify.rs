@@ -79,6 +79,7 @@ use crate::id::SessionId;
 use crate::reaper::{OverdueConfig, OverdueSweeper, Settled};
 use crate::session::{Session, Status};
 use crate::store::SessionStore;
+use crate::store::script::Shape;
 
 /// Sessions read per page of the first look (bounds the memory a check
 /// takes, whatever the size of the database).
@@ -177,6 +178,7 @@ pub async fn verify_with(
         conn: store.connection(),
         stream: StreamLog::new(store.keys().partitions() as usize),
         tomb_ms: store.config().tombstone_ttl.as_millis() as i64,
+        shape: Shape::of(store.config()),
     };
     checker.run().await
 }
@@ -475,6 +477,7 @@ struct Checker<'a> {
     conn: RedisConn,
     stream: StreamLog,
     tomb_ms: i64,
+    shape: Shape,
 }
 
 impl Checker<'_> {
@@ -604,11 +607,12 @@ impl Checker<'_> {
             }
         }
         for part in keys.all() {
-            let members: Vec<String> = self.conn.zrange(&part.expiry, 0, -1).await?;
+            let members: Vec<Vec<u8>> = self.conn.zrange(&part.expiry, 0, -1).await?;
             ids.extend(
                 members
-                    .into_iter()
-                    .filter(|m| m.parse::<SessionId>().is_ok()),
+                    .iter()
+                    .filter_map(|m| SessionId::from_member(m))
+                    .map(|id| id.as_str().to_owned()),
             );
         }
         let live: Vec<String> = session_snapshots::Entity::find()
@@ -722,7 +726,7 @@ impl Checker<'_> {
                     })
                     .collect();
                 for (id, u) in chunk.iter().zip(&users) {
-                    pipe.add_command(layout::inspect_cmd(part, id, u));
+                    pipe.add_command(layout::inspect_cmd(part, self.shape, id, u));
                 }
                 let replies: Vec<Vec<String>> = match pipe.query_async(&mut self.conn).await {
                     Ok(r) => r,
@@ -751,7 +755,7 @@ impl Checker<'_> {
             .map_err(|e| crate::error::Error::InvalidInput(format!("{id:?}: {e}")))?;
         let part = self.store.keys().for_session(&sid);
         let users: Vec<&str> = users.iter().map(String::as_str).collect();
-        let redis = layout::inspect(&mut self.conn, part, id, &users).await?;
+        let redis = layout::inspect(&mut self.conn, part, self.shape, id, &users).await?;
         Ok(Look { db, redis })
     }
 
@@ -992,9 +996,9 @@ impl Checker<'_> {
                     .and_then(crate::audit::sink::stream_id_millis)
                     .map(|ms| ms + self.store.config().session_timeout.as_millis() as i64)
             })
-            .or(r.expiry)
-            .or_else(|| r.key_deadline());
-        for p in layout::check_live(r, &exp, self.tomb_ms) {
+            .or_else(|| r.key_deadline())
+            .or(r.expiry);
+        for p in layout::check_live(r, &exp, self.tomb_ms, self.shape) {
             let fix = (p.reindexable && deadline.is_some()).then_some(Fix::Reindex);
             j.problem(p.kind, p.detail, fix);
         }
@@ -1130,6 +1134,7 @@ impl Checker<'_> {
             let done = layout::reindex(
                 &mut self.conn,
                 &part,
+                self.shape,
                 id,
                 inspected.as_deref(),
                 exp,
@@ -1140,7 +1145,7 @@ impl Checker<'_> {
                 Fix::Reindex,
                 match done {
                     Reindexed::Done => format!(
-                        "rewrote the key, its TTL, the ledger ({}|live|{}) and both indexes from the log",
+                        "rewrote the key, its TTL and both indexes from the log (version {}, user {:?})",
                         exp.seq, exp.user
                     ),
                     Reindexed::Moved => "nothing: the session changed meanwhile".to_owned(),
@@ -1152,7 +1157,7 @@ impl Checker<'_> {
         if wants(Fix::Requeue)
             && let Some((seq, deadline)) = j.requeue
         {
-            let ok = layout::requeue(&mut self.conn, &part, id, seq, deadline).await?;
+            let ok = layout::requeue(&mut self.conn, &part, self.shape, id, seq, deadline).await?;
             actions.insert(
                 Fix::Requeue,
                 if ok {

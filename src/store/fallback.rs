@@ -222,7 +222,17 @@ impl SessionStore {
         // the attempt, which the projection then checks in the stream.
         let unsure = !matches!(&redis_err, Error::Redis(e) if e.is_connection_refusal());
         let settle = chrono::Duration::from_std(self.settle_window()).unwrap_or_default();
-        let out = Box::pin(outbox::stage(db, &part.stream, writes, unsure, settle)).await?;
+        // Refused while some process reached Redis within the settle window
+        // (its last drain, or Redis is back for it): wait out the window,
+        // at most once, then ask again.
+        let give_up = Instant::now() + self.settle_window() + Duration::from_millis(500);
+        let out = loop {
+            let out = Box::pin(outbox::stage(db, &part.stream, writes, unsure, settle)).await?;
+            if out != Staged::Refused || Instant::now() >= give_up {
+                break out;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         if out == Staged::Refused {
             // Redis is back for other processes: a write staged now could
             // diverge from theirs. Not acknowledged; the client retries.
@@ -535,13 +545,15 @@ impl SessionStore {
                 .user_id()
                 .or_else(|| staged.user_id.clone())
                 .unwrap_or_default();
-            let mut inv = script::invocation(part, "apply");
+            let mut inv = script::invocation(part, self.shape(), "apply");
             inv.arg(id.as_str())
+                .arg(&id.to_bytes()[..])
                 .arg(base.version())
                 .arg(&json)
                 .arg(self.config.session_timeout.as_millis() as u64)
                 .arg(self.config.tombstone_ttl.as_millis() as u64)
                 .arg(&user)
+                .arg(base.user_id().unwrap_or_default())
                 .arg(staged.kind.type_name())
                 .arg(status_after.as_str())
                 .arg(staged.event_id.to_string())
@@ -660,7 +672,7 @@ impl SessionStore {
 
     /// Runs the `restore` operation for a session's database state: `live`
     /// false (an ended snapshot) is never restored and answers `Skip`.
-    pub(super) async fn restore_snapshot(
+    pub(crate) async fn restore_snapshot(
         &self,
         id: &SessionId,
         state: &str,
@@ -672,14 +684,33 @@ impl SessionStore {
         if !live {
             return Ok(Reply::Skip);
         }
-        let mut inv = script::invocation(self.keys.for_session(id), "restore");
-        inv.arg(id.as_str())
-            .arg(state)
-            .arg(seq)
-            .arg(user.unwrap_or(""))
-            .arg(deadline.timestamp_millis())
-            .arg(self.config.tombstone_ttl.as_millis() as u64);
-        Ok(script::run_retrying(&inv, &mut self.conn.clone()).await?.0)
+        let part = self.keys.for_session(id);
+        let tomb_ms = self.config.tombstone_ttl.as_millis() as u64;
+        let mut behind: Option<Session> = None;
+        loop {
+            let mut inv = script::invocation(part, self.shape(), "restore");
+            let args = script::Restore {
+                id,
+                state,
+                seq,
+                user: user.unwrap_or(""),
+                deadline_ms: deadline.timestamp_millis(),
+                tomb_ms,
+                behind: behind.as_ref(),
+            }
+            .args();
+            for a in &args {
+                inv.arg(a);
+            }
+            let reply = script::run_retrying(&inv, &mut self.conn.clone()).await?.0;
+            match reply {
+                // Redis holds an older state: once more, naming its user.
+                Reply::Behind(json) if behind.is_none() => {
+                    behind = Some(super::parse_session(id, &json)?);
+                }
+                other => return Ok(other),
+            }
+        }
     }
 
     /// A staged event of a session Redis no longer knows at all (its

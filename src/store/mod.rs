@@ -328,12 +328,16 @@ impl SessionStore {
         let mut conn = self.conn.clone();
         let mut out = Vec::new();
         for part in self.keys.all() {
-            let entries: Vec<(String, f64)> =
+            let entries: Vec<(Vec<u8>, f64)> =
                 conn.zrange_withscores(part.user(user_id), 0, -1).await?;
-            let entries: Vec<(SessionId, i64)> = entries
+            let mut entries: Vec<(SessionId, i64)> = entries
                 .into_iter()
-                .filter_map(|(i, score)| Some((i.parse().ok()?, score as i64)))
+                .filter_map(|(m, score)| Some((SessionId::from_member(&m)?, score as i64)))
                 .collect();
+            // A session filed under both member forms is listed once.
+            entries.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+            entries.dedup_by(|a, b| a.0 == b.0);
+            entries.sort_by_key(|e| e.1);
             if entries.is_empty() {
                 continue;
             }

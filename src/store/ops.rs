@@ -176,6 +176,10 @@ impl SessionStore {
         self.config.session_timeout.as_millis() as u64
     }
 
+    pub(super) fn shape(&self) -> script::Shape {
+        script::Shape::of(&self.config)
+    }
+
     fn tomb_ms(&self) -> u64 {
         self.config.tombstone_ttl.as_millis() as u64
     }
@@ -352,8 +356,9 @@ impl SessionStore {
             let mut ended_old = None;
             match &rotated_from {
                 None => {
-                    inv = script::invocation(part, "create");
+                    inv = script::invocation(part, self.shape(), "create");
                     inv.arg(id.as_str())
+                        .arg(&id.to_bytes()[..])
                         .arg(&json)
                         .arg(self.ttl_ms())
                         .arg(self.tomb_ms())
@@ -363,7 +368,7 @@ impl SessionStore {
                         .arg(created.kind.payload_json());
                 }
                 Some((old, current, reason)) => {
-                    inv = script::invocation(part, "rotate");
+                    inv = script::invocation(part, self.shape(), "rotate");
                     let end = meta.event(
                         old,
                         current.version() + 1,
@@ -371,8 +376,11 @@ impl SessionStore {
                         EventKind::Destroyed { reason: *reason },
                     );
                     inv.arg(old.as_str())
+                        .arg(&old.to_bytes()[..])
                         .arg(current.version())
+                        .arg(end.user_id.as_deref().unwrap_or(""))
                         .arg(id.as_str())
+                        .arg(&id.to_bytes()[..])
                         .arg(&json)
                         .arg(self.ttl_ms())
                         .arg(self.tomb_ms())
@@ -472,13 +480,15 @@ impl SessionStore {
     ) -> Result<Written> {
         let json = self.checked_json(next)?;
         let part = self.keys.for_session(id);
-        let mut inv = script::invocation(part, "write");
+        let mut inv = script::invocation(part, self.shape(), "write");
         inv.arg(id.as_str())
+            .arg(&id.to_bytes()[..])
             .arg(current.version())
             .arg(&json)
             .arg(self.ttl_ms())
             .arg(self.tomb_ms())
             .arg(event.user_id.as_deref().unwrap_or(""))
+            .arg(current.user_id().as_deref().unwrap_or(""))
             .arg(event.kind.type_name())
             .arg(event.event_id.to_string())
             .arg(event.kind.payload_json());
@@ -842,14 +852,20 @@ impl SessionStore {
             self.catch_up().await;
             let attempts = self.config.max_retries.max(1);
             let mut brought_back = false;
+            // The version and user of the session as last read: without
+            // them the script ends it only when a ledger tells them, and
+            // otherwise answers with the session's JSON.
+            let mut known: Option<(u64, String)> = None;
             for attempt in 1..=attempts {
                 let meta = Meta::now();
                 let kind = EventKind::Destroyed { reason };
                 let event_id = Uuid::now_v7();
                 let part = self.keys.for_session(id);
-                let mut inv = script::invocation(part, "end");
+                let mut inv = script::invocation(part, self.shape(), "end");
                 inv.arg(id.as_str())
-                    .arg(-1)
+                    .arg(&id.to_bytes()[..])
+                    .arg(known.as_ref().map_or(-1, |k| k.0 as i64))
+                    .arg(known.as_ref().map_or("", |k| k.1.as_str()))
                     .arg("destroyed")
                     .arg("destroyed")
                     .arg(self.tomb_ms())
@@ -901,6 +917,11 @@ impl SessionStore {
                     }
                     // The first attempt ended it before its connection broke.
                     Reply::Ended(_) if retried => Ok(true),
+                    Reply::Conflict(Some(json)) => {
+                        let s = super::parse_session(id, &json)?;
+                        known = Some((s.version(), s.user_id().unwrap_or_default()));
+                        continue;
+                    }
                     Reply::Missing if !brought_back && Box::pin(self.bring_back(id)).await? => {
                         brought_back = true;
                         continue;
@@ -996,7 +1017,7 @@ impl SessionStore {
         loop {
             let meta = Meta::now();
             let spare_ids = ids(spare);
-            let mut inv = script::invocation(part, "destroy_user");
+            let mut inv = script::invocation(part, self.shape(), "destroy_user");
             inv.arg(user_id)
                 .arg(self.tomb_ms())
                 .arg(EventKind::Destroyed { reason }.payload_json());
@@ -1072,17 +1093,22 @@ impl SessionStore {
         }
     }
 
-    /// Appends the `expired` event for a session whose deadline (`deadline_ms`,
-    /// its score in the expiry index) has passed, unless it was touched since
-    /// or another reaper already did. Returns true when this call expired it.
+    /// The reaper's visit of an expiry index entry scored `deadline_ms`
+    /// that has come due: appends the `expired` event for a session past
+    /// its deadline, unless it was touched since or another reaper already
+    /// did. A session still live is filed again at the right time (after
+    /// recording its version and user when its deadline is near, in the
+    /// lean layout). Returns true when this call expired it.
     pub async fn expire(&self, id: &SessionId, deadline_ms: i64) -> Result<bool> {
         let meta = Meta::now();
         let deadline = Timestamp::from_millis(deadline_ms)
             .ok_or_else(|| Error::Corrupt(format!("deadline {deadline_ms} out of range")))?;
         let kind = EventKind::Expired { deadline };
         let event_id = Uuid::now_v7();
-        let mut inv = script::invocation(self.keys.for_session(id), "expire");
+        let part = self.keys.for_session(id);
+        let mut inv = script::invocation(part, self.shape(), "expire");
         inv.arg(id.as_str())
+            .arg(&id.to_bytes()[..])
             .arg(deadline_ms)
             .arg(self.tomb_ms())
             .arg(event_id.to_string())
@@ -1095,6 +1121,20 @@ impl SessionStore {
                 let event = meta.event_with_id(event_id, id, seq, user, kind);
                 self.sync(vec![streamed(xid, event)]).await;
                 Ok(true)
+            }
+            Reply::Look(json) => {
+                // Near its deadline: record what `expired` will need.
+                let s = super::parse_session(id, &json)?;
+                let mut inv = script::invocation(part, self.shape(), "look");
+                inv.arg(id.as_str())
+                    .arg(&id.to_bytes()[..])
+                    .arg(s.version())
+                    .arg(s.user_id().unwrap_or_default())
+                    .arg(self.tomb_ms());
+                match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
+                    Reply::Ok(..) | Reply::Skip => Ok(false),
+                    other => Err(Error::Corrupt(format!("look: unexpected reply {other:?}"))),
+                }
             }
             Reply::Skip | Reply::Gone => Ok(false),
             other => Err(Error::Corrupt(format!(

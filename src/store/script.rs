@@ -9,8 +9,11 @@ use std::sync::LazyLock;
 use redis::aio::ConnectionLike;
 use redis::{Script, ScriptInvocation};
 
+use crate::config::{Config, Layout};
 use crate::error::{Error, Result};
+use crate::id::SessionId;
 use crate::keys::Keys;
+use crate::session::Session;
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/session.lua")));
 
@@ -41,6 +44,29 @@ pub(crate) enum Reply {
     Expired,
     /// Projection: this staged event was applied before.
     Applied,
+    /// The reaper's candidate lives within the look-ahead of its deadline
+    /// and has no look yet: its JSON, to read the user from.
+    Look(String),
+    /// Restore: Redis holds an older state whose user must be given; its
+    /// JSON.
+    Behind(String),
+}
+
+/// How the scripts lay out live sessions: the layout and the expiry
+/// look-ahead, from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub layout: Layout,
+    pub lookahead_ms: u64,
+}
+
+impl Shape {
+    pub(crate) fn of(config: &Config) -> Shape {
+        Shape {
+            layout: config.layout,
+            lookahead_ms: config.expiry_lookahead.as_millis() as u64,
+        }
+    }
 }
 
 /// `SCRIPT LOAD`s the script so that pipelined `EVALSHA`s find it.
@@ -51,7 +77,7 @@ pub(crate) async fn load(conn: &mut impl ConnectionLike) -> Result<()> {
 
 /// A bare `EVALSHA` of the script with the common keys and prefixes, for
 /// pipelines (which cannot fall back to `EVAL` by themselves).
-pub(crate) fn evalsha(keys: &Keys, op: &str) -> redis::Cmd {
+pub(crate) fn evalsha(keys: &Keys, shape: Shape, op: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(SCRIPT.get_hash())
         .arg(2)
@@ -60,8 +86,44 @@ pub(crate) fn evalsha(keys: &Keys, op: &str) -> redis::Cmd {
         .arg(op)
         .arg(&keys.session_prefix)
         .arg(&keys.ledger_prefix)
-        .arg(&keys.user_prefix);
+        .arg(&keys.user_prefix)
+        .arg(shape.layout.as_str())
+        .arg(shape.lookahead_ms);
     cmd
+}
+
+/// The arguments of a `restore`: a session's state from the audit database
+/// put back into Redis under the one rule (see `src/store/admit.rs`).
+pub(crate) struct Restore<'a> {
+    pub id: &'a SessionId,
+    pub state: &'a str,
+    pub seq: u64,
+    pub user: &'a str,
+    pub deadline_ms: i64,
+    pub tomb_ms: u64,
+    /// The older state Redis holds, when a first call answered `behind`.
+    pub behind: Option<&'a Session>,
+}
+
+impl Restore<'_> {
+    /// The operation's arguments, in the script's order.
+    pub(crate) fn args(&self) -> Vec<Vec<u8>> {
+        let (old_seq, old_user) = match self.behind {
+            Some(s) => (s.version() as i64, s.user_id().unwrap_or_default()),
+            None => (-1, String::new()),
+        };
+        vec![
+            self.id.as_str().as_bytes().to_vec(),
+            self.id.to_bytes().to_vec(),
+            self.state.as_bytes().to_vec(),
+            self.seq.to_string().into_bytes(),
+            self.user.as_bytes().to_vec(),
+            self.deadline_ms.to_string().into_bytes(),
+            self.tomb_ms.to_string().into_bytes(),
+            old_seq.to_string().into_bytes(),
+            old_user.into_bytes(),
+        ]
+    }
 }
 
 /// Decodes one reply of the script.
@@ -84,6 +146,8 @@ pub(crate) fn decode(parts: Vec<String>) -> Result<Reply> {
         "current" => Reply::Current,
         "expired" => Reply::Expired,
         "applied" => Reply::Applied,
+        "look" => Reply::Look(it.next().unwrap_or_default()),
+        "behind" => Reply::Behind(it.next().unwrap_or_default()),
         other => {
             return Err(Error::Corrupt(format!(
                 "unexpected reply {other:?} from the session script"
@@ -94,14 +158,16 @@ pub(crate) fn decode(parts: Vec<String>) -> Result<Reply> {
 }
 
 /// Starts an invocation with the keys and prefixes every operation takes.
-pub(crate) fn invocation<'a>(keys: &Keys, op: &str) -> ScriptInvocation<'a> {
+pub(crate) fn invocation<'a>(keys: &Keys, shape: Shape, op: &str) -> ScriptInvocation<'a> {
     let mut inv = SCRIPT.prepare_invoke();
     inv.key(&keys.stream)
         .key(&keys.expiry)
         .arg(op)
         .arg(&keys.session_prefix)
         .arg(&keys.ledger_prefix)
-        .arg(&keys.user_prefix);
+        .arg(&keys.user_prefix)
+        .arg(shape.layout.as_str())
+        .arg(shape.lookahead_ms);
     inv
 }
 

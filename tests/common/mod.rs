@@ -173,6 +173,27 @@ impl TestContext {
         self.store.keys().for_session(id).expiry.clone()
     }
 
+    /// A session's score in its partition's expiry index, filed under
+    /// either member form (the id's 32 bytes in the lean layout, its hex in
+    /// the ledger layout).
+    pub async fn expiry_score(&self, id: &SessionId) -> Option<f64> {
+        let key = self.expiry_key(id);
+        let mut conn = self.conn();
+        let lean: Option<f64> = conn.zscore(&key, &id.to_bytes()[..]).await.expect("zscore");
+        match lean {
+            Some(s) => Some(s),
+            None => conn.zscore(&key, id.as_str()).await.expect("zscore"),
+        }
+    }
+
+    /// Removes a session from an index under both member forms, as damage
+    /// done by hand.
+    pub async fn unindex(&self, key: &str, id: &SessionId) {
+        let members = [id.as_str().as_bytes().to_vec(), id.to_bytes().to_vec()];
+        let removed: u64 = self.conn().zrem(key, &members).await.expect("zrem");
+        assert_eq!(removed, 1, "{id} was in {key}");
+    }
+
     /// Waits (bounded) until `cond` holds; panics with `what` otherwise.
     pub async fn eventually<F, Fut>(&self, what: &str, limit: Duration, mut cond: F)
     where
