@@ -29,6 +29,8 @@ fn store_suite_reports_every_workload_and_cleans_up() {
             "4",
             "--duration",
             "1",
+            "--rounds",
+            "2",
             "--json",
         ])
         .env_clear()
@@ -95,14 +97,29 @@ fn store_suite_reports_every_workload_and_cleans_up() {
                     .as_str()
                     .is_some_and(|b| b.contains("XADD"))
             );
+            // Redis time per operation from INFO commandstats, for both.
+            assert!(number(r, "redis_us_per_op") > 0.0, "{r}");
+            assert!(number(r, "logged_redis_us_per_op") > 0.0, "{r}");
+            // The median over the two rounds is their mean.
+            let rounds = r["rounds"].as_array().expect("rounds");
+            assert_eq!(rounds.len(), 2, "{r}");
+            let mean = (number(&rounds[0], "ratio_to_logged")
+                + number(&rounds[1], "ratio_to_logged"))
+                / 2.0;
+            assert!(
+                (number(r, "median_ratio_to_logged") - mean).abs() < 0.002,
+                "median of the rounds in {r}"
+            );
+            assert!(number(r, "median_redis_us_ratio_to_logged") > 0.0, "{r}");
         }
     }
 
     let memory = &report["memory"];
     for field in [
-        "bytes_per_session",
+        "bytes_per_live_session",
+        "plain_bytes_per_session",
         "session_key_bytes",
-        "ledger_key_bytes",
+        "index_bytes_per_session",
         "bytes_per_stream_entry",
         "stream_entries",
     ] {
@@ -113,7 +130,29 @@ fn store_suite_reports_every_workload_and_cleans_up() {
     }
     // The session key holds the JSON, so it takes at least its length.
     assert!(number(memory, "session_key_bytes") >= number(memory, "session_json_bytes"));
-    assert_eq!(report["targets"].as_array().map(Vec::len), Some(4));
+    // The lean layout keeps no ledger for sessions far from their deadline.
+    assert_eq!(number(memory, "ledger_key_bytes"), 0.0, "{memory}");
+    let live = number(memory, "bytes_per_live_session");
+    assert!(
+        (live - number(memory, "session_key_bytes") - number(memory, "index_bytes_per_session"))
+            .abs()
+            < 0.2,
+        "a live session is its key and its index entries: {memory}"
+    );
+    assert!(
+        (number(memory, "ratio_to_plain") - live / number(memory, "plain_bytes_per_session")).abs()
+            < 0.002,
+        "{memory}"
+    );
+    // Every target of the write path, each with a value and a verdict (the
+    // p99 target is stated for 64 clients: no verdict at 4).
+    let targets = report["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 11, "{targets:?}");
+    for t in targets {
+        assert!(t["value"].is_number(), "{t}");
+        let p99 = t["target"].as_str().is_some_and(|n| n.contains("p99"));
+        assert_eq!(t["met"].is_boolean(), !p99, "{t}");
+    }
 
     // Nothing of the run's namespace is left.
     let ns = report["namespace"].as_str().expect("namespace");

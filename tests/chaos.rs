@@ -187,6 +187,26 @@ where
     }
 }
 
+/// Runs `op` as a client retrying a 503 would: an answer of "unavailable"
+/// (the write is refused, not lost: within the settle window after some
+/// process last reached Redis, no app server stages writes) is retried until
+/// the window is over.
+async fn retrying<T, F, Fut>(mut op: F) -> vedfolnir_sessions::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = vedfolnir_sessions::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + REDIS_TIMEOUT * 2 + Duration::from_secs(2);
+    loop {
+        match op().await {
+            Err(e) if e.is_unavailable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Redis holds the data set the audit database knows complete (the same
 /// epoch), and nothing staged during an outage waits for it.
 async fn healed(_conn: MultiplexedConnection, store: &SessionStore) -> bool {
@@ -763,8 +783,7 @@ async fn outage_with_fallback(backend: Backend) {
         let store = store.clone();
         async move {
             let t = Instant::now();
-            let s = store
-                .update(&id, Changes::new().with_set("during_outage", true))
+            let s = retrying(|| store.update(&id, Changes::new().with_set("during_outage", true)))
                 .await
                 .expect("update during the outage");
             (id, s.to_json(), t.elapsed())

@@ -291,6 +291,29 @@ impl Usage {
             .map(|s| round(s * 1e6 / ops as f64, 2))
     }
 
+    /// Microseconds of Redis command time per operation, from `INFO
+    /// commandstats`: the commands a client sends itself (a script's time
+    /// holds the commands it calls, which are not added again). The store's
+    /// scripts read with `MGET`, so a `GET` here is always a client's.
+    pub fn command_us_per_op(&self, ops: u64) -> Option<f64> {
+        if ops == 0 || self.commands.is_empty() {
+            return None;
+        }
+        let scripts = ["evalsha", "evalsha_ro", "eval", "eval_ro", "fcall"];
+        let scripted = self.commands.keys().any(|k| scripts.contains(&k.as_str()));
+        let sent: &[&str] = if scripted {
+            &["evalsha", "evalsha_ro", "eval", "eval_ro", "fcall", "get"]
+        } else {
+            &["get", "set", "del", "mget"]
+        };
+        let usec: u64 = sent
+            .iter()
+            .filter_map(|k| self.commands.get(*k))
+            .map(|(_, u)| u)
+            .sum();
+        Some(round(usec as f64 / ops as f64, 2))
+    }
+
     /// Microseconds of this process's CPU per operation.
     pub fn client_us_per_op(&self, ops: u64) -> Option<f64> {
         self.client_cpu

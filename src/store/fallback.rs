@@ -222,17 +222,7 @@ impl SessionStore {
         // the attempt, which the projection then checks in the stream.
         let unsure = !matches!(&redis_err, Error::Redis(e) if e.is_connection_refusal());
         let settle = chrono::Duration::from_std(self.settle_window()).unwrap_or_default();
-        // Refused while some process reached Redis within the settle window
-        // (its last drain, or Redis is back for it): wait out the window,
-        // at most once, then ask again.
-        let give_up = Instant::now() + self.settle_window() + Duration::from_millis(500);
-        let out = loop {
-            let out = Box::pin(outbox::stage(db, &part.stream, writes, unsure, settle)).await?;
-            if out != Staged::Refused || Instant::now() >= give_up {
-                break out;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let out = Box::pin(outbox::stage(db, &part.stream, writes, unsure, settle)).await?;
         if out == Staged::Refused {
             // Redis is back for other processes: a write staged now could
             // diverge from theirs. Not acknowledged; the client retries.
