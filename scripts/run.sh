@@ -14,7 +14,7 @@ ensure_redis
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/vedfolnir-sessions/target}"
 echo "== building (release)"
-cargo build --locked --release -q -p vedfolnir-sessions -p vedfolnir-worker --bins
+cargo build --locked --release -q -p vedfolnir-cli -p vedfolnir-worker --bins
 cli="$CARGO_TARGET_DIR/release/vedfolnir-sessions"
 worker_bin="$CARGO_TARGET_DIR/release/vedfolnir-worker"
 

@@ -206,12 +206,16 @@ pub struct Config {
     /// Cookie attributes.
     pub cookie: CookieConfig,
     /// `DB_SESSION_FALLBACK` (true): serve sessions from the audit database
-    /// while Redis is unreachable.
+    /// while Redis is unreachable (feature `audit`).
+    #[cfg(feature = "audit")]
     pub db_fallback: bool,
     /// `DB_SESSION_SYNC` (true): commit every mutation to the audit database
-    /// before returning.
+    /// before returning (feature `audit`).
+    #[cfg(feature = "audit")]
     pub db_sync: bool,
-    /// `DATABASE_URL` (`sqlite://vedfolnir-audit.sqlite?mode=rwc`).
+    /// `DATABASE_URL` (`sqlite://vedfolnir-audit.sqlite?mode=rwc`): the audit
+    /// database (feature `audit`).
+    #[cfg(feature = "audit")]
     pub database_url: String,
 }
 
@@ -400,6 +404,20 @@ impl Config {
                 });
             }
         };
+        // Without the audit database there is nothing to fall back to or to
+        // commit to: asking for either is a mistake worth stopping for.
+        #[cfg(not(feature = "audit"))]
+        for name in ["DB_SESSION_FALLBACK", "DB_SESSION_SYNC"] {
+            if parse_bool(&var, name, false)? {
+                return Err(ConfigError {
+                    var: name,
+                    value: var(name).unwrap_or_default(),
+                    reason: "needs the audit database: build vedfolnir-sessions with the \
+                             `audit` feature, or set it to false"
+                        .to_owned(),
+                });
+            }
+        }
         let cookie = CookieConfig {
             name: var("SESSION_COOKIE_NAME").unwrap_or_else(|| "session".to_owned()),
             http_only: parse_bool(&var, "SESSION_COOKIE_HTTPONLY", true)?,
@@ -447,8 +465,11 @@ impl Config {
                 "milliseconds",
             )?),
             cookie,
+            #[cfg(feature = "audit")]
             db_fallback: parse_bool(&var, "DB_SESSION_FALLBACK", true)?,
+            #[cfg(feature = "audit")]
             db_sync: parse_bool(&var, "DB_SESSION_SYNC", true)?,
+            #[cfg(feature = "audit")]
             database_url: var("DATABASE_URL")
                 .unwrap_or_else(|| "sqlite://vedfolnir-audit.sqlite?mode=rwc".to_owned()),
         })
@@ -652,10 +673,25 @@ mod tests {
         assert!(c.cookie.http_only && c.cookie.secure);
         assert_eq!(c.cookie.same_site, SameSite::Lax);
         assert_eq!(c.cookie.max_age, Duration::from_secs(7200));
+        #[cfg(feature = "audit")]
         assert!(c.db_fallback && c.db_sync);
         assert!(c.cluster_nodes.is_empty());
         assert_eq!(c.partitions, 1);
         assert!(!c.partitioned());
+    }
+
+    /// Without the audit database, asking for the fallback or for
+    /// synchronous audit writes names the variable and the missing feature;
+    /// turning them off is fine.
+    #[cfg(not(feature = "audit"))]
+    #[test]
+    fn audit_settings_without_the_audit_feature_are_refused() {
+        for name in ["DB_SESSION_FALLBACK", "DB_SESSION_SYNC"] {
+            let e = cfg(&[(name, "true")]).expect_err("refused");
+            assert_eq!(e.var, name);
+            assert!(e.to_string().contains("`audit` feature"), "{e}");
+            cfg(&[(name, "false")]).expect("off is fine");
+        }
     }
 
     #[test]

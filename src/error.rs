@@ -87,10 +87,12 @@ pub enum Error {
     Corrupt(String),
 
     /// The audit database's schema is not the one this build expects.
+    #[cfg(feature = "audit")]
     #[error("{0}")]
     Schema(String),
 
     /// The database behind the audit trail failed.
+    #[cfg(feature = "audit")]
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),
 }

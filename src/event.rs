@@ -188,6 +188,16 @@ impl DestroyReason {
     }
 }
 
+/// One event on its way into the audit database, with the id of the stream
+/// entry that carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    /// The stream entry id; `None` for events written in fallback mode.
+    pub stream_id: Option<String>,
+    /// The decoded event.
+    pub event: Event,
+}
+
 /// A stream entry that cannot be turned into an [`Event`]. The audit worker
 /// records the reason with the raw entry in its dead-letter table.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

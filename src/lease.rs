@@ -52,13 +52,16 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::{AsyncCommands as _, Script};
+#[cfg(feature = "audit")]
 use sea_orm::sea_query::{Expr, OnConflict, Query};
+#[cfg(feature = "audit")]
 use sea_orm::{ConnectionTrait as _, DatabaseConnection, DbBackend, TransactionTrait as _};
 
+#[cfg(feature = "audit")]
 use crate::audit::entity::lease_fences;
 use crate::config::{ConfigError, non_empty, parse};
 use crate::conn::RedisConn;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::keys::KeySpace;
 
 /// A worker role. Each has its own leases (see the module docs).
@@ -314,6 +317,7 @@ impl Leases {
 /// the lease's: a transaction of the holder that sits idle longer than that
 /// (the process was stopped inside it) is ended by PostgreSQL, so that it
 /// cannot hold its locks, and its successor, forever.
+#[cfg(feature = "audit")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
     /// The partition's stream.
@@ -326,6 +330,7 @@ pub struct Fence {
     pub ttl: Duration,
 }
 
+#[cfg(feature = "audit")]
 impl Fence {
     /// Bumps the token of `(stream, role)` for the worker `holder`, which
     /// has just taken the lease, and returns it. On PostgreSQL the bump waits
@@ -364,7 +369,9 @@ impl Fence {
                 holder.into(),
                 now.into(),
             ])
-            .map_err(|e| Error::Corrupt(format!("building the fence statement: {e}")))?
+            .map_err(|e| {
+                crate::error::Error::Corrupt(format!("building the fence statement: {e}"))
+            })?
             .on_conflict(
                 OnConflict::columns([C::Stream, C::Role])
                     .value(C::Token, Expr::col((lease_fences::Entity, C::Token)).add(1))
@@ -372,10 +379,9 @@ impl Fence {
                     .to_owned(),
             )
             .returning_col(C::Token);
-        let row = txn
-            .query_one(&insert)
-            .await?
-            .ok_or_else(|| Error::Corrupt(format!("no fence returned for {stream}")))?;
+        let row = txn.query_one(&insert).await?.ok_or_else(|| {
+            crate::error::Error::Corrupt(format!("no fence returned for {stream}"))
+        })?;
         let token: i64 = row.try_get_by_index(0)?;
         txn.commit().await?;
         tracing::info!(stream, role = %role, token, "fence taken");

@@ -6,26 +6,39 @@
 //! into an audit database that keeps the full history and can rebuild every
 //! session after Redis loses its data.
 //!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `axum` | yes | the tower layer and the axum extractor ([`web::SessionLayer`], [`web::Session`]) |
+//! | `tls` | yes | TLS to Redis with rustls (`rediss://`, `REDIS_SSL=true`) |
+//! | `tower-sessions` | no | the tower-sessions adapter ([`web::TowerSessionsStore`]) |
+//! | `audit` | no | the audit database: sink, consumer, recovery, the fallback, `DB_SESSION_SYNC` (sea-orm) |
+//! | `tracing-opentelemetry` | no | events carry the `traceparent` of the current `tracing` span |
+//!
+//! Without `audit` the store does everything Redis alone can: every
+//! mutation, the event stream, the expiry reaper. `docs/design.md` explains
+//! what each part is for and how the workspace's crates fit together.
+//!
 //! # Layout
 //!
-//! - [`demo`]: the scripted day, the loss of Redis data and the healing.
 //! - [`config`]: environment variables, defaults and validation.
+//! - [`conn`]: the Redis connection (standalone or cluster).
 //! - [`id`]: cookie tokens and the `hex(SHA-256(token))` session ids.
 //! - [`time`]: the microsecond RFC 3339 timestamps of the JSON and the log.
 //! - [`event`]: the event envelope, the six event types, the stream codec and
 //!   schema upcasting.
-//! - [`session`]: session state and the one fold, [`session::Session::apply`].
+//! - [`session`]: the stored state and the one fold, [`session::Record::apply`].
 //! - [`keys`]: the Redis key layout.
 //! - [`store`]: the write path (one Lua script per mutation) and the read path.
-//! - [`recovery`]: replay into Redis, point-in-time state, verify.
 //! - [`reaper`]: the expiry reaper (`expired` events from the expiry index).
-//! - [`worker`]: the worker process: audit consumer and reaper.
-//! - [`telemetry`]: trace context carried into events.
-//! - [`audit`]: the audit database entities.
-//! - [`mod@bench`]: the benchmarks behind `vedfolnir-sessions bench`.
-//! - [`cli`]: the operator CLI behind the `vedfolnir-sessions` binary.
+//! - [`lease`]: which worker process runs which role on which partition.
+//! - [`telemetry`]: trace context carried into events, and the metrics.
 //! - [`error`]: the error type.
-//! - `web` (feature `web`, on by default): the tower layer, the axum
+//! - `audit` (feature `audit`): the audit database, its sink and consumer.
+//! - `recovery` (feature `audit`): replay into Redis, point-in-time state,
+//!   verify, the healer.
+//! - `web` (features `axum`, `tower-sessions`): the tower layer, the axum
 //!   extractor and the tower-sessions adapter.
 //!
 //! # Example
@@ -43,26 +56,24 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "audit")]
 pub mod audit;
-pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod conn;
-pub mod demo;
 pub mod error;
 pub mod event;
 pub mod id;
 pub mod keys;
 pub mod lease;
 pub mod reaper;
+#[cfg(feature = "audit")]
 pub mod recovery;
 pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod time;
-#[cfg(feature = "web")]
+#[cfg(any(feature = "axum", feature = "tower-sessions"))]
 pub mod web;
-pub mod worker;
 
 pub use config::Config;
 pub use error::{Error, Result};

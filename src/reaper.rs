@@ -20,15 +20,16 @@
 //! The reaper needs the session's ledger in Redis. A session whose ledger is
 //! gone (the reaper was down longer than `SESSION_TOMBSTONE_TTL`, or missed
 //! the look-ahead window, or Redis lost its data just after the deadline)
-//! still gets its `expired` event from [`OverdueSweeper`], which works from
-//! the audit database's live snapshots instead (`overdue`).
+//! still gets its `expired` event from `OverdueSweeper` (feature `audit`),
+//! which works from the audit database's live snapshots instead (`overdue`).
 //!
 //! # Layout
 //!
 //! - this file: [`Reaper`] and [`ReaperConfig`], the sweep of the expiry index;
-//! - `overdue`: [`OverdueSweeper`] and [`OverdueConfig`], the sweep of the
+//! - `overdue` (feature `audit`): `OverdueSweeper` and `OverdueConfig`, the sweep of the
 //!   audit database for live snapshots past their deadline.
 
+#[cfg(feature = "audit")]
 mod overdue;
 
 use std::time::Duration;
@@ -41,6 +42,7 @@ use crate::error::Result;
 use crate::id::SessionId;
 use crate::store::SessionStore;
 
+#[cfg(feature = "audit")]
 pub use overdue::{OverdueConfig, OverdueSweep, OverdueSweeper, Settled};
 
 /// Reaper settings.

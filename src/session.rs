@@ -338,6 +338,27 @@ impl Changes {
         Self::default()
     }
 
+    /// The application keys that differ between two field maps: what one
+    /// `updated` event must carry to turn `base` into `data`. Keys the store
+    /// maintains are ignored.
+    #[cfg(any(feature = "axum", feature = "tower-sessions"))]
+    pub(crate) fn between(base: &Map<String, Value>, data: &Map<String, Value>) -> Changes {
+        let reserved = |k: &str| RESERVED_KEYS.contains(&k);
+        Changes {
+            expect: Default::default(),
+            set: data
+                .iter()
+                .filter(|(k, v)| !reserved(k) && base.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            unset: base
+                .keys()
+                .filter(|k| !reserved(k) && !data.contains_key(*k))
+                .cloned()
+                .collect(),
+        }
+    }
+
     /// Sets a key.
     pub fn with_set(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
         self.set.insert(key.into(), value.into());

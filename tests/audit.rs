@@ -2,15 +2,8 @@
 //! exactly-once delivery, snapshots, dead letters, trimming, expiry events,
 //! and a database outage behind a TCP proxy.
 
-#[macro_use]
-mod common;
-#[path = "common/redis_server.rs"]
-mod redis_server;
-
 use std::time::Duration;
 
-use common::TestContext;
-use common::db::{Backend, TestDb};
 use redis::AsyncCommands as _;
 use sea_orm::{
     ColumnTrait as _, EntityTrait as _, PaginatorTrait as _, QueryFilter as _, QueryOrder as _,
@@ -21,6 +14,8 @@ use vedfolnir_sessions::audit::entity::{dead_letters, session_events, session_sn
 use vedfolnir_sessions::audit::{AuditConsumer, AuditSink, ConsumerConfig};
 use vedfolnir_sessions::reaper::{Reaper, ReaperConfig};
 use vedfolnir_sessions::{Changes, DestroyReason, NewSession, Platform, SessionId};
+use vedfolnir_tests::TestContext;
+use vedfolnir_tests::db::{Backend, TestDb};
 
 /// Keeps acknowledged entries (so tests can compare with the stream); the
 /// trimming test sets the retention to zero.
@@ -541,7 +536,7 @@ async fn large_batches(backend: Backend, query: Option<&str>) {
 /// place.
 async fn the_consumer_records_how_current_the_database_is(backend: Backend) {
     use vedfolnir_sessions::audit::partition;
-    let mut server = redis_server::RedisServer::start().await;
+    let mut server = vedfolnir_tests::redis_server::RedisServer::start().await;
     let db = TestDb::new(backend).await;
     let config = vedfolnir_sessions::Config::default()
         .with_redis(
@@ -622,7 +617,7 @@ async fn the_consumer_records_how_current_the_database_is(backend: Backend) {
     running.await.expect("join").expect("consumer");
 }
 
-on_both_backends!(
+vedfolnir_tests::on_both_backends!(
     the_consumer_records_how_current_the_database_is,
     every_event_exactly_once,
     malformed_entries_become_dead_letters,
@@ -1346,9 +1341,9 @@ async fn text_the_database_cannot_store_is_a_dead_letter(backend: Backend) {
 /// Runs `vedfolnir-sessions` with the test's Redis and database; returns its
 /// exit code and stdout.
 fn cli(ctx: &TestContext, db: &TestDb, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vedfolnir-sessions"))
+    let out = std::process::Command::new(vedfolnir_tests::binary("vedfolnir-sessions"))
         .args(args)
-        .env("REDIS_URL", common::redis_url())
+        .env("REDIS_URL", vedfolnir_tests::redis_url())
         .env("REDIS_SESSION_PREFIX", &ctx.config.session_prefix)
         .env("REDIS_EVENT_STREAM", &ctx.config.event_stream)
         .env("DATABASE_URL", &db.url)

@@ -9,15 +9,11 @@
 //! scripts cannot read it. Skipped, with a notice, only when no chromium is
 //! installed (`scripts/test.sh` installs it).
 
-#[path = "../examples/app_server/app.rs"]
-mod app;
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestContext;
 use serde_json::Value;
+use vedfolnir_tests::TestContext;
 
 fn chromium() -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -51,18 +47,18 @@ async fn chromium_logs_in_and_reads_me() {
     };
     let ctx = TestContext::new().await;
     let params = argon2::Params::new(1024, 1, 1, None).expect("argon2 params");
-    let users = app::Users::from_spec(app::DEFAULT_USERS, params).expect("users");
-    let state = app::AppState {
+    let users = app_server::Users::from_spec(app_server::DEFAULT_USERS, params).expect("users");
+    let state = app_server::AppState {
         users: Arc::new(users),
         store: ctx.store.clone(),
     };
-    let router = app::router(state, app::session_layer(ctx.store.clone(), None));
+    let router = app_server::router(state, app_server::session_layer(ctx.store.clone(), None));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move {
-        let _ = app::serve(
+        let _ = app_server::serve(
             listener,
             router,
             std::future::pending(),

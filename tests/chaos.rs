@@ -19,21 +19,14 @@
 //!   from the snapshot even when the store looked at the recovery state less
 //!   than a second before.
 
-#[macro_use]
-mod common;
-#[path = "common/redis_server.rs"]
-mod redis_server;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::db::{Backend, TestDb};
 use redis::AsyncCommands as _;
 use redis::aio::MultiplexedConnection;
-use redis_server::RedisServer;
 use sea_orm::{
     ColumnTrait as _, DatabaseConnection, EntityTrait as _, PaginatorTrait as _, QueryFilter as _,
 };
@@ -47,6 +40,8 @@ use vedfolnir_sessions::audit::{self, AuditConsumer, AuditSink, ConsumerConfig};
 use vedfolnir_sessions::config::RedisTarget;
 use vedfolnir_sessions::recovery::{self, Healer, HealerTotals};
 use vedfolnir_sessions::{Changes, Config, NewSession, SessionId, SessionStore};
+use vedfolnir_tests::db::{Backend, TestDb};
+use vedfolnir_tests::redis_server::RedisServer;
 
 /// How often the healer checks the epochs (`HEAL_CHECK_MS`).
 const HEAL_CHECK: Duration = Duration::from_millis(100);
@@ -918,7 +913,7 @@ async fn outage_with_fallback(backend: Backend) {
 // 3. `verify` through the CLI binary
 
 async fn run_verify(config: &Config) -> (i32, Value, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vedfolnir-sessions"))
+    let out = tokio::process::Command::new(vedfolnir_tests::binary("vedfolnir-sessions"))
         .arg("verify")
         .env_clear()
         .env("REDIS_URL", config.redis.expose_url())
@@ -1058,7 +1053,7 @@ async fn fast_restart_keeps_audited_users_logged_in(backend: Backend) {
     );
 }
 
-on_both_backends!(
+vedfolnir_tests::on_both_backends!(
     loss_under_load_async_audit,
     loss_under_load_sync_audit,
     outage_with_fallback,

@@ -5,27 +5,22 @@
 //! The shared cluster comes from `bash scripts/cluster.sh start` (the test
 //! command starts it); the failover test starts a cluster of its own.
 
-#[macro_use]
-mod common;
-#[path = "common/cluster.rs"]
-mod private_cluster;
-
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::db::{Backend, TestDb};
-use common::{TestContext, Topology};
-use private_cluster::PrivateCluster;
 use sea_orm::{ConnectionTrait as _, DatabaseConnection, Statement};
 use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::audit::ConsumerConfig;
 use vedfolnir_sessions::config::RedisTarget;
 use vedfolnir_sessions::lease::Leases;
 use vedfolnir_sessions::reaper::ReaperConfig;
-use vedfolnir_sessions::worker::{self, Parts};
 use vedfolnir_sessions::{Changes, Config, NewSession, SessionStore};
+use vedfolnir_tests::cluster::PrivateCluster;
+use vedfolnir_tests::db::{Backend, TestDb};
+use vedfolnir_tests::{TestContext, Topology};
+use vedfolnir_worker::{self as worker, Parts};
 
 fn consumer() -> ConsumerConfig {
     ConsumerConfig {
@@ -472,7 +467,7 @@ async fn replay_and_verify_cover_every_partition_after_a_loss() {
     assert!(report.ok, "{report:?}");
     assert_eq!(report.checked, 40);
     // Every shard loses the namespace.
-    common::delete_cluster_namespace(&ctx.namespace);
+    vedfolnir_tests::delete_cluster_namespace(&ctx.namespace);
     assert!(ctx.store.get(&ids[0]).await.expect("get").is_none());
     let summary = vedfolnir_sessions::recovery::replay(&ctx.store, &tdb.db, |_, _| {})
         .await

@@ -4,17 +4,14 @@
 //! the failover of its key's primary on a private cluster.
 #![allow(clippy::unwrap_used)]
 
-#[path = "common/cluster.rs"]
-mod cluster;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cluster::{PrivateCluster, Shard};
 use redis::AsyncCommands as _;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use tokio::time::Instant;
+use vedfolnir_tests::cluster::{self, PrivateCluster, Shard};
 
 /// The shared cluster's seed list as URLs, or `None` (and a note) when the
 /// variable is unset.

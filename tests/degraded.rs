@@ -15,17 +15,8 @@
 //! 7. concurrent increments lose nothing, and a change computed from a stale
 //!    read is refused.
 
-#[macro_use]
-mod common;
-#[path = "common/proxy.rs"]
-mod proxy;
-#[path = "common/redis_server.rs"]
-mod redis_server;
-
 use std::time::Duration;
 
-use common::TestContext;
-use common::db::{Backend, TestDb};
 use redis::AsyncCommands as _;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +27,8 @@ use vedfolnir_sessions::store::RecoveryState;
 use vedfolnir_sessions::{
     Changes, Config, DestroyReason, Error, NewSession, SessionId, SessionStore, Status,
 };
+use vedfolnir_tests::TestContext;
+use vedfolnir_tests::db::{Backend, TestDb};
 
 fn sink(config: &Config, db: &TestDb) -> AuditSink {
     AuditSink::new(
@@ -409,8 +402,8 @@ async fn ends_reach_sessions_that_are_not_back_yet(backend: Backend) {
 /// survive the restart of the app server that made them: another store sees
 /// both once Redis answers. Before, they lived in the first store's memory.
 async fn outage_writes_survive_a_restart_of_their_app_server(backend: Backend) {
-    let server = redis_server::RedisServer::start().await;
-    let proxy = proxy::Proxy::in_front_of(&server.url()).await;
+    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
+    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
     let db = TestDb::new(backend).await;
     let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
     let mut config = Config::default()
@@ -476,8 +469,8 @@ async fn outage_writes_survive_a_restart_of_their_app_server(backend: Backend) {
 /// keeps its seq; the staged event is applied after it when Redis answers.
 /// Both are in the audit table, contiguous, and nothing is a dead letter.
 async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
-    let server = redis_server::RedisServer::start().await;
-    let proxy = proxy::Proxy::in_front_of(&server.url()).await;
+    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
+    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
     let db = TestDb::new(backend).await;
     let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
     let mut config = Config::default()
@@ -538,8 +531,8 @@ async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
 /// Redis answers again the projection finds the event in the stream and does
 /// not apply it twice: one event, once.
 async fn a_write_applied_before_its_reply_was_lost_is_not_applied_twice(backend: Backend) {
-    let server = redis_server::RedisServer::start().await;
-    let proxy = proxy::Proxy::in_front_of(&server.url()).await;
+    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
+    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
     let db = TestDb::new(backend).await;
     let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
     let mut config = Config::default()
@@ -618,8 +611,8 @@ async fn a_write_applied_before_its_reply_was_lost_is_not_applied_twice(backend:
 /// staged write. From then on A's writes are refused (unavailable), never
 /// staged beside B's: the two can never diverge.
 async fn once_redis_is_back_for_one_app_server_no_other_stages_writes(backend: Backend) {
-    let server = redis_server::RedisServer::start().await;
-    let proxy = proxy::Proxy::in_front_of(&server.url()).await;
+    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
+    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
     let db = TestDb::new(backend).await;
     let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
     let direct = Config::default()
@@ -683,9 +676,10 @@ async fn an_audit_outage_fails_no_redis_operation() {
         .await
         .expect("create");
     let name = db.url.rsplit('/').next().expect("db name").to_owned();
-    let admin = sea_orm::Database::connect(format!("{}/postgres", common::db::pg_base_url()))
-        .await
-        .expect("admin");
+    let admin =
+        sea_orm::Database::connect(format!("{}/postgres", vedfolnir_tests::db::pg_base_url()))
+            .await
+            .expect("admin");
     let outage = |allow: bool| format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {allow}");
     admin
         .execute_unprepared(&outage(false))
@@ -731,7 +725,7 @@ async fn an_audit_outage_fails_no_redis_operation() {
 /// connection and lands in Redis, not in the fallback; so does a write that
 /// folds on a state read before the kill.
 async fn a_dropped_connection_is_retried_not_a_fallback(backend: Backend) {
-    let server = redis_server::RedisServer::start().await;
+    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
     let db = TestDb::new(backend).await;
     let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
     let config = Config::default()
@@ -889,7 +883,7 @@ async fn a_change_from_a_stale_read_is_refused() {
     assert_eq!(s.get("theme"), Some(&json!("dark")));
 }
 
-on_both_backends!(
+vedfolnir_tests::on_both_backends!(
     ended_sessions_are_never_served_again,
     recovery_never_serves_a_snapshot_older_than_a_tombstone,
     an_expired_session_is_not_restored,

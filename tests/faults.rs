@@ -12,15 +12,12 @@
 //! - The checker's own tests (`checker_tests.rs`) feed it hand-made
 //!   histories with a resurrection, a lost write and lost increments.
 //!
-//! Needs the example app server and the worker built next to this test
-//! (`cargo test --workspace` builds both), `redis-server` on the PATH and
-//! the local PostgreSQL (`TEST_PG_URL`).
-
-#[macro_use]
-#[allow(unused_macros)]
-mod common;
-#[path = "common/redis_server.rs"]
-mod redis_server;
+//! Needs the example app server (`app_server`), the worker
+//! (`vedfolnir-worker`) and the CLI (`vedfolnir-sessions`) built in the
+//! target directory of this test: `cargo test --workspace` builds them
+//! (`cargo test --workspace --test faults` for this file alone; see
+//! `vedfolnir_tests::binary`), `redis-server` on the PATH and the local
+//! PostgreSQL (`TEST_PG_URL`).
 
 #[path = "faults/checker.rs"]
 mod checker;

@@ -18,12 +18,9 @@
 //!   wrote, and ends each of a user's sessions once whichever member form
 //!   indexes it.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::TestContext;
 use redis::AsyncCommands as _;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -33,6 +30,7 @@ use vedfolnir_sessions::keys::Keys;
 use vedfolnir_sessions::reaper::{Reaper, ReaperConfig};
 use vedfolnir_sessions::time::Timestamp;
 use vedfolnir_sessions::{Changes, DestroyReason, Error, NewSession, Session, SessionId, Token};
+use vedfolnir_tests::TestContext;
 
 const MS: i64 = 1;
 

@@ -5,13 +5,9 @@
 //! - the `traceparent` of the request travels into the stream entry and the
 //!   audit row, and the audit batch span links back to it.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::TestContext;
-use common::db::{Backend, TestDb};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
@@ -19,14 +15,16 @@ use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_subscriber::layer::SubscriberExt as _;
+use vedfolnir_exporters as export;
 use vedfolnir_sessions::audit::entity::session_events;
 use vedfolnir_sessions::audit::{AuditConsumer, AuditSink, ConsumerConfig};
 use vedfolnir_sessions::config::RedisTarget;
 use vedfolnir_sessions::reaper::{Reaper, ReaperConfig};
 use vedfolnir_sessions::recovery::Healer;
-use vedfolnir_sessions::telemetry::export;
-use vedfolnir_sessions::worker::Sample;
 use vedfolnir_sessions::{Changes, NewSession, SessionStore};
+use vedfolnir_tests::TestContext;
+use vedfolnir_tests::db::{Backend, TestDb};
+use vedfolnir_worker::Sample;
 
 /// Metric names a text (dashboard JSON or rules YAML) refers to.
 fn names_in(text: &str) -> BTreeSet<String> {

@@ -2,13 +2,8 @@
 //! point-in-time state, verify, reads while recovering, and the ends that
 //! only the database sweep of overdue sessions can write.
 
-#[macro_use]
-mod common;
-
 use std::time::Duration;
 
-use common::TestContext;
-use common::db::{Backend, TestDb};
 use redis::AsyncCommands as _;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +15,8 @@ use vedfolnir_sessions::audit::{AuditConsumer, AuditSink, ConsumerConfig};
 use vedfolnir_sessions::reaper::{OverdueConfig, OverdueSweeper, Reaper, ReaperConfig};
 use vedfolnir_sessions::recovery::{self, Healer, Selection};
 use vedfolnir_sessions::{Changes, DestroyReason, NewSession, SessionId};
+use vedfolnir_tests::TestContext;
+use vedfolnir_tests::db::{Backend, TestDb};
 
 fn sink(ctx: &TestContext, db: &TestDb) -> AuditSink {
     AuditSink::new(
@@ -656,7 +653,7 @@ async fn an_overdue_session_out_of_the_expiry_index_expires_through_redis(backen
     );
 }
 
-on_both_backends!(
+vedfolnir_tests::on_both_backends!(
     replay_restores_identical_sessions,
     point_in_time_and_verify,
     loads_during_recovery_come_from_the_database,

@@ -2,15 +2,12 @@
 //! and says so with a typed error when none comes, against a real primary
 //! and a real replica started by the test.
 
-#[path = "common/redis_server.rs"]
-mod redis_server;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use redis_server::RedisServer;
 use vedfolnir_sessions::config::RedisTarget;
 use vedfolnir_sessions::{Changes, Config, Error, NewSession, SessionStore};
+use vedfolnir_tests::redis_server::RedisServer;
 
 struct Replica(Child);
 

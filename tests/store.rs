@@ -1,20 +1,17 @@
 //! The store's contract against the real Redis: invariants 1, 2, 3, 5, 6, 10
 //! of the design, the limits, and script recovery.
 
-#[macro_use]
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestContext, Topology};
 use redis::AsyncCommands as _;
 use serde_json::{Value, json};
 use vedfolnir_sessions::{
     Changes, DestroyReason, Error, NewSession, Platform, Session, SessionStore, Status,
 };
+use vedfolnir_tests::{TestContext, Topology};
 
-on_both_topologies!(
+vedfolnir_tests::on_both_topologies!(
     read_your_writes_across_two_stores,
     session_json_and_stream_fields_follow_the_design,
     fifty_concurrent_updates_lose_nothing,

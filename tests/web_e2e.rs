@@ -2,10 +2,6 @@
 //! port over the real Redis, driven by reqwest with a cookie jar. Each test
 //! states what it proves in its first comment.
 
-#[path = "../examples/app_server/app.rs"]
-mod app;
-mod common;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -15,7 +11,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::HeaderName;
 use axum::routing::post;
-use common::TestContext;
 use redis::AsyncCommands as _;
 use reqwest::StatusCode;
 use reqwest::header::{COOKIE, SET_COOKIE};
@@ -25,17 +20,20 @@ use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::config::RedisTarget;
 use vedfolnir_sessions::web::{Fingerprint, Session};
 use vedfolnir_sessions::{SessionId, SessionStore, Status, Token};
+use vedfolnir_tests::TestContext;
 
 // ---------------------------------------------------------------------------
 // Harness
 
-fn users() -> Arc<app::Users> {
-    static USERS: OnceLock<Arc<app::Users>> = OnceLock::new();
+fn users() -> Arc<app_server::Users> {
+    static USERS: OnceLock<Arc<app_server::Users>> = OnceLock::new();
     USERS
         .get_or_init(|| {
             // Real argon2id, with light parameters so the suite stays fast.
             let params = argon2::Params::new(1024, 1, 1, None).expect("argon2 params");
-            Arc::new(app::Users::from_spec(app::DEFAULT_USERS, params).expect("users"))
+            Arc::new(
+                app_server::Users::from_spec(app_server::DEFAULT_USERS, params).expect("users"),
+            )
         })
         .clone()
 }
@@ -93,26 +91,27 @@ struct App {
 
 impl App {
     async fn start() -> Self {
-        Self::serve(TestContext::new().await, None, app::routes(), None).await
+        Self::serve(TestContext::new().await, None, app_server::routes(), None).await
     }
 
     async fn serve(
         ctx: TestContext,
         fingerprint: Option<Fingerprint>,
-        routes: Router<app::AppState>,
+        routes: Router<app_server::AppState>,
         store: Option<SessionStore>,
     ) -> Self {
         logs();
         let store = store.unwrap_or_else(|| ctx.store.clone());
-        let state = app::AppState {
+        let state = app_server::AppState {
             users: users(),
             store: store.clone(),
         };
-        let router = app::finish(routes, state, app::session_layer(store, fingerprint));
+        let router =
+            app_server::finish(routes, state, app_server::session_layer(store, fingerprint));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let server = tokio::spawn(async move {
-            let _ = app::serve(
+            let _ = app_server::serve(
                 listener,
                 router,
                 std::future::pending(),
@@ -457,7 +456,7 @@ async fn set_cookie_attributes_are_exactly_as_configured() {
         c
     })
     .await;
-    let app = App::serve(custom, None, app::routes(), None).await;
+    let app = App::serve(custom, None, app_server::routes(), None).await;
     let res = App::jar()
         .post(app.url("/login"))
         .json(&json!({"username": "user", "password": "user123"}))
@@ -549,7 +548,7 @@ async fn fifty_concurrent_puts_of_different_keys_all_survive() {
     // them by version, so all 50 keys are in the session afterwards.
     let barrier = Arc::new(tokio::sync::Barrier::new(50));
     let b = barrier.clone();
-    let routes = app::routes().layer(axum::middleware::from_fn(
+    let routes = app_server::routes().layer(axum::middleware::from_fn(
         move |req: axum::extract::Request, next: axum::middleware::Next| {
             let b = b.clone();
             async move {
@@ -626,7 +625,7 @@ async fn logout_during_an_in_flight_request_stays_a_logout() {
     // dead.
     let gate = Arc::new((tokio::sync::Notify::new(), tokio::sync::Notify::new()));
     let g = gate.clone();
-    let routes = app::routes().route(
+    let routes = app_server::routes().route(
         "/slow",
         post(move |session: Session| {
             let g = g.clone();
@@ -1059,7 +1058,7 @@ async fn fingerprint_mismatch_ends_the_session() {
     let app = App::serve(
         TestContext::new().await,
         Some(fingerprint),
-        app::routes(),
+        app_server::routes(),
         None,
     )
     .await;
@@ -1200,7 +1199,7 @@ impl Proxy {
 async fn behind_proxy(
     tweak: impl FnOnce(vedfolnir_sessions::Config) -> vedfolnir_sessions::Config,
 ) -> (Proxy, SocketAddr, TestContext) {
-    let url = url::Url::parse(&common::redis_url()).expect("redis url");
+    let url = url::Url::parse(&vedfolnir_tests::redis_url()).expect("redis url");
     let upstream =
         tokio::net::lookup_host((url.host_str().expect("host"), url.port().unwrap_or(6379)))
             .await
@@ -1228,7 +1227,7 @@ async fn redis_unreachable_is_a_503_never_an_empty_session() {
     // requests without a cookie that write nothing still work; once Redis is
     // back the same cookie is the same session.
     let (proxy, upstream, ctx) = behind_proxy(|c| c).await;
-    let app = App::serve(ctx, None, app::routes(), None).await;
+    let app = App::serve(ctx, None, app_server::routes(), None).await;
     let client = App::jar();
     let login = app.login(&client, "admin", "admin123").await;
     assert_eq!(app.me(&client).await.0, StatusCode::OK);
@@ -1282,8 +1281,8 @@ async fn redis_unreachable_is_a_503_never_an_empty_session() {
 
 /// The store of `ctx` with a fresh, migrated SQLite audit database attached
 /// (`DB_SESSION_SYNC` and `DB_SESSION_FALLBACK` are on by default).
-async fn with_audit(ctx: &TestContext) -> (SessionStore, common::db::TestDb) {
-    let db = common::db::TestDb::new(common::db::Backend::Sqlite).await;
+async fn with_audit(ctx: &TestContext) -> (SessionStore, vedfolnir_tests::db::TestDb) {
+    let db = vedfolnir_tests::db::TestDb::new(vedfolnir_tests::db::Backend::Sqlite).await;
     let sink = vedfolnir_sessions::audit::AuditSink::new(
         db.db.clone(),
         ctx.config.session_timeout,
@@ -1300,7 +1299,7 @@ async fn redis_unreachable_with_the_fallback_serves_from_the_audit_database() {
     // cookie; and with DB_SESSION_FALLBACK off the same outage is a 503.
     let (proxy, _upstream, ctx) = behind_proxy(|c| c).await;
     let (store, _db) = with_audit(&ctx).await;
-    let app = App::serve(ctx, None, app::routes(), Some(store)).await;
+    let app = App::serve(ctx, None, app_server::routes(), Some(store)).await;
     let client = App::jar();
     let login = app.login(&client, "admin", "admin123").await;
     proxy.cut().await;
@@ -1321,7 +1320,7 @@ async fn redis_unreachable_with_the_fallback_serves_from_the_audit_database() {
     })
     .await;
     let (store, _db) = with_audit(&ctx).await;
-    let app = App::serve(ctx, None, app::routes(), Some(store)).await;
+    let app = App::serve(ctx, None, app_server::routes(), Some(store)).await;
     let client = App::jar();
     app.login(&client, "admin", "admin123").await;
     proxy.cut().await;
@@ -1340,7 +1339,7 @@ async fn the_cookie_token_is_in_no_audit_database_row() {
     let ctx = TestContext::new().await;
     let (store, db) = with_audit(&ctx).await;
     let config = ctx.config.clone();
-    let app = App::serve(ctx, None, app::routes(), Some(store)).await;
+    let app = App::serve(ctx, None, app_server::routes(), Some(store)).await;
     let a = App::jar();
     let l1 = app.login(&a, "admin", "admin123").await;
     assert_eq!(
@@ -1421,7 +1420,7 @@ async fn with_the_audit_database_and_no_worker_a_logout_is_final() {
     // and served the logged-out session from its snapshot.
     let ctx = TestContext::new().await;
     let (store, _db) = with_audit(&ctx).await;
-    let app = App::serve(ctx, None, app::routes(), Some(store)).await;
+    let app = App::serve(ctx, None, app_server::routes(), Some(store)).await;
     let client = App::jar();
     let other = App::jar();
     let elsewhere = app.login(&other, "admin", "admin123").await;
@@ -1482,7 +1481,7 @@ async fn concurrent_read_modify_writes_are_refused_never_lost() {
     // counter ends at the number of successes, and the others were refused
     // with 409 `session_conflict`. Before, 17 of 20 increments were lost
     // while their clients were told they had counted.
-    let routes = app::routes().route(
+    let routes = app_server::routes().route(
         "/visit",
         post(|session: Session| async move {
             let n = session.get::<i64>("visits")?.unwrap_or(0) + 1;
@@ -1622,7 +1621,7 @@ async fn user_input_is_logged_escaped_and_session_data_is_never_cached() {
         Some(&b"no-store"[..])
     );
     assert!(
-        app::loggable("a\u{1b}[31mb").contains(r"\u{1b}"),
+        app_server::loggable("a\u{1b}[31mb").contains(r"\u{1b}"),
         "escape codes are escaped"
     );
 }

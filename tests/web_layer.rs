@@ -2,8 +2,6 @@
 //! the layer writes (and does not), rotation from an anonymous session,
 //! error responses, size limits, CSRF options and the sliding cookie.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,10 +9,10 @@ use axum::Router;
 use axum::extract::Path;
 use axum::http::{HeaderName, StatusCode};
 use axum::routing::{get, post};
-use common::TestContext;
 use serde_json::{Value, json};
 use vedfolnir_sessions::web::{CsrfPolicy, Session, SessionError, SessionLayer};
 use vedfolnir_sessions::{NewSession, SessionId, Status, Token};
+use vedfolnir_tests::TestContext;
 
 struct Served {
     ctx: TestContext,

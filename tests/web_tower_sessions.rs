@@ -2,20 +2,18 @@
 //! `SessionManagerLayer` and through the trait directly, against the real
 //! Redis.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use axum::routing::get;
 use axum::{Extension, Router};
-use common::TestContext;
 use redis::AsyncCommands as _;
 use serde_json::{Value, json};
 use tower_sessions::session::{Id, Record};
 use tower_sessions::{SessionManagerLayer, SessionStore as _};
 use vedfolnir_sessions::web::TowerSessionsStore;
 use vedfolnir_sessions::{DestroyReason, SessionId};
+use vedfolnir_tests::TestContext;
 
 type TowerSession = tower_sessions::Session;
 

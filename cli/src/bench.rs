@@ -8,11 +8,11 @@
 //!   against a plain store without events (`SET key json PX ttl`,
 //!   `GET`) on the same shared connection; Redis memory per session and per
 //!   stream entry.
-//! - `audit`: how fast the real [`AuditConsumer`](crate::audit::AuditConsumer)
+//! - `audit`: how fast the real [`AuditConsumer`](vedfolnir_sessions::audit::AuditConsumer)
 //!   drains a full stream into each audit database, beside that database's
 //!   own ceiling for the same rows; and the consumer lag under a steady write
 //!   load.
-//! - `replay`: [`recovery::replay`](crate::recovery::replay) of N live
+//! - `replay`: [`recovery::replay`](vedfolnir_sessions::recovery::replay) of N live
 //!   snapshots into an empty namespace, beside pipelined plain `SET`s of the
 //!   same values.
 //! - `sync`: what `DB_SESSION_SYNC` costs an update, per database.
@@ -44,8 +44,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::config::Config;
-use crate::error::{Error, Result};
+use vedfolnir_sessions::config::Config;
+use vedfolnir_sessions::error::{Error, Result};
 
 /// The store suite's workloads, for `--workload`.
 const WORKLOADS: [&str; 6] = ["create", "load", "update", "update_from", "touch", "mixed"];
@@ -193,7 +193,7 @@ pub async fn run(args: BenchArgs, config: Config) -> Result<crate::cli::Output> 
         Suite::Store => match &args.also_cluster {
             None => store::run(&args, config).await?,
             Some(nodes) => {
-                let nodes = crate::config::parse_cluster_nodes(nodes, false, None)?;
+                let nodes = vedfolnir_sessions::config::parse_cluster_nodes(nodes, false, None)?;
                 let standalone = store::run(&args, config.clone()).await?;
                 let on_cluster = config.with_cluster(nodes, 16);
                 progress(Suite::Store, "again on the cluster");
@@ -255,7 +255,7 @@ fn namespace() -> String {
 }
 
 /// Deletes every key of a namespace; returns how many there were.
-async fn delete_namespace(conn: &mut crate::conn::RedisConn, ns: &str) -> Result<u64> {
+async fn delete_namespace(conn: &mut vedfolnir_sessions::conn::RedisConn, ns: &str) -> Result<u64> {
     let keys = conn.scan_all(&format!("{ns}*")).await?;
     let mut deleted = 0;
     // On a cluster, redis-rs splits a multi-key UNLINK by slot.
@@ -267,7 +267,7 @@ async fn delete_namespace(conn: &mut crate::conn::RedisConn, ns: &str) -> Result
 }
 
 /// The machine a figure was measured on.
-async fn machine(conn: &mut crate::conn::RedisConn) -> Value {
+async fn machine(conn: &mut vedfolnir_sessions::conn::RedisConn) -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

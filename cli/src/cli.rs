@@ -10,12 +10,12 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value, json};
 
-use crate::config::Config;
-use crate::error::Error;
-use crate::event::{DestroyReason, Platform};
-use crate::id::SessionId;
-use crate::session::{Changes, NewSession};
-use crate::store::SessionStore;
+use vedfolnir_sessions::config::Config;
+use vedfolnir_sessions::error::Error;
+use vedfolnir_sessions::event::{DestroyReason, Platform};
+use vedfolnir_sessions::id::SessionId;
+use vedfolnir_sessions::session::{Changes, NewSession};
+use vedfolnir_sessions::store::SessionStore;
 
 /// Operate the vedfolnir session store.
 #[derive(Debug, Parser)]
@@ -308,8 +308,8 @@ impl From<Error> for Failure {
     }
 }
 
-impl From<crate::config::ConfigError> for Failure {
-    fn from(e: crate::config::ConfigError) -> Self {
+impl From<vedfolnir_sessions::config::ConfigError> for Failure {
+    fn from(e: vedfolnir_sessions::config::ConfigError) -> Self {
         Failure {
             code: 2,
             message: e.to_string(),
@@ -363,7 +363,7 @@ fn timestamp_arg(
     text: Option<String>,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>, Failure> {
     text.map(|t| {
-        t.parse::<crate::time::Timestamp>()
+        t.parse::<vedfolnir_sessions::time::Timestamp>()
             .map(|t| t.datetime())
             .map_err(|_| invalid(format!("--{name} must be an RFC 3339 timestamp, got {t:?}")))
     })
@@ -374,12 +374,12 @@ fn timestamp_arg(
 pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
     match cli.command {
         Command::Migrate => {
-            let db = crate::audit::db::connect(&config.database_url).await?;
-            let applied = crate::audit::db::migrate(&db).await?;
+            let db = vedfolnir_sessions::audit::db::connect(&config.database_url).await?;
+            let applied = vedfolnir_sessions::audit::db::migrate(&db).await?;
             return Ok(Output::Json(json!({"applied": applied, "pending": 0})));
         }
         Command::History(h) => {
-            let query = crate::audit::history::HistoryQuery {
+            let query = vedfolnir_sessions::audit::history::HistoryQuery {
                 session_id: h
                     .session_id
                     .as_deref()
@@ -391,21 +391,21 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
                 until: timestamp_arg("until", h.until)?,
                 limit: h.limit,
             };
-            let db = crate::audit::db::connect(&config.database_url).await?;
-            crate::audit::db::require_current_schema(&db).await?;
-            let rows = crate::audit::history::history(&db, &query).await?;
+            let db = vedfolnir_sessions::audit::db::connect(&config.database_url).await?;
+            vedfolnir_sessions::audit::db::require_current_schema(&db).await?;
+            let rows = vedfolnir_sessions::audit::history::history(&db, &query).await?;
             // Not found is 1, as everywhere in the CLI; a known session with
             // nothing in the window is an empty answer.
             if rows.is_empty()
                 && let Some(id) = &query.session_id
-                && !crate::recovery::session_known(&db, id).await?
+                && !vedfolnir_sessions::recovery::session_known(&db, id).await?
             {
                 return Err(not_in_audit_trail(id));
             }
             return Ok(if h.json {
                 Output::Json(serde_json::to_value(&rows).map_err(|e| invalid(e.to_string()))?)
             } else {
-                Output::Text(crate::audit::history::render_table(&rows))
+                Output::Text(vedfolnir_sessions::audit::history::render_table(&rows))
             });
         }
         Command::Replay(r) => return replay(r, config).await,
@@ -422,8 +422,8 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
             day,
             json,
         } => {
-            let db = crate::audit::db::connect(&config.database_url).await?;
-            crate::audit::db::require_current_schema(&db).await?;
+            let db = vedfolnir_sessions::audit::db::connect(&config.database_url).await?;
+            vedfolnir_sessions::audit::db::require_current_schema(&db).await?;
             let store = SessionStore::connect(&config).await?;
             let cfg = crate::demo::DemoConfig {
                 app_servers: app_servers.max(1),
@@ -452,15 +452,15 @@ fn not_in_audit_trail(id: &str) -> Failure {
 }
 
 async fn verify(v: VerifyArgs, config: Config) -> Result<Output, Failure> {
-    let db = crate::audit::db::connect(&config.database_url).await?;
-    crate::audit::db::require_current_schema(&db).await?;
+    let db = vedfolnir_sessions::audit::db::connect(&config.database_url).await?;
+    vedfolnir_sessions::audit::db::require_current_schema(&db).await?;
     let store = SessionStore::connect(&config).await?;
-    let opts = crate::recovery::VerifyOptions {
+    let opts = vedfolnir_sessions::recovery::VerifyOptions {
         repair: v.repair,
         grace: std::time::Duration::from_secs(v.grace),
-        ..crate::recovery::VerifyOptions::default()
+        ..vedfolnir_sessions::recovery::VerifyOptions::default()
     };
-    let report = crate::recovery::verify_with(&store, &db, &opts).await?;
+    let report = vedfolnir_sessions::recovery::verify_with(&store, &db, &opts).await?;
     let out = serde_json::to_value(&report).map_err(|e| invalid(e.to_string()))?;
     if report.ok {
         return Ok(Output::Json(out));
@@ -481,10 +481,10 @@ async fn verify(v: VerifyArgs, config: Config) -> Result<Output, Failure> {
 }
 
 async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
-    let db = crate::audit::db::connect(&config.database_url).await?;
-    crate::audit::db::require_current_schema(&db).await?;
+    let db = vedfolnir_sessions::audit::db::connect(&config.database_url).await?;
+    vedfolnir_sessions::audit::db::require_current_schema(&db).await?;
     if let Some(at) = timestamp_arg("at", r.at)? {
-        let selection = crate::recovery::Selection {
+        let selection = vedfolnir_sessions::recovery::Selection {
             session_id: r
                 .session
                 .as_deref()
@@ -493,11 +493,11 @@ async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
                 .map(|s| s.to_string()),
             user_id: r.user,
         };
-        let report = crate::recovery::point_in_time(&db, at, &selection).await?;
+        let report = vedfolnir_sessions::recovery::point_in_time(&db, at, &selection).await?;
         if report.sessions.is_empty()
             && report.skipped.is_empty()
             && let Some(id) = &selection.session_id
-            && !crate::recovery::session_known(&db, id).await?
+            && !vedfolnir_sessions::recovery::session_known(&db, id).await?
         {
             return Err(not_in_audit_trail(id));
         }
@@ -509,7 +509,7 @@ async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
             );
         }
         let doc = json!({
-            "at": crate::time::Timestamp::from_datetime(at),
+            "at": vedfolnir_sessions::time::Timestamp::from_datetime(at),
             "sessions": report.sessions,
             "skipped": report.skipped,
         });
@@ -537,7 +537,7 @@ async fn replay(r: ReplayArgs, config: Config) -> Result<Output, Failure> {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let summary = crate::recovery::replay(&store, &db, |done, total| {
+    let summary = vedfolnir_sessions::recovery::replay(&store, &db, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })
@@ -552,8 +552,8 @@ async fn rebuild_snapshots(session: Option<String>, config: Config) -> Result<Ou
     if let Some(s) = &session {
         session_id(s)?;
     }
-    let db = crate::audit::db::connect(&config.database_url).await?;
-    crate::audit::db::require_current_schema(&db).await?;
+    let db = vedfolnir_sessions::audit::db::connect(&config.database_url).await?;
+    vedfolnir_sessions::audit::db::require_current_schema(&db).await?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -561,7 +561,7 @@ async fn rebuild_snapshots(session: Option<String>, config: Config) -> Result<Ou
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let summary = crate::audit::rebuild::rebuild(
+    let summary = vedfolnir_sessions::audit::rebuild::rebuild(
         &db,
         config.session_timeout,
         session.as_deref(),
@@ -585,9 +585,9 @@ async fn rebuild_snapshots(session: Option<String>, config: Config) -> Result<Ou
 
 /// `dead-letters list | retry | discard`.
 async fn dead_letters(cmd: DeadLettersCmd, config: Config) -> Result<Output, Failure> {
-    use crate::audit::sink::{DeadLetterFilter, RetryOutcome, list_dead_letters};
-    let db = crate::audit::db::connect(&config.database_url).await?;
-    crate::audit::db::require_current_schema(&db).await?;
+    use vedfolnir_sessions::audit::sink::{DeadLetterFilter, RetryOutcome, list_dead_letters};
+    let db = vedfolnir_sessions::audit::db::connect(&config.database_url).await?;
+    vedfolnir_sessions::audit::db::require_current_schema(&db).await?;
     match cmd {
         DeadLettersCmd::List(a) => {
             let filter = DeadLetterFilter {
@@ -606,13 +606,13 @@ async fn dead_letters(cmd: DeadLettersCmd, config: Config) -> Result<Output, Fai
             let mut rows = selected_dead_letters(&db, &select).await?;
             // In stream order, so a session's events go in oldest first.
             rows.sort_by_key(|r| (r.stream.clone(), stream_order(&r.stream_id)));
-            let mut sinks: std::collections::HashMap<String, crate::audit::AuditSink> =
+            let mut sinks: std::collections::HashMap<String, vedfolnir_sessions::audit::AuditSink> =
                 std::collections::HashMap::new();
             let (mut written, mut duplicates, mut kept) = (0u64, 0u64, 0u64);
             let mut results = Vec::with_capacity(rows.len());
             for row in &rows {
                 let sink = sinks.entry(row.stream.clone()).or_insert_with(|| {
-                    crate::audit::AuditSink::new(
+                    vedfolnir_sessions::audit::AuditSink::new(
                         db.clone(),
                         config.session_timeout,
                         row.stream.clone(),
@@ -657,7 +657,7 @@ async fn dead_letters(cmd: DeadLettersCmd, config: Config) -> Result<Output, Fai
                 )));
             }
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            let n = crate::audit::sink::discard_dead_letters(&db, &ids).await?;
+            let n = vedfolnir_sessions::audit::sink::discard_dead_letters(&db, &ids).await?;
             Ok(Output::Json(json!({"discarded": n, "ids": ids})))
         }
     }
@@ -668,8 +668,8 @@ async fn dead_letters(cmd: DeadLettersCmd, config: Config) -> Result<Output, Fai
 async fn selected_dead_letters(
     db: &sea_orm::DatabaseConnection,
     select: &DeadLetterSelect,
-) -> Result<Vec<crate::audit::entity::dead_letters::Model>, Failure> {
-    use crate::audit::sink::{DeadLetterFilter, list_dead_letters};
+) -> Result<Vec<vedfolnir_sessions::audit::entity::dead_letters::Model>, Failure> {
+    use vedfolnir_sessions::audit::sink::{DeadLetterFilter, list_dead_letters};
     let filter = DeadLetterFilter {
         ids: select.id.clone(),
         stream: select.stream.clone(),
@@ -700,7 +700,7 @@ fn stream_order(id: &str) -> (u64, u64) {
 
 /// One dead letter as `list` prints it: the raw fields as the JSON object
 /// they are stored as.
-fn dead_letter_json(r: &crate::audit::entity::dead_letters::Model) -> Value {
+fn dead_letter_json(r: &vedfolnir_sessions::audit::entity::dead_letters::Model) -> Value {
     json!({
         "id": r.id,
         "stream": r.stream,
@@ -709,8 +709,8 @@ fn dead_letter_json(r: &crate::audit::entity::dead_letters::Model) -> Value {
         "seq": r.seq,
         "reason": r.reason,
         "deliveries": r.deliveries,
-        "recorded_at": crate::time::Timestamp::from_datetime(r.recorded_at),
-        "discarded_at": r.discarded_at.map(crate::time::Timestamp::from_datetime),
+        "recorded_at": vedfolnir_sessions::time::Timestamp::from_datetime(r.recorded_at),
+        "discarded_at": r.discarded_at.map(vedfolnir_sessions::time::Timestamp::from_datetime),
         "fields": serde_json::from_str::<Value>(&r.fields)
             .unwrap_or_else(|_| Value::String(r.fields.clone())),
     })
@@ -795,7 +795,7 @@ async fn attach_audit(store: SessionStore, config: &Config) -> SessionStore {
     if std::env::var_os("DATABASE_URL").is_none() {
         return store;
     }
-    let db = match crate::audit::db::connect(&config.database_url).await {
+    let db = match vedfolnir_sessions::audit::db::connect(&config.database_url).await {
         Ok(db) => db,
         Err(e) => {
             eprintln!(
@@ -804,11 +804,11 @@ async fn attach_audit(store: SessionStore, config: &Config) -> SessionStore {
             return store;
         }
     };
-    if let Err(e) = crate::audit::db::require_current_schema(&db).await {
+    if let Err(e) = vedfolnir_sessions::audit::db::require_current_schema(&db).await {
         eprintln!("warning: {e}; acting on Redis only");
         return store;
     }
-    store.with_audit(crate::audit::AuditSink::new(
+    store.with_audit(vedfolnir_sessions::audit::AuditSink::new(
         db,
         config.session_timeout,
         config.event_stream.clone(),
@@ -928,7 +928,7 @@ async fn session(store: &SessionStore, cmd: SessionCmd) -> Result<Value, Failure
 /// The binary's entry point: parse, configure, run, print.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init_cli_logging();
+    vedfolnir_exporters::init_cli_logging();
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => return fail(&e.into()),

@@ -17,14 +17,14 @@ use sea_orm::DatabaseConnection;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::audit::AuditSink;
-use crate::audit::history::{HistoryQuery, HistoryRow, history};
-use crate::error::{Error, Result};
-use crate::event::{DestroyReason, Platform};
-use crate::id::SessionId;
-use crate::recovery::{self, VerifyReport};
-use crate::session::{Changes, NewSession};
-use crate::store::SessionStore;
+use vedfolnir_sessions::audit::AuditSink;
+use vedfolnir_sessions::audit::history::{HistoryQuery, HistoryRow, history};
+use vedfolnir_sessions::error::{Error, Result};
+use vedfolnir_sessions::event::{DestroyReason, Platform};
+use vedfolnir_sessions::id::SessionId;
+use vedfolnir_sessions::recovery::{self, VerifyReport};
+use vedfolnir_sessions::session::{Changes, NewSession};
+use vedfolnir_sessions::store::SessionStore;
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -390,8 +390,8 @@ async fn live_ids(store: &SessionStore) -> Result<Vec<SessionId>> {
 }
 
 async fn count_expired(db: &DatabaseConnection) -> Result<u64> {
-    use crate::audit::entity::session_events;
     use sea_orm::{ColumnTrait as _, EntityTrait as _, PaginatorTrait as _, QueryFilter as _};
+    use vedfolnir_sessions::audit::entity::session_events;
     Ok(session_events::Entity::find()
         .filter(session_events::Column::EventType.eq("expired"))
         .count(db)
@@ -434,7 +434,7 @@ pub fn render(r: &DemoReport) -> String {
         r.restored, r.lost, r.healing_seconds
     ));
     out.push_str(&format!("\naudit trail of session {}:\n", r.trail_of));
-    out.push_str(&crate::audit::history::render_table(&r.trail));
+    out.push_str(&vedfolnir_sessions::audit::history::render_table(&r.trail));
     out.push_str(&format!(
         "\nverify: {} ({} sessions checked, {} agree, {} divergences, {} lagging)\n",
         if r.verify.ok { "OK" } else { "DIVERGED" },
@@ -449,12 +449,12 @@ pub fn render(r: &DemoReport) -> String {
 /// Redis holds the data set the audit database knows complete: its epoch is
 /// the one the healer recorded (see `store::recovery`).
 async fn healed(
-    conn: &mut crate::conn::RedisConn,
+    conn: &mut vedfolnir_sessions::conn::RedisConn,
     db: &DatabaseConnection,
-    keys: &crate::keys::Keys,
+    keys: &vedfolnir_sessions::keys::Keys,
 ) -> bool {
     let redis_epoch: Option<String> = conn.get(&keys.epoch).await.unwrap_or(None);
-    let known = crate::audit::partition::load(db, &keys.stream)
+    let known = vedfolnir_sessions::audit::partition::load(db, &keys.stream)
         .await
         .ok()
         .flatten()

@@ -1,7 +1,5 @@
 //! The operator CLI end to end, as a subprocess against the real Redis.
 
-mod common;
-
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -17,7 +15,7 @@ impl Cli {
     fn new() -> Self {
         Cli {
             namespace: format!("vtest:{}:", uuid::Uuid::new_v4().simple()),
-            url: common::redis_url(),
+            url: vedfolnir_tests::redis_url(),
         }
     }
 
@@ -52,7 +50,7 @@ impl Cli {
 
 impl Drop for Cli {
     fn drop(&mut self) {
-        common::delete_namespace(&self.namespace);
+        vedfolnir_tests::delete_namespace(&self.namespace);
     }
 }
 

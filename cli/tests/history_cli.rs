@@ -2,18 +2,16 @@
 //! on a fresh SQLite file and a fresh PostgreSQL database, over events the
 //! audit consumer recorded from the real Redis.
 
-mod common;
-
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::TestContext;
-use common::db::{Backend, TestDb};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::audit::{AuditConsumer, AuditSink, ConsumerConfig};
 use vedfolnir_sessions::time::Timestamp;
 use vedfolnir_sessions::{Changes, DestroyReason, NewSession, Platform};
+use vedfolnir_tests::TestContext;
+use vedfolnir_tests::db::{Backend, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vedfolnir-sessions");
 
@@ -22,7 +20,7 @@ fn cli(ctx: &TestContext, db: &TestDb, args: &[&str]) -> Output {
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("REDIS_URL", common::redis_url())
+        .env("REDIS_URL", vedfolnir_tests::redis_url())
         .env("REDIS_SESSION_PREFIX", &ctx.config.session_prefix)
         .env("REDIS_EVENT_STREAM", &ctx.config.event_stream)
         .env("DATABASE_URL", &db.url)

@@ -3,14 +3,9 @@
 //! lost comes back as the fold of its events; the command is idempotent;
 //! `session destroy` during a recovery reaches a session Redis lost.
 
-#[macro_use]
-mod common;
-
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::TestContext;
-use common::db::{Backend, TestDb};
 use redis::AsyncCommands as _;
 use sea_orm::{ConnectionTrait as _, EntityTrait as _};
 use serde_json::{Value, json};
@@ -18,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::audit::entity::session_snapshots;
 use vedfolnir_sessions::audit::{AuditConsumer, AuditSink, ConsumerConfig};
 use vedfolnir_sessions::{Changes, DestroyReason, NewSession};
+use vedfolnir_tests::TestContext;
+use vedfolnir_tests::db::{Backend, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vedfolnir-sessions");
 
@@ -26,7 +23,7 @@ fn cli(ctx: &TestContext, db: &TestDb, args: &[&str]) -> Output {
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("REDIS_URL", common::redis_url())
+        .env("REDIS_URL", vedfolnir_tests::redis_url())
         .env("REDIS_SESSION_PREFIX", &ctx.config.session_prefix)
         .env("REDIS_EVENT_STREAM", &ctx.config.event_stream)
         .env("DATABASE_URL", &db.url)
@@ -241,7 +238,7 @@ async fn session_destroy_reaches_a_session_redis_lost(backend: Backend) {
     assert!(!exists);
 }
 
-on_both_backends!(
+vedfolnir_tests::on_both_backends!(
     rebuild_restores_every_damaged_or_lost_snapshot,
     session_destroy_reaches_a_session_redis_lost,
 );

@@ -19,16 +19,11 @@
 //! - On a Redis Cluster with partitions, every read and repair of a session's
 //!   derived state stays in its partition's slot.
 
-#[macro_use]
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::db::{Backend, TestDb};
-use common::{TestContext, Topology};
 use rand::Rng as _;
 use redis::AsyncCommands as _;
 use sea_orm::{ActiveModelTrait as _, ColumnTrait as _, EntityTrait as _, QueryFilter as _, Set};
@@ -40,6 +35,8 @@ use vedfolnir_sessions::config::Layout;
 use vedfolnir_sessions::reaper::{Reaper, ReaperConfig};
 use vedfolnir_sessions::recovery::{self, VerifyOptions};
 use vedfolnir_sessions::{Changes, DestroyReason, Error, NewSession, Platform, SessionId};
+use vedfolnir_tests::db::{Backend, TestDb};
+use vedfolnir_tests::{TestContext, Topology};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vedfolnir-sessions");
 
@@ -119,7 +116,7 @@ impl Fixture {
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("REDIS_URL", common::redis_url())
+            .env("REDIS_URL", vedfolnir_tests::redis_url())
             .env("REDIS_SESSION_PREFIX", &c.session_prefix)
             .env("REDIS_EVENT_STREAM", &c.event_stream)
             .env(
@@ -877,7 +874,7 @@ async fn replay_at_skips_a_row_out_of_range(backend: Backend) {
     assert_eq!(written["skipped"][0]["session_id"], bad.session_id.as_str());
 }
 
-on_both_backends!(
+vedfolnir_tests::on_both_backends!(
     verify_under_load_exits_0_every_time,
     each_kind_of_damage_is_named_and_repaired,
     each_kind_of_damage_is_named_and_repaired_in_the_ledger_layout,

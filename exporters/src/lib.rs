@@ -1,5 +1,6 @@
-//! Exporters for the binaries (feature `export`): logs to stderr, traces to
-//! an OTLP collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (nothing is
+//! What the binaries of the workspace (the CLI, the worker, the example app
+//! server) install and the library never does: logs to stderr, traces to an
+//! OTLP collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (nothing is
 //! exported and nothing complains when it is not), and metrics in the
 //! Prometheus text format at `/metrics` on `METRICS_LISTEN`.
 
@@ -159,13 +160,13 @@ pub async fn serve(
 }
 
 /// `METRICS_LISTEN`, when set: where to serve `/metrics`.
-pub fn metrics_listen() -> Result<Option<SocketAddr>, crate::config::ConfigError> {
+pub fn metrics_listen() -> Result<Option<SocketAddr>, vedfolnir_sessions::config::ConfigError> {
     match std::env::var("METRICS_LISTEN") {
         Ok(v) if !v.trim().is_empty() => {
             v.trim()
                 .parse()
                 .map(Some)
-                .map_err(|_| crate::config::ConfigError {
+                .map_err(|_| vedfolnir_sessions::config::ConfigError {
                     var: "METRICS_LISTEN",
                     value: v,
                     reason: "an address like 127.0.0.1:9464".to_owned(),
@@ -173,4 +174,15 @@ pub fn metrics_listen() -> Result<Option<SocketAddr>, crate::config::ConfigError
         }
         _ => Ok(None),
     }
+}
+
+/// Logging for the CLI: stderr, silent unless `RUST_LOG` asks, so a failing
+/// command prints exactly one line.
+pub fn init_cli_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

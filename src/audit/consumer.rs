@@ -56,6 +56,7 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncCommands as _, RedisError, Script, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
+#[cfg(feature = "tracing-opentelemetry")]
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::sink::{
@@ -67,6 +68,7 @@ use crate::error::Result;
 use crate::event::Event;
 use crate::keys::Keys;
 use crate::lease::{Fence, Role};
+#[cfg(feature = "tracing-opentelemetry")]
 use crate::telemetry::parse_traceparent;
 
 /// Settings of the audit consumer.
@@ -865,7 +867,9 @@ impl AuditConsumer {
             entries = ids.len(),
             inserted = tracing::field::Empty
         );
+        #[cfg(feature = "tracing-opentelemetry")]
         let mut linked = std::collections::HashSet::new();
+        #[cfg(feature = "tracing-opentelemetry")]
         for i in batch.iter().chain(&alone) {
             if let Some(sc) = i.event.traceparent.as_deref().and_then(parse_traceparent)
                 && linked.len() < 128

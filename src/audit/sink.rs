@@ -113,14 +113,7 @@ pub fn fenced_idle_timeout(ttl: Duration) -> Duration {
 /// message may quote the refused value.
 pub const REASON_CHARS: usize = 2000;
 
-/// One event on its way into the database.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Incoming {
-    /// The stream entry id; `None` for events written in fallback mode.
-    pub stream_id: Option<String>,
-    /// The decoded event.
-    pub event: Event,
-}
+pub use crate::event::Incoming;
 
 /// A stream entry that will not become an event.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -41,7 +41,7 @@ use crate::audit::entity::fallback_events;
 use crate::audit::outbox::{self, Staged, View};
 use crate::audit::{Incoming, partition};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventKind};
+use crate::event::{DestroyReason, Event, EventKind};
 use crate::id::SessionId;
 use crate::keys::Keys;
 use crate::session::{Session, Status};
@@ -285,6 +285,40 @@ impl SessionStore {
             events = events.len(),
             "synchronous audit write failed; the audit consumer will record the events from the stream"
         );
+    }
+
+    /// Logout everywhere, the second half: ends the sessions of `user_id`
+    /// that the audit database knows live and Redis did not end (`ended`):
+    /// Redis is recovering, unreachable (`redis_down`), or lost an index
+    /// entry. Without the database, what Redis ended is all that can be
+    /// done now.
+    pub(super) async fn end_sessions_known_to_audit(
+        &self,
+        user_id: &str,
+        reason: DestroyReason,
+        mut ended: Vec<SessionId>,
+        redis_down: Option<Error>,
+    ) -> Result<Vec<SessionId>> {
+        let Some(audit) = &self.audit else {
+            return Ok(ended);
+        };
+        let known = match outbox::sessions_of_user(audit.db(), user_id).await {
+            Ok(k) => k,
+            Err(e) if redis_down.is_none() => {
+                tracing::warn!(err = %e, "logout everywhere: the audit database is unreachable; ended the sessions redis holds");
+                return Ok(ended);
+            }
+            Err(e) => return Err(e),
+        };
+        for sid in known.iter().filter_map(|s| s.parse::<SessionId>().ok()) {
+            if ended.contains(&sid) {
+                continue;
+            }
+            if self.destroy(&sid, reason).await? {
+                ended.push(sid);
+            }
+        }
+        Ok(ended)
     }
 
     /// Called before every operation: when this store found Redis

@@ -12,20 +12,30 @@
 //! appends a `touched` event when the last activity is older than
 //! `SESSION_TOUCH_INTERVAL`, and writes nothing otherwise.
 
+#[cfg(feature = "audit")]
 mod admit;
+#[cfg(feature = "audit")]
 mod fallback;
 mod ops;
+#[cfg(feature = "audit")]
 mod recovery;
+#[cfg(not(feature = "audit"))]
+mod redis_only;
 pub(crate) mod script;
 
+#[cfg(feature = "audit")]
 use std::collections::HashMap;
+use std::sync::Arc;
+#[cfg(feature = "audit")]
+use std::sync::Mutex;
+#[cfg(feature = "audit")]
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use redis::AsyncCommands as _;
 use serde::Serialize;
 
+#[cfg(feature = "audit")]
 use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::conn::{ConnOptions, RedisConn};
@@ -34,14 +44,17 @@ use crate::id::{SessionId, Token};
 use crate::keys::KeySpace;
 use crate::session::{Session, Status};
 
+#[cfg(feature = "audit")]
 pub use fallback::{CATCH_UP_AFTER, ProjectionSummary};
 pub use ops::Created;
+#[cfg(feature = "audit")]
 pub use recovery::{RECOVERING_MEMO, RecoveryState};
 
 /// The event-sourced session store. Cheap to clone; clones share one
 /// multiplexed, self-reconnecting Redis connection.
 ///
-/// With an audit database attached ([`SessionStore::with_audit`]) it also:
+/// With the feature `audit` and an audit database attached
+/// (`SessionStore::with_audit`) it also:
 /// - commits every mutation to the database before returning when
 ///   `DB_SESSION_SYNC` is on (a failed commit is logged, never returned: the
 ///   mutation is in Redis and the audit consumer records it);
@@ -59,13 +72,16 @@ pub struct SessionStore {
     conn: RedisConn,
     keys: Arc<KeySpace>,
     config: Arc<Config>,
+    #[cfg(feature = "audit")]
     audit: Option<AuditSink>,
+    #[cfg(feature = "audit")]
     shared: Arc<Shared>,
 }
 
 /// State shared by the clones of one store. None of it is needed for
 /// correctness after a restart: what must survive lives in Redis or the
 /// audit database.
+#[cfg(feature = "audit")]
 #[derive(Debug)]
 struct Shared {
     /// When the store was made; the origin of the millisecond clocks below.
@@ -98,6 +114,7 @@ struct Shared {
     fallback_writes: AtomicU64,
 }
 
+#[cfg(feature = "audit")]
 impl Default for Shared {
     fn default() -> Self {
         Shared {
@@ -119,6 +136,7 @@ impl Default for Shared {
     }
 }
 
+#[cfg(feature = "audit")]
 impl Shared {
     fn elapsed_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -156,25 +174,30 @@ impl SessionStore {
             conn,
             keys: Arc::new(KeySpace::new(config)),
             config: Arc::new(config.clone()),
+            #[cfg(feature = "audit")]
             audit: None,
+            #[cfg(feature = "audit")]
             shared: Arc::new(Shared::default()),
         }
     }
 
     /// Attaches the audit database, for `DB_SESSION_SYNC`,
     /// `DB_SESSION_FALLBACK` and reads during recovery.
+    #[cfg(feature = "audit")]
     pub fn with_audit(mut self, sink: AuditSink) -> Self {
         self.audit = Some(sink);
         self
     }
 
     /// The attached audit database.
+    #[cfg(feature = "audit")]
     pub fn audit(&self) -> Option<&AuditSink> {
         self.audit.as_ref()
     }
 
     /// Mutations this process staged in the database because Redis was
     /// unreachable.
+    #[cfg(feature = "audit")]
     pub fn fallback_writes(&self) -> u64 {
         self.shared.fallback_writes.load(Ordering::Relaxed)
     }
@@ -234,6 +257,7 @@ impl SessionStore {
     /// docs for what happens while Redis is unreachable or recovering).
     pub async fn get(&self, id: &SessionId) -> Result<Option<Session>> {
         self.catch_up().await;
+        #[cfg(feature = "audit")]
         if let Err(e) = self.settle(id).await {
             if e.is_unavailable() && self.fallback_enabled() {
                 return Box::pin(self.fallback_get(id, e)).await;
@@ -249,19 +273,19 @@ impl SessionStore {
         }
         match json {
             Ok(Some(j)) => parse_session(id, &j).map(Some),
-            Ok(None) => {
+            #[cfg(feature = "audit")]
+            Ok(None)
                 if self.audit.is_some()
-                    && Box::pin(self.recovering(self.keys.for_session(id))).await
-                {
-                    Box::pin(self.restore_on_read(id)).await
-                } else {
-                    Ok(None)
-                }
+                    && Box::pin(self.recovering(self.keys.for_session(id))).await =>
+            {
+                Box::pin(self.restore_on_read(id)).await
             }
+            Ok(None) => Ok(None),
             Err(e) => {
                 let e = Error::from(e);
                 if e.is_unavailable() {
                     self.note_unavailable();
+                    #[cfg(feature = "audit")]
                     if self.fallback_enabled() {
                         return Box::pin(self.fallback_get(id, e)).await;
                     }
@@ -288,14 +312,15 @@ impl SessionStore {
             Ok(l) => l,
             Err(e) => {
                 let e = Error::from(e);
-                if !(e.is_unavailable() && self.fallback_enabled()) {
-                    return Err(e);
+                #[cfg(feature = "audit")]
+                if e.is_unavailable() && self.fallback_enabled() {
+                    return Ok(self
+                        .fallback_view(id)
+                        .await?
+                        .map(|v| v.session.status())
+                        .filter(|s| *s != Status::Live));
                 }
-                return Ok(self
-                    .fallback_view(id)
-                    .await?
-                    .map(|v| v.session.status())
-                    .filter(|s| *s != Status::Live));
+                return Err(e);
             }
         };
         Ok(ledger.and_then(|l| match l.split('|').nth(1) {
@@ -394,10 +419,13 @@ impl SessionStore {
             .collect();
         top_users.sort_by(|a, b| b.sessions.cmp(&a.sessions).then(a.user_id.cmp(&b.user_id)));
         top_users.truncate(top);
+        #[cfg(feature = "audit")]
         let staged_fallback_events = match &self.audit {
             Some(_) => Some(self.staged_count().await?),
             None => None,
         };
+        #[cfg(not(feature = "audit"))]
+        let staged_fallback_events = None;
         Ok(Stats {
             active_sessions: active,
             awaiting_expiry: indexed.saturating_sub(active),

@@ -22,10 +22,10 @@ use uuid::Uuid;
 
 use super::SessionStore;
 use super::script::{self, Reply};
-use crate::audit::Incoming;
+#[cfg(feature = "audit")]
 use crate::audit::outbox::Staged;
 use crate::error::{Error, Result};
-use crate::event::{DestroyReason, Event, EventKind, Platform, SCHEMA_VERSION};
+use crate::event::{DestroyReason, Event, EventKind, Incoming, Platform, SCHEMA_VERSION};
 use crate::id::{SessionId, Token};
 use crate::keys::Keys;
 use crate::session::{Changes, NewSession, RESERVED_KEYS, Session, user_id_of};
@@ -154,10 +154,12 @@ enum Written {
     /// own write already applied).
     Redis(Option<String>),
     /// The audit database staged it (fallback).
+    #[cfg(feature = "audit")]
     Database,
     /// The version moved on; the current state when the session still lives.
     Conflict(Session),
     /// Fold again on a fresh read (the database's view moved on).
+    #[cfg(feature = "audit")]
     Reread,
     /// No live session.
     Gone,
@@ -168,6 +170,7 @@ enum Outcome {
     /// Redis answered; whether the invocation was sent twice.
     Redis(Reply, bool),
     /// Redis was unreachable; the database staged the events (or refused).
+    #[cfg(feature = "audit")]
     Staged(Staged),
 }
 
@@ -272,13 +275,16 @@ impl SessionStore {
             }
             Err(e) if e.is_unavailable() => {
                 self.note_unavailable();
-                if !self.fallback_enabled() {
-                    return Err(e);
+                #[cfg(feature = "audit")]
+                if self.fallback_enabled() {
+                    let events = fallback();
+                    return Ok(Outcome::Staged(
+                        Box::pin(self.fallback_stage(part, &events, e)).await?,
+                    ));
                 }
-                let events = fallback();
-                Ok(Outcome::Staged(
-                    Box::pin(self.fallback_stage(part, &events, e)).await?,
-                ))
+                #[cfg(not(feature = "audit"))]
+                drop(fallback);
+                Err(e)
             }
             Err(e) => Err(e),
         }
@@ -447,13 +453,20 @@ impl SessionStore {
                     return Ok(done(Vec::new()));
                 }
                 Outcome::Redis(Reply::Exists, _) => continue,
-                Outcome::Redis(Reply::Conflict(_), _)
-                | Outcome::Staged(Staged::Conflict | Staged::Refused) => {
+                Outcome::Redis(Reply::Conflict(_), _) => {
                     return Err(Error::Conflict {
                         session_id: rotated_from.map(|r| r.0).unwrap_or(id),
                         attempts: 1,
                     });
                 }
+                #[cfg(feature = "audit")]
+                Outcome::Staged(Staged::Conflict | Staged::Refused) => {
+                    return Err(Error::Conflict {
+                        session_id: rotated_from.map(|r| r.0).unwrap_or(id),
+                        attempts: 1,
+                    });
+                }
+                #[cfg(feature = "audit")]
                 Outcome::Staged(Staged::Written) => return Ok(done(Vec::new())),
                 Outcome::Redis(Reply::Missing | Reply::Ended(_), _) => {
                     let old = rotated_from.map(|r| r.0).unwrap_or(id);
@@ -512,7 +525,9 @@ impl SessionStore {
                 Outcome::Redis(other, _) => {
                     return Err(Error::Corrupt(format!("write: unexpected reply {other:?}")));
                 }
+                #[cfg(feature = "audit")]
                 Outcome::Staged(Staged::Written) => Written::Database,
+                #[cfg(feature = "audit")]
                 Outcome::Staged(Staged::Conflict | Staged::Refused) => Written::Reread,
             },
         )
@@ -547,8 +562,10 @@ impl SessionStore {
                     }
                     return Ok(next);
                 }
+                #[cfg(feature = "audit")]
                 Written::Database => return Ok(next),
                 Written::Conflict(s) => s,
+                #[cfg(feature = "audit")]
                 Written::Reread => self.current(id).await?,
                 // Redis lacks a session the audit database may know live
                 // (it is recovering, or lost the key): put it back under the
@@ -755,8 +772,17 @@ impl SessionStore {
                 }
                 Ok(next)
             }
+            #[cfg(feature = "audit")]
             Written::Database => Ok(next),
-            Written::Conflict(_) | Written::Reread => {
+            #[cfg(feature = "audit")]
+            Written::Reread => {
+                crate::telemetry::metrics().conflicts.add(1, &[]);
+                Err(Error::Conflict {
+                    session_id: id.clone(),
+                    attempts: 1,
+                })
+            }
+            Written::Conflict(_) => {
                 crate::telemetry::metrics().conflicts.add(1, &[]);
                 Err(Error::Conflict {
                     session_id: id.clone(),
@@ -857,6 +883,9 @@ impl SessionStore {
             // otherwise answers with the session's JSON.
             let mut known: Option<(u64, String)> = None;
             for attempt in 1..=attempts {
+                // (Only a staged end that lost a race waits before the next.)
+                #[cfg(not(feature = "audit"))]
+                let _ = attempt;
                 let meta = Meta::now();
                 let kind = EventKind::Destroyed { reason };
                 let event_id = Uuid::now_v7();
@@ -874,11 +903,9 @@ impl SessionStore {
                 meta.push(&mut inv);
                 let (reply, retried) =
                     match script::run_retrying(&inv, &mut self.conn.clone()).await {
-                        Err(e) if e.is_unavailable() => {
+                        #[cfg(feature = "audit")]
+                        Err(e) if e.is_unavailable() && self.fallback_enabled() => {
                             self.note_unavailable();
-                            if !self.fallback_enabled() {
-                                return Err(e);
-                            }
                             let Some(view) = self.fallback_view(id).await? else {
                                 return Ok(false);
                             };
@@ -904,7 +931,13 @@ impl SessionStore {
                                 }
                             }
                         }
-                        other => other?,
+                        Err(e) => {
+                            if e.is_unavailable() {
+                                self.note_unavailable();
+                            }
+                            return Err(e);
+                        }
+                        Ok(r) => r,
                     };
                 return match reply {
                     Reply::Ok(xid, extra) => {
@@ -978,28 +1011,8 @@ impl SessionStore {
                     Err(e) => return Err(e),
                 }
             }
-            let Some(audit) = &self.audit else {
-                return Ok(ended);
-            };
-            let known = match crate::audit::outbox::sessions_of_user(audit.db(), user_id).await {
-                Ok(k) => k,
-                // Redis ended what it holds; without the database that is
-                // all that can be done now.
-                Err(e) if redis_down.is_none() => {
-                    tracing::warn!(err = %e, "logout everywhere: the audit database is unreachable; ended the sessions redis holds");
-                    return Ok(ended);
-                }
-                Err(e) => return Err(e),
-            };
-            for sid in known.iter().filter_map(|s| s.parse::<SessionId>().ok()) {
-                if ended.contains(&sid) {
-                    continue;
-                }
-                if self.destroy(&sid, reason).await? {
-                    ended.push(sid);
-                }
-            }
-            Ok(ended)
+            self.end_sessions_known_to_audit(user_id, reason, ended, redis_down)
+                .await
         }
         .await;
         crate::telemetry::record_operation("destroy_all_for_user", started, &result);

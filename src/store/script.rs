@@ -11,8 +11,10 @@ use redis::{Script, ScriptInvocation};
 
 use crate::config::{Config, Layout};
 use crate::error::{Error, Result};
+#[cfg(feature = "audit")]
 use crate::id::SessionId;
 use crate::keys::Keys;
+#[cfg(feature = "audit")]
 use crate::session::Session;
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/session.lua")));
@@ -69,12 +71,14 @@ impl Shape {
     }
 }
 
+#[cfg(feature = "audit")]
 /// `SCRIPT LOAD`s the script so that pipelined `EVALSHA`s find it.
 pub(crate) async fn load(conn: &mut impl ConnectionLike) -> Result<()> {
     SCRIPT.prepare_invoke().load_async(conn).await?;
     Ok(())
 }
 
+#[cfg(feature = "audit")]
 /// A bare `EVALSHA` of the script with the common keys and prefixes, for
 /// pipelines (which cannot fall back to `EVAL` by themselves).
 pub(crate) fn evalsha(keys: &Keys, shape: Shape, op: &str) -> redis::Cmd {
@@ -92,6 +96,7 @@ pub(crate) fn evalsha(keys: &Keys, shape: Shape, op: &str) -> redis::Cmd {
     cmd
 }
 
+#[cfg(feature = "audit")]
 /// The arguments of a `restore`: a session's state from the audit database
 /// put back into Redis under the one rule (see `src/store/admit.rs`).
 pub(crate) struct Restore<'a> {
@@ -105,6 +110,7 @@ pub(crate) struct Restore<'a> {
     pub behind: Option<&'a Session>,
 }
 
+#[cfg(feature = "audit")]
 impl Restore<'_> {
     /// The operation's arguments, in the script's order.
     pub(crate) fn args(&self) -> Vec<Vec<u8>> {

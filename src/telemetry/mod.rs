@@ -1,9 +1,9 @@
 //! Traces, metrics and logs.
 //!
 //! The library records with the `tracing` crate and the OpenTelemetry API
-//! only; what is exported, and where, is decided by the binaries
-//! ([`export::install`], feature `export`). Without an installed provider
-//! every instrument is a no-op.
+//! only; what is exported, and where, is decided by the binaries (the
+//! workspace's `exporters/` crate installs the log subscriber and the
+//! exporters). Without an installed provider every instrument is a no-op.
 //!
 //! - [`current_traceparent`] is how a store operation learns the W3C trace
 //!   context of the request that caused it, to write it into the event.
@@ -16,15 +16,16 @@ use std::time::Instant;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags, TraceState};
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-
-#[cfg(feature = "export")]
-pub mod export;
 
 /// The W3C `traceparent` of the current span, when it belongs to a sampled
-/// OpenTelemetry trace.
+/// OpenTelemetry trace. With the feature `tracing-opentelemetry` the
+/// current span is the `tracing` span's OpenTelemetry context; without it,
+/// the OpenTelemetry context attached to the running task.
 pub fn current_traceparent() -> Option<String> {
-    let cx = tracing::Span::current().context();
+    #[cfg(feature = "tracing-opentelemetry")]
+    let cx = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
+    #[cfg(not(feature = "tracing-opentelemetry"))]
+    let cx = opentelemetry::Context::current();
     let span = cx.span();
     let sc = span.span_context();
     sc.is_valid().then(|| {
@@ -214,28 +215,6 @@ pub fn record_operation<T>(op: &'static str, started: Instant, result: &crate::R
     );
     m.operation_duration
         .record(started.elapsed().as_secs_f64(), &[KeyValue::new("op", op)]);
-}
-
-/// Logging for the CLI: stderr, silent unless `RUST_LOG` asks, so a failing
-/// command prints exactly one line.
-pub fn init_cli_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
-/// Logging for long-running services without exporters: stderr, `info`
-/// unless `RUST_LOG` says otherwise.
-pub fn init_service_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 #[cfg(test)]

@@ -65,7 +65,6 @@ use sha2::{Digest, Sha256};
 use tower_sessions::session::{Id, Record};
 use tower_sessions::session_store;
 
-use super::handle::diff;
 use crate::error::Error;
 use crate::event::DestroyReason;
 use crate::id::SessionId;
@@ -227,7 +226,7 @@ impl tower_sessions::SessionStore for TowerSessionsStore {
                 }
             },
         };
-        let mut changes: Changes = diff(base.data(), &fields);
+        let mut changes: Changes = Changes::between(base.data(), &fields);
         if changes.is_empty() {
             return Ok(());
         }

@@ -86,6 +86,7 @@ impl SessionError {
             return SessionError::Unavailable(err);
         }
         match err {
+            #[cfg(feature = "audit")]
             Error::Database(_) => SessionError::Unavailable(err),
             Error::Ended { .. } | Error::NotFound(_) => SessionError::Ended,
             Error::StaleRead { .. } => SessionError::Conflict(err),

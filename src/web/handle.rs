@@ -124,7 +124,7 @@ impl State {
     /// Takes a newer stored state as the base, keeping the handler's pending
     /// changes on top of it.
     pub(crate) fn rebase(&mut self, session: &Stored) {
-        let pending = diff(&self.base, &self.data);
+        let pending = Changes::between(&self.base, &self.data);
         self.base = session.data().clone();
         self.data = self.base.clone();
         for k in pending.unset {
@@ -169,25 +169,6 @@ impl State {
         if let Some(fp) = &self.fingerprint {
             fields.insert(FINGERPRINT_KEY.to_owned(), Value::String(fp.clone()));
         }
-    }
-}
-
-/// The application keys that differ between two field maps: what one
-/// `updated` event must carry. Keys the store maintains are ignored.
-pub(crate) fn diff(base: &Map<String, Value>, data: &Map<String, Value>) -> Changes {
-    let reserved = |k: &str| RESERVED_KEYS.contains(&k);
-    Changes {
-        expect: Default::default(),
-        set: data
-            .iter()
-            .filter(|(k, v)| !reserved(k) && base.get(*k) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        unset: base
-            .keys()
-            .filter(|k| !reserved(k) && !data.contains_key(*k))
-            .cloned()
-            .collect(),
     }
 }
 
@@ -472,7 +453,7 @@ impl Session {
                         .collect(),
                 }
             } else {
-                diff(&s.base, &s.data)
+                Changes::between(&s.base, &s.data)
             };
             changes.unset.retain(|k| !set.contains_key(k));
             changes.set.extend(set.clone());
@@ -522,7 +503,7 @@ impl Session {
     pub async fn rotate(&self) -> Result<(), SessionError> {
         let (id, changes) = {
             let s = self.lock();
-            let mut changes = diff(&s.base, &s.data);
+            let mut changes = Changes::between(&s.base, &s.data);
             s.stamp(&mut changes.set);
             (s.id.clone(), changes)
         };
@@ -643,10 +624,10 @@ mod tests {
             json!({"a": 1, "b": [1, 2], "c": "x", "_last_updated": "t1", "last_activity": "t1"}),
         );
         let data = map(json!({"a": 1, "b": [1, 3], "d": null, "_last_updated": "t2"}));
-        let c = diff(&base, &data);
+        let c = Changes::between(&base, &data);
         assert_eq!(c.set, map(json!({"b": [1, 3], "d": null})));
         assert_eq!(c.unset, vec!["c".to_owned()]);
-        assert!(diff(&base, &base).is_empty());
+        assert!(Changes::between(&base, &base).is_empty());
     }
 
     #[test]
@@ -659,7 +640,7 @@ mod tests {
         s.rebase(&newer);
         assert_eq!(s.data, map(json!({"a": 5, "b": 3, "platform_name": "P"})));
         assert_eq!(s.version, 7);
-        assert_eq!(diff(&s.base, &s.data).set, map(json!({"a": 5})));
+        assert_eq!(Changes::between(&s.base, &s.data).set, map(json!({"a": 5})));
     }
 
     #[test]

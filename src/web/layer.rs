@@ -41,12 +41,12 @@ use super::cookies::{self, Presented};
 use super::csrf::CsrfPolicy;
 use super::error::{ErrorReport, SessionError};
 use super::fingerprint::{FINGERPRINT_KEY, Fingerprint};
-use super::handle::{CookieAction, Session, State, diff};
+use super::handle::{CookieAction, Session, State};
 use crate::config::{CookieConfig, SameSite};
 use crate::error::Error;
 use crate::event::DestroyReason;
 use crate::id::SessionId;
-use crate::session::{NewSession, Session as Stored};
+use crate::session::{Changes, NewSession, Session as Stored};
 use crate::store::SessionStore;
 use crate::time::Timestamp;
 
@@ -198,49 +198,69 @@ where
         );
         // Continue the caller's trace (W3C `traceparent`), so that one trace
         // runs from the request to the audit row.
-        let parent = opentelemetry::global::get_text_map_propagator(|p| {
-            p.extract(&HeaderExtractor(req.headers()))
-        });
-        if opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
-            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
-        }
-        Box::pin(
-            async move {
-                let presented = cookies::presented(req.headers(), &shared.cookie.name);
-                let fingerprint = shared.fingerprint.as_ref().map(|f| f.compute(&req));
-                let state = match open(&shared, presented, fingerprint).await {
-                    Ok(state) => state,
-                    Err(e) => return Ok(finish_error(e.into_response())),
-                };
-                let session = Session::new(state, shared.clone());
-                if shared.csrf.requires_token(req.method(), req.uri().path()) {
-                    let expected = session.csrf_token();
-                    if !shared.csrf.verify(req.headers(), expected.as_deref()) {
-                        tracing::info!(
-                            method = %req.method(),
-                            path = req.uri().path(),
-                            has_session = expected.is_some(),
-                            "refused an unsafe request without a valid csrf token"
-                        );
-                        // Logged just above, with the method and path.
-                        let mut res = SessionError::Csrf.into_response();
-                        res.extensions_mut().remove::<ErrorReport>();
-                        return Ok(apply_cookie(&shared, &session, res));
-                    }
-                }
-                req.extensions_mut().insert(session.clone());
-                let res = inner.call(req).await?;
-                let res = commit(&shared, &session, res).await;
-                Ok(apply_cookie(&shared, &session, finish_error(res)))
+        #[cfg(feature = "tracing-opentelemetry")]
+        {
+            let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                p.extract(&HeaderExtractor(req.headers()))
+            });
+            if opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
+                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
             }
-            .instrument(span),
-        )
+        }
+        // Without tracing spans that carry OpenTelemetry contexts, the
+        // caller's context is attached to the request's task, where the
+        // store reads it (`telemetry::current_traceparent`).
+        #[cfg(not(feature = "tracing-opentelemetry"))]
+        let caller = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::telemetry::parse_traceparent)
+            .map(|sc| {
+                use opentelemetry::trace::TraceContextExt as _;
+                opentelemetry::Context::new().with_remote_span_context(sc)
+            })
+            .unwrap_or_default();
+        let handled = async move {
+            let presented = cookies::presented(req.headers(), &shared.cookie.name);
+            let fingerprint = shared.fingerprint.as_ref().map(|f| f.compute(&req));
+            let state = match open(&shared, presented, fingerprint).await {
+                Ok(state) => state,
+                Err(e) => return Ok(finish_error(e.into_response())),
+            };
+            let session = Session::new(state, shared.clone());
+            if shared.csrf.requires_token(req.method(), req.uri().path()) {
+                let expected = session.csrf_token();
+                if !shared.csrf.verify(req.headers(), expected.as_deref()) {
+                    tracing::info!(
+                        method = %req.method(),
+                        path = req.uri().path(),
+                        has_session = expected.is_some(),
+                        "refused an unsafe request without a valid csrf token"
+                    );
+                    // Logged just above, with the method and path.
+                    let mut res = SessionError::Csrf.into_response();
+                    res.extensions_mut().remove::<ErrorReport>();
+                    return Ok(apply_cookie(&shared, &session, res));
+                }
+            }
+            req.extensions_mut().insert(session.clone());
+            let res = inner.call(req).await?;
+            let res = commit(&shared, &session, res).await;
+            Ok(apply_cookie(&shared, &session, finish_error(res)))
+        }
+        .instrument(span);
+        #[cfg(not(feature = "tracing-opentelemetry"))]
+        let handled = opentelemetry::context::FutureExt::with_context(handled, caller);
+        Box::pin(handled)
     }
 }
 
 /// Reads trace context from request headers.
+#[cfg(feature = "tracing-opentelemetry")]
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
+#[cfg(feature = "tracing-opentelemetry")]
 impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| v.to_str().ok())
@@ -314,7 +334,7 @@ async fn commit(shared: &Shared, session: &Session, res: Response) -> Response {
         let s = session.lock();
         match &s.id {
             Some(id) => {
-                let mut changes = diff(&s.base, &s.data);
+                let mut changes = Changes::between(&s.base, &s.data);
                 if !changes.is_empty()
                     && let Some(fp) = &s.fingerprint
                     && !s.base.contains_key(FINGERPRINT_KEY)
@@ -334,7 +354,7 @@ async fn commit(shared: &Shared, session: &Session, res: Response) -> Response {
                     Plan::Update(id.clone(), current, changes)
                 }
             }
-            None if diff(&s.base, &s.data).is_empty() => Plan::Nothing,
+            None if Changes::between(&s.base, &s.data).is_empty() => Plan::Nothing,
             None => Plan::Create(s.new_session_fields(&serde_json::Map::new())),
         }
     };

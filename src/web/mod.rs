@@ -1,5 +1,5 @@
-//! Web integration (feature `web`): the tower layer and axum extractor, and
-//! the tower-sessions adapter.
+//! Web integration: the tower layer and axum extractor (feature `axum`), and
+//! the tower-sessions adapter (feature `tower-sessions`).
 //!
 //! [`SessionLayer`] wraps an axum `Router` (or any tower service); handlers
 //! extract a [`Session`] and read and write its fields. The layer loads the
@@ -28,22 +28,35 @@
 //! - `error`: [`SessionError`], the HTTP error.
 //! - `adapter`: [`TowerSessionsStore`].
 
+#[cfg(feature = "tower-sessions")]
 mod adapter;
+#[cfg(feature = "axum")]
 mod cookies;
+#[cfg(feature = "axum")]
 mod csrf;
+#[cfg(feature = "axum")]
 mod error;
+#[cfg(feature = "axum")]
 mod fingerprint;
+#[cfg(feature = "axum")]
 mod handle;
+#[cfg(feature = "axum")]
 mod layer;
 
+#[cfg(feature = "tower-sessions")]
 pub use adapter::{BASE_KEY, TowerSessionsStore};
+#[cfg(feature = "axum")]
 pub use csrf::{CSRF_KEY, CsrfPolicy};
+#[cfg(feature = "axum")]
 pub use error::SessionError;
+#[cfg(feature = "axum")]
 pub use fingerprint::{FINGERPRINT_KEY, Fingerprint};
+#[cfg(feature = "axum")]
 pub use handle::Session;
+#[cfg(feature = "axum")]
 pub use layer::{SessionLayer, SessionService};
 
 /// Compiles the Rust examples of `docs/web.md` as doc tests.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "axum", feature = "tower-sessions"))]
 #[doc = include_str!("../../docs/web.md")]
 pub struct WebGuide;

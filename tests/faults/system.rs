@@ -5,7 +5,7 @@
 //! Children are killed when the value drops; the scratch directory (logs)
 //! is removed unless `VEDFOLNIR_FAULTS_KEEP=1`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::Config;
 use vedfolnir_sessions::keys::KeySpace;
 
-use crate::common::db::{Backend, TestDb};
 use crate::history::ProcessExit;
 use crate::proxy::Proxy;
-use crate::redis_server::RedisServer;
 use crate::schedule::users_spec;
+use vedfolnir_tests::db::{Backend, TestDb};
+use vedfolnir_tests::redis_server::RedisServer;
 
 /// `REDIS_TIMEOUT_MS` of every child.
 pub const REDIS_TIMEOUT_MS: u64 = 300;
@@ -75,25 +75,6 @@ struct Proc {
     started: Instant,
 }
 
-/// `target/<profile>`, the directory above this test's executable.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf()
-}
-
-fn binary(path: PathBuf) -> PathBuf {
-    assert!(
-        path.is_file(),
-        "{} is not built: `cargo test --workspace` builds it (or `cargo build --bin \
-         vedfolnir-worker --example app_server`)",
-        path.display()
-    );
-    path
-}
-
 /// The system. Field order is drop order: processes first, then the
 /// proxies, the database and Redis.
 pub struct System {
@@ -128,8 +109,8 @@ impl System {
     /// Starts Redis, the database and both proxies (no app server or worker
     /// yet).
     pub async fn start(app_servers: usize) -> anyhow::Result<Self> {
-        let app_bin = binary(profile_dir().join("examples").join("app_server"));
-        let worker_bin = binary(profile_dir().join("vedfolnir-worker"));
+        let app_bin = vedfolnir_tests::binary("app_server");
+        let worker_bin = vedfolnir_tests::binary("vedfolnir-worker");
         let redis = RedisServer::start().await;
         let redis_url = redis.url();
         let redis_target = url::Url::parse(&redis_url)?;
@@ -456,7 +437,7 @@ impl System {
     /// Runs the CLI with the children's environment; `None` as the code
     /// when it did not finish within `limit` (it is killed then).
     pub async fn cli(&self, args: &[&str], limit: Duration) -> (Option<i32>, String, String) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vedfolnir-sessions"));
+        let mut cmd = Command::new(vedfolnir_tests::binary("vedfolnir-sessions"));
         cmd.args(args)
             .env_clear()
             .envs(self.env())

@@ -7,7 +7,6 @@
 //! Addresses of nodes (`Shard`, `kill_primary_for_slot`) are `127.0.0.1:port`,
 //! as Redis writes them in `CLUSTER NODES`; `nodes()` gives the seed list as
 //! URLs for `redis::cluster::ClusterClient`.
-#![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;

@@ -1,7 +1,6 @@
 //! Audit databases for tests: a fresh SQLite file, or a fresh PostgreSQL
 //! database with a unique name on the local server, migrated. Dropped with
 //! the value.
-#![allow(dead_code, unreachable_pub, unused_macros)]
 
 use sea_orm::DatabaseConnection;
 
@@ -12,15 +11,14 @@ pub fn pg_base_url() -> String {
 
 /// Turns `async fn name(backend: Backend)` test bodies into one test per
 /// backend: `sqlite::name` and `postgres::name`.
+#[macro_export]
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Backend::Sqlite).await } )*
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name($crate::db::Backend::Sqlite).await } )*
         }
         mod postgres {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Backend::Postgres).await } )*
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name($crate::db::Backend::Postgres).await } )*
         }
     };
 }
@@ -31,6 +29,7 @@ pub enum Backend {
     Postgres,
 }
 
+#[derive(Debug)]
 pub struct TestDb {
     pub url: String,
     pub db: DatabaseConnection,

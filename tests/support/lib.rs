@@ -1,14 +1,24 @@
-//! Test context: every test gets its own key namespace on the real Redis
-//! (`vtest:<uuid>:`), so tests run in parallel and never flush a shared
-//! server. The namespace's keys are deleted when the context drops.
+//! What the tests of every crate in the workspace share.
 //!
-//! A context runs on standalone Redis or on the local Redis Cluster that
-//! `scripts/cluster.sh start` brings up (`VEDFOLNIR_TEST_CLUSTER_NODES`,
-//! default `127.0.0.1:7100..7105`); `on_both_topologies!` runs a test on both.
-#![allow(dead_code, unreachable_pub)]
+//! - [`TestContext`]: every test gets its own key namespace on the real
+//!   Redis (`vtest:<uuid>:`), so tests run in parallel and never flush a
+//!   shared server. The namespace's keys are deleted when the context
+//!   drops. A context runs on standalone Redis or on the local Redis
+//!   Cluster that `scripts/cluster.sh start` brings up
+//!   (`VEDFOLNIR_TEST_CLUSTER_NODES`, default `127.0.0.1:7100..7105`);
+//!   [`on_both_topologies!`] runs a test on both.
+//! - [`db`]: a fresh, migrated SQLite or PostgreSQL audit database per test;
+//!   [`on_both_backends!`] runs a test on both.
+//! - [`redis_server`]: a `redis-server` process of the test's own, to stop,
+//!   restart or wipe; [`cluster`]: a private Redis Cluster to fail over;
+//!   [`proxy`]: a TCP proxy that cuts connections.
+//! - [`binary`]: the workspace's binaries, for tests that run several of
+//!   them (see its docs for why and when they are built).
 
-#[macro_use]
+pub mod cluster;
 pub mod db;
+pub mod proxy;
+pub mod redis_server;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,18 +30,44 @@ use vedfolnir_sessions::{Config, SessionId, SessionStore};
 
 /// Runs each named `async fn name(topology: Topology)` as two tests, one on
 /// standalone Redis and one on the cluster.
-#[allow(unused_macros)]
+#[macro_export]
 macro_rules! on_both_topologies {
     ($($name:ident),* $(,)?) => {
         mod standalone {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Topology::Standalone).await } )*
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name($crate::Topology::Standalone).await } )*
         }
         mod cluster {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Topology::Cluster).await } )*
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name($crate::Topology::Cluster).await } )*
         }
     };
+}
+
+/// A binary of the workspace, from the target directory this test runs
+/// from (`target/<profile>/<name>`).
+///
+/// A test can name the binaries of its own package with
+/// `env!("CARGO_BIN_EXE_<name>")`, and Cargo builds them first; that is
+/// how the CLI's tests (in `cli/tests`), the worker's and the example app
+/// server's run their binary. A test that runs binaries of several
+/// packages at once (the fault suite: app servers, the worker and the CLI)
+/// finds them here instead: `cargo test --workspace`, the test command,
+/// builds every binary of the workspace before it runs any test, and so
+/// does `cargo test --workspace --test <name>` for one test file. Panics
+/// with that advice when the binary is missing.
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test runs from target/<profile>/deps");
+    let path = profile.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run the tests with `cargo test --workspace` (for one \
+         file: `cargo test --workspace --test <name>`), which builds every binary",
+        path.display()
+    );
+    path
 }
 
 /// The Redis the tests use (`TEST_REDIS_URL`, default the local one).
@@ -57,6 +93,7 @@ pub enum Topology {
     Cluster,
 }
 
+#[derive(Debug)]
 pub struct TestContext {
     pub namespace: String,
     pub config: Config,

@@ -1,7 +1,6 @@
 //! A TCP proxy the test controls, to make a real server unreachable without
 //! losing its data: `cut` closes every proxied connection and refuses new
 //! ones (they are accepted and closed at once) until `restore`.
-#![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+#[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,

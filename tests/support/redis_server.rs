@@ -1,7 +1,6 @@
 //! A Redis server of the test's own, on a free loopback port, without
 //! persistence, so that a test can stop it (`SHUTDOWN NOSAVE`) and start it
 //! again empty on the same port. The process is killed when the value drops.
-#![allow(dead_code, unreachable_pub)]
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -12,6 +11,7 @@ use std::time::Duration;
 /// after `SHUTDOWN NOSAVE`.
 const STARTUP: Duration = Duration::from_secs(10);
 
+#[derive(Debug)]
 pub struct RedisServer {
     port: u16,
     dir: PathBuf,

@@ -1,7 +1,7 @@
 //! The worker process: the audit consumer, the expiry reaper and the healer,
 //! side by side, until a shutdown signal. Beside each partition's audit
 //! consumer runs the database sweep of overdue sessions
-//! ([`crate::reaper::OverdueSweeper`]), which needs the same database.
+//! ([`vedfolnir_sessions::reaper::OverdueSweeper`]), which needs the same database.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{self, AuditConsumer, AuditSink, ConsumerConfig};
-use crate::config::Config;
-use crate::error::Result;
-use crate::lease::{Leases, Role};
-use crate::reaper::{Reaper, ReaperConfig};
-use crate::store::SessionStore;
+use vedfolnir_sessions::audit::{self, AuditConsumer, AuditSink, ConsumerConfig};
+use vedfolnir_sessions::config::Config;
+use vedfolnir_sessions::error::Result;
+use vedfolnir_sessions::lease::{Leases, Role};
+use vedfolnir_sessions::reaper::{Reaper, ReaperConfig};
+use vedfolnir_sessions::store::SessionStore;
 
 /// Which parts to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +45,7 @@ impl Parts {
 /// healer refuse to start on an audit schema that is behind
 /// (`vedfolnir-sessions migrate`).
 ///
-/// Each role the worker runs holds leases of its own (see [`crate::lease`]):
+/// Each role the worker runs holds leases of its own (see [`vedfolnir_sessions::lease`]):
 /// an audit consumer on a partition's stream and a reaper on its expiry
 /// index where the worker holds that role's lease of the partition, and the
 /// healer while it holds the healer's single lease. Leases are spread over
@@ -78,7 +78,7 @@ pub async fn run(
             Ok(())
         });
     }
-    let overdue = crate::reaper::OverdueConfig::from_env()?;
+    let overdue = vedfolnir_sessions::reaper::OverdueConfig::from_env()?;
     let roles = parts.roles();
     let db = if roles
         .iter()
@@ -119,7 +119,7 @@ struct Shared {
     db: Option<sea_orm::DatabaseConnection>,
     consumer: ConsumerConfig,
     reaper: ReaperConfig,
-    overdue: crate::reaper::OverdueConfig,
+    overdue: vedfolnir_sessions::reaper::OverdueConfig,
     lease_ttl: Duration,
 }
 
@@ -192,7 +192,7 @@ async fn hold_leases(role: Role, shared: Arc<Shared>, shutdown: CancellationToke
                 }
                 Err(join) => {
                     shutdown.cancel();
-                    result = Err(crate::error::Error::Corrupt(format!("worker task failed: {join}")));
+                    result = Err(vedfolnir_sessions::error::Error::Corrupt(format!("worker task failed: {join}")));
                 }
             },
         }
@@ -203,7 +203,7 @@ async fn hold_leases(role: Role, shared: Arc<Shared>, shutdown: CancellationToke
         match done {
             Ok((_, _, Err(e))) => result = Err(e),
             Err(join) => {
-                result = Err(crate::error::Error::Corrupt(format!(
+                result = Err(vedfolnir_sessions::error::Error::Corrupt(format!(
                     "worker task failed: {join}"
                 )))
             }
@@ -219,7 +219,7 @@ async fn hold_leases(role: Role, shared: Arc<Shared>, shutdown: CancellationToke
 fn task_result(done: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
     match done {
         Ok(r) => r,
-        Err(join) => Err(crate::error::Error::Corrupt(format!(
+        Err(join) => Err(vedfolnir_sessions::error::Error::Corrupt(format!(
             "worker task failed: {join}"
         ))),
     }
@@ -248,7 +248,7 @@ async fn run_role(role: Role, p: u32, shared: &Shared, token: CancellationToken)
             tracing::info!(consumer = %c.name(), partition = p, "audit consumer started");
             // Ends the reaper cannot write (no ledger left in Redis), under
             // the same lease as the consumer.
-            let sweeper = crate::reaper::OverdueSweeper::new(
+            let sweeper = vedfolnir_sessions::reaper::OverdueSweeper::new(
                 shared.store.clone(),
                 db,
                 shared.overdue.clone(),
@@ -276,8 +276,11 @@ async fn run_role(role: Role, p: u32, shared: &Shared, token: CancellationToken)
             let Some(db) = shared.db.clone() else {
                 return Ok(());
             };
-            let healer =
-                crate::recovery::Healer::new(shared.store.clone(), db, shared.consumer.heal_check);
+            let healer = vedfolnir_sessions::recovery::Healer::new(
+                shared.store.clone(),
+                db,
+                shared.consumer.heal_check,
+            );
             tracing::info!("healer started");
             healer.run(token).await.map(|_| ())
         }

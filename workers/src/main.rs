@@ -1,6 +1,6 @@
 //! `vedfolnir-worker`: the audit consumer, the expiry reaper and the healer.
 //!
-//! Thin over [`vedfolnir_sessions::worker::run`]: parses the configuration,
+//! Thin over [`vedfolnir_worker::run`]: parses the configuration,
 //! installs telemetry (logs; OTLP traces when `OTEL_EXPORTER_OTLP_ENDPOINT`
 //! is set; Prometheus metrics at `/metrics` when `METRICS_LISTEN` is set), and
 //! turns SIGINT/SIGTERM into a graceful shutdown (the batch in hand is
@@ -12,11 +12,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use tokio_util::sync::CancellationToken;
+use vedfolnir_exporters as export;
 use vedfolnir_sessions::Config;
 use vedfolnir_sessions::audit::ConsumerConfig;
 use vedfolnir_sessions::reaper::ReaperConfig;
-use vedfolnir_sessions::telemetry::export;
-use vedfolnir_sessions::worker::{self, Parts};
+use vedfolnir_worker::{self as worker, Parts};
 
 // Decoding stream replies and folding sessions allocate many small values;
 // mimalloc serves them faster than glibc's malloc (BENCHMARKS.md,

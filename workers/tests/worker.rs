@@ -8,10 +8,6 @@
 //! (`XPENDING`), rows in the database, the process's exit, the proxy's
 //! connection counters.
 
-#[path = "../../tests/common/mod.rs"]
-#[macro_use]
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
@@ -20,8 +16,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::TestContext;
-use common::db::{Backend, TestDb, pg_base_url};
 use redis::AsyncCommands as _;
 use redis::streams::{StreamInfoConsumersReply, StreamInfoGroup, StreamInfoGroupsReply};
 use sea_orm::{
@@ -36,6 +30,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::audit::entity::{dead_letters, session_events, session_snapshots};
 use vedfolnir_sessions::{Changes, NewSession, Session, SessionId, SessionStore};
+use vedfolnir_tests::TestContext;
+use vedfolnir_tests::db::{Backend, TestDb, pg_base_url};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vedfolnir-worker");
 const GROUP: &str = "audit";
@@ -102,7 +98,7 @@ impl Worker {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
-            .env("REDIS_URL", common::redis_url())
+            .env("REDIS_URL", vedfolnir_tests::redis_url())
             .env("REDIS_SESSION_PREFIX", &ctx.config.session_prefix)
             .env("REDIS_EVENT_STREAM", &ctx.config.event_stream)
             .env(
@@ -830,7 +826,7 @@ async fn postgres_cut_off_mid_run_acks_nothing_then_lands_everything_once() {
     assert!(w.exit(Duration::from_secs(10)).await.success());
 }
 
-on_both_backends!(
+vedfolnir_tests::on_both_backends!(
     sigkill_mid_run_then_restart_audits_every_event_once,
     sigterm_finishes_the_batch_in_hand_and_exits_0,
     refuses_a_schema_that_is_behind,
@@ -1058,7 +1054,7 @@ async fn a_worker_paused_past_its_lease_cannot_commit(backend: Backend) {
         .expect("a snapshot");
     assert_eq!(snap.status, session_snapshots::SnapshotStatus::Destroyed);
     // Redis loses the namespace: the healer replays, the logout stays.
-    common::delete_namespace(&ctx.namespace);
+    vedfolnir_tests::delete_namespace(&ctx.namespace);
     let part = ctx.store.keys().part(0).clone();
     let d = Deadline::new("the healer to replay", Duration::from_secs(20));
     loop {

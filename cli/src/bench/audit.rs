@@ -47,14 +47,14 @@ use super::{
     BenchArgs, Report, Suite, delete_namespace, machine, namespace, progress, ratio, round, target,
     targets_text,
 };
-use crate::audit::entity::session_events;
-use crate::audit::sink::stream_id_millis;
-use crate::audit::{AuditConsumer, AuditSink, ConsumerConfig};
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::event::{DestroyReason, Platform};
-use crate::id::SessionId;
-use crate::store::SessionStore;
+use vedfolnir_sessions::audit::entity::session_events;
+use vedfolnir_sessions::audit::sink::stream_id_millis;
+use vedfolnir_sessions::audit::{AuditConsumer, AuditSink, ConsumerConfig};
+use vedfolnir_sessions::config::Config;
+use vedfolnir_sessions::error::{Error, Result};
+use vedfolnir_sessions::event::{DestroyReason, Platform};
+use vedfolnir_sessions::id::SessionId;
+use vedfolnir_sessions::store::SessionStore;
 
 const USERS: u64 = 1000;
 const CEILING_TABLE: &str = "bench_ceiling_events";

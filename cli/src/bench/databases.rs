@@ -8,7 +8,7 @@ use sea_orm::{ConnectionTrait as _, DatabaseConnection};
 use serde_json::Value;
 
 use super::{BenchArgs, Suite, progress};
-use crate::error::{Error, Result};
+use vedfolnir_sessions::error::{Error, Result};
 
 /// Which engine a database runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -116,8 +116,8 @@ pub(super) async fn open(args: &BenchArgs, suite: Suite) -> Result<Vec<BenchDb>>
 }
 
 async fn connect(engine: Engine, url: &str, owned: Owned) -> Result<BenchDb> {
-    let db = crate::audit::db::connect(url).await?;
-    crate::audit::db::migrate(&db).await?;
+    let db = vedfolnir_sessions::audit::db::connect(url).await?;
+    vedfolnir_sessions::audit::db::migrate(&db).await?;
     let version = server_version(&db, engine).await;
     Ok(BenchDb {
         engine,
@@ -144,9 +144,9 @@ fn database_url(server: &str, db: &str) -> String {
 
 /// How the client reaches PostgreSQL: `unix` when the URL names a socket
 /// directory, `tcp` without TLS, `tcp+tls` when TLS may be negotiated (the
-/// URL the worker would open, [`crate::audit::db::connection_url`]).
+/// URL the worker would open, [`vedfolnir_sessions::audit::db::connection_url`]).
 fn transport(url: &str) -> &'static str {
-    let url = crate::audit::db::connection_url(url);
+    let url = vedfolnir_sessions::audit::db::connection_url(url);
     let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
     let params = || query.split('&');
     if params().any(|kv| kv.starts_with("host=/") || kv.starts_with("host=%2F")) {

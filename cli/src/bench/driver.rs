@@ -5,15 +5,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::conn::RedisConn;
 use futures::future::BoxFuture;
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 use serde_json::{Map, Value, json};
+use vedfolnir_sessions::conn::RedisConn;
 
 use super::round;
-use crate::error::Result;
-use crate::id::SessionId;
+use vedfolnir_sessions::error::Result;
+use vedfolnir_sessions::id::SessionId;
 
 /// One client's own state, kept across the rounds of a workload.
 #[derive(Debug)]

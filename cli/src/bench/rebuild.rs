@@ -1,6 +1,6 @@
 //! The rebuild suite: `--sessions` sessions (50,000 by default) of one to
 //! six events each, inserted in bulk into the event table of each audit
-//! database, then `snapshots rebuild` ([`crate::audit::rebuild`]) into an
+//! database, then `snapshots rebuild` ([`vedfolnir_sessions::audit::rebuild`]) into an
 //! empty snapshot table, and again over the rebuilt one (nothing changes:
 //! the idempotent pass). Same run, same connection: the floor, one read of
 //! the whole event table in the same order and pages, which no rebuild can
@@ -17,13 +17,13 @@ use super::databases::{self, BenchDb};
 use super::driver::Client;
 use super::store::new_session;
 use super::{BenchArgs, Report, Suite, machine, progress, ratio, round, target, targets_text};
-use crate::audit::entity::session_events::{self, EventSource};
-use crate::audit::rebuild::{self, PAGE};
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::event::{DestroyReason, EventKind, SCHEMA_VERSION};
-use crate::id::Token;
-use crate::store::SessionStore;
+use vedfolnir_sessions::audit::entity::session_events::{self, EventSource};
+use vedfolnir_sessions::audit::rebuild::{self, PAGE};
+use vedfolnir_sessions::config::Config;
+use vedfolnir_sessions::error::{Error, Result};
+use vedfolnir_sessions::event::{DestroyReason, EventKind, SCHEMA_VERSION};
+use vedfolnir_sessions::id::Token;
+use vedfolnir_sessions::store::SessionStore;
 
 const DEFAULT_SESSIONS: usize = 50_000;
 
@@ -37,7 +37,7 @@ fn rows(n: usize) -> Vec<session_events::ActiveModel> {
     for k in 0..n {
         let id = Token::generate().session_id().to_string();
         let fields = new_session(&mut c.rng, users).fields;
-        let user = crate::session::user_id_of(&fields);
+        let user = vedfolnir_sessions::session::user_id_of(&fields);
         let mut kinds = vec![EventKind::Created {
             fields,
             rotated_from: None,

@@ -1,6 +1,6 @@
 //! The replay suite: `--sessions` live snapshots (50,000 by default),
 //! inserted in bulk into each audit database, then
-//! [`recovery::replay`](crate::recovery::replay) into an empty namespace.
+//! [`recovery::replay`](vedfolnir_sessions::recovery::replay) into an empty namespace.
 //! Same run, same connection: pipelined plain `SET key json PX ttl` of the
 //! same values, in pipelines as long as replay's pages; and the time replay's
 //! paged reads of the snapshots take on their own, to tell the database's
@@ -23,14 +23,14 @@ use super::{
     BenchArgs, Report, Suite, delete_namespace, machine, namespace, progress, ratio, round, target,
     targets_text,
 };
-use crate::audit::entity::session_snapshots::{self, SnapshotStatus};
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::event::{Event, EventKind, SCHEMA_VERSION};
-use crate::id::Token;
-use crate::session::Session;
-use crate::store::SessionStore;
-use crate::time::Timestamp;
+use vedfolnir_sessions::audit::entity::session_snapshots::{self, SnapshotStatus};
+use vedfolnir_sessions::config::Config;
+use vedfolnir_sessions::error::{Error, Result};
+use vedfolnir_sessions::event::{Event, EventKind, SCHEMA_VERSION};
+use vedfolnir_sessions::id::Token;
+use vedfolnir_sessions::session::Session;
+use vedfolnir_sessions::store::SessionStore;
+use vedfolnir_sessions::time::Timestamp;
 
 /// Replay's page size (`recovery::PAGE`), used for the baseline's pipelines
 /// and the read-only pass.
@@ -139,7 +139,7 @@ async fn read_only(bdb: &BenchDb) -> Result<f64> {
 
 /// Pipelined plain `SET json PX` of the same values.
 async fn baseline(
-    conn: &mut crate::conn::RedisConn,
+    conn: &mut vedfolnir_sessions::conn::RedisConn,
     prefix: &str,
     sessions: &[Snapshot],
 ) -> Result<f64> {
@@ -181,7 +181,7 @@ async fn one(config: &Config, bdb: &BenchDb, sessions: &[Snapshot]) -> Result<Me
     let outcome = async {
         progress(Suite::Replay, format!("{}: replaying into {ns}", bdb.label));
         let before = Usage::now(&mut conn).await?;
-        let summary = crate::recovery::replay(&store, &bdb.db, |_, _| {}).await?;
+        let summary = vedfolnir_sessions::recovery::replay(&store, &bdb.db, |_, _| {}).await?;
         let replay_usage = Usage::now(&mut conn).await?.since(&before);
         if summary.restored != n as u64 {
             return Err(Error::InvalidInput(format!(

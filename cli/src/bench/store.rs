@@ -25,25 +25,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::conn::RedisConn;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use rand::Rng as _;
 use rand::rngs::StdRng;
 use serde_json::{Map, Value, json};
+use vedfolnir_sessions::conn::RedisConn;
 
 use super::driver::{Client, Run, Workload, drive};
 use super::{
     BenchArgs, Report, Suite, delete_namespace, machine, namespace, progress, ratio, round, target,
     targets_text,
 };
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::event::DestroyReason;
-use crate::id::{SessionId, Token};
-use crate::session::{Changes, NewSession, Session};
-use crate::store::SessionStore;
-use crate::time::Timestamp;
+use vedfolnir_sessions::config::Config;
+use vedfolnir_sessions::error::{Error, Result};
+use vedfolnir_sessions::event::DestroyReason;
+use vedfolnir_sessions::id::{SessionId, Token};
+use vedfolnir_sessions::session::{Changes, NewSession, Session};
+use vedfolnir_sessions::store::SessionStore;
+use vedfolnir_sessions::time::Timestamp;
 
 /// Users the sessions belong to, per pool session.
 const SESSIONS_PER_USER: usize = 4;
@@ -629,6 +629,17 @@ fn median(mut xs: Vec<f64>) -> Option<f64> {
     })
 }
 
+/// Per-round figures as JSON, then the medians of the ratio to the
+/// baseline, of the ratio to the logging baseline, of the Redis time ratio
+/// and of the p99.
+type RoundRatios = (
+    Vec<Value>,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+);
+
 /// One workload's result: ours beside the baseline (and, for the
 /// workloads that write, beside the logging baseline).
 struct Row {
@@ -643,15 +654,7 @@ struct Row {
 impl Row {
     /// Per-round ratios of ours to the baseline, to the logging baseline,
     /// and of Redis time to the logging baseline's; with their medians.
-    fn round_ratios(
-        &self,
-    ) -> (
-        Vec<Value>,
-        Option<f64>,
-        Option<f64>,
-        Option<f64>,
-        Option<f64>,
-    ) {
+    fn round_ratios(&self) -> RoundRatios {
         let mut per = Vec::new();
         let (mut r, mut rl, mut rr, mut p99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for [o, b, l] in &self.rounds {

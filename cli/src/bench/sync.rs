@@ -19,11 +19,11 @@ use super::store::{changes, new_session};
 use super::{
     BenchArgs, Report, Suite, delete_namespace, machine, namespace, progress, ratio, round,
 };
-use crate::audit::AuditSink;
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::id::SessionId;
-use crate::store::SessionStore;
+use vedfolnir_sessions::audit::AuditSink;
+use vedfolnir_sessions::config::Config;
+use vedfolnir_sessions::error::{Error, Result};
+use vedfolnir_sessions::id::SessionId;
+use vedfolnir_sessions::store::SessionStore;
 
 struct Update {
     store: SessionStore,

@@ -1,6 +1,6 @@
 //! The example app server's routes, users and configuration, shared by the
-//! binary (`examples/app_server.rs`) and the end-to-end tests, which serve
-//! this same router on a free port.
+//! binary (`app_server`, `src/main.rs`) and the end-to-end tests, which
+//! serve this same router on a free port.
 //!
 //! | route | does |
 //! |---|---|

@@ -2,29 +2,26 @@
 //! application's session flows on top of the session layer.
 //!
 //! ```sh
-//! cargo run --example app_server        # listens on APP_LISTEN (127.0.0.1:8080)
+//! cargo run -p vedfolnir-app-server     # the binary `app_server`, on APP_LISTEN (127.0.0.1:8080)
 //! ```
 //!
-//! Routes, users and settings are described in `examples/app_server/app.rs`
-//! and `docs/web.md`. The store reads the usual environment (`REDIS_URL`,
+//! Routes, users and settings are described in the crate's library
+//! (`examples/app-server/src/lib.rs`) and `docs/web.md`. The store reads the usual environment (`REDIS_URL`,
 //! `SESSION_COOKIE_*`, …); the app adds `APP_LISTEN`, `APP_USERS`
 //! (`name:password:role,…`) and `APP_FINGERPRINT` (`off`, `user-agent`, `ip`,
 //! `both`). `METRICS_LISTEN` serves Prometheus metrics at `/metrics`;
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` exports traces.
 
-#[cfg(feature = "allocator")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[path = "app_server/app.rs"]
-mod app;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use app_server as app;
+use vedfolnir_exporters as export;
 use vedfolnir_sessions::Config;
-use vedfolnir_sessions::telemetry::export;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

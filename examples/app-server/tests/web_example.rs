@@ -1,29 +1,22 @@
-//! The example app server as a process: the binary `cargo test` builds from
-//! `examples/app_server.rs`, started on a free port with its own users,
+//! The example app server as a process: the binary `app_server`, which
+//! Cargo builds before this test, started on a free port with its own users,
 //! Redis namespace and audit database, and stopped with SIGTERM.
 
-mod common;
-
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::TestContext;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
+use vedfolnir_tests::TestContext;
 
-/// `target/<profile>/examples/app_server`, next to this test's own binary.
-fn example_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let profile_dir = exe.parent()?.parent()?;
-    Some(profile_dir.join("examples").join("app_server")).filter(|p| p.is_file())
-}
+const BIN: &str = env!("CARGO_BIN_EXE_app_server");
 
-fn command(bin: &PathBuf, ctx: &TestContext, db: &std::path::Path) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(bin);
+fn command(ctx: &TestContext, db: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(BIN);
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("REDIS_URL", common::redis_url())
+        .env("REDIS_URL", vedfolnir_tests::redis_url())
         .env("REDIS_SESSION_PREFIX", &ctx.config.session_prefix)
         .env("REDIS_EVENT_STREAM", &ctx.config.event_stream)
         .env(
@@ -39,7 +32,7 @@ fn command(bin: &PathBuf, ctx: &TestContext, db: &std::path::Path) -> tokio::pro
     cmd
 }
 
-fn remove_sqlite(path: &std::path::Path) {
+fn remove_sqlite(path: &Path) {
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
@@ -51,14 +44,10 @@ async fn the_example_binary_serves_its_users_and_stops_on_sigterm() {
     // prints the user names (never the passwords) and its address, serves
     // login and /healthz, commits events to the audit database at
     // DATABASE_URL, never logs the cookie token, and exits cleanly on SIGTERM.
-    let Some(bin) = example_binary() else {
-        eprintln!("NOTICE: the example binary is not built (cargo test builds it); skipping");
-        return;
-    };
     let ctx = TestContext::new().await;
     let db =
         std::env::temp_dir().join(format!("vedfolnir-example-{}.sqlite", uuid::Uuid::new_v4()));
-    let mut child = command(&bin, &ctx, &db)
+    let mut child = command(&ctx, &db)
         .env("APP_USERS", "alice:pa:ss:word:editor, bob:hunter2:user")
         .spawn()
         .expect("start the example");
@@ -172,16 +161,12 @@ async fn the_example_binary_serves_its_users_and_stops_on_sigterm() {
 async fn a_bad_app_users_names_the_variable_not_the_password() {
     // Proves: a malformed APP_USERS stops the binary with an error that
     // names the variable and the entry, and never echoes a password.
-    let Some(bin) = example_binary() else {
-        eprintln!("NOTICE: the example binary is not built (cargo test builds it); skipping");
-        return;
-    };
     let ctx = TestContext::new().await;
     let db =
         std::env::temp_dir().join(format!("vedfolnir-example-{}.sqlite", uuid::Uuid::new_v4()));
     let out = tokio::time::timeout(
         Duration::from_secs(60),
-        command(&bin, &ctx, &db)
+        command(&ctx, &db)
             .env("APP_USERS", "carol:s3cretpass:admin,dave:0therpass")
             .output(),
     )
