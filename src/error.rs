@@ -7,6 +7,7 @@
 
 use crate::config::ConfigError;
 use crate::id::SessionId;
+use crate::session::Status;
 
 /// Result alias used across the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -54,8 +55,8 @@ pub enum Error {
     Ended {
         /// The ended session.
         session_id: SessionId,
-        /// `destroyed` or `expired`.
-        status: String,
+        /// How it ended: [`Status::Destroyed`] or [`Status::Expired`].
+        status: Status,
     },
 
     /// The folded session is larger than `SESSION_MAX_BYTES`; nothing was written.

@@ -100,7 +100,7 @@ impl SessionId {
 
     /// The id of an index member: 64 hex characters, or the 32 bytes they
     /// spell (the lean layout). `None` for anything else.
-    pub fn from_member(member: &[u8]) -> Option<SessionId> {
+    pub(crate) fn from_member(member: &[u8]) -> Option<SessionId> {
         match member.len() {
             32 => Some(SessionId(hex::encode(member))),
             64 => std::str::from_utf8(member).ok()?.parse().ok(),

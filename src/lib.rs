@@ -56,6 +56,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs, unreachable_pub)]
+
 #[cfg(feature = "audit")]
 pub mod audit;
 pub mod config;
@@ -79,7 +81,7 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use event::{DestroyReason, Event, EventKind, Platform};
 pub use id::{SessionId, Token};
-pub use session::{Changes, NewSession, Session, Status};
+pub use session::{Changes, NewSession, Record, Status};
 pub use store::{Created, SessionStore};
 
 /// The README's code blocks, compiled as doc tests.

@@ -1,10 +1,10 @@
-//! Session state and the fold that builds it from events.
+//! The stored state of a session and the fold that builds it from events.
 //!
-//! A [`Session`] is the seed application's flat JSON object: the well-known
+//! A [`Record`] is the seed application's flat JSON object: the well-known
 //! fields (`user_id`, `username`, `email`, `role`, the four platform fields,
 //! `csrf_token`, `created_at`, `last_activity`, `_last_updated`) beside the
 //! application's own keys, plus `_version`, the `seq` of the last event
-//! applied. [`Session::apply`] is the one fold of the product: the store runs
+//! applied. [`Record::apply`] is the one fold of the product: the store runs
 //! it before every write and the audit database runs it to rebuild sessions.
 //! It is pure and total; the store validates changes before it folds them.
 //!
@@ -33,7 +33,7 @@ pub const MAX_KEY_BYTES: usize = 256;
 /// Checks a user id at the source: 1 to [`MAX_USER_ID_BYTES`] bytes, no
 /// control characters (they would forge log lines and PostgreSQL refuses
 /// NUL).
-pub fn check_user_id(user_id: &str) -> Result<(), crate::Error> {
+pub(crate) fn check_user_id(user_id: &str) -> Result<(), crate::Error> {
     if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
         return Err(crate::Error::InvalidInput(format!(
             "a user id is 1 to {MAX_USER_ID_BYTES} bytes, not {}",
@@ -49,7 +49,7 @@ pub fn check_user_id(user_id: &str) -> Result<(), crate::Error> {
 }
 
 /// Checks a field name at the source: 1 to [`MAX_KEY_BYTES`] bytes, no NUL.
-pub fn check_key(key: &str) -> Result<(), crate::Error> {
+pub(crate) fn check_key(key: &str) -> Result<(), crate::Error> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES || key.contains('\0') {
         return Err(crate::Error::InvalidInput(format!(
             "a field name is 1 to {MAX_KEY_BYTES} bytes without NUL"
@@ -61,7 +61,7 @@ pub fn check_key(key: &str) -> Result<(), crate::Error> {
 /// Checks the fields a create or an update sets: their names, and the user
 /// id when they set one. (The whole session's size is bounded by
 /// `SESSION_MAX_BYTES`.)
-pub fn check_fields(fields: &Map<String, Value>) -> Result<(), crate::Error> {
+pub(crate) fn check_fields(fields: &Map<String, Value>) -> Result<(), crate::Error> {
     for k in fields.keys() {
         check_key(k)?;
     }
@@ -100,24 +100,32 @@ impl Status {
     }
 }
 
-/// A session's state: its flat fields and its version.
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A session's stored state, as Redis and the audit snapshot hold it: its
+/// flat fields and its version. (The web layer's per-request handle is
+/// `web::Session`; tower-sessions calls its stored state a record too.)
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Session {
+pub struct Record {
     data: Map<String, Value>,
     version: u64,
     status: Status,
 }
 
-impl Session {
+impl Record {
     /// Folds one event into the state. Pure: the same state and event always
     /// give the same result. `_version` becomes the event's `seq`.
-    pub fn apply(&self, event: &Event) -> Session {
+    pub fn apply(&self, event: &Event) -> Record {
         let mut next = self.clone();
         next.apply_mut(event);
         next
     }
 
-    /// [`Session::apply`] in place, for folds that keep only the result.
+    /// [`Record::apply`] in place, for folds that keep only the result.
     pub fn apply_mut(&mut self, event: &Event) {
         self.version = event.seq;
         let at = Value::String(event.occurred_at.to_string());
@@ -180,10 +188,10 @@ impl Session {
     }
 
     /// Folds a whole history, oldest first. `None` for an empty history.
-    pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<Session> {
+    pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<Record> {
         let mut it = events.into_iter();
         let first = it.next()?;
-        let mut state = Session::default().apply(first);
+        let mut state = Record::default().apply(first);
         for e in it {
             state.apply_mut(e);
         }
@@ -192,8 +200,8 @@ impl Session {
 
     /// A live session from its fields and version, as a caller that already
     /// read it holds them (see [`crate::SessionStore::update_from`]).
-    pub fn from_parts(data: Map<String, Value>, version: u64) -> Session {
-        Session {
+    pub fn from_parts(data: Map<String, Value>, version: u64) -> Record {
+        Record {
             data,
             version,
             status: Status::Live,
@@ -268,13 +276,13 @@ impl Session {
     }
 
     /// Parses stored session JSON.
-    pub fn from_json(text: &str) -> Result<Session, serde_json::Error> {
+    pub fn from_json(text: &str) -> Result<Record, serde_json::Error> {
         serde_json::from_str(text)
     }
 
     /// Marks the state with a status without an event (used when reading a
     /// snapshot whose status is kept beside the JSON).
-    pub fn with_status(mut self, status: Status) -> Session {
+    pub fn with_status(mut self, status: Status) -> Record {
         self.status = status;
         self
     }
@@ -289,7 +297,7 @@ pub fn user_id_of(data: &Map<String, Value>) -> Option<String> {
     }
 }
 
-impl Serialize for Session {
+impl Serialize for Record {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(self.data.len() + 1))?;
         for (k, v) in &self.data {
@@ -300,14 +308,14 @@ impl Serialize for Session {
     }
 }
 
-impl<'de> Deserialize<'de> for Session {
+impl<'de> Deserialize<'de> for Record {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let mut data = Map::<String, Value>::deserialize(d)?;
         let version = data
             .remove("_version")
             .and_then(|v| v.as_u64())
             .ok_or_else(|| D::Error::custom("session JSON has no unsigned `_version`"))?;
-        Ok(Session {
+        Ok(Record {
             data,
             version,
             status: Status::Live,
@@ -379,7 +387,7 @@ impl Changes {
     }
 
     /// The first precondition `current` does not meet, if any.
-    pub fn stale_key(&self, current: &Session) -> Option<&str> {
+    pub(crate) fn stale_key(&self, current: &Record) -> Option<&str> {
         self.expect
             .iter()
             .find(|(k, v)| current.get(k) != v.as_ref())
@@ -392,7 +400,7 @@ impl Changes {
     }
 
     /// The first reserved key this change touches, if any.
-    pub fn reserved_key(&self) -> Option<&str> {
+    pub(crate) fn reserved_key(&self) -> Option<&str> {
         self.set
             .keys()
             .map(String::as_str)
@@ -464,7 +472,7 @@ mod tests {
                 rotated_from: None,
             },
         );
-        let s = Session::fold([&created]).expect("one event");
+        let s = Record::fold([&created]).expect("one event");
         assert_eq!(s.version(), 1);
         assert_eq!(s.user_id().as_deref(), Some("1"));
         assert_eq!(s.get("created_at"), s.get("last_activity"));
@@ -481,7 +489,7 @@ mod tests {
         assert_eq!(s.get("email"), None);
         let json = s.to_json();
         assert!(json.ends_with(r#""_version":2}"#), "{json}");
-        assert_eq!(Session::from_json(&json).expect("parses"), s);
+        assert_eq!(Record::from_json(&json).expect("parses"), s);
         let ended = s.apply(&ev(
             3,
             EventKind::Destroyed {
@@ -591,12 +599,12 @@ mod tests {
 
         #[test]
         fn fold_is_deterministic_and_sessions_round_trip(events in prop::collection::vec(event(), 1..12)) {
-            let a = Session::fold(&events).expect("non-empty");
-            let b = Session::fold(&events).expect("non-empty");
+            let a = Record::fold(&events).expect("non-empty");
+            let b = Record::fold(&events).expect("non-empty");
             prop_assert_eq!(&a, &b);
             prop_assert_eq!(a.to_json(), b.to_json());
             prop_assert_eq!(a.version(), events.last().map(|e| e.seq).unwrap_or_default());
-            let back = Session::from_json(&a.to_json()).expect("decodes");
+            let back = Record::from_json(&a.to_json()).expect("decodes");
             prop_assert_eq!(back.data(), a.data());
             prop_assert_eq!(back.version(), a.version());
             prop_assert_eq!(back.to_json(), a.to_json());

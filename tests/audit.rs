@@ -800,14 +800,14 @@ async fn all_dead_letters(db: &TestDb) -> Vec<dead_letters::Model> {
 
 /// The session folded from every event the table holds for it, in `seq`
 /// order, stopping at the first gap.
-async fn fold_of_table(db: &TestDb, id: &SessionId) -> vedfolnir_sessions::Session {
+async fn fold_of_table(db: &TestDb, id: &SessionId) -> vedfolnir_sessions::Record {
     let rows = session_events::Entity::find()
         .filter(session_events::Column::SessionId.eq(id.as_str()))
         .order_by_asc(session_events::Column::Seq)
         .all(&db.db)
         .await
         .expect("events");
-    let mut s = vedfolnir_sessions::Session::default();
+    let mut s = vedfolnir_sessions::Record::default();
     for r in rows {
         let i = vedfolnir_sessions::audit::sink::incoming_from_row(&r).expect("row");
         if i.event.seq != s.version() + 1 {

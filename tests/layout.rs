@@ -29,7 +29,7 @@ use vedfolnir_sessions::event::{Event, EventKind, SCHEMA_VERSION};
 use vedfolnir_sessions::keys::Keys;
 use vedfolnir_sessions::reaper::{Reaper, ReaperConfig};
 use vedfolnir_sessions::time::Timestamp;
-use vedfolnir_sessions::{Changes, DestroyReason, Error, NewSession, Session, SessionId, Token};
+use vedfolnir_sessions::{Changes, DestroyReason, Error, NewSession, Record, SessionId, Token};
 use vedfolnir_tests::TestContext;
 
 const MS: i64 = 1;
@@ -380,7 +380,7 @@ impl Previous {
             .arg("");
     }
 
-    async fn create(&self, user: &str) -> (SessionId, Session) {
+    async fn create(&self, user: &str) -> (SessionId, Record) {
         let id = Token::generate().session_id();
         let mut fields = Map::new();
         fields.insert("user_id".to_owned(), json!(user));
@@ -393,7 +393,7 @@ impl Previous {
                 rotated_from: None,
             },
         );
-        let s = Session::default().apply(&e);
+        let s = Record::default().apply(&e);
         let mut inv = self.invocation("create");
         inv.arg(id.as_str())
             .arg(s.to_json())
@@ -413,7 +413,7 @@ impl Previous {
     }
 
     /// An update folded on `current`; the script's first reply word.
-    async fn update(&self, id: &SessionId, current: &Session, key: &str, v: Value) -> String {
+    async fn update(&self, id: &SessionId, current: &Record, key: &str, v: Value) -> String {
         let e = Self::event(
             id,
             current.version() + 1,
@@ -520,7 +520,7 @@ async fn the_ledger_layout_and_the_previous_release_share_a_namespace() {
         .session_id;
     assert_eq!(ledger(&ctx, &b).await.as_deref(), Some("1|live|1"));
     let json: String = ctx.conn().get(ctx.session_key(&b)).await.expect("get");
-    let current = Session::from_json(&json).expect("json");
+    let current = Record::from_json(&json).expect("json");
     assert_eq!(prev.update(&b, &current, "cart", json!(2)).await, "ok");
     let s = store.get(&b).await.expect("get").expect("live");
     assert_eq!((s.version(), s.get("cart")), (2, Some(&json!(2))));
@@ -546,7 +546,7 @@ async fn the_ledger_layout_and_the_previous_release_share_a_namespace() {
             .await
             .expect("destroy")
     );
-    let current = Session::from_json(&json).expect("json");
+    let current = Record::from_json(&json).expect("json");
     assert_eq!(prev.update(&b, &current, "cart", json!(3)).await, "ended");
     assert_eq!(
         history(&ctx, &a).await,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::AsyncCommands as _;
 use serde_json::{Value, json};
 use vedfolnir_sessions::{
-    Changes, DestroyReason, Error, NewSession, Platform, Session, SessionStore, Status,
+    Changes, DestroyReason, Error, NewSession, Platform, Record, SessionStore, Status,
 };
 use vedfolnir_tests::{TestContext, Topology};
 
@@ -107,7 +107,7 @@ async fn session_json_and_stream_fields_follow_the_design(topology: Topology) {
         .iter()
         .map(|f| vedfolnir_sessions::Event::from_fields(f).expect("decodes"))
         .collect();
-    assert_eq!(Session::fold(&decoded).expect("folds").to_json(), raw);
+    assert_eq!(Record::fold(&decoded).expect("folds").to_json(), raw);
 }
 
 async fn fifty_concurrent_updates_lose_nothing(topology: Topology) {
@@ -154,7 +154,7 @@ async fn fifty_concurrent_updates_lose_nothing(topology: Topology) {
         .iter()
         .map(|f| vedfolnir_sessions::Event::from_fields(f).expect("decodes"))
         .collect();
-    assert_eq!(Session::fold(&events).expect("fold"), s);
+    assert_eq!(Record::fold(&events).expect("fold"), s);
 }
 
 async fn destroy_racing_updates_never_resurrects(topology: Topology) {
@@ -184,7 +184,7 @@ async fn destroy_racing_updates_never_resurrects(topology: Topology) {
     for t in tasks {
         match t.await.expect("join") {
             Ok(s) => ok_versions.push(s.version()),
-            Err(Error::Ended { status, .. }) => assert_eq!(status, "destroyed"),
+            Err(Error::Ended { status, .. }) => assert_eq!(status, Status::Destroyed),
             Err(e) => panic!("unexpected error {e:?}"),
         }
     }
@@ -210,7 +210,13 @@ async fn destroy_racing_updates_never_resurrects(topology: Topology) {
             .await
             .expect_err("must fail");
         assert!(
-            matches!(e, Error::Ended { ref status, .. } if status == "destroyed"),
+            matches!(
+                e,
+                Error::Ended {
+                    status: Status::Destroyed,
+                    ..
+                }
+            ),
             "{e:?}"
         );
     }

@@ -845,7 +845,7 @@ async fn session(store: &SessionStore, cmd: SessionCmd) -> Result<Value, Failure
                 None => match store.tombstone(&id).await? {
                     Some(status) => Err(Error::Ended {
                         session_id: id,
-                        status: status.as_str().to_owned(),
+                        status,
                     }
                     .into()),
                     None => Err(Error::NotFound(id).into()),

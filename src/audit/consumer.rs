@@ -189,7 +189,7 @@ impl Default for ConsumerConfig {
 }
 
 /// A consumer name unique to this process.
-pub fn unique_consumer_name() -> String {
+pub(crate) fn unique_consumer_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|h| h.trim().to_owned())
@@ -1206,7 +1206,7 @@ fn dead_letter(stream: &str, entry: &StreamId, reason: String, deliveries: u64) 
 /// The lowest id the stream must keep for `group`: its oldest pending entry,
 /// or the entry right after its last delivered one. `None` when the group is
 /// missing.
-pub async fn safe_trim_point(
+pub(crate) async fn safe_trim_point(
     conn: &mut RedisConn,
     stream: &str,
     group: &str,
@@ -1248,12 +1248,6 @@ fn min_id(a: &str, b: &str) -> String {
     } else {
         b.to_owned()
     }
-}
-
-/// True when the database refused a write because of the data itself, as
-/// opposed to its own state; see [`cause_of`], which this asks.
-pub fn is_data_error(e: &crate::error::Error) -> bool {
-    cause_of(e) == Cause::Entry
 }
 
 /// Runs one `XREADGROUP` and returns its entries.

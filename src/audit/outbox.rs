@@ -30,13 +30,13 @@ use super::entity::{fallback_events, session_events};
 use super::sink::status_of;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::session::{Session, Status};
+use crate::session::{Record, Status};
 
 /// The database's view of one session while Redis is away.
 #[derive(Debug, Clone, PartialEq)]
 pub struct View {
     /// The snapshot folded forward with the staged events, status included.
-    pub session: Session,
+    pub session: Record,
     /// When the session runs out, while it is live.
     pub deadline: Option<DateTime<Utc>>,
     /// The snapshot row, if the database has one.
@@ -49,14 +49,14 @@ pub struct View {
 
 impl View {
     /// The snapshot's `seq` (0 without a snapshot).
-    pub fn snapshot_seq(&self) -> u64 {
+    pub(crate) fn snapshot_seq(&self) -> u64 {
         self.snapshot.as_ref().map_or(0, |s| s.seq.max(0) as u64)
     }
 
     /// True when the event table holds events the snapshot has not folded:
     /// a gap (an event missing or set aside), or an audit write in progress.
     /// Such a view is not a session anyone may be served.
-    pub fn behind_the_log(&self) -> bool {
+    pub(crate) fn behind_the_log(&self) -> bool {
         self.newest_logged > self.snapshot_seq()
     }
 }
@@ -93,12 +93,12 @@ pub async fn view(
         .flatten();
     let (mut session, mut deadline) = match &snapshot {
         Some(s) => (
-            Session::from_json(&s.state)
+            Record::from_json(&s.state)
                 .map_err(|e| Error::Corrupt(format!("snapshot of {session_id}: {e}")))?
                 .with_status(status_of(s.status)),
             s.expires_at,
         ),
-        None => (Session::default().with_status(Status::Destroyed), None),
+        None => (Record::default().with_status(Status::Destroyed), None),
     };
     let mut staged = Vec::with_capacity(staged_rows.len());
     for row in &staged_rows {
@@ -124,7 +124,7 @@ pub async fn view(
 }
 
 /// The event a staged row holds.
-pub fn event_of(row: &fallback_events::Model) -> Result<Event> {
+pub(crate) fn event_of(row: &fallback_events::Model) -> Result<Event> {
     let mut fields = std::collections::HashMap::with_capacity(9);
     fields.insert("event_id".to_owned(), row.event_id.to_string());
     fields.insert("session_id".to_owned(), row.session_id.clone());
@@ -253,7 +253,7 @@ pub async fn pending(
 }
 
 /// True when any of `streams` has staged rows.
-pub async fn has_pending(db: &impl ConnectionTrait, streams: &[&str]) -> Result<bool> {
+pub(crate) async fn has_pending(db: &impl ConnectionTrait, streams: &[&str]) -> Result<bool> {
     let one: Option<i64> = fallback_events::Entity::find()
         .select_only()
         .column(fallback_events::Column::Id)
@@ -266,7 +266,7 @@ pub async fn has_pending(db: &impl ConnectionTrait, streams: &[&str]) -> Result<
 }
 
 /// True when `session_id` has staged rows.
-pub async fn has_session(db: &impl ConnectionTrait, session_id: &str) -> Result<bool> {
+pub(crate) async fn has_session(db: &impl ConnectionTrait, session_id: &str) -> Result<bool> {
     let one: Option<i64> = fallback_events::Entity::find()
         .select_only()
         .column(fallback_events::Column::Id)
@@ -302,7 +302,10 @@ pub async fn logged(db: &impl ConnectionTrait, event_id: uuid::Uuid) -> Result<b
 /// Sessions of `user_id` that the database knows live: live snapshots, and
 /// sessions created by staged events. For logging a user out everywhere
 /// while Redis cannot tell (recovering, unreachable).
-pub async fn sessions_of_user(db: &impl ConnectionTrait, user_id: &str) -> Result<Vec<String>> {
+pub(crate) async fn sessions_of_user(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+) -> Result<Vec<String>> {
     let mut ids: Vec<String> = session_snapshots::Entity::find()
         .select_only()
         .column(session_snapshots::Column::SessionId)

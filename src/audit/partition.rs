@@ -65,7 +65,7 @@ fn blank(stream: &str, now: DateTime<Utc>) -> ActiveModel {
 /// The audit consumer committed every entry of `stream` that existed at
 /// `at` and reaches Redis: records `drained_at` and clears
 /// `redis_down_since`.
-pub async fn record_drained(
+pub(crate) async fn record_drained(
     db: &impl ConnectionTrait,
     stream: &str,
     at: DateTime<Utc>,
@@ -91,7 +91,7 @@ pub async fn record_drained(
 
 /// The audit consumer cannot reach Redis since `since`: recorded unless an
 /// earlier moment already is.
-pub async fn record_redis_down(
+pub(crate) async fn record_redis_down(
     db: &impl ConnectionTrait,
     stream: &str,
     since: DateTime<Utc>,
@@ -122,7 +122,7 @@ pub async fn record_redis_down(
 /// itself. Does nothing when the database is not open. Serialized with
 /// [`open_for_writes`] by the row, so a write staged before is visible to
 /// the caller afterwards, and none is staged after.
-pub async fn reached_redis(db: &impl ConnectionTrait, stream: &str) -> Result<()> {
+pub(crate) async fn reached_redis(db: &impl ConnectionTrait, stream: &str) -> Result<()> {
     use sea_orm::sea_query::{Expr, Value};
     use sea_orm::{ColumnTrait as _, QueryFilter as _};
     let now = Utc::now();
@@ -147,7 +147,7 @@ pub async fn reached_redis(db: &impl ConnectionTrait, stream: &str) -> Result<()
 /// less than `settle` ago (then Redis is back for others, and a write staged
 /// now could diverge from theirs). Locks the row on PostgreSQL, so that it
 /// and [`reached_redis`] are serialized.
-pub async fn open_for_writes(
+pub(crate) async fn open_for_writes(
     txn: &impl ConnectionTrait,
     stream: &str,
     settle: chrono::Duration,
@@ -183,7 +183,11 @@ pub async fn open_for_writes(
 }
 
 /// Records `epoch` as the Redis data set this database knows complete.
-pub async fn record_epoch(db: &impl ConnectionTrait, stream: &str, epoch: &str) -> Result<()> {
+pub(crate) async fn record_epoch(
+    db: &impl ConnectionTrait,
+    stream: &str,
+    epoch: &str,
+) -> Result<()> {
     let now = Utc::now();
     let mut row = blank(stream, now);
     row.redis_epoch = Set(Some(epoch.to_owned()));
@@ -201,7 +205,7 @@ pub async fn record_epoch(db: &impl ConnectionTrait, stream: &str, epoch: &str) 
 
 /// Records `epoch` only when the database knows no epoch for `stream` yet (a
 /// fresh namespace); returns the epoch the database holds afterwards.
-pub async fn adopt_epoch(
+pub(crate) async fn adopt_epoch(
     db: &impl ConnectionTrait,
     stream: &str,
     epoch: &str,

@@ -3,7 +3,7 @@
 //!
 //! [`rebuild`] reads the event table once, in `(session_id, seq)` order and
 //! pages of [`PAGE`] rows (keyset pagination, so a page never re-reads), folds
-//! each session with the one fold ([`Session::apply_mut`]) for as long as its
+//! each session with the one fold ([`Record::apply_mut`]) for as long as its
 //! seqs are contiguous from 1, and writes the snapshots in batches,
 //! overwriting whatever was there (a damaged row, a lost one, one ahead of
 //! its log). A session whose history has a gap is folded up to the gap and
@@ -24,7 +24,7 @@ use super::entity::session_snapshots;
 use super::sink::{snapshot_status, stream_id_millis};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, SCHEMA_VERSION};
-use crate::session::{Session, Status};
+use crate::session::{Record, Status};
 use crate::time::Timestamp;
 
 /// Event rows read per page.
@@ -57,7 +57,7 @@ pub struct RebuildSummary {
 /// One session being folded.
 struct Folding {
     session_id: String,
-    state: Session,
+    state: Record,
     user_id: Option<String>,
     /// The deadline base of the last event that left the session live.
     live_base: Option<DateTime<Utc>>,
@@ -68,7 +68,7 @@ impl Folding {
     fn new(session_id: String) -> Self {
         Folding {
             session_id,
-            state: Session::default(),
+            state: Record::default(),
             user_id: None,
             live_base: None,
             gap: false,

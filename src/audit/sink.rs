@@ -21,7 +21,7 @@
 //!    letter whose reason names the id, and so does an `event_id` that
 //!    appears twice in one batch with different content;
 //! 4. folds each touched session forward with the one fold
-//!    ([`Session::apply`]) from what the table holds: from its snapshot when
+//!    ([`Record::apply`]) from what the table holds: from its snapshot when
 //!    the batch continues it, from the session's events otherwise (out of
 //!    order, a gap filled, an unreadable snapshot row, which is rebuilt from
 //!    the log rather than blamed on the incoming events); a fold stops at a
@@ -79,7 +79,7 @@ use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::id::SessionId;
 use crate::lease::Fence;
-use crate::session::{Session, Status};
+use crate::session::{Record, Status};
 
 /// Rows per multi-row insert: 12 columns × 1000 stays well under both
 /// SQLite's 32766 and PostgreSQL's 65535 bind parameters.
@@ -105,7 +105,7 @@ pub const FENCED_IDLE_FLOOR: Duration = Duration::from_secs(5);
 /// [`FENCED_IDLE_FLOOR`]. Fencing does not depend on it (a stale token never
 /// commits); it bounds how long a stopped worker's locks hold up its
 /// successor.
-pub fn fenced_idle_timeout(ttl: Duration) -> Duration {
+pub(crate) fn fenced_idle_timeout(ttl: Duration) -> Duration {
     ttl.max(FENCED_IDLE_FLOOR)
 }
 
@@ -133,7 +133,7 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// The session and `seq` the raw fields name, when they are valid ones:
     /// where the entry leaves a gap.
-    pub fn session_and_seq(&self) -> (Option<String>, Option<i64>) {
+    pub(crate) fn session_and_seq(&self) -> (Option<String>, Option<i64>) {
         let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&self.fields) else {
             return (None, None);
         };
@@ -182,7 +182,7 @@ impl DeadLetter {
 
 /// `text` without NUL characters, which PostgreSQL cannot store in text:
 /// each is written as the JSON escape `\u0000`.
-pub fn storable_text(text: &str) -> String {
+pub(crate) fn storable_text(text: &str) -> String {
     text.replace('\0', "\\u0000")
 }
 
@@ -815,13 +815,13 @@ impl AuditSink {
                     );
                     behind.push(Behind {
                         sid,
-                        state: Session::default(),
+                        state: Record::default(),
                         from: 0,
                         repair: true,
                     });
                     continue;
                 }
-                None => (Session::default(), 0),
+                None => (Record::default(), 0),
             };
             let pending: Vec<&Incoming> =
                 events.into_iter().filter(|i| i.event.seq > from).collect();
@@ -854,7 +854,7 @@ impl AuditSink {
     fn fold_run<'a>(
         &self,
         sid: &str,
-        mut state: Session,
+        mut state: Record,
         run: impl IntoIterator<Item = &'a Incoming>,
         now: DateTime<Utc>,
     ) -> (Option<session_snapshots::Model>, bool) {
@@ -949,9 +949,9 @@ impl AuditSink {
 }
 
 /// A snapshot row's state and `seq`, or why it cannot be used.
-fn readable(loaded: &Loaded) -> std::result::Result<(Session, u64), String> {
+fn readable(loaded: &Loaded) -> std::result::Result<(Record, u64), String> {
     let s = loaded.as_ref().map_err(Clone::clone)?;
-    let state = Session::from_json(&s.state).map_err(|e| format!("state: {e}"))?;
+    let state = Record::from_json(&s.state).map_err(|e| format!("state: {e}"))?;
     if s.seq < 1 || state.version() != s.seq as u64 {
         return Err(format!(
             "seq {} but the state says version {}",
@@ -972,7 +972,7 @@ struct Plan<'a> {
 /// A session whose snapshot must be folded from the table.
 struct Behind<'a> {
     sid: &'a str,
-    state: Session,
+    state: Record,
     from: u64,
     /// Its snapshot row cannot be read: replace it.
     repair: bool,
@@ -1106,7 +1106,7 @@ pub(crate) fn fields_json(e: &Event) -> String {
 }
 
 /// The snapshot column's value for a fold status.
-pub fn snapshot_status(s: Status) -> SnapshotStatus {
+pub(crate) fn snapshot_status(s: Status) -> SnapshotStatus {
     match s {
         Status::Live => SnapshotStatus::Live,
         Status::Destroyed => SnapshotStatus::Destroyed,
@@ -1171,7 +1171,7 @@ mod tests {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredSession {
     /// The folded state, with its status.
-    pub session: Session,
+    pub session: Record,
     /// When it runs out, for live sessions.
     pub expires_at: Option<DateTime<Utc>>,
 }
@@ -1184,7 +1184,7 @@ impl AuditSink {
             .await?;
         row.map(|r| {
             Ok(StoredSession {
-                session: Session::from_json(&r.state)
+                session: Record::from_json(&r.state)
                     .map_err(|e| Error::Corrupt(format!("snapshot of {session_id}: {e}")))?
                     .with_status(status_of(r.status)),
                 expires_at: r.expires_at,

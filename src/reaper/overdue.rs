@@ -54,7 +54,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, SCHEMA_VERSION};
 use crate::id::SessionId;
 use crate::recovery::layout;
-use crate::session::Session;
+use crate::session::Record;
 use crate::store::SessionStore;
 use crate::store::script::Shape;
 use crate::time::Timestamp;
@@ -334,7 +334,7 @@ impl OverdueSweeper {
                 snapshot.seq
             )));
         }
-        let state = Session::from_json(&snapshot.state)
+        let state = Record::from_json(&snapshot.state)
             .map_err(|e| Error::Corrupt(format!("snapshot of {id}: {e}")))?;
         let occurred_at = Timestamp::now();
         let event = Event {

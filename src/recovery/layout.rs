@@ -74,7 +74,7 @@ impl Ledger {
     }
 
     /// True while the ledger says the session lives.
-    pub fn live(&self) -> bool {
+    pub(crate) fn live(&self) -> bool {
         self.status == "live"
     }
 }
@@ -103,7 +103,7 @@ pub(crate) struct RedisView {
 impl RedisView {
     /// Whether the session is in `user`'s index; `None` when that index was
     /// not read.
-    pub fn in_user_index(&self, user: &str) -> Option<bool> {
+    pub(crate) fn in_user_index(&self, user: &str) -> Option<bool> {
         self.users
             .iter()
             .find(|(u, _)| u == user)
@@ -111,7 +111,7 @@ impl RedisView {
     }
 
     /// When the key runs out (Redis's clock, ms), if it has a TTL.
-    pub fn key_deadline(&self) -> Option<i64> {
+    pub(crate) fn key_deadline(&self) -> Option<i64> {
         (self.pttl > 0).then(|| self.now_ms + self.pttl)
     }
 }
@@ -414,7 +414,7 @@ pub(crate) async fn reindex(
     };
     // The user whose index holds the inspected state.
     let old_user = inspected
-        .and_then(|j| crate::session::Session::from_json(j).ok())
+        .and_then(|j| crate::session::Record::from_json(j).ok())
         .and_then(|s| s.user_id())
         .unwrap_or_default();
     let mut inv = invocation(keys, shape, "reindex");

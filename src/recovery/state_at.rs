@@ -22,7 +22,7 @@ use crate::audit::entity::{session_events, session_snapshots};
 use crate::audit::sink::incoming_from_row;
 use crate::error::Result;
 use crate::event::Event;
-use crate::session::Session;
+use crate::session::Record;
 
 /// One session as it was at an instant.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -170,16 +170,14 @@ pub async fn session_known(db: &impl ConnectionTrait, session_id: &str) -> Resul
 }
 
 /// Folds events from seq 1 for as long as they are contiguous.
-pub(super) fn fold_contiguous(events: &[Event]) -> Option<Session> {
+pub(super) fn fold_contiguous(events: &[Event]) -> Option<Record> {
     fold_run(events.iter()).map(|(s, _)| s)
 }
 
 /// Folds events (in `seq` order) from seq 1 for as long as they are
 /// contiguous; the state and how many events it took.
-pub(super) fn fold_run<'a>(
-    events: impl IntoIterator<Item = &'a Event>,
-) -> Option<(Session, usize)> {
-    let mut state: Option<Session> = None;
+pub(super) fn fold_run<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<(Record, usize)> {
+    let mut state: Option<Record> = None;
     let mut n = 0;
     for e in events {
         let next_seq = state.as_ref().map_or(1, |s| s.version() + 1);

@@ -77,7 +77,7 @@ use crate::conn::RedisConn;
 use crate::error::Result;
 use crate::id::SessionId;
 use crate::reaper::{OverdueConfig, OverdueSweeper, Settled};
-use crate::session::{Session, Status};
+use crate::session::{Record, Status};
 use crate::store::SessionStore;
 use crate::store::script::Shape;
 
@@ -766,7 +766,7 @@ impl Checker<'_> {
     fn folded_snapshot(
         &self,
         id: &str,
-        state: &Session,
+        state: &Record,
         run: &[(Incoming, DateTime<Utc>)],
         known: Option<&session_snapshots::Model>,
     ) -> session_snapshots::Model {
@@ -815,7 +815,7 @@ impl Checker<'_> {
         j: &mut Judgement,
         id: &str,
         db: &DbView,
-        history: Option<&Session>,
+        history: Option<&Record>,
         run: &[(Incoming, DateTime<Utc>)],
     ) -> Option<LogView> {
         let now = Utc::now();
@@ -827,7 +827,7 @@ impl Checker<'_> {
                 None,
             );
         }
-        let hv = history.map_or(0, Session::version);
+        let hv = history.map_or(0, Record::version);
         let gap = db.events.get(run.len());
         if let Some((after, recorded_at)) = gap {
             let missing = hv + 1;
@@ -905,7 +905,7 @@ impl Checker<'_> {
         log: Option<&LogView>,
     ) {
         j.counted = true;
-        let session = match Session::from_json(json) {
+        let session = match Record::from_json(json) {
             Ok(s) => s,
             Err(e) => {
                 j.problem(
@@ -1086,10 +1086,10 @@ impl Checker<'_> {
     }
 
     /// Fills in the versions and the fingerprint of a judgement.
-    fn finish(&self, mut j: Judgement, look: &Look, history: Option<&Session>) -> Judgement {
+    fn finish(&self, mut j: Judgement, look: &Look, history: Option<&Record>) -> Judgement {
         let r = &look.redis;
         j.snapshot_version = look.db.snapshot.as_ref().map(|s| s.seq as u64);
-        j.history_version = history.map(Session::version);
+        j.history_version = history.map(Record::version);
         let mut users: Vec<String> = r.users.iter().map(|(u, _)| u.clone()).collect();
         if let Some(u) = &j.reinspect_user
             && !users.contains(u)

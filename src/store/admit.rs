@@ -20,11 +20,11 @@
 use chrono::{DateTime, Utc};
 
 use crate::audit::outbox::View;
-use crate::session::{Session, Status};
+use crate::session::{Record, Status};
 
 /// The session a database view may be served as, under the rule above
 /// (Redis's half is checked by `restore`).
-pub(crate) fn admit(view: &View, now: DateTime<Utc>) -> Option<Session> {
+pub(crate) fn admit(view: &View, now: DateTime<Utc>) -> Option<Record> {
     let refused = if view.session.status() != Status::Live {
         "it has ended"
     } else if view.deadline.is_none_or(|d| d <= now) {
@@ -52,7 +52,7 @@ mod tests {
     fn view(status: SnapshotStatus, deadline_in: i64, newest_logged: u64) -> View {
         let now = Utc::now();
         let state = r#"{"user_id":1,"_version":3}"#;
-        let session = Session::from_json(state)
+        let session = Record::from_json(state)
             .expect("json")
             .with_status(crate::audit::sink::status_of(status));
         View {

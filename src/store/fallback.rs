@@ -44,7 +44,7 @@ use crate::error::{Error, Result};
 use crate::event::{DestroyReason, Event, EventKind};
 use crate::id::SessionId;
 use crate::keys::Keys;
-use crate::session::{Session, Status};
+use crate::session::{Record, Status};
 
 /// A store that has not talked to Redis for this long checks the database
 /// for staged events before it serves from Redis again: a pause may hide an
@@ -62,7 +62,7 @@ const TRUST_FOR: Duration = Duration::from_millis(250);
 /// as the audit database's pool waits for a connection. A database that
 /// answers (even slowly, or after a lock wait) gets every event before the
 /// mutation returns; one that does not costs each mutation this long, once.
-pub const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a synchronous audit write waits while the last one failed.
 const SYNC_TIMEOUT_FAILING: Duration = Duration::from_millis(250);
@@ -186,7 +186,7 @@ impl SessionStore {
         &self,
         id: &SessionId,
         redis_err: Error,
-    ) -> Result<Option<Session>> {
+    ) -> Result<Option<Record>> {
         let part = self.keys.for_session(id);
         if !Box::pin(self.database_current(part)).await {
             tracing::warn!(
@@ -541,14 +541,14 @@ impl SessionStore {
             };
             let base = match (&current, &staged.kind) {
                 (Some(c), _) => c.clone(),
-                (None, EventKind::Created { .. }) => Session::default(),
+                (None, EventKind::Created { .. }) => Record::default(),
                 (None, _) => {
                     // Redis lacks the session: bring its database state back
                     // first (under the one rule), or log the event after
                     // the end when the session has ended everywhere.
                     match self.restore_base(db, &id, &staged).await? {
                         Base::Restored => continue,
-                        Base::EndedInRedis => Session::default().with_status(Status::Destroyed),
+                        Base::EndedInRedis => Record::default().with_status(Status::Destroyed),
                         Base::Waiting => return Ok(Projected::Waiting),
                         Base::Gone => return self.log_after_end(db, &id, staged, ends).await,
                     }
@@ -710,7 +710,7 @@ impl SessionStore {
         }
         let part = self.keys.for_session(id);
         let tomb_ms = self.config.tombstone_ttl.as_millis() as u64;
-        let mut behind: Option<Session> = None;
+        let mut behind: Option<Record> = None;
         loop {
             let mut inv = script::invocation(part, self.shape(), "restore");
             let args = script::Restore {

@@ -1,6 +1,6 @@
 //! The session store: the write path and the read path over Redis.
 //!
-//! Every mutation folds the event in Rust ([`Session::apply`]), then runs one
+//! Every mutation folds the event in Rust ([`Record::apply`]), then runs one
 //! invocation of `src/lua/session.lua`, which checks the expected version and
 //! the tombstone, appends the event to the stream and stores the folded JSON
 //! (or deletes it and leaves a tombstone), and keeps the user and expiry
@@ -42,7 +42,7 @@ use crate::conn::{ConnOptions, RedisConn};
 use crate::error::{Error, Result};
 use crate::id::{SessionId, Token};
 use crate::keys::KeySpace;
-use crate::session::{Session, Status};
+use crate::session::{Record, Status};
 
 #[cfg(feature = "audit")]
 pub use fallback::{CATCH_UP_AFTER, ProjectionSummary};
@@ -220,7 +220,7 @@ impl SessionStore {
 
     /// The session behind a cookie token, with sliding expiry (see
     /// [`SessionStore::load`]).
-    pub async fn load_by_token(&self, token: &Token) -> Result<Option<Session>> {
+    pub async fn load_by_token(&self, token: &Token) -> Result<Option<Record>> {
         self.load(&token.session_id()).await
     }
 
@@ -229,9 +229,9 @@ impl SessionStore {
     /// the TTL); inside the interval it writes nothing. A missing, expired or
     /// destroyed session is `None`.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
-    pub async fn load(&self, id: &SessionId) -> Result<Option<Session>> {
+    pub async fn load(&self, id: &SessionId) -> Result<Option<Record>> {
         let started = std::time::Instant::now();
-        let result: Result<Option<Session>> = async {
+        let result: Result<Option<Record>> = async {
             let Some(session) = self.get(id).await? else {
                 return Ok(None);
             };
@@ -255,7 +255,7 @@ impl SessionStore {
 
     /// Reads a session with one `GET` and never writes (but see the type's
     /// docs for what happens while Redis is unreachable or recovering).
-    pub async fn get(&self, id: &SessionId) -> Result<Option<Session>> {
+    pub async fn get(&self, id: &SessionId) -> Result<Option<Record>> {
         self.catch_up().await;
         #[cfg(feature = "audit")]
         if let Err(e) = self.settle(id).await {
@@ -296,7 +296,7 @@ impl SessionStore {
     }
 
     /// True when the session's last activity is at least one touch interval old.
-    pub fn touch_due(&self, session: &Session) -> bool {
+    pub fn touch_due(&self, session: &Record) -> bool {
         match session.last_activity() {
             Some(t) => {
                 let age = chrono::Utc::now().signed_duration_since(t.datetime());
@@ -333,7 +333,7 @@ impl SessionStore {
     /// Live sessions of one user, oldest first.
     /// Across partitions this reads each partition's index in turn (not one
     /// atomic snapshot).
-    pub async fn user_sessions(&self, user_id: &str) -> Result<Vec<(SessionId, Session)>> {
+    pub async fn user_sessions(&self, user_id: &str) -> Result<Vec<(SessionId, Record)>> {
         let mut out = Vec::new();
         for (id, created, json) in self.user_index(user_id).await? {
             if let Some(json) = json {
@@ -481,7 +481,7 @@ impl SessionStore {
 /// keys, indexes or the event stream. The product requires `noeviction` or a
 /// `volatile-*` policy (which only evicts keys with a TTL: sessions that would
 /// expire anyway, never the stream or the indexes).
-pub fn eviction_warning(policy: &str) -> Option<String> {
+pub(crate) fn eviction_warning(policy: &str) -> Option<String> {
     policy.starts_with("allkeys-").then(|| {
         format!(
             "maxmemory-policy is {policy}: Redis may evict the event stream and indexes; \
@@ -490,8 +490,8 @@ pub fn eviction_warning(policy: &str) -> Option<String> {
     })
 }
 
-fn parse_session(id: &SessionId, json: &str) -> Result<Session> {
-    Session::from_json(json).map_err(|e| Error::Corrupt(format!("session {id}: {e}")))
+fn parse_session(id: &SessionId, json: &str) -> Result<Record> {
+    Record::from_json(json).map_err(|e| Error::Corrupt(format!("session {id}: {e}")))
 }
 
 /// Operator statistics.

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::event::{DestroyReason, Event, EventKind, Incoming, Platform, SCHEMA_VERSION};
 use crate::id::{SessionId, Token};
 use crate::keys::Keys;
-use crate::session::{Changes, NewSession, RESERVED_KEYS, Session, user_id_of};
+use crate::session::{Changes, NewSession, RESERVED_KEYS, Record, user_id_of};
 use crate::time::Timestamp;
 
 /// A new session: the token for the cookie (returned once, never stored), its
@@ -41,7 +41,7 @@ pub struct Created {
     /// `hex(SHA-256(token))`.
     pub session_id: SessionId,
     /// The session as stored.
-    pub session: Session,
+    pub session: Record,
     /// Sessions destroyed with reason `evicted`.
     pub evicted: Vec<SessionId>,
 }
@@ -157,7 +157,7 @@ enum Written {
     #[cfg(feature = "audit")]
     Database,
     /// The version moved on; the current state when the session still lives.
-    Conflict(Session),
+    Conflict(Record),
     /// Fold again on a fresh read (the database's view moved on).
     #[cfg(feature = "audit")]
     Reread,
@@ -187,7 +187,7 @@ impl SessionStore {
         self.config.tombstone_ttl.as_millis() as u64
     }
 
-    fn checked_json(&self, session: &Session) -> Result<String> {
+    fn checked_json(&self, session: &Record) -> Result<String> {
         let json = session.to_json();
         if json.len() > self.config.max_bytes {
             return Err(Error::TooLarge {
@@ -204,7 +204,7 @@ impl SessionStore {
         match Box::pin(self.tombstone(id)).await {
             Ok(Some(status)) => Error::Ended {
                 session_id: id.clone(),
-                status: status.as_str().to_owned(),
+                status,
             },
             Ok(None) => Error::NotFound(id.clone()),
             Err(e) => e,
@@ -316,7 +316,7 @@ impl SessionStore {
     async fn create_inner(
         &self,
         fields: Map<String, Value>,
-        rotated_from: Option<(SessionId, Session, DestroyReason)>,
+        rotated_from: Option<(SessionId, Record, DestroyReason)>,
     ) -> Result<Created> {
         if let Some(k) = fields.keys().find(|k| RESERVED_KEYS.contains(&k.as_str())) {
             return Err(Error::InvalidInput(format!(
@@ -354,7 +354,7 @@ impl SessionStore {
                     rotated_from: rotated_from.as_ref().map(|r| r.0.clone()),
                 },
             );
-            let session = Session::default().apply(&created);
+            let session = Record::default().apply(&created);
             let json = self.checked_json(&session)?;
             let spare_ids = ids(spare);
             let part = self.keys.for_session(&id);
@@ -486,8 +486,8 @@ impl SessionStore {
     async fn write_once(
         &self,
         id: &SessionId,
-        current: &Session,
-        next: &Session,
+        current: &Record,
+        next: &Record,
         event: &Event,
         meta: &Meta,
     ) -> Result<Written> {
@@ -542,9 +542,9 @@ impl SessionStore {
     async fn write(
         &self,
         id: &SessionId,
-        mut current: Session,
-        change: impl Fn(&Session) -> Result<EventKind>,
-    ) -> Result<Session> {
+        mut current: Record,
+        change: impl Fn(&Record) -> Result<EventKind>,
+    ) -> Result<Record> {
         let attempts = self.config.max_retries.max(1);
         let mut brought_back = false;
         for attempt in 1..=attempts {
@@ -588,7 +588,7 @@ impl SessionStore {
         })
     }
 
-    async fn current(&self, id: &SessionId) -> Result<Session> {
+    async fn current(&self, id: &SessionId) -> Result<Record> {
         match self.get(id).await? {
             Some(s) => Ok(s),
             None => Err(self.missing(id).await),
@@ -601,7 +601,7 @@ impl SessionStore {
     /// survive; a change whose preconditions (`changes.expect`) a concurrent
     /// write broke is refused with [`Error::StaleRead`].
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
-    pub async fn update(&self, id: &SessionId, changes: Changes) -> Result<Session> {
+    pub async fn update(&self, id: &SessionId, changes: Changes) -> Result<Record> {
         let started = std::time::Instant::now();
         let result = match self.current(id).await {
             Ok(current) => self.update_in(id, current, changes).await,
@@ -620,9 +620,9 @@ impl SessionStore {
     pub async fn update_from(
         &self,
         id: &SessionId,
-        current: Session,
+        current: Record,
         changes: Changes,
-    ) -> Result<Session> {
+    ) -> Result<Record> {
         let started = std::time::Instant::now();
         self.catch_up().await;
         let result = self.update_in(id, current, changes).await;
@@ -630,12 +630,7 @@ impl SessionStore {
         result
     }
 
-    async fn update_in(
-        &self,
-        id: &SessionId,
-        current: Session,
-        changes: Changes,
-    ) -> Result<Session> {
+    async fn update_in(&self, id: &SessionId, current: Record, changes: Changes) -> Result<Record> {
         if let Some(k) = changes.reserved_key() {
             return Err(Error::InvalidInput(format!(
                 "`{k}` is maintained by the store"
@@ -669,7 +664,7 @@ impl SessionStore {
         id: &SessionId,
         key: &str,
         f: impl Fn(Option<&Value>) -> Result<Option<Value>>,
-    ) -> Result<Session> {
+    ) -> Result<Record> {
         let started = std::time::Instant::now();
         let result = match self.current(id).await {
             Ok(current) => self.modify_in(id, current, key, f).await,
@@ -684,10 +679,10 @@ impl SessionStore {
     pub async fn modify_from(
         &self,
         id: &SessionId,
-        current: Session,
+        current: Record,
         key: &str,
         f: impl Fn(Option<&Value>) -> Result<Option<Value>>,
-    ) -> Result<Session> {
+    ) -> Result<Record> {
         let started = std::time::Instant::now();
         self.catch_up().await;
         let result = self.modify_in(id, current, key, f).await;
@@ -698,10 +693,10 @@ impl SessionStore {
     async fn modify_in(
         &self,
         id: &SessionId,
-        current: Session,
+        current: Record,
         key: &str,
         f: impl Fn(Option<&Value>) -> Result<Option<Value>>,
-    ) -> Result<Session> {
+    ) -> Result<Record> {
         if RESERVED_KEYS.contains(&key) {
             return Err(Error::InvalidInput(format!(
                 "`{key}` is maintained by the store"
@@ -735,19 +730,19 @@ impl SessionStore {
     pub async fn increment_from(
         &self,
         id: &SessionId,
-        current: Session,
+        current: Record,
         key: &str,
         by: i64,
-    ) -> Result<Session> {
+    ) -> Result<Record> {
         self.modify_from(id, current, key, |v| increment_value(key, v, by))
             .await
     }
 
     /// Appends a `touched` event now, refreshing `last_activity` and the TTL.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
-    pub async fn touch(&self, id: &SessionId) -> Result<Session> {
+    pub async fn touch(&self, id: &SessionId) -> Result<Record> {
         let started = std::time::Instant::now();
-        let result: Result<Session> = async {
+        let result: Result<Record> = async {
             let current = self.current(id).await?;
             self.touch_at(id, current).await
         }
@@ -758,7 +753,7 @@ impl SessionStore {
 
     /// Touch with one attempt: a conflict means another write just refreshed
     /// the session, which is all a touch wants.
-    pub(super) async fn touch_at(&self, id: &SessionId, current: Session) -> Result<Session> {
+    pub(super) async fn touch_at(&self, id: &SessionId, current: Record) -> Result<Record> {
         let meta = Meta::now();
         let kind = EventKind::Touched {
             last_activity: meta.occurred_at,
@@ -796,9 +791,9 @@ impl SessionStore {
     /// Moves the session to another platform connection: one
     /// `platform_switched` event.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
-    pub async fn switch_platform(&self, id: &SessionId, platform: Platform) -> Result<Session> {
+    pub async fn switch_platform(&self, id: &SessionId, platform: Platform) -> Result<Record> {
         let started = std::time::Instant::now();
-        let result: Result<Session> = async {
+        let result: Result<Record> = async {
             let current = self.current(id).await?;
             self.write(id, current, |_| {
                 Ok(EventKind::PlatformSwitched(platform.clone()))

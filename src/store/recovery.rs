@@ -36,7 +36,7 @@ use crate::audit::{outbox, partition};
 use crate::error::Result;
 use crate::id::SessionId;
 use crate::keys::Keys;
-use crate::session::Session;
+use crate::session::Record;
 
 /// How long a "recovering" answer is remembered, so that a burst of misses
 /// during a recovery costs one database read, not one each.
@@ -187,7 +187,7 @@ impl SessionStore {
 
     /// During recovery: the session from the database, put back into Redis
     /// under the one rule, then read from Redis (which has the last word).
-    pub(super) async fn restore_on_read(&self, id: &SessionId) -> Result<Option<Session>> {
+    pub(super) async fn restore_on_read(&self, id: &SessionId) -> Result<Option<Record>> {
         let Some(view) = self.fallback_view(id).await? else {
             return Ok(None);
         };

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::id::SessionId;
 use crate::keys::Keys;
 #[cfg(feature = "audit")]
-use crate::session::Session;
+use crate::session::Record;
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/session.lua")));
 
@@ -107,7 +107,7 @@ pub(crate) struct Restore<'a> {
     pub deadline_ms: i64,
     pub tomb_ms: u64,
     /// The older state Redis holds, when a first call answered `behind`.
-    pub behind: Option<&'a Session>,
+    pub behind: Option<&'a Record>,
 }
 
 #[cfg(feature = "audit")]

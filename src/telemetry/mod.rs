@@ -21,7 +21,7 @@ use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags, TraceS
 /// OpenTelemetry trace. With the feature `tracing-opentelemetry` the
 /// current span is the `tracing` span's OpenTelemetry context; without it,
 /// the OpenTelemetry context attached to the running task.
-pub fn current_traceparent() -> Option<String> {
+pub(crate) fn current_traceparent() -> Option<String> {
     #[cfg(feature = "tracing-opentelemetry")]
     let cx = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
     #[cfg(not(feature = "tracing-opentelemetry"))]
@@ -198,7 +198,7 @@ pub fn metrics() -> &'static Metrics {
 }
 
 /// Records one store operation: its outcome and its latency.
-pub fn record_operation<T>(op: &'static str, started: Instant, result: &crate::Result<T>) {
+pub(crate) fn record_operation<T>(op: &'static str, started: Instant, result: &crate::Result<T>) {
     let outcome = match result {
         Ok(_) => "ok",
         Err(crate::Error::Conflict { .. }) => "conflict",

@@ -69,7 +69,7 @@ use crate::error::Error;
 use crate::event::DestroyReason;
 use crate::id::SessionId;
 use crate::session::Changes;
-use crate::session::{NewSession, RESERVED_KEYS, Session as Stored};
+use crate::session::{NewSession, RESERVED_KEYS, Record as Stored};
 use crate::store::SessionStore;
 use crate::time::Timestamp;
 

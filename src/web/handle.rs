@@ -28,7 +28,7 @@ use super::fingerprint::FINGERPRINT_KEY;
 use super::layer::Shared;
 use crate::event::{DestroyReason, Platform};
 use crate::id::{SessionId, Token};
-use crate::session::{Changes, NewSession, RESERVED_KEYS, Session as Stored, user_id_of};
+use crate::session::{Changes, NewSession, RESERVED_KEYS, Record, user_id_of};
 use crate::store::Created;
 
 /// What the response does with the cookie.
@@ -85,7 +85,7 @@ impl State {
     pub(crate) fn loaded(
         token: Token,
         id: SessionId,
-        session: &Stored,
+        session: &Record,
         fingerprint: Option<String>,
     ) -> Self {
         State {
@@ -123,7 +123,7 @@ impl State {
 
     /// Takes a newer stored state as the base, keeping the handler's pending
     /// changes on top of it.
-    pub(crate) fn rebase(&mut self, session: &Stored) {
+    pub(crate) fn rebase(&mut self, session: &Record) {
         let pending = Changes::between(&self.base, &self.data);
         self.base = session.data().clone();
         self.data = self.base.clone();
@@ -327,7 +327,7 @@ impl Session {
     }
 
     /// Adds `by` to an integer field (absent counts as 0) and returns the new
-    /// value. Stored at once, atomically, and re-applied on the current
+    /// value. Record at once, atomically, and re-applied on the current
     /// value if another request changed the session meanwhile: concurrent
     /// increments are never lost. An anonymous request gets a session.
     pub async fn increment(&self, key: &str, by: i64) -> Result<i64, SessionError> {
@@ -349,7 +349,7 @@ impl Session {
 
     /// Changes one field with a function of its current value (`None` when
     /// absent; returning `None` removes it) and returns the stored value.
-    /// Stored at once; the function runs again on the current value if
+    /// Record at once; the function runs again on the current value if
     /// another request changed the session meanwhile, so nothing is lost.
     pub async fn modify(
         &self,
@@ -369,7 +369,7 @@ impl Session {
         }
         let (id, current) = {
             let s = self.lock();
-            (s.id.clone(), Stored::from_parts(s.base.clone(), s.version))
+            (s.id.clone(), Record::from_parts(s.base.clone(), s.version))
         };
         let store = &self.shared.store;
         match id {
@@ -636,7 +636,7 @@ mod tests {
         s.base = map(json!({"a": 1, "b": 2}));
         s.data = map(json!({"a": 5, "b": 2}));
         let newer =
-            Stored::from_json(r#"{"a":1,"b":3,"platform_name":"P","_version":7}"#).expect("json");
+            Record::from_json(r#"{"a":1,"b":3,"platform_name":"P","_version":7}"#).expect("json");
         s.rebase(&newer);
         assert_eq!(s.data, map(json!({"a": 5, "b": 3, "platform_name": "P"})));
         assert_eq!(s.version, 7);

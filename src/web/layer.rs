@@ -46,7 +46,7 @@ use crate::config::{CookieConfig, SameSite};
 use crate::error::Error;
 use crate::event::DestroyReason;
 use crate::id::SessionId;
-use crate::session::{Changes, NewSession, Session as Stored};
+use crate::session::{Changes, NewSession, Record};
 use crate::store::SessionStore;
 use crate::time::Timestamp;
 
@@ -75,7 +75,7 @@ impl Shared {
         &self,
         _id: &SessionId,
         err: Error,
-    ) -> Result<Option<Stored>, SessionError> {
+    ) -> Result<Option<Record>, SessionError> {
         Err(SessionError::Unavailable(err))
     }
 
@@ -327,7 +327,7 @@ async fn commit(shared: &Shared, session: &Session, res: Response) -> Response {
     }
     enum Plan {
         Nothing,
-        Update(SessionId, crate::session::Session, crate::session::Changes),
+        Update(SessionId, crate::session::Record, crate::session::Changes),
         Create(serde_json::Map<String, Value>),
     }
     let plan = {
@@ -350,7 +350,7 @@ async fn commit(shared: &Shared, session: &Session, res: Response) -> Response {
                     // What the handler read must not have changed meanwhile.
                     changes.expect = s.expectations();
                     // The state this request read: no need to read it again.
-                    let current = crate::session::Session::from_parts(s.base.clone(), s.version);
+                    let current = crate::session::Record::from_parts(s.base.clone(), s.version);
                     Plan::Update(id.clone(), current, changes)
                 }
             }

@@ -293,3 +293,27 @@ fn unlink_namespace_on(url: &str, namespace: &str) {
     // A cluster replica refuses (READONLY); its primary deletes the keys.
     let _: redis::RedisResult<()> = pipe.query(&mut conn);
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every `tests/*.rs` is a `[[test]]` of this package (they are listed
+    /// by hand, so a new file would otherwise never run).
+    #[test]
+    fn every_test_file_is_listed() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("Cargo.toml");
+        let mut files = 0;
+        for entry in std::fs::read_dir(dir).expect("tests/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                let file = path.file_name().and_then(|f| f.to_str()).expect("name");
+                assert!(
+                    manifest.contains(&format!("path = \"{file}\"")),
+                    "tests/{file} is not a [[test]] in tests/Cargo.toml"
+                );
+                files += 1;
+            }
+        }
+        assert!(files > 10, "only {files} test files found");
+    }
+}

@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::audit::entity::{dead_letters, session_events, session_snapshots};
-use vedfolnir_sessions::{Changes, NewSession, Session, SessionId, SessionStore};
+use vedfolnir_sessions::{Changes, NewSession, Record, SessionId, SessionStore};
 use vedfolnir_tests::TestContext;
 use vedfolnir_tests::db::{Backend, TestDb, pg_base_url};
 
@@ -919,7 +919,7 @@ async fn someone_waits_for_a_lock(db: &DatabaseConnection) -> bool {
 }
 
 /// The session folded from the events the table holds, in `seq` order.
-async fn fold_of_table(db: &DatabaseConnection, id: &SessionId) -> (Session, usize) {
+async fn fold_of_table(db: &DatabaseConnection, id: &SessionId) -> (Record, usize) {
     let rows = session_events::Entity::find()
         .filter(session_events::Column::SessionId.eq(id.as_str()))
         .order_by_asc(session_events::Column::Seq)
@@ -927,7 +927,7 @@ async fn fold_of_table(db: &DatabaseConnection, id: &SessionId) -> (Session, usi
         .await
         .expect("events");
     let n = rows.len();
-    let mut s = Session::default();
+    let mut s = Record::default();
     for r in rows {
         let i = vedfolnir_sessions::audit::sink::incoming_from_row(&r).expect("row");
         if i.event.seq != s.version() + 1 {

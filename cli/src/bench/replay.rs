@@ -28,7 +28,7 @@ use vedfolnir_sessions::config::Config;
 use vedfolnir_sessions::error::{Error, Result};
 use vedfolnir_sessions::event::{Event, EventKind, SCHEMA_VERSION};
 use vedfolnir_sessions::id::Token;
-use vedfolnir_sessions::session::Session;
+use vedfolnir_sessions::session::Record;
 use vedfolnir_sessions::store::SessionStore;
 use vedfolnir_sessions::time::Timestamp;
 
@@ -66,7 +66,7 @@ fn snapshots(n: usize) -> Vec<Snapshot> {
                 traceparent: None,
             };
             let fields = new_session(&mut c.rng, users).fields;
-            let mut s = Session::default().apply(&event(
+            let mut s = Record::default().apply(&event(
                 1,
                 EventKind::Created {
                     fields,

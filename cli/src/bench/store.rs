@@ -41,7 +41,7 @@ use vedfolnir_sessions::config::Config;
 use vedfolnir_sessions::error::{Error, Result};
 use vedfolnir_sessions::event::DestroyReason;
 use vedfolnir_sessions::id::{SessionId, Token};
-use vedfolnir_sessions::session::{Changes, NewSession, Session};
+use vedfolnir_sessions::session::{Changes, NewSession, Record};
 use vedfolnir_sessions::store::SessionStore;
 use vedfolnir_sessions::time::Timestamp;
 
@@ -138,7 +138,7 @@ struct Fixture {
     touch_conflicts: AtomicU64,
     /// The state of each pool session as a web request holds it after its
     /// load, for `update_from` (refreshed before that workload).
-    held: Vec<Mutex<Option<Session>>>,
+    held: Vec<Mutex<Option<Record>>>,
 }
 
 /// The logging baseline: the least a store that logs every write does, one
@@ -398,7 +398,7 @@ impl Fixture {
             let values: Vec<Option<String>> =
                 redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
             for (slot, json) in held.iter().zip(values) {
-                let state = json.and_then(|j| Session::from_json(&j).ok());
+                let state = json.and_then(|j| Record::from_json(&j).ok());
                 if let Ok(mut h) = slot.lock() {
                     *h = state;
                 }

@@ -18,7 +18,6 @@
 //! Every unsafe route but `/login` needs the `X-CSRF-Token` header. Every
 //! response that carries session data says `Cache-Control: no-store`, and
 //! user input is never logged raw.
-#![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
 use std::future::Future;
