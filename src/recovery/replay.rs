@@ -15,7 +15,7 @@ use crate::audit::entity::session_snapshots::SnapshotStatus;
 use crate::error::{Error, Result};
 use crate::id::SessionId;
 use crate::store::SessionStore;
-use crate::store::script::{self, Reply};
+use crate::store::script::{self, Operation as _, Reply};
 
 /// Snapshot rows per page (one pipeline per partition and page).
 pub const PAGE: u64 = 5000;
@@ -104,8 +104,7 @@ pub async fn replay(
                 continue;
             }
             let part = keys.for_session(&id);
-            let mut cmd = script::evalsha(part, shape, "restore");
-            let args = script::Restore {
+            let cmd = script::Restore {
                 id: &id,
                 state: &r.state,
                 seq: r.seq.max(0) as u64,
@@ -114,10 +113,7 @@ pub async fn replay(
                 tomb_ms,
                 behind: None,
             }
-            .args();
-            for a in &args {
-                cmd.arg(a);
-            }
+            .evalsha(part, shape);
             let (pipe, sent) = pipes
                 .entry(part.partition)
                 .or_insert_with(|| (redis::pipe(), Vec::new()));

@@ -36,7 +36,7 @@ use serde::Serialize;
 
 use super::SessionStore;
 use super::admit::admit;
-use super::script::{self, Reply};
+use super::script::{self, Operation as _, Reply};
 use crate::audit::entity::fallback_events;
 use crate::audit::outbox::{self, Staged, View};
 use crate::audit::{Incoming, partition};
@@ -569,22 +569,25 @@ impl SessionStore {
                 .user_id()
                 .or_else(|| staged.user_id.clone())
                 .unwrap_or_default();
-            let mut inv = script::invocation(part, self.shape(), "apply");
-            inv.arg(id.as_str())
-                .arg(&id.to_bytes()[..])
-                .arg(base.version())
-                .arg(&json)
-                .arg(self.config.session_timeout.as_millis() as u64)
-                .arg(self.config.tombstone_ttl.as_millis() as u64)
-                .arg(&user)
-                .arg(base.user_id().unwrap_or_default())
-                .arg(staged.kind.type_name())
-                .arg(status_after.as_str())
-                .arg(staged.event_id.to_string())
-                .arg(staged.kind.payload_json())
-                .arg(staged.occurred_at.to_string())
-                .arg(staged.schema)
-                .arg(staged.traceparent.as_deref().unwrap_or(""));
+            let inv = script::Apply {
+                id: &id,
+                base: base.version(),
+                json: &json,
+                ttl_ms: self.config.session_timeout.as_millis() as u64,
+                tomb_ms: self.config.tombstone_ttl.as_millis() as u64,
+                user: &user,
+                old_user: &base.user_id().unwrap_or_default(),
+                kind: staged.kind.type_name(),
+                status_after: status_after.as_str(),
+                event_id: staged.event_id,
+                payload: &staged.kind.payload_json(),
+                stamp: script::Stamp {
+                    occurred_at: staged.occurred_at,
+                    schema: staged.schema,
+                    traceparent: staged.traceparent.as_deref(),
+                },
+            }
+            .invocation(part, self.shape());
             match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
                 Reply::Ok(..) => return Ok(Projected::Applied),
                 Reply::Applied => return Ok(Projected::AlreadyThere),
@@ -712,8 +715,7 @@ impl SessionStore {
         let tomb_ms = self.config.tombstone_ttl.as_millis() as u64;
         let mut behind: Option<Record> = None;
         loop {
-            let mut inv = script::invocation(part, self.shape(), "restore");
-            let args = script::Restore {
+            let inv = script::Restore {
                 id,
                 state,
                 seq,
@@ -722,10 +724,7 @@ impl SessionStore {
                 tomb_ms,
                 behind: behind.as_ref(),
             }
-            .args();
-            for a in &args {
-                inv.arg(a);
-            }
+            .invocation(part, self.shape());
             let reply = script::run_retrying(&inv, &mut self.conn.clone()).await?.0;
             match reply {
                 // Redis holds an older state: once more, naming its user.

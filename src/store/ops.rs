@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::SessionStore;
-use super::script::{self, Reply};
+use super::script::{self, Operation as _, Reply};
 #[cfg(feature = "audit")]
 use crate::audit::outbox::Staged;
 use crate::error::{Error, Result};
@@ -90,10 +90,14 @@ impl Meta {
         self.event_with_id(Uuid::now_v7(), session_id, seq, user_id, kind)
     }
 
-    fn push(&self, inv: &mut redis::ScriptInvocation<'_>) {
-        inv.arg(self.occurred_at.to_string())
-            .arg(SCHEMA_VERSION)
-            .arg(self.traceparent.as_deref().unwrap_or(""));
+    /// What the stream entries of this call's events record besides the
+    /// events' own fields.
+    fn stamp(&self) -> script::Stamp<'_> {
+        script::Stamp {
+            occurred_at: self.occurred_at,
+            schema: SCHEMA_VERSION,
+            traceparent: self.traceparent.as_deref(),
+        }
     }
 
     /// The `destroyed` events the script composed itself (evictions, logout
@@ -358,49 +362,52 @@ impl SessionStore {
             let json = self.checked_json(&session)?;
             let spare_ids = ids(spare);
             let part = self.keys.for_session(&id);
-            let mut inv;
+            let inv;
             let mut ended_old = None;
             match &rotated_from {
                 None => {
-                    inv = script::invocation(part, self.shape(), "create");
-                    inv.arg(id.as_str())
-                        .arg(&id.to_bytes()[..])
-                        .arg(&json)
-                        .arg(self.ttl_ms())
-                        .arg(self.tomb_ms())
-                        .arg(user.as_deref().unwrap_or(""))
-                        .arg(script_limit)
-                        .arg(created.event_id.to_string())
-                        .arg(created.kind.payload_json());
+                    inv = script::Create {
+                        id: &id,
+                        json: &json,
+                        ttl_ms: self.ttl_ms(),
+                        tomb_ms: self.tomb_ms(),
+                        user: user.as_deref().unwrap_or(""),
+                        max_per_user: script_limit,
+                        event_id: created.event_id,
+                        payload: &created.kind.payload_json(),
+                        stamp: meta.stamp(),
+                        spare_ids: &spare_ids,
+                    }
+                    .invocation(part, self.shape());
                 }
                 Some((old, current, reason)) => {
-                    inv = script::invocation(part, self.shape(), "rotate");
                     let end = meta.event(
                         old,
                         current.version() + 1,
                         current.user_id(),
                         EventKind::Destroyed { reason: *reason },
                     );
-                    inv.arg(old.as_str())
-                        .arg(&old.to_bytes()[..])
-                        .arg(current.version())
-                        .arg(end.user_id.as_deref().unwrap_or(""))
-                        .arg(id.as_str())
-                        .arg(&id.to_bytes()[..])
-                        .arg(&json)
-                        .arg(self.ttl_ms())
-                        .arg(self.tomb_ms())
-                        .arg(user.as_deref().unwrap_or(""))
-                        .arg(script_limit)
-                        .arg(end.event_id.to_string())
-                        .arg(end.kind.payload_json())
-                        .arg(created.event_id.to_string())
-                        .arg(created.kind.payload_json());
+                    inv = script::Rotate {
+                        old,
+                        expected: current.version(),
+                        old_user: end.user_id.as_deref().unwrap_or(""),
+                        new: &id,
+                        json: &json,
+                        ttl_ms: self.ttl_ms(),
+                        tomb_ms: self.tomb_ms(),
+                        user: user.as_deref().unwrap_or(""),
+                        max_per_user: script_limit,
+                        end_id: end.event_id,
+                        end_payload: &end.kind.payload_json(),
+                        create_id: created.event_id,
+                        create_payload: &created.kind.payload_json(),
+                        stamp: meta.stamp(),
+                        spare_ids: &spare_ids,
+                    }
+                    .invocation(part, self.shape());
                     ended_old = Some((current.version(), end));
                 }
             }
-            meta.push(&mut inv);
-            inv.arg(&spare_ids);
             let done = |evicted| Created {
                 token: token.clone(),
                 session_id: id.clone(),
@@ -493,19 +500,20 @@ impl SessionStore {
     ) -> Result<Written> {
         let json = self.checked_json(next)?;
         let part = self.keys.for_session(id);
-        let mut inv = script::invocation(part, self.shape(), "write");
-        inv.arg(id.as_str())
-            .arg(&id.to_bytes()[..])
-            .arg(current.version())
-            .arg(&json)
-            .arg(self.ttl_ms())
-            .arg(self.tomb_ms())
-            .arg(event.user_id.as_deref().unwrap_or(""))
-            .arg(current.user_id().as_deref().unwrap_or(""))
-            .arg(event.kind.type_name())
-            .arg(event.event_id.to_string())
-            .arg(event.kind.payload_json());
-        meta.push(&mut inv);
+        let inv = script::Write {
+            id,
+            expected: current.version(),
+            json: &json,
+            ttl_ms: self.ttl_ms(),
+            tomb_ms: self.tomb_ms(),
+            user: event.user_id.as_deref().unwrap_or(""),
+            old_user: current.user_id().as_deref().unwrap_or(""),
+            kind: event.kind.type_name(),
+            event_id: event.event_id,
+            payload: &event.kind.payload_json(),
+            stamp: meta.stamp(),
+        }
+        .invocation(part, self.shape());
         Ok(
             match self
                 .run_or_fallback(part, &inv, Some(id), || {
@@ -885,17 +893,18 @@ impl SessionStore {
                 let kind = EventKind::Destroyed { reason };
                 let event_id = Uuid::now_v7();
                 let part = self.keys.for_session(id);
-                let mut inv = script::invocation(part, self.shape(), "end");
-                inv.arg(id.as_str())
-                    .arg(&id.to_bytes()[..])
-                    .arg(known.as_ref().map_or(-1, |k| k.0 as i64))
-                    .arg(known.as_ref().map_or("", |k| k.1.as_str()))
-                    .arg("destroyed")
-                    .arg("destroyed")
-                    .arg(self.tomb_ms())
-                    .arg(event_id.to_string())
-                    .arg(kind.payload_json());
-                meta.push(&mut inv);
+                let inv = script::End {
+                    id,
+                    expected: known.as_ref().map_or(-1, |k| k.0 as i64),
+                    user: known.as_ref().map_or("", |k| k.1.as_str()),
+                    kind: kind.type_name(),
+                    status: crate::session::Status::Destroyed.as_str(),
+                    tomb_ms: self.tomb_ms(),
+                    event_id,
+                    payload: &kind.payload_json(),
+                    stamp: meta.stamp(),
+                }
+                .invocation(part, self.shape());
                 let (reply, retried) =
                     match script::run_retrying(&inv, &mut self.conn.clone()).await {
                         #[cfg(feature = "audit")]
@@ -1025,12 +1034,14 @@ impl SessionStore {
         loop {
             let meta = Meta::now();
             let spare_ids = ids(spare);
-            let mut inv = script::invocation(part, self.shape(), "destroy_user");
-            inv.arg(user_id)
-                .arg(self.tomb_ms())
-                .arg(EventKind::Destroyed { reason }.payload_json());
-            meta.push(&mut inv);
-            inv.arg(&spare_ids);
+            let inv = script::DestroyUser {
+                user: user_id,
+                tomb_ms: self.tomb_ms(),
+                payload: &EventKind::Destroyed { reason }.payload_json(),
+                stamp: meta.stamp(),
+                event_ids: &spare_ids,
+            }
+            .invocation(part, self.shape());
             let reply = match script::run_retrying(&inv, &mut self.conn.clone()).await {
                 Err(e) => {
                     if e.is_unavailable() {
@@ -1114,14 +1125,15 @@ impl SessionStore {
         let kind = EventKind::Expired { deadline };
         let event_id = Uuid::now_v7();
         let part = self.keys.for_session(id);
-        let mut inv = script::invocation(part, self.shape(), "expire");
-        inv.arg(id.as_str())
-            .arg(&id.to_bytes()[..])
-            .arg(deadline_ms)
-            .arg(self.tomb_ms())
-            .arg(event_id.to_string())
-            .arg(kind.payload_json());
-        meta.push(&mut inv);
+        let inv = script::Expire {
+            id,
+            score: deadline_ms,
+            tomb_ms: self.tomb_ms(),
+            event_id,
+            payload: &kind.payload_json(),
+            stamp: meta.stamp(),
+        }
+        .invocation(part, self.shape());
         match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
             Reply::Ok(xid, extra) => {
                 let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -1133,12 +1145,13 @@ impl SessionStore {
             Reply::Look(json) => {
                 // Near its deadline: record what `expired` will need.
                 let s = super::parse_session(id, &json)?;
-                let mut inv = script::invocation(part, self.shape(), "look");
-                inv.arg(id.as_str())
-                    .arg(&id.to_bytes()[..])
-                    .arg(s.version())
-                    .arg(s.user_id().unwrap_or_default())
-                    .arg(self.tomb_ms());
+                let inv = script::Look {
+                    id,
+                    seq: s.version(),
+                    user: &s.user_id().unwrap_or_default(),
+                    tomb_ms: self.tomb_ms(),
+                }
+                .invocation(part, self.shape());
                 match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
                     Reply::Ok(..) | Reply::Skip => Ok(false),
                     other => Err(Error::Corrupt(format!("look: unexpected reply {other:?}"))),

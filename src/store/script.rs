@@ -1,21 +1,37 @@
-//! The one Lua script behind every mutation, and its replies.
+//! The one Lua script behind every mutation (`src/lua/session.lua`), the
+//! arguments of each of its operations, and its replies.
 //!
 //! The script is sent with `EVALSHA`; on `NOSCRIPT` (after a Redis restart, a
 //! `SCRIPT FLUSH` or a failover) redis-rs loads it again and retries, so no
 //! operator action is ever needed.
+//!
+//! # Arguments
+//!
+//! The script reads its arguments by position: `KEYS` are the partition's
+//! stream and expiry index; `ARGV[1]` names the operation, `ARGV[2..6]` are
+//! the key prefixes, the layout and the look-ahead ([`Shape`]); the
+//! operation's own arguments follow, read in order by the script's
+//! `arg()`. Each operation has one struct here ([`Create`], [`Write`],
+//! [`End`], [`Rotate`], [`DestroyUser`], [`Expire`], [`Look`], [`Restore`],
+//! [`Apply`]) whose fields are those arguments, named, and whose
+//! [`Operation::args`] writes them in the order the script reads them; the
+//! operation's section of the script lists the same names in the same order.
+//! An event the script appends takes its [`Stamp`] last, before any list of
+//! spare event ids.
 
 use std::sync::LazyLock;
 
 use redis::aio::ConnectionLike;
-use redis::{Script, ScriptInvocation};
+use redis::{Script, ScriptInvocation, ToRedisArgs};
+use uuid::Uuid;
 
 use crate::config::{Config, Layout};
 use crate::error::{Error, Result};
-#[cfg(feature = "audit")]
 use crate::id::SessionId;
 use crate::keys::Keys;
 #[cfg(feature = "audit")]
 use crate::session::Record;
+use crate::time::Timestamp;
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/session.lua")));
 
@@ -78,27 +94,311 @@ pub(crate) async fn load(conn: &mut impl ConnectionLike) -> Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "audit")]
-/// A bare `EVALSHA` of the script with the common keys and prefixes, for
-/// pipelines (which cannot fall back to `EVAL` by themselves).
-pub(crate) fn evalsha(keys: &Keys, shape: Shape, op: &str) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(SCRIPT.get_hash())
-        .arg(2)
-        .arg(&keys.stream)
-        .arg(&keys.expiry)
-        .arg(op)
+/// Where an operation's arguments go: a script invocation (sent with
+/// `EVALSHA`, falling back to `EVAL`) or a bare `EVALSHA` command for a
+/// pipeline.
+pub(crate) trait Args {
+    /// Appends one argument.
+    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self;
+}
+
+impl Args for ScriptInvocation<'_> {
+    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        ScriptInvocation::arg(self, arg)
+    }
+}
+
+impl Args for redis::Cmd {
+    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        redis::Cmd::arg(self, arg)
+    }
+}
+
+/// `ARGV[2..6]`, which every operation takes after its name.
+fn common(a: &mut impl Args, keys: &Keys, shape: Shape, op: &str) {
+    a.arg(op)
         .arg(&keys.session_prefix)
         .arg(&keys.ledger_prefix)
         .arg(&keys.user_prefix)
         .arg(shape.layout.as_str())
         .arg(shape.lookahead_ms);
-    cmd
 }
 
+/// One operation of the script, with its arguments.
+pub(crate) trait Operation {
+    /// The operation's name, `ARGV[1]`.
+    const NAME: &'static str;
+
+    /// Writes the operation's own arguments (from `ARGV[7]`), in the order
+    /// the script reads them.
+    fn args(&self, a: &mut impl Args);
+
+    /// The invocation of the script for this operation on partition `keys`.
+    fn invocation(&self, keys: &Keys, shape: Shape) -> ScriptInvocation<'static> {
+        let mut inv = SCRIPT.prepare_invoke();
+        inv.key(&keys.stream).key(&keys.expiry);
+        common(&mut inv, keys, shape, Self::NAME);
+        self.args(&mut inv);
+        inv
+    }
+
+    /// A bare `EVALSHA` for a pipeline, which cannot fall back to `EVAL` by
+    /// itself: [`load`] the script first.
+    #[cfg(feature = "audit")]
+    fn evalsha(&self, keys: &Keys, shape: Shape) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(SCRIPT.get_hash())
+            .arg(2)
+            .arg(&keys.stream)
+            .arg(&keys.expiry);
+        common(&mut cmd, keys, shape, Self::NAME);
+        self.args(&mut cmd);
+        cmd
+    }
+}
+
+/// The id twice: as text (keys, the stream) and as its 32 bytes (index
+/// members in the lean layout).
+fn id(a: &mut impl Args, id: &SessionId) {
+    a.arg(id.as_str()).arg(&id.to_bytes()[..]);
+}
+
+/// What the stream entry of an appended event records besides the event's
+/// own fields: when it happened, its schema and its trace context.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stamp<'a> {
+    pub occurred_at: Timestamp,
+    pub schema: u32,
+    pub traceparent: Option<&'a str>,
+}
+
+impl Stamp<'_> {
+    fn args(&self, a: &mut impl Args) {
+        a.arg(self.occurred_at.to_string())
+            .arg(self.schema)
+            .arg(self.traceparent.unwrap_or(""));
+    }
+}
+
+/// `create`: a new session, its `created` event and, with a per-user
+/// limit, the evictions it makes room with.
+#[derive(Debug)]
+pub(crate) struct Create<'a> {
+    pub id: &'a SessionId,
+    pub json: &'a str,
+    pub ttl_ms: u64,
+    pub tomb_ms: u64,
+    /// The session's user (empty when anonymous).
+    pub user: &'a str,
+    /// `SESSION_MAX_PER_USER` for the script to enforce (0: none).
+    pub max_per_user: u32,
+    pub event_id: Uuid,
+    pub payload: &'a str,
+    pub stamp: Stamp<'a>,
+    /// Event ids for the `destroyed` events of evictions.
+    pub spare_ids: &'a [String],
+}
+
+impl Operation for Create<'_> {
+    const NAME: &'static str = "create";
+
+    fn args(&self, a: &mut impl Args) {
+        id(a, self.id);
+        a.arg(self.json)
+            .arg(self.ttl_ms)
+            .arg(self.tomb_ms)
+            .arg(self.user)
+            .arg(self.max_per_user)
+            .arg(self.event_id.to_string())
+            .arg(self.payload);
+        self.stamp.args(a);
+        a.arg(self.spare_ids);
+    }
+}
+
+/// `write`: one event on a live session at version `expected`, storing the
+/// folded `json`.
+#[derive(Debug)]
+pub(crate) struct Write<'a> {
+    pub id: &'a SessionId,
+    pub expected: u64,
+    pub json: &'a str,
+    pub ttl_ms: u64,
+    pub tomb_ms: u64,
+    /// The session's user after the event.
+    pub user: &'a str,
+    /// Its user before (the user index moves when they differ).
+    pub old_user: &'a str,
+    /// The event type (`updated`, `touched`, …).
+    pub kind: &'a str,
+    pub event_id: Uuid,
+    pub payload: &'a str,
+    pub stamp: Stamp<'a>,
+}
+
+impl Operation for Write<'_> {
+    const NAME: &'static str = "write";
+
+    fn args(&self, a: &mut impl Args) {
+        id(a, self.id);
+        a.arg(self.expected)
+            .arg(self.json)
+            .arg(self.ttl_ms)
+            .arg(self.tomb_ms)
+            .arg(self.user)
+            .arg(self.old_user)
+            .arg(self.kind)
+            .arg(self.event_id.to_string())
+            .arg(self.payload);
+        self.stamp.args(a);
+    }
+}
+
+/// `end`: a session's end (`destroyed`), at version `expected` when the
+/// caller knows it (-1: whatever the ledger says, or the session's JSON
+/// back).
+#[derive(Debug)]
+pub(crate) struct End<'a> {
+    pub id: &'a SessionId,
+    pub expected: i64,
+    /// The user at that version (empty when unknown or anonymous).
+    pub user: &'a str,
+    /// The event type.
+    pub kind: &'a str,
+    /// The status the tombstone records.
+    pub status: &'a str,
+    pub tomb_ms: u64,
+    pub event_id: Uuid,
+    pub payload: &'a str,
+    pub stamp: Stamp<'a>,
+}
+
+impl Operation for End<'_> {
+    const NAME: &'static str = "end";
+
+    fn args(&self, a: &mut impl Args) {
+        id(a, self.id);
+        a.arg(self.expected)
+            .arg(self.user)
+            .arg(self.kind)
+            .arg(self.status)
+            .arg(self.tomb_ms)
+            .arg(self.event_id.to_string())
+            .arg(self.payload);
+        self.stamp.args(a);
+    }
+}
+
+/// `rotate`: ends `old` (at version `expected`, `destroyed{rotated}`) and
+/// creates `new` in one step.
+#[derive(Debug)]
+pub(crate) struct Rotate<'a> {
+    pub old: &'a SessionId,
+    pub expected: u64,
+    pub old_user: &'a str,
+    pub new: &'a SessionId,
+    pub json: &'a str,
+    pub ttl_ms: u64,
+    pub tomb_ms: u64,
+    pub user: &'a str,
+    pub max_per_user: u32,
+    pub end_id: Uuid,
+    pub end_payload: &'a str,
+    pub create_id: Uuid,
+    pub create_payload: &'a str,
+    pub stamp: Stamp<'a>,
+    pub spare_ids: &'a [String],
+}
+
+impl Operation for Rotate<'_> {
+    const NAME: &'static str = "rotate";
+
+    fn args(&self, a: &mut impl Args) {
+        id(a, self.old);
+        a.arg(self.expected).arg(self.old_user);
+        id(a, self.new);
+        a.arg(self.json)
+            .arg(self.ttl_ms)
+            .arg(self.tomb_ms)
+            .arg(self.user)
+            .arg(self.max_per_user)
+            .arg(self.end_id.to_string())
+            .arg(self.end_payload)
+            .arg(self.create_id.to_string())
+            .arg(self.create_payload);
+        self.stamp.args(a);
+        a.arg(self.spare_ids);
+    }
+}
+
+/// `destroy_user`: ends every session the partition holds for `user`, one
+/// `destroyed` event each, with ids from `event_ids`.
+#[derive(Debug)]
+pub(crate) struct DestroyUser<'a> {
+    pub user: &'a str,
+    pub tomb_ms: u64,
+    pub payload: &'a str,
+    pub stamp: Stamp<'a>,
+    pub event_ids: &'a [String],
+}
+
+impl Operation for DestroyUser<'_> {
+    const NAME: &'static str = "destroy_user";
+
+    fn args(&self, a: &mut impl Args) {
+        a.arg(self.user).arg(self.tomb_ms).arg(self.payload);
+        self.stamp.args(a);
+        a.arg(self.event_ids);
+    }
+}
+
+/// `expire`: the reaper's visit of the expiry index entry scored `score`.
+#[derive(Debug)]
+pub(crate) struct Expire<'a> {
+    pub id: &'a SessionId,
+    pub score: i64,
+    pub tomb_ms: u64,
+    pub event_id: Uuid,
+    pub payload: &'a str,
+    pub stamp: Stamp<'a>,
+}
+
+impl Operation for Expire<'_> {
+    const NAME: &'static str = "expire";
+
+    fn args(&self, a: &mut impl Args) {
+        id(a, self.id);
+        a.arg(self.score)
+            .arg(self.tomb_ms)
+            .arg(self.event_id.to_string())
+            .arg(self.payload);
+        self.stamp.args(a);
+    }
+}
+
+/// `look`: records the version and user of a live session near its
+/// deadline (what `expired` needs once Redis has dropped the key).
+#[derive(Debug)]
+pub(crate) struct Look<'a> {
+    pub id: &'a SessionId,
+    pub seq: u64,
+    pub user: &'a str,
+    pub tomb_ms: u64,
+}
+
+impl Operation for Look<'_> {
+    const NAME: &'static str = "look";
+
+    fn args(&self, a: &mut impl Args) {
+        id(a, self.id);
+        a.arg(self.seq).arg(self.user).arg(self.tomb_ms);
+    }
+}
+
+/// `restore`: a session's state from the audit database put back into
+/// Redis under the one rule (see `src/store/admit.rs`).
 #[cfg(feature = "audit")]
-/// The arguments of a `restore`: a session's state from the audit database
-/// put back into Redis under the one rule (see `src/store/admit.rs`).
+#[derive(Debug)]
 pub(crate) struct Restore<'a> {
     pub id: &'a SessionId,
     pub state: &'a str,
@@ -111,24 +411,62 @@ pub(crate) struct Restore<'a> {
 }
 
 #[cfg(feature = "audit")]
-impl Restore<'_> {
-    /// The operation's arguments, in the script's order.
-    pub(crate) fn args(&self) -> Vec<Vec<u8>> {
+impl Operation for Restore<'_> {
+    const NAME: &'static str = "restore";
+
+    fn args(&self, a: &mut impl Args) {
         let (old_seq, old_user) = match self.behind {
             Some(s) => (s.version() as i64, s.user_id().unwrap_or_default()),
             None => (-1, String::new()),
         };
-        vec![
-            self.id.as_str().as_bytes().to_vec(),
-            self.id.to_bytes().to_vec(),
-            self.state.as_bytes().to_vec(),
-            self.seq.to_string().into_bytes(),
-            self.user.as_bytes().to_vec(),
-            self.deadline_ms.to_string().into_bytes(),
-            self.tomb_ms.to_string().into_bytes(),
-            old_seq.to_string().into_bytes(),
-            old_user.into_bytes(),
-        ]
+        id(a, self.id);
+        a.arg(self.state)
+            .arg(self.seq)
+            .arg(self.user)
+            .arg(self.deadline_ms)
+            .arg(self.tomb_ms)
+            .arg(old_seq)
+            .arg(old_user);
+    }
+}
+
+/// `apply`: a staged event projected onto the session's state in Redis at
+/// version `base`, leaving it `status_after`.
+#[cfg(feature = "audit")]
+#[derive(Debug)]
+pub(crate) struct Apply<'a> {
+    pub id: &'a SessionId,
+    pub base: u64,
+    /// The folded JSON (empty when the event ends the session).
+    pub json: &'a str,
+    pub ttl_ms: u64,
+    pub tomb_ms: u64,
+    pub user: &'a str,
+    pub old_user: &'a str,
+    pub kind: &'a str,
+    pub status_after: &'a str,
+    pub event_id: Uuid,
+    pub payload: &'a str,
+    pub stamp: Stamp<'a>,
+}
+
+#[cfg(feature = "audit")]
+impl Operation for Apply<'_> {
+    const NAME: &'static str = "apply";
+
+    fn args(&self, a: &mut impl Args) {
+        id(a, self.id);
+        a.arg(self.base)
+            .arg(self.json)
+            .arg(self.ttl_ms)
+            .arg(self.tomb_ms)
+            .arg(self.user)
+            .arg(self.old_user)
+            .arg(self.kind)
+            .arg(self.status_after)
+            .arg(self.event_id.to_string())
+            .arg(self.payload);
+        self.stamp.args(a);
     }
 }
 
@@ -161,20 +499,6 @@ pub(crate) fn decode(parts: Vec<String>) -> Result<Reply> {
         }
     };
     Ok(reply)
-}
-
-/// Starts an invocation with the keys and prefixes every operation takes.
-pub(crate) fn invocation<'a>(keys: &Keys, shape: Shape, op: &str) -> ScriptInvocation<'a> {
-    let mut inv = SCRIPT.prepare_invoke();
-    inv.key(&keys.stream)
-        .key(&keys.expiry)
-        .arg(op)
-        .arg(&keys.session_prefix)
-        .arg(&keys.ledger_prefix)
-        .arg(&keys.user_prefix)
-        .arg(shape.layout.as_str())
-        .arg(shape.lookahead_ms);
-    inv
 }
 
 /// True when a command failed because its connection broke (Redis
