@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: start what the tests need, then format check, clippy with
-# -D warnings and the whole suite against the real Redis and PostgreSQL.
+# -D warnings, the library alone with the `axum` feature (build, clippy, unit
+# tests), the documentation with -D warnings, the published package, and the
+# whole suite against the real Redis and PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/services.sh
@@ -16,6 +18,16 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== the library with the axum feature alone: build, clippy, unit tests"
+lean=(-p vedfolnir-sessions --no-default-features --features axum --locked)
+cargo build "${lean[@]}"
+cargo clippy "${lean[@]}" --all-targets -- -D warnings
+cargo test "${lean[@]}" --lib
+echo "== cargo doc -D warnings (default features, every feature)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked -p vedfolnir-sessions
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked -p vedfolnir-sessions --all-features
+echo "== cargo package: the library (and the migrations it depends on), built from the packages"
+cargo package --locked --allow-dirty -p vedfolnir-migrations -p vedfolnir-sessions
 echo "== promtool: alert rules, their unit tests, the Prometheus configuration"
 ensure_promtool
 promtool check rules observability/prometheus/alerts.yml

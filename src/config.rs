@@ -165,7 +165,7 @@ pub struct Config {
     pub cluster_nodes: Vec<RedisTarget>,
     /// `REDIS_PARTITIONS`: how many partitions (streams, indexes, hash tags)
     /// the sessions are spread over. 1 on standalone Redis (the key names of
-    /// DESIGN.md), 16 on a cluster.
+    /// `docs/design.md`), 16 on a cluster.
     pub partitions: u32,
     /// `SESSION_STORAGE`: only `redis` is supported.
     pub session_storage: String,

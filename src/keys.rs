@@ -61,7 +61,7 @@ pub struct Keys {
     pub expiry: String,
     /// The epoch of this partition's data set, `<ns>epoch`: a random id set
     /// once beside the data. Gone or changed means Redis lost the data the
-    /// audit database knows (see [`crate::audit::partition`]).
+    /// audit database knows (see `audit::partition`, feature `audit`).
     pub epoch: String,
     /// Held while a process replays this partition after a loss,
     /// `<ns>healing`.
@@ -85,7 +85,7 @@ fn namespace_of(config: &Config) -> String {
 
 impl Keys {
     /// The layout for a configuration without partitions (the key names of
-    /// DESIGN.md). With partitions, use [`KeySpace`].
+    /// `docs/design.md`, "Formats"). With partitions, use [`KeySpace`].
     pub fn new(config: &Config) -> Self {
         Self::build(config, None)
     }
@@ -143,7 +143,7 @@ pub struct KeySpace {
 
 impl KeySpace {
     /// The layout for a configuration: one partition with the key names of
-    /// DESIGN.md, or `REDIS_PARTITIONS` tagged partitions.
+    /// `docs/design.md` ("Formats"), or `REDIS_PARTITIONS` tagged partitions.
     pub fn new(config: &Config) -> Self {
         let parts = if config.partitioned() {
             (0..config.partitions)

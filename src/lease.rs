@@ -38,10 +38,10 @@
 //! lease (SIGSTOP, a long GC-like stall, a VM migration) resumes believing it
 //! still holds it, and a Redis that lost its data forgets every lease. What
 //! the audit consumer writes is therefore fenced in the database: taking an
-//! audit lease bumps the partition's token in `lease_fences` ([`Fence`]),
+//! audit lease bumps the partition's token in `lease_fences` (`Fence`),
 //! and every transaction of the consumer checks, inside the transaction,
 //! that the token is still its own before it writes anything (see
-//! [`crate::audit::sink`]). The token only grows, and it lives in the
+//! `audit::sink`). The token only grows, and it lives in the
 //! database, so it never goes backwards when Redis loses its data. The
 //! reaper and the healer need no fence: the reaper's script expires a
 //! session once however many reapers run, and a replay never overwrites a

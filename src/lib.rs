@@ -10,9 +10,9 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `axum` | yes | the tower layer and the axum extractor ([`web::SessionLayer`], [`web::Session`]) |
+//! | `axum` | yes | the tower layer and the axum extractor (`web::SessionLayer`, `web::Session`) |
 //! | `tls` | yes | TLS to Redis with rustls (`rediss://`, `REDIS_SSL=true`) |
-//! | `tower-sessions` | no | the tower-sessions adapter ([`web::TowerSessionsStore`]) |
+//! | `tower-sessions` | no | the tower-sessions adapter (`web::TowerSessionsStore`) |
 //! | `audit` | no | the audit database: sink, consumer, recovery, the fallback, `DB_SESSION_SYNC` (sea-orm) |
 //! | `tracing-opentelemetry` | no | events carry the `traceparent` of the current `tracing` span |
 //!
@@ -83,8 +83,3 @@ pub use event::{DestroyReason, Event, EventKind, Platform};
 pub use id::{SessionId, Token};
 pub use session::{Changes, NewSession, Record, Status};
 pub use store::{Created, SessionStore};
-
-/// The README's code blocks, compiled as doc tests.
-#[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-mod readme {}

@@ -1,5 +1,5 @@
 //! The store's contract against the real Redis: invariants 1, 2, 3, 5, 6, 10
-//! of the design, the limits, and script recovery.
+//! of `docs/design.md`, the limits, and script recovery.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -980,7 +980,7 @@ async fn dump(ctx: &TestContext) -> String {
 
 #[tokio::test]
 async fn the_cookie_token_is_stored_and_logged_nowhere() {
-    // Proves invariant 5 through the web layer: after logins, rotations,
+    // Proves invariant 5 (docs/design.md) through the web layer: after logins, rotations,
     // writes, a platform switch, logout-all and a fingerprint-free logout,
     // no Redis key, value, index or stream entry, and no log line, contains a
     // cookie token (as text or as hex of its bytes); the session ids (the
@@ -1329,7 +1329,7 @@ async fn redis_unreachable_with_the_fallback_serves_from_the_audit_database() {
 
 #[tokio::test]
 async fn the_cookie_token_is_in_no_audit_database_row() {
-    // Proves invariant 5 for the audit database: with every mutation
+    // Proves invariant 5 (docs/design.md) for the audit database: with every mutation
     // committed to it (DB_SESSION_SYNC) and the stream drained into it by
     // the audit consumer, no row of session_events, session_snapshots or
     // dead_letters contains a cookie token, while the session ids are there.

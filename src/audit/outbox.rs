@@ -156,7 +156,7 @@ pub enum Staged {
     /// again on a fresh [`view`].
     Conflict,
     /// Redis is back for other processes (see
-    /// [`partition::open_for_writes`](super::partition::open_for_writes)):
+    /// `partition::open_for_writes`):
     /// nothing was staged; the write must go to Redis.
     Refused,
 }
@@ -167,7 +167,7 @@ pub enum Staged {
 /// `unsure`: the Redis attempt before failed without saying whether Redis
 /// applied it (see [`fallback_events::Model::unsure`]). Writes other than the
 /// creation of new sessions are staged only while the database is open for
-/// writes (see [`super::partition::open_for_writes`]); `settle` is how long
+/// writes (see `partition::open_for_writes`); `settle` is how long
 /// after a process reached Redis again it stays closed.
 pub async fn stage(
     db: &DatabaseConnection,

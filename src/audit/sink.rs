@@ -37,7 +37,7 @@
 //! On PostgreSQL, the statements are constant texts over binary arrays
 //! (`INSERT … SELECT … FROM unnest(…)`), each request kept under 16 KiB on a
 //! connection that may use TLS so that no part of it waits for a delayed ACK
-//! (see [`postgres`](self::postgres) for why, and what the bound costs).
+//! (see `postgres` for why, and what the bound costs).
 //! Step 3 first runs as a plain insert, the cheapest statement PostgreSQL has
 //! for it; when that meets a unique violation the transaction is rolled back
 //! and the batch written again with `ON CONFLICT DO NOTHING RETURNING
@@ -295,7 +295,7 @@ impl AuditSink {
 
     /// The most bytes one PostgreSQL statement of the sink sends: 16 KiB on
     /// a connection that may use TLS, much more on one that cannot (see
-    /// [`postgres`](self::postgres)).
+    /// `postgres`).
     pub fn statement_bytes(&self) -> usize {
         self.request_bytes
     }

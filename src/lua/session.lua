@@ -12,7 +12,9 @@
 -- ARGV[2]  session key prefix, ARGV[3] ledger prefix, ARGV[4] user-index prefix
 -- ARGV[5]  layout: lean | ledger
 -- ARGV[6]  look-ahead in ms (lean layout)
--- ARGV[7…] the operation's arguments, read in order with arg().
+-- ARGV[7…] the operation's arguments, read in order with arg(); one struct
+--          per operation in src/store/script.rs (Create, Write, End, …)
+--          names them and writes them in this order.
 --
 -- Per-session keys are built from the prefixes. In a partitioned deployment
 -- the prefixes and both KEYS carry the partition's hash tag, so everything one

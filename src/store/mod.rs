@@ -63,7 +63,7 @@ pub use recovery::{RECOVERING_MEMO, RecoveryState};
 ///   session, mutations are staged in the database, and whichever process
 ///   sees Redis first projects them through it (see `store::fallback`);
 /// - while Redis is recovering from a loss of its data (its epoch differs
-///   from the one the database knows complete, see [`RecoveryState`]),
+///   from the one the database knows complete, see `RecoveryState`),
 ///   serves a load that misses in Redis from the database under the one rule
 ///   of `store::admit`, puts the session back, and makes ends reach sessions
 ///   that are not back yet.

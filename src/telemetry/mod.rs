@@ -5,7 +5,7 @@
 //! workspace's `exporters/` crate installs the log subscriber and the
 //! exporters). Without an installed provider every instrument is a no-op.
 //!
-//! - [`current_traceparent`] is how a store operation learns the W3C trace
+//! - `current_traceparent` is how a store operation learns the W3C trace
 //!   context of the request that caused it, to write it into the event.
 //! - [`metrics`] holds the instruments; their Prometheus names are listed in
 //!   the README and used by `observability/`.

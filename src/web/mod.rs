@@ -1,32 +1,32 @@
 //! Web integration: the tower layer and axum extractor (feature `axum`), and
 //! the tower-sessions adapter (feature `tower-sessions`).
 //!
-//! [`SessionLayer`] wraps an axum `Router` (or any tower service); handlers
-//! extract a [`Session`] and read and write its fields. The layer loads the
+//! `SessionLayer` wraps an axum `Router` (or any tower service); handlers
+//! extract a `Session` and read and write its fields. The layer loads the
 //! session with one `GET`, writes one `updated` event with only the keys a
 //! request changed (nothing when it changed nothing; no session and no cookie
 //! for an anonymous request that wrote nothing), and sets the cookie from
 //! `SESSION_COOKIE_*` with `Path=/` and the bare token as its value.
 //!
 //! Security defaults: login rotates the session id and the CSRF token
-//! ([`Session::login`]); CSRF tokens are required on unsafe methods
-//! ([`CsrfPolicy`]); sessions can be bound to their client
-//! ([`Fingerprint`]); a bad cookie is an anonymous request, never an error;
+//! (`Session::login`); CSRF tokens are required on unsafe methods
+//! (`CsrfPolicy`); sessions can be bound to their client
+//! (`Fingerprint`); a bad cookie is an anonymous request, never an error;
 //! an unreachable Redis is a 503, never an empty session. `docs/web.md`
 //! explains each choice.
 //!
-//! [`TowerSessionsStore`] puts the event-sourced store behind tower-sessions'
-//! own `SessionManagerLayer`.
+//! `TowerSessionsStore` (feature `tower-sessions`) puts the event-sourced
+//! store behind tower-sessions' own `SessionManagerLayer`.
 //!
 //! # Layout
 //!
-//! - `layer`: [`SessionLayer`] and [`SessionService`], the per-request flow.
-//! - `handle`: the [`Session`] handle and extractor.
+//! - `layer`: `SessionLayer` and `SessionService`, the per-request flow.
+//! - `handle`: the `Session` handle and extractor.
 //! - `cookies`: reading the cookie header, writing `Set-Cookie`.
-//! - `csrf`: [`CsrfPolicy`] and token generation.
-//! - `fingerprint`: [`Fingerprint`].
-//! - `error`: [`SessionError`], the HTTP error.
-//! - `adapter`: [`TowerSessionsStore`].
+//! - `csrf`: `CsrfPolicy` and token generation.
+//! - `fingerprint`: `Fingerprint`.
+//! - `error`: `SessionError`, the HTTP error.
+//! - `adapter`: `TowerSessionsStore`.
 
 #[cfg(feature = "tower-sessions")]
 mod adapter;
@@ -55,8 +55,3 @@ pub use fingerprint::{FINGERPRINT_KEY, Fingerprint};
 pub use handle::Session;
 #[cfg(feature = "axum")]
 pub use layer::{SessionLayer, SessionService};
-
-/// Compiles the Rust examples of `docs/web.md` as doc tests.
-#[cfg(all(doctest, feature = "axum", feature = "tower-sessions"))]
-#[doc = include_str!("../../docs/web.md")]
-pub struct WebGuide;

@@ -42,7 +42,7 @@
 //! - **(c) Audit trail.** `verify` exits 0 at quiescence; each session's
 //!   seqs in `session_events` are exactly 1..n; no dead letter holds an
 //!   acknowledged write.
-//! - **(d) Audit database outages** (invariant 14 of the design): a request
+//! - **(d) Audit database outages** (invariant 14 of `docs/design.md`): a request
 //!   invoked and completed while only the database proxy was cut (no other
 //!   fault from its start until the system settled) must not fail with a 5xx
 //!   or time out.

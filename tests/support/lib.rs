@@ -17,6 +17,18 @@
 
 pub mod cluster;
 pub mod db;
+
+/// The Rust examples of `docs/web.md`, compiled as doc tests (the guide is
+/// not part of the published library, so they are compiled here).
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/web.md")]
+pub struct WebGuide;
+
+/// The README's code blocks, compiled as doc tests with every feature of
+/// the library.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct Readme;
 pub mod proxy;
 pub mod redis_server;
 

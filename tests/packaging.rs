@@ -1,8 +1,12 @@
-//! What a library user pulls in: `vedfolnir-sessions` with the feature
-//! `axum` alone (the store and the layer, no audit database, no TLS), as
-//! `cargo tree` resolves it from the lock file.
+//! What a library user gets: the published crate and what it pulls in.
 //!
-//! - at most [`BOUND`] crates besides the library itself;
+//! The package (`cargo package --list`) holds the library alone: its
+//! sources, the README and the licences, with the metadata crates.io and
+//! docs.rs show. With the feature `axum` alone (the store and the layer, no
+//! audit database, no TLS), as `cargo tree` resolves it from the lock file,
+//! the library pulls in
+//!
+//! - at most [`BOUND`] crates besides itself;
 //! - none of the crates that belong to the audit database, the binaries or
 //!   their exporters;
 //! - tokio with only what the library uses (no multi-threaded runtime, no
@@ -47,37 +51,42 @@ const TOKIO_FOR_BINARIES: &[&str] = &[
     "io-std",
 ];
 
+/// Runs cargo in the workspace; its stdout.
+fn cargo(args: &[&str]) -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(cargo)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(args)
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "cargo {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `cargo tree` of the library with `features`, normal dependencies only, one
 /// `name vX.Y.Z [features]` line per crate (the library itself left out).
 fn tree(features: &str) -> Vec<String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let out = Command::new(cargo)
-        .current_dir(workspace)
-        .args([
-            "tree",
-            "--locked",
-            "--offline",
-            "-e",
-            "normal",
-            "-p",
-            "vedfolnir-sessions",
-            "--no-default-features",
-            "--features",
-            features,
-            "--prefix",
-            "none",
-            "--format",
-            "{p} [{f}]",
-        ])
-        .output()
-        .expect("run cargo tree");
-    assert!(
-        out.status.success(),
-        "cargo tree failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    let out = cargo(&[
+        "tree",
+        "--locked",
+        "--offline",
+        "-e",
+        "normal",
+        "-p",
+        "vedfolnir-sessions",
+        "--no-default-features",
+        "--features",
+        features,
+        "--prefix",
+        "none",
+        "--format",
+        "{p} [{f}]",
+    ]);
+    let mut lines: Vec<String> = out
         .lines()
         .map(|l| l.trim_end_matches(" (*)").to_owned())
         .filter(|l| !l.is_empty() && !l.starts_with("vedfolnir-sessions "))
@@ -166,4 +175,92 @@ fn the_audit_feature_brings_the_database() {
             "{needed} missing with `audit`"
         );
     }
+}
+
+#[test]
+fn the_package_is_the_library_with_its_readme_and_licences() {
+    let list = cargo(&[
+        "package",
+        "--list",
+        "--offline",
+        "--allow-dirty",
+        "-p",
+        "vedfolnir-sessions",
+    ]);
+    let files: Vec<&str> = list.lines().map(str::trim).collect();
+    for needed in [
+        "README.md",
+        "LICENSE-MIT",
+        "LICENSE-APACHE",
+        "Cargo.toml",
+        "src/lib.rs",
+        "src/lua/session.lua",
+    ] {
+        assert!(
+            files.contains(&needed),
+            "{needed} is not packaged: {files:?}"
+        );
+    }
+    // Only the library: no tests, guides, scripts or other crates.
+    let extra: Vec<&&str> = files
+        .iter()
+        .filter(|f| {
+            !f.starts_with("src/")
+                && ![
+                    "README.md",
+                    "LICENSE-MIT",
+                    "LICENSE-APACHE",
+                    "Cargo.toml",
+                    "Cargo.toml.orig",
+                    "Cargo.lock",
+                    ".cargo_vcs_info.json",
+                ]
+                .contains(*f)
+        })
+        .collect();
+    assert!(extra.is_empty(), "packaged beside the library: {extra:?}");
+}
+
+#[test]
+fn the_manifest_describes_the_crate_for_crates_io_and_docs_rs() {
+    let meta: serde_json::Value = serde_json::from_str(&cargo(&[
+        "metadata",
+        "--no-deps",
+        "--offline",
+        "--format-version",
+        "1",
+    ]))
+    .expect("cargo metadata is JSON");
+    let lib = meta["packages"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "vedfolnir-sessions"))
+        .expect("the library package");
+    for field in ["description", "license", "readme", "repository"] {
+        assert!(
+            lib[field].as_str().is_some_and(|v| !v.is_empty()),
+            "{field} missing"
+        );
+    }
+    for list in ["keywords", "categories"] {
+        assert!(
+            lib[list].as_array().is_some_and(|v| !v.is_empty()),
+            "{list} missing"
+        );
+    }
+    assert_eq!(
+        lib["metadata"]["docs"]["rs"]["all-features"],
+        serde_json::Value::Bool(true),
+        "docs.rs documents every feature"
+    );
+    // Only library targets: the binaries live in their own crates.
+    let kinds: Vec<&serde_json::Value> = lib["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .flat_map(|t| t["kind"].as_array().into_iter().flatten())
+        .collect();
+    assert!(
+        kinds.iter().all(|k| *k == "lib"),
+        "targets other than the library: {kinds:?}"
+    );
 }
