@@ -1,7 +1,11 @@
 //! The worker process: the audit consumer, the expiry reaper and the healer,
 //! side by side, until a shutdown signal. Beside each partition's audit
 //! consumer runs the database sweep of overdue sessions
-//! ([`vedfolnir_sessions::reaper::OverdueSweeper`]), which needs the same database.
+//! ([`vedfolnir_sessions::reaper::OverdueSweeper`]), which needs the same
+//! database.
+//!
+//! The binary `vedfolnir-worker` (`src/main.rs`) parses the configuration,
+//! installs the exporters and calls [`run`]; the tests run it in process.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
