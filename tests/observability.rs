@@ -213,7 +213,7 @@ async fn every_named_metric_is_exported_and_traces_reach_the_audit_row() {
         .expect("body");
     token.cancel();
     let series = exported(&body);
-    let root = env!("CARGO_MANIFEST_DIR");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let dashboard = std::fs::read_to_string(format!(
         "{root}/observability/grafana/vedfolnir-sessions.json"
     ))

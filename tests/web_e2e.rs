@@ -74,7 +74,7 @@ fn logs() -> &'static Capture {
         let writer = capture.clone();
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "vedfolnir_sessions=trace,web_e2e=trace",
+                "vedfolnir_sessions=trace,app_server=trace,web_e2e=trace",
             ))
             .with_ansi(false)
             .with_writer(move || writer.clone())
