@@ -17,8 +17,13 @@
 //!   namespace; then the lean layout takes over sessions the ledger layout
 //!   wrote, and ends each of a user's sessions once whichever member form
 //!   indexes it.
+//! - The script is a Redis Functions library: a Redis that does not have it
+//!   (a restart without persistence, `FUNCTION FLUSH`) is given it by the
+//!   next call, which then succeeds.
 
 mod common;
+#[path = "common/redis_server.rs"]
+mod redis_server;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -668,4 +673,52 @@ async fn the_lean_layout_takes_over_what_the_ledger_layout_wrote() {
         history(&ctx, &w).await,
         [(1, "created".to_owned()), (2, "expired".to_owned())]
     );
+}
+
+/// A Redis without the library (flushed, or never given it) gets it from
+/// the next call, and that call does what it was sent to do, once.
+#[tokio::test]
+async fn a_redis_without_the_library_is_given_it_by_the_next_call() {
+    let server = redis_server::RedisServer::start().await;
+    let mut admin = server.connection().await;
+    let namespace = format!("vlib:{}:", Uuid::new_v4().simple());
+    let config = vedfolnir_sessions::Config::default()
+        .with_redis(
+            vedfolnir_sessions::config::RedisTarget::parse("REDIS_URL", &server.url())
+                .expect("url"),
+        )
+        .with_namespace(&namespace);
+    let store = vedfolnir_sessions::SessionStore::connect(&config)
+        .await
+        .expect("store");
+    let libraries = |mut c: redis::aio::MultiplexedConnection| async move {
+        let list: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .query_async(&mut c)
+            .await
+            .expect("function list");
+        list.len()
+    };
+    let c = store
+        .create(NewSession::for_user(5, "five"))
+        .await
+        .expect("create on a Redis that never had the library");
+    assert_eq!(libraries(admin.clone()).await, 1, "the call loaded it");
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .expect("flush");
+    assert_eq!(libraries(admin.clone()).await, 0);
+    let s = store
+        .update(&c.session_id, Changes::new().with_set("theme", "dark"))
+        .await
+        .expect("update after FUNCTION FLUSH");
+    assert_eq!(s.version(), 2, "applied once");
+    assert_eq!(libraries(admin.clone()).await, 1, "loaded again");
+    let stream = store.keys().for_session(&c.session_id).stream.clone();
+    let len: u64 = admin.xlen(&stream).await.expect("xlen");
+    assert_eq!(len, 2, "one event per call");
+    let now = store.get(&c.session_id).await.expect("get").expect("live");
+    assert_eq!(now.get("theme"), Some(&json!("dark")));
 }

@@ -90,7 +90,7 @@ impl Meta {
         self.event_with_id(Uuid::now_v7(), session_id, seq, user_id, kind)
     }
 
-    fn push(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn push(&self, inv: &mut script::Invocation) {
         inv.arg(self.occurred_at.to_string())
             .arg(SCHEMA_VERSION)
             .arg(self.traceparent.as_deref().unwrap_or(""));
@@ -251,7 +251,7 @@ impl SessionStore {
     async fn run_or_fallback(
         &self,
         part: &Keys,
-        inv: &redis::ScriptInvocation<'_>,
+        inv: &script::Invocation,
         settle: Option<&SessionId>,
         fallback: impl FnOnce() -> Vec<(u64, Event)>,
     ) -> Result<Outcome> {
