@@ -121,6 +121,15 @@ fn routes() -> Router {
                 Ok::<_, SessionError>(axum::Json(json!({"csrf": s.csrf_token()})))
             }),
         )
+        .route(
+            "/whoami",
+            get(|s: Session| async move {
+                let as_number = s.user_id_as::<i64>()?;
+                Ok::<_, SessionError>(axum::Json(
+                    json!({"user": s.user_id(), "as_number": as_number}),
+                ))
+            }),
+        )
         .route("/hooks/{name}", post(|| async { "hook" }))
         .route("/other", post(|| async { "other" }))
 }
@@ -267,7 +276,17 @@ async fn login_from_an_anonymous_session_rotates_it() {
         .expect("get")
         .expect("live");
     assert_eq!(session.get("visits"), Some(&json!(1)));
-    assert_eq!(session.user_id().as_deref(), Some("7"));
+    // The stored user id keeps its JSON type: 7 stays a number.
+    assert_eq!(session.user_id(), Some(json!(7)));
+    let who: Value = client
+        .get(s.url("/whoami"))
+        .send()
+        .await
+        .expect("whoami")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(who, json!({"user": 7, "as_number": 7}));
     // The planted cookie no longer reaches anything.
     let res = reqwest::Client::new()
         .get(s.url("/peek"))
@@ -286,7 +305,7 @@ async fn login_from_an_anonymous_session_rotates_it() {
         .await
         .expect("get")
         .expect("live");
-    assert_eq!(session.user_id().as_deref(), Some("8"));
+    assert_eq!(session.user_id(), Some(json!(8)));
     assert_eq!(
         session.get("visits"),
         None,

@@ -217,7 +217,7 @@ impl SessionStore {
             }
             // Boxed: a due touch is rare, and inline its script call would
             // make every load's future several kilobytes larger.
-            match Box::pin(self.touch_at(id, session.clone())).await {
+            match Box::pin(self.touch_at(id, session.clone(), None)).await {
                 Ok(s) => Ok(Some(s)),
                 // Someone else wrote (and so refreshed it) or ended it meanwhile.
                 Err(Error::Conflict { .. }) => Ok(Some(session)),
