@@ -643,6 +643,7 @@ struct Row {
 impl Row {
     /// Per-round ratios of ours to the baseline, to the logging baseline,
     /// and of Redis time to the logging baseline's; with their medians.
+    #[allow(clippy::type_complexity)]
     fn round_ratios(
         &self,
     ) -> (
