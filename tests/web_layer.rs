@@ -477,3 +477,32 @@ async fn the_cookie_slides_with_the_session() {
         .collect();
     assert_eq!(types, ["created", "touched"]);
 }
+
+#[tokio::test]
+async fn a_request_traceparent_reaches_the_event_without_any_exporter() {
+    // Proves: with no tracing subscriber and no OpenTelemetry provider at
+    // all, the W3C `traceparent` a request came with is written into the
+    // events it causes (so the audit row links to the caller's trace); a
+    // header that is not a valid traceparent writes none.
+    let s = start_default().await;
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let tp = format!("00-{trace}-b7ad6b7169203331-01");
+    let res = reqwest::Client::new()
+        .get(s.url("/visit"))
+        .header("traceparent", &tp)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = reqwest::Client::new()
+        .get(s.url("/visit"))
+        .header("traceparent", "00-not-a-trace-01")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(res.status(), StatusCode::OK);
+    let stream = s.ctx.stream().await;
+    assert_eq!(stream.len(), 2, "{stream:?}");
+    assert_eq!(stream[0].get("traceparent"), Some(&tp));
+    assert_eq!(stream[1].get("traceparent"), None);
+}
