@@ -281,6 +281,7 @@ impl SessionStore {
         match ran {
             Ok((r, retried)) => {
                 if matches!(r, Reply::Ok(..)) {
+                    self.appended(part);
                     self.replicate(part).await?;
                 }
                 Ok(Outcome::Redis(r, retried))
@@ -1023,6 +1024,7 @@ impl SessionStore {
                     };
                 return match reply {
                     Reply::Ok(xid, extra) => {
+                        self.appended(part);
                         self.replicate(part).await?;
                         let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
                         let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
@@ -1149,6 +1151,7 @@ impl SessionStore {
             };
             match reply {
                 Reply::Ok(_, entries) => {
+                    self.appended(part);
                     self.replicate(part).await?;
                     let events = meta.composed(&entries, &spare_ids, Some(user_id), reason);
                     self.sync(events).await;
@@ -1231,6 +1234,7 @@ impl SessionStore {
         meta.push(&mut inv);
         match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
             Reply::Ok(xid, extra) => {
+                self.appended(part);
                 let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
                 let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
                 let event = meta.event_with_id(event_id, id, seq, user, kind);
