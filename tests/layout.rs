@@ -36,6 +36,7 @@ use vedfolnir_sessions::config::Layout;
 use vedfolnir_sessions::event::{Event, EventKind, SCHEMA_VERSION};
 use vedfolnir_sessions::keys::Keys;
 use vedfolnir_sessions::reaper::{Reaper, ReaperConfig};
+use vedfolnir_sessions::session::user_id_of;
 use vedfolnir_sessions::time::Timestamp;
 use vedfolnir_sessions::{Changes, DestroyReason, Error, NewSession, Session, SessionId, Token};
 
@@ -424,7 +425,7 @@ impl Previous {
         let e = Self::event(
             id,
             current.version() + 1,
-            current.user_id(),
+            user_id_of(current.data()),
             EventKind::Updated {
                 set: Map::from_iter([(key.to_owned(), v)]),
                 unset: Vec::new(),
@@ -437,7 +438,7 @@ impl Previous {
             .arg(next.to_json())
             .arg(self.ttl_ms)
             .arg(self.tomb_ms)
-            .arg(next.user_id().unwrap_or_default())
+            .arg(user_id_of(next.data()).unwrap_or_default())
             .arg("updated")
             .arg(e.event_id.to_string())
             .arg(e.kind.payload_json());
@@ -511,7 +512,7 @@ async fn the_ledger_layout_and_the_previous_release_share_a_namespace() {
     // The previous release creates; this release reads, writes and ends.
     let (a, _) = prev.create("1").await;
     let s = store.get(&a).await.expect("get").expect("live");
-    assert_eq!(s.user_id().as_deref(), Some("1"));
+    assert_eq!(s.user_id(), Some(json!("1")), "stored as the string it was");
     let s = store
         .update(&a, Changes::new().with_set("cart", 1))
         .await
@@ -721,4 +722,137 @@ async fn a_redis_without_the_library_is_given_it_by_the_next_call() {
     assert_eq!(len, 2, "one event per call");
     let now = store.get(&c.session_id).await.expect("get").expect("live");
     assert_eq!(now.get("theme"), Some(&json!("dark")));
+}
+
+/// Sweeps until every one of `ids` has an `expired` event (bounded); the
+/// deadline each event carries, ms.
+async fn reap_all(ctx: &TestContext, reaper: &Reaper, ids: &[&SessionId]) -> Vec<i64> {
+    let limit = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        reaper.sweep().await.expect("sweep");
+        let mut deadlines = Vec::new();
+        for id in ids {
+            let end = ctx
+                .events_of(id)
+                .await
+                .into_iter()
+                .find(|e| e["type"] == "expired");
+            if let Some(end) = end {
+                let payload: Value = serde_json::from_str(&end["payload"]).expect("payload");
+                let at: chrono::DateTime<chrono::Utc> = payload["deadline"]
+                    .as_str()
+                    .expect("deadline")
+                    .parse()
+                    .expect("a time");
+                deadlines.push(at.timestamp_millis());
+            }
+        }
+        if deadlines.len() == ids.len() {
+            return deadlines;
+        }
+        assert!(
+            tokio::time::Instant::now() < limit,
+            "not all expired: {deadlines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A write with a time to live of its own, shorter than the timeout, is
+/// reaped at its own deadline: an update (the lean layout lowers the
+/// expiry entry it would otherwise leave alone), a touch and a create.
+async fn a_short_ttl_is_reaped_at_its_own_deadline(layout: Layout) {
+    let ctx = TestContext::with(|c| {
+        c.with_layout(layout)
+            .with_session_timeout(Duration::from_secs(120))
+            .with_expiry_lookahead(Duration::from_secs(1))
+    })
+    .await;
+    let reaper = Reaper::new(ctx.store.clone(), ReaperConfig::default());
+    let updated = ctx
+        .store
+        .create(NewSession::for_user(5, "short"))
+        .await
+        .expect("create")
+        .session_id;
+    let touched = ctx
+        .store
+        .create(NewSession::for_user(6, "short"))
+        .await
+        .expect("create")
+        .session_id;
+    for id in [&updated, &touched] {
+        let score = ctx.expiry_score(id).await.expect("filed") as i64;
+        assert!(score > now_ms() + 60_000, "filed for the timeout: {score}");
+    }
+    // Longer than the look-ahead: the lean layout files it at the
+    // look-ahead before the new deadline.
+    let t_update = now_ms();
+    ctx.store
+        .update_with_ttl(
+            &updated,
+            Changes::new().with_set("x", 1),
+            Duration::from_secs(3),
+        )
+        .await
+        .expect("update");
+    let score = ctx.expiry_score(&updated).await.expect("filed") as i64;
+    assert!(score <= t_update + 3_100, "lowered: {score} vs {t_update}");
+    // Shorter than the look-ahead: recorded and filed at the deadline.
+    let t_touch = now_ms();
+    ctx.store
+        .touch_with_ttl(&touched, Duration::from_millis(800))
+        .await
+        .expect("touch");
+    let score = ctx.expiry_score(&touched).await.expect("filed") as i64;
+    assert!(score <= t_touch + 900, "lowered: {score} vs {t_touch}");
+    let t_create = now_ms();
+    let created = ctx
+        .store
+        .create_with_ttl(
+            NewSession::for_user(7, "short"),
+            Duration::from_millis(1_500),
+        )
+        .await
+        .expect("create")
+        .session_id;
+    // A TTL past the timeout is the timeout.
+    let long = ctx
+        .store
+        .create_with_ttl(NewSession::anonymous(), Duration::from_secs(86_400))
+        .await
+        .expect("create")
+        .session_id;
+    let left: i64 = ctx.conn().pttl(ctx.session_key(&long)).await.expect("pttl");
+    assert!(left <= 120_000 && left > 110_000, "{left}");
+
+    let deadlines = reap_all(&ctx, &reaper, &[&updated, &touched, &created]).await;
+    for (deadline, want) in
+        deadlines
+            .into_iter()
+            .zip([t_update + 3_000, t_touch + 800, t_create + 1_500])
+    {
+        assert!(
+            (deadline - want).abs() < 1_000,
+            "expired at {deadline}, its own deadline is {want}"
+        );
+    }
+    let types: Vec<String> = ctx
+        .events_of(&updated)
+        .await
+        .into_iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert_eq!(types, ["created", "updated", "expired"]);
+    assert!(ctx.store.get(&long).await.expect("get").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_ttl_is_reaped_at_its_own_deadline_lean() {
+    a_short_ttl_is_reaped_at_its_own_deadline(Layout::Lean).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_ttl_is_reaped_at_its_own_deadline_ledger() {
+    a_short_ttl_is_reaped_at_its_own_deadline(Layout::Ledger).await;
 }

@@ -184,6 +184,24 @@ local function store_live(id, m, seq, json, ttl, tomb, user, old_user, had, fres
       unindex(up .. old_user, id, m)
     end
   end
+  return ledger
+end
+
+-- A write with a time to live of the caller's own (not the configured
+-- timeout), in the lean layout: the expiry entry is a lower bound filed for
+-- an earlier write's deadline, and this deadline may be earlier. The entry
+-- comes down to where `file` would put it now, never up (`LT`); the other
+-- member form is dropped so that one entry remains. Only calls with such a
+-- time to live pay for it.
+local function lower(id, m, ttl, with_ledger)
+  clock()
+  local at = now + ttl
+  if not with_ledger then
+    at = at - ahead
+  end
+  local w = member(id, m)
+  redis.call('ZREM', expiry, w == m and id or m)
+  redis.call('ZADD', expiry, 'LT', at, w)
 end
 
 local function store_end(id, m, seq, status, user, tomb)
@@ -319,12 +337,17 @@ local function run(keys, argv)
     local event_id = arg()
     local payload = arg()
     read_meta()
+    -- 'lower': the time to live is the caller's own (see `lower`).
+    local own_ttl = arg() == 'lower'
     local seq, reply, had = current(id, expected)
     if not seq then
       return reply
     end
     local sid = append(id, seq + 1, kind, user, payload, event_id)
-    store_live(id, m, seq + 1, json, ttl, tomb, user, old_user, had, false)
+    local ledger = store_live(id, m, seq + 1, json, ttl, tomb, user, old_user, had, false)
+    if own_ttl and lean then
+      lower(id, m, ttl, ledger)
+    end
     return { 'ok', sid }
   elseif op == 'end' then
     -- With `expected` -1 the caller does not know the session: the user comes

@@ -177,7 +177,7 @@ impl Restore<'_> {
     /// The operation's arguments, in the script's order.
     pub(crate) fn args(&self) -> Vec<Vec<u8>> {
         let (old_seq, old_user) = match self.behind {
-            Some(s) => (s.version() as i64, s.user_id().unwrap_or_default()),
+            Some(s) => (s.version() as i64, s.user_key().unwrap_or_default()),
             None => (-1, String::new()),
         };
         vec![
