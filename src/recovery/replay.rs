@@ -113,7 +113,7 @@ pub async fn replay(
                 tomb_ms,
                 behind: None,
             }
-            .evalsha(part, shape);
+            .fcall(part, shape);
             let (pipe, sent) = pipes
                 .entry(part.partition)
                 .or_insert_with(|| (redis::pipe(), Vec::new()));
@@ -123,9 +123,7 @@ pub async fn replay(
         for (pipe, sent) in pipes.values() {
             let replies: Vec<Vec<String>> = match pipe.query_async(&mut conn).await {
                 Ok(r) => r,
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
+                Err(e) if script::not_loaded(&e) => {
                     script::load(&mut conn).await?;
                     pipe.query_async(&mut conn).await?
                 }

@@ -105,8 +105,8 @@ impl SessionStore {
     /// it first closes the database for writes and projects whatever the
     /// fallback staged meanwhile.
     pub(super) fn note_unavailable(&self) {
-        self.shared.suspect.store(true, Ordering::Release);
-        if let Ok(mut r) = self.shared.reopened.lock() {
+        self.shared.audit.suspect.store(true, Ordering::Release);
+        if let Ok(mut r) = self.shared.audit.reopened.lock() {
             r.clear();
         }
     }
@@ -126,7 +126,7 @@ impl SessionStore {
         }
         match partition::reached_redis(self.db()?, &part.stream).await {
             Ok(()) => {
-                if let Ok(mut r) = self.shared.reopened.lock() {
+                if let Ok(mut r) = self.shared.audit.reopened.lock() {
                     r.insert(part.partition);
                 }
             }
@@ -139,13 +139,17 @@ impl SessionStore {
     /// True when this store reported Redis reachable for partition `p` since
     /// it last found Redis unreachable.
     fn reopened(&self, p: u32) -> bool {
-        self.shared.reopened.lock().is_ok_and(|r| r.contains(&p))
+        self.shared
+            .audit
+            .reopened
+            .lock()
+            .is_ok_and(|r| r.contains(&p))
     }
 
     /// Whether the database may stand in for Redis for partition `part`
     /// (read at most every [`TRUST_FOR`]).
     async fn database_current(&self, part: &Keys) -> bool {
-        if let Ok(trust) = self.shared.trust.lock()
+        if let Ok(trust) = self.shared.audit.trust.lock()
             && let Some((at, ok)) = trust.get(&part.partition)
             && at.elapsed() < TRUST_FOR
         {
@@ -167,7 +171,7 @@ impl SessionStore {
                 false
             }
         };
-        if let Ok(mut trust) = self.shared.trust.lock() {
+        if let Ok(mut trust) = self.shared.audit.trust.lock() {
             trust.insert(part.partition, (Instant::now(), ok));
         }
         ok
@@ -231,6 +235,7 @@ impl SessionStore {
         }
         if out == Staged::Written {
             self.shared
+                .audit
                 .fallback_writes
                 .fetch_add(writes.len() as u64, Ordering::Relaxed);
             crate::telemetry::metrics()
@@ -263,20 +268,26 @@ impl SessionStore {
         // hangs must not hold every mutation for the full timeout. Every
         // mutation still tries, so nothing acknowledged while the database
         // answers is missing from it.
-        let limit = if self.shared.sync_failing.load(Ordering::Acquire) {
+        let limit = if self.shared.audit.sync_failing.load(Ordering::Acquire) {
             SYNC_TIMEOUT_FAILING
         } else {
             SYNC_TIMEOUT
         };
         let failure = match tokio::time::timeout(limit, audit.write(&events, &[])).await {
             Ok(Ok(_)) => {
-                self.shared.sync_failing.store(false, Ordering::Release);
+                self.shared
+                    .audit
+                    .sync_failing
+                    .store(false, Ordering::Release);
                 return;
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {} ms", limit.as_millis()),
         };
-        self.shared.sync_failing.store(true, Ordering::Release);
+        self.shared
+            .audit
+            .sync_failing
+            .store(true, Ordering::Release);
         crate::telemetry::metrics()
             .audit_sync_failures
             .add(events.len() as u64, &[]);
@@ -329,10 +340,14 @@ impl SessionStore {
         if self.audit.is_none() {
             return;
         }
-        let now = self.shared.elapsed_ms();
-        let last = self.shared.last_contact_ms.swap(now, Ordering::AcqRel);
-        let suspect = self.shared.suspect.load(Ordering::Acquire);
-        let first = !self.shared.epochs_checked.load(Ordering::Acquire);
+        let now = self.shared.audit.elapsed_ms();
+        let last = self
+            .shared
+            .audit
+            .last_contact_ms
+            .swap(now, Ordering::AcqRel);
+        let suspect = self.shared.audit.suspect.load(Ordering::Acquire);
+        let first = !self.shared.audit.epochs_checked.load(Ordering::Acquire);
         if !suspect && !first && now.saturating_sub(last) < CATCH_UP_AFTER.as_millis() as u64 {
             return;
         }
@@ -340,16 +355,21 @@ impl SessionStore {
     }
 
     async fn catch_up_now(&self, now: u64) {
-        let last_try = self.shared.last_catch_up_ms.load(Ordering::Acquire);
+        let last_try = self.shared.audit.last_catch_up_ms.load(Ordering::Acquire);
         if last_try != 0 && now.saturating_sub(last_try) < CATCH_UP_RETRY.as_millis() as u64 {
             return;
         }
         self.shared
+            .audit
             .last_catch_up_ms
             .store(now.max(1), Ordering::Release);
-        if !self.shared.epochs_checked.load(Ordering::Acquire) {
+        if !self.shared.audit.epochs_checked.load(Ordering::Acquire) {
             match self.establish_epochs().await {
-                Ok(()) => self.shared.epochs_checked.store(true, Ordering::Release),
+                Ok(()) => self
+                    .shared
+                    .audit
+                    .epochs_checked
+                    .store(true, Ordering::Release),
                 Err(e) => tracing::debug!(err = %e, "checking the redis epochs failed"),
             }
         }
@@ -368,9 +388,10 @@ impl SessionStore {
                     // while longer.
                     let grace = self.config.redis_timeout.as_millis() as u64 + 1000;
                     self.shared
+                        .audit
                         .guard_until_ms
-                        .store(self.shared.elapsed_ms() + grace, Ordering::Release);
-                    self.shared.suspect.store(false, Ordering::Release);
+                        .store(self.shared.audit.elapsed_ms() + grace, Ordering::Release);
+                    self.shared.audit.suspect.store(false, Ordering::Release);
                 }
                 if summary.projected + summary.logged_directly > 0 {
                     tracing::info!(
@@ -395,9 +416,9 @@ impl SessionStore {
         if self.audit.is_none() {
             return Ok(());
         }
-        let now = self.shared.elapsed_ms();
-        if !self.shared.suspect.load(Ordering::Acquire)
-            && now >= self.shared.guard_until_ms.load(Ordering::Acquire)
+        let now = self.shared.audit.elapsed_ms();
+        if !self.shared.audit.suspect.load(Ordering::Acquire)
+            && now >= self.shared.audit.guard_until_ms.load(Ordering::Acquire)
         {
             return Ok(());
         }
@@ -566,7 +587,7 @@ impl SessionStore {
                 String::new()
             };
             let user = next
-                .user_id()
+                .user_key()
                 .or_else(|| staged.user_id.clone())
                 .unwrap_or_default();
             let inv = script::Apply {
@@ -576,7 +597,7 @@ impl SessionStore {
                 ttl_ms: self.config.session_timeout.as_millis() as u64,
                 tomb_ms: self.config.tombstone_ttl.as_millis() as u64,
                 user: &user,
-                old_user: &base.user_id().unwrap_or_default(),
+                old_user: &base.user_key().unwrap_or_default(),
                 kind: staged.kind.type_name(),
                 status_after: status_after.as_str(),
                 event_id: staged.event_id,

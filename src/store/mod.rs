@@ -22,6 +22,7 @@ mod recovery;
 #[cfg(not(feature = "audit"))]
 mod redis_only;
 pub(crate) mod script;
+mod trim;
 
 #[cfg(feature = "audit")]
 use std::collections::HashMap;
@@ -29,7 +30,8 @@ use std::sync::Arc;
 #[cfg(feature = "audit")]
 use std::sync::Mutex;
 #[cfg(feature = "audit")]
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Instant;
 
 use redis::AsyncCommands as _;
@@ -74,16 +76,40 @@ pub struct SessionStore {
     config: Arc<Config>,
     #[cfg(feature = "audit")]
     audit: Option<AuditSink>,
-    #[cfg(feature = "audit")]
     shared: Arc<Shared>,
 }
 
 /// State shared by the clones of one store. None of it is needed for
 /// correctness after a restart: what must survive lives in Redis or the
 /// audit database.
-#[cfg(feature = "audit")]
 #[derive(Debug)]
 struct Shared {
+    /// Events Redis appended through this store; every so many, the stream
+    /// of the partition written is trimmed (see `store::trim`).
+    appended: AtomicU64,
+    /// A trim runs.
+    trimming: AtomicBool,
+    /// What the store's side of the audit database keeps.
+    #[cfg(feature = "audit")]
+    audit: AuditShared,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            appended: AtomicU64::new(0),
+            trimming: AtomicBool::new(false),
+            #[cfg(feature = "audit")]
+            audit: AuditShared::default(),
+        }
+    }
+}
+
+/// The state of the store's side of the audit database: the fallback, the
+/// projection of staged writes, the recovery signal, synchronous writes.
+#[cfg(feature = "audit")]
+#[derive(Debug)]
+struct AuditShared {
     /// When the store was made; the origin of the millisecond clocks below.
     started: Instant,
     /// Redis was found unreachable; the next operation that reaches it first
@@ -115,9 +141,9 @@ struct Shared {
 }
 
 #[cfg(feature = "audit")]
-impl Default for Shared {
+impl Default for AuditShared {
     fn default() -> Self {
-        Shared {
+        AuditShared {
             started: Instant::now(),
             // Until a first projection says otherwise, writes staged by
             // other processes may wait in the database.
@@ -137,7 +163,7 @@ impl Default for Shared {
 }
 
 #[cfg(feature = "audit")]
-impl Shared {
+impl AuditShared {
     fn elapsed_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -176,7 +202,6 @@ impl SessionStore {
             config: Arc::new(config.clone()),
             #[cfg(feature = "audit")]
             audit: None,
-            #[cfg(feature = "audit")]
             shared: Arc::new(Shared::default()),
         }
     }
@@ -199,7 +224,7 @@ impl SessionStore {
     /// unreachable.
     #[cfg(feature = "audit")]
     pub fn fallback_writes(&self) -> u64 {
-        self.shared.fallback_writes.load(Ordering::Relaxed)
+        self.shared.audit.fallback_writes.load(Ordering::Relaxed)
     }
 
     /// The configuration this store runs with.
@@ -240,7 +265,7 @@ impl SessionStore {
             }
             // Boxed: a due touch is rare, and inline its script call would
             // make every load's future several kilobytes larger.
-            match Box::pin(self.touch_at(id, session.clone())).await {
+            match Box::pin(self.touch_at(id, session.clone(), None)).await {
                 Ok(s) => Ok(Some(s)),
                 // Someone else wrote (and so refreshed it) or ended it meanwhile.
                 Err(Error::Conflict { .. }) => Ok(Some(session)),

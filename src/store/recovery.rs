@@ -137,7 +137,7 @@ impl SessionStore {
     /// could be restored anyway.
     pub(super) async fn recovering(&self, part: &Keys) -> bool {
         let p = part.partition;
-        let (confirmed, memo_fresh) = match self.shared.recovery.lock() {
+        let (confirmed, memo_fresh) = match self.shared.audit.recovery.lock() {
             Ok(m) => {
                 let memo = m.get(&p);
                 (
@@ -166,7 +166,7 @@ impl SessionStore {
             }
         };
         let recovering = matches!(state, RecoveryState::Recovering { .. });
-        if let Ok(mut m) = self.shared.recovery.lock() {
+        if let Ok(mut m) = self.shared.audit.recovery.lock() {
             let memo = m.entry(p).or_default();
             match &state {
                 RecoveryState::Normal { epoch } => {
@@ -236,11 +236,11 @@ impl SessionStore {
 
     /// Starts a replay in the background unless this process runs one.
     pub(super) fn start_healing(&self) {
-        if self.shared.healing.swap(true, Ordering::AcqRel) {
+        if self.shared.audit.healing.swap(true, Ordering::AcqRel) {
             return;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            self.shared.healing.store(false, Ordering::Release);
+            self.shared.audit.healing.store(false, Ordering::Release);
             return;
         };
         let store = self.clone();
@@ -250,7 +250,7 @@ impl SessionStore {
                 Ok(None) => {}
                 Err(e) => tracing::warn!(err = %e, "recovery failed; will retry"),
             }
-            store.shared.healing.store(false, Ordering::Release);
+            store.shared.audit.healing.store(false, Ordering::Release);
         });
     }
 
@@ -323,7 +323,7 @@ impl SessionStore {
                 .invoke_async(&mut conn)
                 .await;
         }
-        if let Ok(mut memo) = self.shared.recovery.lock() {
+        if let Ok(mut memo) = self.shared.audit.recovery.lock() {
             memo.clear();
         }
         result.map(Some)

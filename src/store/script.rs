@@ -1,9 +1,15 @@
 //! The one Lua script behind every mutation (`src/lua/session.lua`), the
 //! arguments of each of its operations, and its replies.
 //!
-//! The script is sent with `EVALSHA`; on `NOSCRIPT` (after a Redis restart, a
-//! `SCRIPT FLUSH` or a failover) redis-rs loads it again and retries, so no
-//! operator action is ever needed.
+//! The script is a Redis Functions library (Redis 7.0 or later), called with
+//! `FCALL`: unlike `EVALSHA`, a call does not run the script's top level (its
+//! helper functions are made once, when the library is loaded), which takes
+//! a third of the Redis time off a write. The library's name carries a hash
+//! of its text, so servers of two releases can share a Redis during a rolling
+//! upgrade, each calling its own. When Redis does not have it (a restart
+//! without persistence, `FUNCTION FLUSH`, a new primary that never had it),
+//! the call loads it with `FUNCTION LOAD` (on every primary of a cluster)
+//! and is sent again, so no operator action is ever needed.
 //!
 //! # Arguments
 //!
@@ -12,17 +18,18 @@
 //! the key prefixes, the layout and the look-ahead ([`Shape`]); the
 //! operation's own arguments follow, read in order by the script's
 //! `arg()`. Each operation has one struct here ([`Create`], [`Write`],
-//! [`End`], [`Rotate`], [`DestroyUser`], [`Expire`], [`Look`], [`Restore`],
-//! [`Apply`]) whose fields are those arguments, named, and whose
+//! [`End`], [`Rotate`], [`DestroyUser`], [`Expire`], [`Look`], `Restore`,
+//! `Apply`) whose fields are those arguments, named, and whose
 //! [`Operation::args`] writes them in the order the script reads them; the
 //! operation's section of the script lists the same names in the same order.
-//! An event the script appends takes its [`Stamp`] last, before any list of
-//! spare event ids.
+//! An event the script appends takes its [`Stamp`] after the operation's
+//! own arguments, before any list of spare event ids.
 
 use std::sync::LazyLock;
 
+use redis::FromRedisValue;
 use redis::aio::ConnectionLike;
-use redis::{Script, ScriptInvocation, ToRedisArgs};
+use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 use crate::config::{Config, Layout};
@@ -33,7 +40,20 @@ use crate::keys::Keys;
 use crate::session::Record;
 use crate::time::Timestamp;
 
-static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/session.lua")));
+/// The library: its name (also the function's) and the code `FUNCTION LOAD`
+/// takes.
+struct Library {
+    name: String,
+    code: String,
+}
+
+static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
+    let body = include_str!("../lua/session.lua");
+    let digest = hex::encode(Sha256::digest(body.as_bytes()));
+    let name = format!("vedfolnir_session_{}", &digest[..16]);
+    let code = format!("#!lua name={name}\n{body}\nredis.register_function('{name}', run)\n");
+    Library { name, code }
+});
 
 /// What the script answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,41 +107,69 @@ impl Shape {
     }
 }
 
+/// Loads the library (`FUNCTION LOAD REPLACE`; on a cluster, on every
+/// primary), so that pipelined calls find it.
 #[cfg(feature = "audit")]
-/// `SCRIPT LOAD`s the script so that pipelined `EVALSHA`s find it.
 pub(crate) async fn load(conn: &mut impl ConnectionLike) -> Result<()> {
-    SCRIPT.prepare_invoke().load_async(conn).await?;
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(&LIBRARY.code)
+        .exec_async(conn)
+        .await?;
     Ok(())
 }
 
-/// Where an operation's arguments go: a script invocation (sent with
-/// `EVALSHA`, falling back to `EVAL`) or a bare `EVALSHA` command for a
-/// pipeline.
-pub(crate) trait Args {
-    /// Appends one argument.
-    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self;
+/// True when Redis answered that it does not have the library.
+pub(crate) fn not_loaded(e: &redis::RedisError) -> bool {
+    e.detail()
+        .is_some_and(|d| d.starts_with("Function not found"))
 }
 
-impl Args for ScriptInvocation<'_> {
-    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
-        ScriptInvocation::arg(self, arg)
+/// One call of the script: an `FCALL` that loads the library and is sent
+/// again when Redis does not have it.
+#[derive(Debug, Clone)]
+pub(crate) struct Invocation {
+    cmd: redis::Cmd,
+}
+
+impl Invocation {
+    /// Sends the call; loads the library first when Redis does not have it.
+    pub(crate) async fn invoke_async<T: FromRedisValue>(
+        &self,
+        conn: &mut impl ConnectionLike,
+    ) -> redis::RedisResult<T> {
+        match self.cmd.query_async(conn).await {
+            Err(e) if not_loaded(&e) => {
+                tracing::debug!("redis does not have the session library; loading it");
+                redis::cmd("FUNCTION")
+                    .arg("LOAD")
+                    .arg("REPLACE")
+                    .arg(&LIBRARY.code)
+                    .exec_async(conn)
+                    .await?;
+                self.cmd.query_async(conn).await
+            }
+            other => other,
+        }
     }
 }
 
-impl Args for redis::Cmd {
-    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
-        redis::Cmd::arg(self, arg)
-    }
-}
-
-/// `ARGV[2..6]`, which every operation takes after its name.
-fn common(a: &mut impl Args, keys: &Keys, shape: Shape, op: &str) {
-    a.arg(op)
+/// `FCALL` of the library with the partition's keys, the operation's name
+/// and `ARGV[2..6]`, which every operation takes.
+fn head(keys: &Keys, shape: Shape, op: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg(&LIBRARY.name)
+        .arg(2)
+        .arg(&keys.stream)
+        .arg(&keys.expiry)
+        .arg(op)
         .arg(&keys.session_prefix)
         .arg(&keys.ledger_prefix)
         .arg(&keys.user_prefix)
         .arg(shape.layout.as_str())
         .arg(shape.lookahead_ms);
+    cmd
 }
 
 /// One operation of the script, with its arguments.
@@ -131,27 +179,19 @@ pub(crate) trait Operation {
 
     /// Writes the operation's own arguments (from `ARGV[7]`), in the order
     /// the script reads them.
-    fn args(&self, a: &mut impl Args);
+    fn args(&self, a: &mut redis::Cmd);
 
-    /// The invocation of the script for this operation on partition `keys`.
-    fn invocation(&self, keys: &Keys, shape: Shape) -> ScriptInvocation<'static> {
-        let mut inv = SCRIPT.prepare_invoke();
-        inv.key(&keys.stream).key(&keys.expiry);
-        common(&mut inv, keys, shape, Self::NAME);
-        self.args(&mut inv);
-        inv
+    /// The call of the script for this operation on partition `keys`.
+    fn invocation(&self, keys: &Keys, shape: Shape) -> Invocation {
+        Invocation {
+            cmd: self.fcall(keys, shape),
+        }
     }
 
-    /// A bare `EVALSHA` for a pipeline, which cannot fall back to `EVAL` by
-    /// itself: [`load`] the script first.
-    #[cfg(feature = "audit")]
-    fn evalsha(&self, keys: &Keys, shape: Shape) -> redis::Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(SCRIPT.get_hash())
-            .arg(2)
-            .arg(&keys.stream)
-            .arg(&keys.expiry);
-        common(&mut cmd, keys, shape, Self::NAME);
+    /// A bare `FCALL` for a pipeline, which does not load the library by
+    /// itself: `load` it first.
+    fn fcall(&self, keys: &Keys, shape: Shape) -> redis::Cmd {
+        let mut cmd = head(keys, shape, Self::NAME);
         self.args(&mut cmd);
         cmd
     }
@@ -159,7 +199,7 @@ pub(crate) trait Operation {
 
 /// The id twice: as text (keys, the stream) and as its 32 bytes (index
 /// members in the lean layout).
-fn id(a: &mut impl Args, id: &SessionId) {
+fn id(a: &mut redis::Cmd, id: &SessionId) {
     a.arg(id.as_str()).arg(&id.to_bytes()[..]);
 }
 
@@ -173,7 +213,7 @@ pub(crate) struct Stamp<'a> {
 }
 
 impl Stamp<'_> {
-    fn args(&self, a: &mut impl Args) {
+    fn args(&self, a: &mut redis::Cmd) {
         a.arg(self.occurred_at.to_string())
             .arg(self.schema)
             .arg(self.traceparent.unwrap_or(""));
@@ -202,7 +242,7 @@ pub(crate) struct Create<'a> {
 impl Operation for Create<'_> {
     const NAME: &'static str = "create";
 
-    fn args(&self, a: &mut impl Args) {
+    fn args(&self, a: &mut redis::Cmd) {
         id(a, self.id);
         a.arg(self.json)
             .arg(self.ttl_ms)
@@ -234,12 +274,16 @@ pub(crate) struct Write<'a> {
     pub event_id: Uuid,
     pub payload: &'a str,
     pub stamp: Stamp<'a>,
+    /// `ttl_ms` is the call's own rather than the timeout: the script lowers
+    /// the expiry entry when the deadline moved earlier (the usual write
+    /// leaves the entry alone).
+    pub lower: bool,
 }
 
 impl Operation for Write<'_> {
     const NAME: &'static str = "write";
 
-    fn args(&self, a: &mut impl Args) {
+    fn args(&self, a: &mut redis::Cmd) {
         id(a, self.id);
         a.arg(self.expected)
             .arg(self.json)
@@ -251,6 +295,9 @@ impl Operation for Write<'_> {
             .arg(self.event_id.to_string())
             .arg(self.payload);
         self.stamp.args(a);
+        if self.lower {
+            a.arg("lower");
+        }
     }
 }
 
@@ -276,7 +323,7 @@ pub(crate) struct End<'a> {
 impl Operation for End<'_> {
     const NAME: &'static str = "end";
 
-    fn args(&self, a: &mut impl Args) {
+    fn args(&self, a: &mut redis::Cmd) {
         id(a, self.id);
         a.arg(self.expected)
             .arg(self.user)
@@ -313,7 +360,7 @@ pub(crate) struct Rotate<'a> {
 impl Operation for Rotate<'_> {
     const NAME: &'static str = "rotate";
 
-    fn args(&self, a: &mut impl Args) {
+    fn args(&self, a: &mut redis::Cmd) {
         id(a, self.old);
         a.arg(self.expected).arg(self.old_user);
         id(a, self.new);
@@ -345,7 +392,7 @@ pub(crate) struct DestroyUser<'a> {
 impl Operation for DestroyUser<'_> {
     const NAME: &'static str = "destroy_user";
 
-    fn args(&self, a: &mut impl Args) {
+    fn args(&self, a: &mut redis::Cmd) {
         a.arg(self.user).arg(self.tomb_ms).arg(self.payload);
         self.stamp.args(a);
         a.arg(self.event_ids);
@@ -366,7 +413,7 @@ pub(crate) struct Expire<'a> {
 impl Operation for Expire<'_> {
     const NAME: &'static str = "expire";
 
-    fn args(&self, a: &mut impl Args) {
+    fn args(&self, a: &mut redis::Cmd) {
         id(a, self.id);
         a.arg(self.score)
             .arg(self.tomb_ms)
@@ -389,7 +436,7 @@ pub(crate) struct Look<'a> {
 impl Operation for Look<'_> {
     const NAME: &'static str = "look";
 
-    fn args(&self, a: &mut impl Args) {
+    fn args(&self, a: &mut redis::Cmd) {
         id(a, self.id);
         a.arg(self.seq).arg(self.user).arg(self.tomb_ms);
     }
@@ -414,9 +461,9 @@ pub(crate) struct Restore<'a> {
 impl Operation for Restore<'_> {
     const NAME: &'static str = "restore";
 
-    fn args(&self, a: &mut impl Args) {
+    fn args(&self, a: &mut redis::Cmd) {
         let (old_seq, old_user) = match self.behind {
-            Some(s) => (s.version() as i64, s.user_id().unwrap_or_default()),
+            Some(s) => (s.version() as i64, s.user_key().unwrap_or_default()),
             None => (-1, String::new()),
         };
         id(a, self.id);
@@ -454,7 +501,7 @@ pub(crate) struct Apply<'a> {
 impl Operation for Apply<'_> {
     const NAME: &'static str = "apply";
 
-    fn args(&self, a: &mut impl Args) {
+    fn args(&self, a: &mut redis::Cmd) {
         id(a, self.id);
         a.arg(self.base)
             .arg(self.json)
@@ -518,7 +565,7 @@ pub(crate) fn connection_broke(e: &redis::RedisError) -> bool {
 /// `ended`), and the caller recognizes its own write. Returns whether it
 /// retried.
 pub(crate) async fn run_retrying(
-    inv: &ScriptInvocation<'_>,
+    inv: &Invocation,
     conn: &mut impl ConnectionLike,
 ) -> Result<(Reply, bool)> {
     match inv.invoke_async::<Vec<String>>(conn).await {

@@ -6,7 +6,12 @@
 //! exporters). Without an installed provider every instrument is a no-op.
 //!
 //! - `current_traceparent` is how a store operation learns the W3C trace
-//!   context of the request that caused it, to write it into the event.
+//!   context of the request that caused it, to write it into the event: the
+//!   current OpenTelemetry span when one is recorded (feature
+//!   `tracing-opentelemetry`), else the `traceparent` the request came with
+//!   ([`scope_traceparent`], which the session layer applies), so the audit
+//!   row links to the caller's trace even where no exporter is configured
+//!   or the span is filtered out.
 //! - [`metrics`] holds the instruments; their Prometheus names are listed in
 //!   the README and used by `observability/`.
 
@@ -15,27 +20,62 @@ use std::time::Instant;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags, TraceState};
+#[cfg(feature = "tracing-opentelemetry")]
+use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry::trace::{SpanContext, TraceFlags, TraceState};
 
-/// The W3C `traceparent` of the current span, when it belongs to a sampled
-/// OpenTelemetry trace. With the feature `tracing-opentelemetry` the
-/// current span is the `tracing` span's OpenTelemetry context; without it,
-/// the OpenTelemetry context attached to the running task.
+tokio::task_local! {
+    /// The `traceparent` the current request came with.
+    static INCOMING: Option<String>;
+}
+
+/// The W3C `traceparent` to write into an event: the current span's when it
+/// belongs to an OpenTelemetry trace (feature `tracing-opentelemetry`), else
+/// the one the current request came with (see [`scope_traceparent`]), else
+/// none.
 pub(crate) fn current_traceparent() -> Option<String> {
     #[cfg(feature = "tracing-opentelemetry")]
-    let cx = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
-    #[cfg(not(feature = "tracing-opentelemetry"))]
-    let cx = opentelemetry::Context::current();
-    let span = cx.span();
-    let sc = span.span_context();
-    sc.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
-    })
+    {
+        let cx = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
+        let span = cx.span();
+        let sc = span.span_context();
+        if sc.is_valid() {
+            return Some(format_traceparent(sc));
+        }
+    }
+    INCOMING.try_with(Clone::clone).ok().flatten()
+}
+
+fn format_traceparent(sc: &SpanContext) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    )
+}
+
+/// Runs `fut` with `traceparent` (a W3C `traceparent` header's value, from
+/// outside: checked, and ignored unless valid) as the trace context events
+/// fall back to when no OpenTelemetry span is recorded.
+pub async fn scope_traceparent<F: std::future::Future>(
+    traceparent: Option<&str>,
+    fut: F,
+) -> F::Output {
+    let tp = traceparent
+        .and_then(parse_traceparent)
+        .map(|sc| format_traceparent(&sc));
+    INCOMING.scope(tp, fut).await
+}
+
+/// [`scope_traceparent`] with an owned header value (the future holds no
+/// borrow of the request).
+#[cfg(feature = "axum")]
+pub(crate) async fn scope_traceparent_owned<F: std::future::Future>(
+    traceparent: Option<String>,
+    fut: F,
+) -> F::Output {
+    scope_traceparent(traceparent.as_deref(), fut).await
 }
 
 /// Parses a W3C `traceparent` into a remote span context (for span links).
@@ -233,5 +273,21 @@ mod tests {
         assert!(parse_traceparent("00-0000-00f067aa0ba902b7-01").is_none());
         assert!(parse_traceparent("garbage").is_none());
         assert!(current_traceparent().is_none(), "no exporter, no context");
+    }
+
+    #[tokio::test]
+    async fn an_incoming_traceparent_is_the_fallback() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let seen = scope_traceparent(Some(tp), async { current_traceparent() }).await;
+        assert_eq!(seen.as_deref(), Some(tp));
+        // Anything that is not a valid traceparent is left out.
+        for junk in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ] {
+            let seen = scope_traceparent(Some(junk), async { current_traceparent() }).await;
+            assert_eq!(seen, None, "{junk}");
+        }
+        assert_eq!(current_traceparent(), None, "outside the scope");
     }
 }

@@ -197,7 +197,12 @@ where
             session_id = tracing::field::Empty
         );
         // Continue the caller's trace (W3C `traceparent`), so that one trace
-        // runs from the request to the audit row.
+        // runs from the request to the audit row; the header alone is
+        // enough when no propagator is installed, and when no span is
+        // recorded at all (or the spans carry no OpenTelemetry context:
+        // without the feature `tracing-opentelemetry`) the events still
+        // carry the caller's traceparent.
+        let incoming = incoming_traceparent(req.headers());
         #[cfg(feature = "tracing-opentelemetry")]
         {
             let parent = opentelemetry::global::get_text_map_propagator(|p| {
@@ -205,55 +210,70 @@ where
             });
             if opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
                 let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+            } else if let Some(sc) = incoming
+                .as_deref()
+                .and_then(crate::telemetry::parse_traceparent)
+            {
+                let parent = opentelemetry::trace::TraceContextExt::with_remote_span_context(
+                    &opentelemetry::Context::new(),
+                    sc,
+                );
+                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
             }
         }
-        // Without tracing spans that carry OpenTelemetry contexts, the
-        // caller's context is attached to the request's task, where the
-        // store reads it (`telemetry::current_traceparent`).
-        #[cfg(not(feature = "tracing-opentelemetry"))]
-        let caller = req
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::telemetry::parse_traceparent)
-            .map(|sc| {
-                use opentelemetry::trace::TraceContextExt as _;
-                opentelemetry::Context::new().with_remote_span_context(sc)
-            })
-            .unwrap_or_default();
-        let handled = async move {
-            let presented = cookies::presented(req.headers(), &shared.cookie.name);
-            let fingerprint = shared.fingerprint.as_ref().map(|f| f.compute(&req));
-            let state = match open(&shared, presented, fingerprint).await {
-                Ok(state) => state,
-                Err(e) => return Ok(finish_error(e.into_response())),
-            };
-            let session = Session::new(state, shared.clone());
-            if shared.csrf.requires_token(req.method(), req.uri().path()) {
-                let expected = session.csrf_token();
-                if !shared.csrf.verify(req.headers(), expected.as_deref()) {
-                    tracing::info!(
-                        method = %req.method(),
-                        path = req.uri().path(),
-                        has_session = expected.is_some(),
-                        "refused an unsafe request without a valid csrf token"
-                    );
-                    // Logged just above, with the method and path.
-                    let mut res = SessionError::Csrf.into_response();
-                    res.extensions_mut().remove::<ErrorReport>();
-                    return Ok(apply_cookie(&shared, &session, res));
+        let fut = Box::pin(
+            async move {
+                let presented = cookies::presented(req.headers(), &shared.cookie.name);
+                let fingerprint = shared.fingerprint.as_ref().map(|f| f.compute(&req));
+                let state = match open(&shared, presented, fingerprint).await {
+                    Ok(state) => state,
+                    Err(e) => return Ok(finish_error(e.into_response())),
+                };
+                let session = Session::new(state, shared.clone());
+                if shared.csrf.requires_token(req.method(), req.uri().path()) {
+                    let expected = session.csrf_token();
+                    if !shared.csrf.verify(req.headers(), expected.as_deref()) {
+                        tracing::info!(
+                            method = %req.method(),
+                            path = req.uri().path(),
+                            has_session = expected.is_some(),
+                            "refused an unsafe request without a valid csrf token"
+                        );
+                        // Logged just above, with the method and path.
+                        let mut res = SessionError::Csrf.into_response();
+                        res.extensions_mut().remove::<ErrorReport>();
+                        return Ok(apply_cookie(&shared, &session, res));
+                    }
                 }
+                req.extensions_mut().insert(session.clone());
+                let res = inner.call(req).await?;
+                let res = commit(&shared, &session, res).await;
+                Ok(apply_cookie(&shared, &session, finish_error(res)))
             }
-            req.extensions_mut().insert(session.clone());
-            let res = inner.call(req).await?;
-            let res = commit(&shared, &session, res).await;
-            Ok(apply_cookie(&shared, &session, finish_error(res)))
-        }
-        .instrument(span);
-        #[cfg(not(feature = "tracing-opentelemetry"))]
-        let handled = opentelemetry::context::FutureExt::with_context(handled, caller);
-        Box::pin(handled)
+            .instrument(span),
+        );
+        Box::pin(crate::telemetry::scope_traceparent_owned(incoming, fut))
     }
+}
+
+/// The request's W3C `traceparent` header, when it has one that is text.
+fn incoming_traceparent(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Axum middleware that carries a request's W3C `traceparent` into the
+/// events it causes, for apps on the tower-sessions adapter (the
+/// [`SessionLayer`] does it by itself):
+/// `router.layer(axum::middleware::from_fn(carry_traceparent))`.
+pub async fn carry_traceparent(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let incoming = incoming_traceparent(req.headers());
+    crate::telemetry::scope_traceparent(incoming.as_deref(), next.run(req)).await
 }
 
 /// Reads trace context from request headers.

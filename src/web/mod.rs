@@ -54,4 +54,4 @@ pub use fingerprint::{FINGERPRINT_KEY, Fingerprint};
 #[cfg(feature = "axum")]
 pub use handle::Session;
 #[cfg(feature = "axum")]
-pub use layer::{SessionLayer, SessionService};
+pub use layer::{SessionLayer, SessionService, carry_traceparent};

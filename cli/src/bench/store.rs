@@ -629,17 +629,6 @@ fn median(mut xs: Vec<f64>) -> Option<f64> {
     })
 }
 
-/// Per-round figures as JSON, then the medians of the ratio to the
-/// baseline, of the ratio to the logging baseline, of the Redis time ratio
-/// and of the p99.
-type RoundRatios = (
-    Vec<Value>,
-    Option<f64>,
-    Option<f64>,
-    Option<f64>,
-    Option<f64>,
-);
-
 /// One workload's result: ours beside the baseline (and, for the
 /// workloads that write, beside the logging baseline).
 struct Row {
@@ -649,6 +638,15 @@ struct Row {
     logged: Option<Run>,
     /// Per round: ours, the baseline, the logging baseline.
     rounds: Vec<[RoundFigures; 3]>,
+}
+
+/// The per-round figures of a row and their medians.
+struct RoundRatios {
+    per: Vec<Value>,
+    ratio: Option<f64>,
+    ratio_to_logged: Option<f64>,
+    redis_us_ratio_to_logged: Option<f64>,
+    p99_ms: Option<f64>,
 }
 
 impl Row {
@@ -676,7 +674,13 @@ impl Row {
             }
             per.push(Value::Object(m));
         }
-        (per, median(r), median(rl), median(rr), median(p99))
+        RoundRatios {
+            per,
+            ratio: median(r),
+            ratio_to_logged: median(rl),
+            redis_us_ratio_to_logged: median(rr),
+            p99_ms: median(p99),
+        }
     }
 
     fn json(&mut self) -> Value {
@@ -776,7 +780,13 @@ impl Row {
                 json!(logged.usage.command_us_per_op(logged.ops)),
             );
         }
-        let (per_round, med, med_logged, med_redis, med_p99) = self.round_ratios();
+        let RoundRatios {
+            per: per_round,
+            ratio: med,
+            ratio_to_logged: med_logged,
+            redis_us_ratio_to_logged: med_redis,
+            p99_ms: med_p99,
+        } = self.round_ratios();
         m.insert("rounds".to_owned(), Value::Array(per_round));
         m.insert("median_ratio".to_owned(), json!(med.map(|x| round(x, 3))));
         m.insert(
