@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! VedfolnirSessionError
-//! ├── ConflictError          concurrent writers (Conflict) or a stale read (StaleRead)
+//! ├── ConflictError          concurrent writers outlasted SESSION_MAX_RETRIES (Conflict)
+//! │   └── StaleReadError     a value the change was computed from changed (StaleRead)
 //! ├── SessionEndedError      no live session: destroyed, expired or unknown
 //! ├── TooLargeError          over SESSION_MAX_BYTES; nothing was written
-//! ├── StoreUnavailableError  Redis unreachable (and no fallback could serve)
+//! ├── StoreUnavailableError  Redis unreachable (and no fallback could serve), or
+//! │                          the audit database the store writes through failed
 //! ├── InvalidInputError      a reserved key, a bad id, a value that is not JSON
 //! └── ConfigError            a bad environment variable
 //! ```
@@ -26,6 +28,12 @@ create_exception!(
     ConflictError,
     VedfolnirSessionError,
     "Concurrent writers kept changing the session, or a value the change was computed from changed meanwhile; nothing was written."
+);
+create_exception!(
+    vedfolnir_sessions,
+    StaleReadError,
+    ConflictError,
+    "A value the change was computed from was changed by a concurrent write; nothing was written. Retry from a fresh read."
 );
 create_exception!(
     vedfolnir_sessions,
@@ -62,6 +70,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("VedfolnirSessionError", py.get_type::<VedfolnirSessionError>())?;
     m.add("ConflictError", py.get_type::<ConflictError>())?;
+    m.add("StaleReadError", py.get_type::<StaleReadError>())?;
     m.add("SessionEndedError", py.get_type::<SessionEndedError>())?;
     m.add("TooLargeError", py.get_type::<TooLargeError>())?;
     m.add("StoreUnavailableError", py.get_type::<StoreUnavailableError>())?;
@@ -78,7 +87,9 @@ pub(crate) fn to_py(e: Error) -> PyErr {
         return StoreUnavailableError::new_err(msg);
     }
     match e {
-        Error::Conflict { .. } | Error::StaleRead { .. } => ConflictError::new_err(msg),
+        Error::Conflict { .. } => ConflictError::new_err(msg),
+        Error::StaleRead { .. } => StaleReadError::new_err(msg),
+        Error::Database(_) => StoreUnavailableError::new_err(msg),
         Error::NotFound(_) | Error::Ended { .. } => SessionEndedError::new_err(msg),
         Error::TooLarge { .. } => TooLargeError::new_err(msg),
         Error::InvalidInput(_) => InvalidInputError::new_err(msg),
