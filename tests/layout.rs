@@ -392,6 +392,7 @@ impl Previous {
             Some(user.to_owned()),
             EventKind::Created {
                 fields,
+                imported: None,
                 rotated_from: None,
             },
         );
