@@ -43,7 +43,10 @@ pub(crate) fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAn
 }
 
 /// A JSON object as a Python dict.
-pub(crate) fn map_to_py<'py>(py: Python<'py>, m: &Map<String, Value>) -> PyResult<Bound<'py, PyDict>> {
+pub(crate) fn map_to_py<'py>(
+    py: Python<'py>,
+    m: &Map<String, Value>,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     for (k, v) in m {
         d.set_item(k, to_py(py, v)?)?;

@@ -68,12 +68,18 @@ create_exception!(
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
-    m.add("VedfolnirSessionError", py.get_type::<VedfolnirSessionError>())?;
+    m.add(
+        "VedfolnirSessionError",
+        py.get_type::<VedfolnirSessionError>(),
+    )?;
     m.add("ConflictError", py.get_type::<ConflictError>())?;
     m.add("StaleReadError", py.get_type::<StaleReadError>())?;
     m.add("SessionEndedError", py.get_type::<SessionEndedError>())?;
     m.add("TooLargeError", py.get_type::<TooLargeError>())?;
-    m.add("StoreUnavailableError", py.get_type::<StoreUnavailableError>())?;
+    m.add(
+        "StoreUnavailableError",
+        py.get_type::<StoreUnavailableError>(),
+    )?;
     m.add("InvalidInputError", py.get_type::<InvalidInputError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     Ok(())

@@ -39,7 +39,11 @@ pub(crate) struct PySessionStore {
 /// Opens the store; with `audit`, attaches the audit database at
 /// `DATABASE_URL` (migrated, as the example app does) for
 /// `DB_SESSION_SYNC` and `DB_SESSION_FALLBACK`.
-async fn open(config: &Config, audit: bool, lazy: bool) -> vedfolnir_sessions::Result<SessionStore> {
+async fn open(
+    config: &Config,
+    audit: bool,
+    lazy: bool,
+) -> vedfolnir_sessions::Result<SessionStore> {
     let store = if lazy {
         SessionStore::connect_lazy(config)?
     } else {
@@ -120,10 +124,7 @@ fn changes(
     Ok(c)
 }
 
-fn created<'py>(
-    py: Python<'py>,
-    c: &Created,
-) -> PyResult<(String, String, Bound<'py, PyDict>)> {
+fn created<'py>(py: Python<'py>, c: &Created) -> PyResult<(String, String, Bound<'py, PyDict>)> {
     Ok((
         c.token.expose().to_owned(),
         c.session_id.to_string(),
@@ -136,7 +137,8 @@ fn opt_session<'py>(py: Python<'py>, s: Option<Session>) -> PyResult<Option<Boun
 }
 
 fn json<'py>(py: Python<'py>, v: &impl serde::Serialize) -> PyResult<Bound<'py, PyAny>> {
-    let v = serde_json::to_value(v).map_err(|e| errors::VedfolnirSessionError::new_err(e.to_string()))?;
+    let v = serde_json::to_value(v)
+        .map_err(|e| errors::VedfolnirSessionError::new_err(e.to_string()))?;
     to_py(py, &v)
 }
 
@@ -199,8 +201,7 @@ impl PySessionStore {
         };
         let store = {
             let config = config.clone();
-            block_on(py, async move { open(&config, audit, lazy).await })?
-                .map_err(errors::to_py)?
+            block_on(py, async move { open(&config, audit, lazy).await })?.map_err(errors::to_py)?
         };
         Ok(PySessionStore {
             config,
@@ -306,7 +307,10 @@ impl PySessionStore {
             platform_type,
             platform_instance_url,
         };
-        let s = self.run(py, |s| async move { s.switch_platform(&id, platform).await })?;
+        let s = self.run(
+            py,
+            |s| async move { s.switch_platform(&id, platform).await },
+        )?;
         session_to_py(py, &s)
     }
 
@@ -349,7 +353,9 @@ impl PySessionStore {
     ) -> PyResult<Vec<String>> {
         let user = self::user_id(user_id)?;
         let reason = self::reason(reason)?;
-        let ids = self.run(py, |s| async move { s.destroy_all_for_user(&user, reason).await })?;
+        let ids = self.run(py, |s| async move {
+            s.destroy_all_for_user(&user, reason).await
+        })?;
         Ok(ids.iter().map(ToString::to_string).collect())
     }
 
