@@ -1,11 +1,16 @@
 //! The tokio runtime the store runs on.
 //!
-//! One multi-thread runtime per process, made on first use. A process that
-//! forks after using it (a pre-forking WSGI server that imported the app
-//! first) finds the runtime's threads gone in the child: the runtime is
-//! remembered with the process id that made it, and a child makes its own.
-//! Every blocking call releases the GIL while it waits, so other Python
-//! threads run meanwhile.
+//! One current-thread tokio runtime per process, made on first use: the
+//! thread that calls drives the runtime itself (the Redis connection's
+//! reads and writes, its timers) while it waits, so a call costs no hand-off
+//! to another thread, which on a busy machine costs more than the round trip
+//! to Redis. Python threads that call at once share it: one drives, the
+//! others are woken when their answer is in. A process that forks after
+//! using it (a pre-forking WSGI server that imported the app first) must
+//! not use the parent's runtime or connections: the runtime is remembered
+//! with the process id that made it, and a child makes its own. Every
+//! blocking call releases the GIL while it waits, so other Python threads
+//! run meanwhile.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,9 +30,7 @@ pub(crate) fn get() -> PyResult<Arc<Runtime>> {
     {
         return Ok(rt.clone());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("vedfolnir-sessions")
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| PyRuntimeError::new_err(format!("cannot start the tokio runtime: {e}")))?;

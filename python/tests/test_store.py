@@ -257,3 +257,23 @@ def test_calls_release_the_gil_while_waiting_on_redis(env):
         assert ticks[0] > 10_000, f"the other thread ran {ticks[0]} steps in {elapsed:.2f} s"
     finally:
         silent.close()
+
+
+def test_a_forked_child_opens_its_own_connection(store):
+    # A pre-forking server imports the app (and uses the store) before it
+    # forks: the child must not use the parent's runtime or connection.
+    import os
+
+    _, sid, _ = store.create({"n": 1})
+    assert store.get(sid)["n"] == 1
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            store.update(sid, set={"child": True})
+            code = 0 if store.get(sid)["child"] is True else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.get(sid)["child"] is True, "the parent still works and sees the write"
