@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use url::Url;
@@ -83,7 +84,39 @@ impl RedisTarget {
                 reason: "the scheme must be redis://, rediss:// or unix://".to_owned(),
             });
         }
-        Ok(RedisTarget { url })
+        let target = RedisTarget { url };
+        if target.is_network() {
+            let db = target.url.path().trim_start_matches('/');
+            if !db.is_empty() && db.parse::<u32>().is_err() {
+                return Err(ConfigError {
+                    var,
+                    value: target.redacted(),
+                    reason: format!(
+                        "the path is the database index, a number (redis://host:6379/0), not {db:?}"
+                    ),
+                });
+            }
+        }
+        Ok(target)
+    }
+
+    /// True for `rediss://`: the connection uses TLS.
+    pub fn is_tls(&self) -> bool {
+        self.url.scheme() == "rediss"
+    }
+
+    fn is_network(&self) -> bool {
+        matches!(self.url.scheme(), "redis" | "rediss")
+    }
+
+    /// Where the server is, safe to log: `host:port` (the port Redis
+    /// listens on by default when the URL names none), or a socket path.
+    pub fn address(&self) -> String {
+        if !self.is_network() {
+            return self.url.path().to_owned();
+        }
+        let host = self.url.host_str().unwrap_or("localhost");
+        format!("{host}:{}", self.url.port().unwrap_or(6379))
     }
 
     /// The full URL, password included, for the Redis client only.
@@ -126,6 +159,27 @@ fn redact_text(text: &str) -> String {
     }
 }
 
+/// TLS to Redis, for `rediss://` URLs (`REDIS_SSL=true`). Needs the `tls`
+/// feature (on by default); the connection uses rustls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// `REDIS_SSL_CA_CERTS`: a PEM file of the CA certificates the server's
+    /// certificate must chain to (a private CA). Unset, the system's roots.
+    pub ca_certs: Option<PathBuf>,
+    /// `REDIS_SSL_CERT_REQS` (`required`): with `none`, the server's
+    /// certificate is not checked at all (a warning is logged once).
+    pub verify: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca_certs: None,
+            verify: true,
+        }
+    }
+}
+
 /// How live sessions are kept in Redis (`SESSION_LAYOUT`). Both layouts
 /// read each other's keys; see `docs/keys.md` for the rolling upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -159,6 +213,9 @@ pub struct Config {
     /// `REDIS_URL`, or built from `REDIS_HOST`, `REDIS_PORT`, `REDIS_DB`,
     /// `REDIS_PASSWORD`, `REDIS_SSL`.
     pub redis: RedisTarget,
+    /// `REDIS_SSL_CA_CERTS`, `REDIS_SSL_CERT_REQS`: how a `rediss://`
+    /// connection checks the server.
+    pub tls: TlsConfig,
     /// `REDIS_CLUSTER_NODES`: seed nodes of a Redis Cluster (`host:port` or
     /// URLs, comma-separated). When set, the store, the worker and the CLI use
     /// the cluster and `redis` is not used.
@@ -196,6 +253,12 @@ pub struct Config {
     pub expiry_lookahead: Duration,
     /// `SESSION_MAX_RETRIES` (100): attempts on version conflicts before `Conflict`.
     pub max_retries: u32,
+    /// `SESSION_STREAM_MAXLEN` (100000; 0 = never): while no consumer group
+    /// reads the event stream (no audit worker), the store trims it to about
+    /// this many entries in all, so that Redis does not fill up. A stream
+    /// that a group reads is never trimmed by the store: the audit consumer
+    /// trims what its group acknowledged.
+    pub stream_maxlen: u64,
     /// `REDIS_TIMEOUT_MS` (2000): connect and response timeout for store commands.
     pub redis_timeout: Duration,
     /// `REDIS_WAIT_REPLICAS` (0 = off): after each mutation, wait until this
@@ -211,7 +274,10 @@ pub struct Config {
     /// `DB_SESSION_SYNC` (true): commit every mutation to the audit database
     /// before returning.
     pub db_sync: bool,
-    /// `DATABASE_URL` (`sqlite://vedfolnir-audit.sqlite?mode=rwc`).
+    /// `DATABASE_URL`: the audit database the binaries open. Unset, the
+    /// SQLite file `audit.sqlite` in the data directory (see
+    /// [`data_dir`]); empty when there is no data directory. A library user
+    /// attaches the database explicitly ([`crate::SessionStore::with_audit`]).
     pub database_url: String,
 }
 
@@ -239,13 +305,20 @@ impl Config {
     /// Reads and validates variables through a lookup function.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let var = non_empty(&get);
+        let ssl = parse_bool(&var, "REDIS_SSL", false)?;
         let redis = match var("REDIS_URL") {
-            Some(u) => RedisTarget::parse("REDIS_URL", &u)?,
+            Some(u) => {
+                let mut target = RedisTarget::parse("REDIS_URL", &u)?;
+                // TLS asked for explicitly is never silently dropped.
+                if ssl && target.url.scheme() == "redis" {
+                    let _ = target.url.set_scheme("rediss");
+                }
+                target
+            }
             None => {
                 let host = var("REDIS_HOST").unwrap_or_else(|| "localhost".to_owned());
                 let port: u16 = parse(&var, "REDIS_PORT", 6379, "a TCP port (1-65535)")?;
                 let db: u32 = parse(&var, "REDIS_DB", 0, "a database index (0, 1, …)")?;
-                let ssl = parse_bool(&var, "REDIS_SSL", false)?;
                 let scheme = if ssl { "rediss" } else { "redis" };
                 let mut url =
                     Url::parse(&format!("{scheme}://placeholder/")).map_err(|e| ConfigError {
@@ -269,11 +342,49 @@ impl Config {
         let cluster_nodes = match var("REDIS_CLUSTER_NODES") {
             None => Vec::new(),
             Some(list) => {
-                let ssl = parse_bool(&var, "REDIS_SSL", false)?;
                 let password = get("REDIS_PASSWORD").filter(|p| !p.is_empty());
                 parse_cluster_nodes(&list, ssl, password.as_deref())?
             }
         };
+        let tls = TlsConfig {
+            ca_certs: var("REDIS_SSL_CA_CERTS").map(PathBuf::from),
+            verify: match var("REDIS_SSL_CERT_REQS")
+                .map(|v| v.to_ascii_lowercase())
+                .as_deref()
+            {
+                None | Some("required") => true,
+                Some("none") => false,
+                Some(_) => {
+                    return Err(ConfigError {
+                        var: "REDIS_SSL_CERT_REQS",
+                        value: var("REDIS_SSL_CERT_REQS").unwrap_or_default(),
+                        reason: "`required` (check the server's certificate) or `none`".to_owned(),
+                    });
+                }
+            },
+        };
+        let uses_tls = if cluster_nodes.is_empty() {
+            redis.is_tls()
+        } else {
+            cluster_nodes.iter().any(RedisTarget::is_tls)
+        };
+        if uses_tls && !cfg!(feature = "tls") {
+            let (var_name, value) = if ssl {
+                ("REDIS_SSL", "true".to_owned())
+            } else if cluster_nodes.is_empty() {
+                ("REDIS_URL", redis.redacted())
+            } else {
+                (
+                    "REDIS_CLUSTER_NODES",
+                    var("REDIS_CLUSTER_NODES").unwrap_or_default(),
+                )
+            };
+            return Err(ConfigError {
+                var: var_name,
+                value: redact_text(&value),
+                reason: NO_TLS.to_owned(),
+            });
+        }
         let partitions: u32 = parse(
             &var,
             "REDIS_PARTITIONS",
@@ -359,6 +470,12 @@ impl Config {
             "a whole number (0 = unlimited)",
         )?;
         let max_retries: u32 = parse(&var, "SESSION_MAX_RETRIES", 100, "a whole number")?;
+        let stream_maxlen: u64 = parse(
+            &var,
+            "SESSION_STREAM_MAXLEN",
+            100_000,
+            "a number of stream entries (0 = never trim)",
+        )?;
         let layout = match var("SESSION_LAYOUT").as_deref() {
             None | Some("lean") => Layout::Lean,
             Some("ledger") => Layout::Ledger,
@@ -425,6 +542,7 @@ impl Config {
         }
         Ok(Config {
             redis,
+            tls,
             cluster_nodes,
             partitions,
             session_storage,
@@ -438,6 +556,7 @@ impl Config {
             layout,
             expiry_lookahead: Duration::from_millis(lookahead_ms),
             max_retries,
+            stream_maxlen,
             redis_timeout: Duration::from_millis(timeout_ms.max(1)),
             wait_replicas: parse(&var, "REDIS_WAIT_REPLICAS", 0, "a number of replicas")?,
             wait_timeout: Duration::from_millis(parse(
@@ -449,8 +568,7 @@ impl Config {
             cookie,
             db_fallback: parse_bool(&var, "DB_SESSION_FALLBACK", true)?,
             db_sync: parse_bool(&var, "DB_SESSION_SYNC", true)?,
-            database_url: var("DATABASE_URL")
-                .unwrap_or_else(|| "sqlite://vedfolnir-audit.sqlite?mode=rwc".to_owned()),
+            database_url: var("DATABASE_URL").unwrap_or_else(|| default_database_url(&var)),
         })
     }
 
@@ -486,6 +604,13 @@ impl Config {
         self
     }
 
+    /// Builder: another bound of the event stream without a consumer group
+    /// (0 = never trim).
+    pub fn with_stream_maxlen(mut self, entries: u64) -> Self {
+        self.stream_maxlen = entries;
+        self
+    }
+
     /// Builder: another per-user limit.
     pub fn with_max_per_user(mut self, max: u32) -> Self {
         self.max_per_user = max;
@@ -501,6 +626,12 @@ impl Config {
     /// Builder: another Redis.
     pub fn with_redis(mut self, target: RedisTarget) -> Self {
         self.redis = target;
+        self
+    }
+
+    /// Builder: how `rediss://` connections check the server.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -547,6 +678,33 @@ impl Config {
         self
     }
 }
+
+/// Where the binaries keep files nobody named: `$XDG_DATA_HOME/vedfolnir-sessions`,
+/// else `$HOME/.local/share/vedfolnir-sessions`; `None` when neither is set
+/// (an `XDG_DATA_HOME` that is not an absolute path is ignored, as the XDG
+/// base directory rules say).
+pub fn data_dir(get: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let var = non_empty(get);
+    let base = match var("XDG_DATA_HOME").map(PathBuf::from) {
+        Some(p) if p.is_absolute() => p,
+        _ => PathBuf::from(var("HOME")?).join(".local").join("share"),
+    };
+    Some(base.join("vedfolnir-sessions"))
+}
+
+/// `DATABASE_URL` when unset: `sqlite://<data dir>/audit.sqlite?mode=rwc`
+/// (the file and its directory are created on first use), or empty when
+/// there is no data directory.
+fn default_database_url(var: &impl Fn(&str) -> Option<String>) -> String {
+    match data_dir(var) {
+        Some(dir) => format!("sqlite://{}?mode=rwc", dir.join("audit.sqlite").display()),
+        None => String::new(),
+    }
+}
+
+/// Why a `rediss://` target is refused by a build without TLS.
+pub(crate) const NO_TLS: &str = "TLS to Redis needs the `tls` feature of vedfolnir-sessions, \
+     which this build was compiled without";
 
 /// A comma-separated list of cluster seed nodes (`host:port` or URLs), as in
 /// `REDIS_CLUSTER_NODES`. With `ssl`, `host:port` entries use `rediss://`;
@@ -656,6 +814,107 @@ mod tests {
         assert!(c.cluster_nodes.is_empty());
         assert_eq!(c.partitions, 1);
         assert!(!c.partitioned());
+        assert_eq!(c.tls, TlsConfig::default());
+        assert!(c.tls.verify);
+    }
+
+    #[test]
+    fn the_default_audit_file_lives_in_the_data_directory() {
+        // Never in the current directory.
+        let c = cfg(&[("HOME", "/home/ada")]).expect("valid");
+        assert_eq!(
+            c.database_url,
+            "sqlite:///home/ada/.local/share/vedfolnir-sessions/audit.sqlite?mode=rwc"
+        );
+        let c = cfg(&[("HOME", "/home/ada"), ("XDG_DATA_HOME", "/srv/data")]).expect("valid");
+        assert_eq!(
+            c.database_url,
+            "sqlite:///srv/data/vedfolnir-sessions/audit.sqlite?mode=rwc"
+        );
+        // A relative XDG_DATA_HOME is ignored.
+        let c = cfg(&[("HOME", "/home/ada"), ("XDG_DATA_HOME", "data")]).expect("valid");
+        assert!(
+            c.database_url.starts_with("sqlite:///home/ada/"),
+            "{}",
+            c.database_url
+        );
+        // No data directory at all: nothing is opened unless DATABASE_URL says.
+        let c = cfg(&[]).expect("valid");
+        assert_eq!(c.database_url, "");
+        let c = cfg(&[("DATABASE_URL", "postgres://db/audit")]).expect("valid");
+        assert_eq!(c.database_url, "postgres://db/audit");
+    }
+
+    #[test]
+    fn a_database_that_is_not_a_number_names_redis_url() {
+        let e = cfg(&[("REDIS_URL", "redis://:ZkjBdCsoodbvY6EpXF@cache:6379/abc")])
+            .expect_err("refused");
+        assert_eq!(e.var, "REDIS_URL");
+        assert_eq!(e.value, "redis://:***@cache:6379/abc");
+        let text = e.to_string();
+        assert!(text.contains("REDIS_URL") && text.contains("abc"), "{text}");
+        assert!(!text.contains("ZkjBdCsoodbvY6EpXF"), "{text}");
+        for ok in [
+            "redis://cache:6379",
+            "redis://cache:6379/",
+            "redis://cache/3",
+        ] {
+            cfg(&[("REDIS_URL", ok)]).expect(ok);
+        }
+        let e = cfg(&[("REDIS_CLUSTER_NODES", "redis://h:7000/x")]).expect_err("refused");
+        assert_eq!(e.var, "REDIS_CLUSTER_NODES");
+    }
+
+    #[test]
+    fn the_address_names_host_and_port_only() {
+        let c =
+            cfg(&[("REDIS_URL", "redis://:ZkjBdCsoodbvY6EpXF@cache.internal/2")]).expect("valid");
+        assert_eq!(c.redis.address(), "cache.internal:6379");
+        let c = cfg(&[("REDIS_HOST", "10.1.2.3"), ("REDIS_PORT", "6380")]).expect("valid");
+        assert_eq!(c.redis.address(), "10.1.2.3:6380");
+    }
+
+    #[test]
+    fn tls_settings_are_read_and_checked() {
+        let c = cfg(&[
+            ("REDIS_URL", "redis://cache:6380/0"),
+            ("REDIS_SSL", "true"),
+            ("REDIS_SSL_CA_CERTS", "/etc/ssl/private-ca.pem"),
+        ]);
+        #[cfg(feature = "tls")]
+        {
+            let c = c.expect("valid");
+            // TLS asked for is never dropped: the URL becomes rediss://.
+            assert!(c.redis.is_tls());
+            assert_eq!(c.redis.expose_url(), "rediss://cache:6380/0");
+            assert_eq!(
+                c.tls.ca_certs.as_deref(),
+                Some(std::path::Path::new("/etc/ssl/private-ca.pem"))
+            );
+            assert!(c.tls.verify);
+            let c = cfg(&[("REDIS_SSL_CERT_REQS", "NONE")]).expect("valid");
+            assert!(!c.tls.verify);
+        }
+        #[cfg(not(feature = "tls"))]
+        drop(c);
+        let e = cfg(&[("REDIS_SSL_CERT_REQS", "sometimes")]).expect_err("refused");
+        assert_eq!(e.var, "REDIS_SSL_CERT_REQS");
+        assert_eq!(e.value, "sometimes");
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn without_the_tls_feature_tls_is_a_config_error_naming_it() {
+        let e = cfg(&[("REDIS_SSL", "true")]).expect_err("refused");
+        assert_eq!(e.var, "REDIS_SSL");
+        assert!(e.to_string().contains("`tls` feature"), "{e}");
+        let e = cfg(&[("REDIS_URL", "rediss://:ZkjBdCsoodbvY6EpXF@cache:6380/0")])
+            .expect_err("refused");
+        assert_eq!(e.var, "REDIS_URL");
+        assert!(e.to_string().contains("`tls` feature"), "{e}");
+        assert!(!e.to_string().contains("ZkjBdCsoodbvY6EpXF"), "{e}");
+        let e = cfg(&[("REDIS_CLUSTER_NODES", "rediss://h:7000")]).expect_err("refused");
+        assert_eq!(e.var, "REDIS_CLUSTER_NODES");
     }
 
     #[test]
@@ -768,20 +1027,33 @@ mod tests {
 
     #[test]
     fn passwords_never_show() {
+        let ssl = if cfg!(feature = "tls") {
+            "true"
+        } else {
+            "false"
+        };
+        let scheme = if cfg!(feature = "tls") {
+            "rediss"
+        } else {
+            "redis"
+        };
         let c = cfg(&[
             ("REDIS_HOST", "cache.internal"),
             ("REDIS_PORT", "6380"),
             ("REDIS_DB", "2"),
             ("REDIS_PASSWORD", "ZkjBdCsoodbvY6EpXF"),
-            ("REDIS_SSL", "true"),
+            ("REDIS_SSL", ssl),
         ])
         .expect("valid");
         assert_eq!(
             c.redis.expose_url(),
-            "rediss://:ZkjBdCsoodbvY6EpXF@cache.internal:6380/2"
+            format!("{scheme}://:ZkjBdCsoodbvY6EpXF@cache.internal:6380/2")
         );
         assert!(!format!("{c:?}").contains("ZkjBdCsoodbvY6EpXF"));
-        assert_eq!(c.redis.redacted(), "rediss://:***@cache.internal:6380/2");
+        assert_eq!(
+            c.redis.redacted(),
+            format!("{scheme}://:***@cache.internal:6380/2")
+        );
         let e =
             cfg(&[("REDIS_URL", "http://:ZkjBdCsoodbvY6EpXF@localhost/0")]).expect_err("scheme");
         assert!(!e.to_string().contains("ZkjBdCsoodbvY6EpXF"), "{e}");

@@ -16,7 +16,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-use crate::config::Config;
+use crate::config::{Config, RedisTarget};
 use crate::error::{Error, Result};
 
 /// How a connection behaves; see [`RedisConn::connect`].
@@ -59,25 +59,31 @@ impl std::fmt::Debug for RedisConn {
 impl RedisConn {
     /// Connects to the configured Redis, failing when it does not answer
     /// within `REDIS_TIMEOUT_MS`.
+    ///
+    /// A failure names where Redis was looked for ([`Error::Connect`]:
+    /// `host:port`, or the cluster's seed nodes; never a password).
     pub async fn connect(config: &Config, opts: ConnOptions) -> Result<Self> {
         if config.cluster_nodes.is_empty() {
             let (client, cm) = standalone(config, opts)?;
-            Ok(RedisConn::Standalone(
-                ConnectionManager::new_with_config(client, cm).await?,
-            ))
+            let conn = ConnectionManager::new_with_config(client, cm)
+                .await
+                .map_err(|e| connect_error(config, e))?;
+            Ok(RedisConn::Standalone(conn))
         } else {
-            let client = cluster_builder(config, opts).build()?;
+            let client = cluster_builder(config, opts)?.build()?;
             let conn = tokio::time::timeout(
                 config.redis_timeout.max(Duration::from_secs(1)),
                 client.get_async_connection(),
             )
             .await
             .map_err(|_| {
-                Error::Redis(redis::RedisError::from((
+                redis::RedisError::from((
                     redis::ErrorKind::Io,
                     "timed out connecting to the cluster",
-                )))
-            })??;
+                ))
+            })
+            .and_then(|c| c)
+            .map_err(|e| connect_error(config, e))?;
             Ok(RedisConn::Cluster(conn))
         }
     }
@@ -90,7 +96,7 @@ impl RedisConn {
                 ConnectionManager::new_lazy_with_config(client, cm)?,
             ))
         } else {
-            let client = cluster_builder(config, opts).build()?;
+            let client = cluster_builder(config, opts)?.build()?;
             Ok(RedisConn::Cluster(
                 client.get_pending_async_connection_with_config(Default::default()),
             ))
@@ -216,11 +222,38 @@ impl RedisConn {
     }
 }
 
+/// Where Redis was looked for, safe to log.
+fn address(config: &Config) -> String {
+    if config.cluster_nodes.is_empty() {
+        config.redis.address()
+    } else {
+        let nodes: Vec<String> = config.cluster_nodes.iter().map(|n| n.address()).collect();
+        format!("cluster {}", nodes.join(","))
+    }
+}
+
+fn connect_error(config: &Config, source: redis::RedisError) -> Error {
+    let text = source.to_string();
+    let hint = if text.contains("certificate") || text.contains("UnknownIssuer") {
+        " (the server's certificate is not trusted: REDIS_SSL_CA_CERTS names the PEM file of \
+         a private CA)"
+    } else if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        " (does the server speak TLS on this port? rediss:// and REDIS_SSL=true need its TLS port)"
+    } else {
+        ""
+    };
+    Error::Connect {
+        address: address(config),
+        source,
+        hint: hint.to_owned(),
+    }
+}
+
 fn standalone(
     config: &Config,
     opts: ConnOptions,
 ) -> Result<(redis::Client, ConnectionManagerConfig)> {
-    let client = redis::Client::open(config.redis.expose_url())?;
+    let client = client(&config.redis, config)?;
     let cm = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.redis_timeout))
         .set_response_timeout(Some(opts.response_timeout))
@@ -229,12 +262,42 @@ fn standalone(
     Ok((client, cm))
 }
 
-fn cluster_builder(config: &Config, opts: ConnOptions) -> ClusterClientBuilder {
+/// The client of one standalone server: plain, or TLS as configured.
+fn client(target: &RedisTarget, config: &Config) -> Result<redis::Client> {
+    if !target.is_tls() {
+        return Ok(redis::Client::open(target.expose_url())?);
+    }
+    #[cfg(feature = "tls")]
+    {
+        let url = tls::url(target, &config.tls);
+        match tls::certificates(&config.tls)? {
+            Some(certs) => Ok(redis::Client::build_with_tls(url.as_str(), certs)?),
+            None => Ok(redis::Client::open(url.as_str())?),
+        }
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = config;
+        Err(no_tls(target))
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn no_tls(target: &RedisTarget) -> Error {
+    Error::Config(crate::config::ConfigError {
+        var: "REDIS_URL",
+        value: target.redacted(),
+        reason: crate::config::NO_TLS.to_owned(),
+    })
+}
+
+fn cluster_builder(config: &Config, opts: ConnOptions) -> Result<ClusterClientBuilder> {
     let nodes: Vec<&str> = config
         .cluster_nodes
         .iter()
         .map(|n| n.expose_url())
         .collect();
+    let tls = config.cluster_nodes.iter().any(RedisTarget::is_tls);
     // A failover must not reach the caller: while the dead primary refuses
     // connections and until its replica is promoted (cluster-node-timeout plus
     // the election), redis-rs refreshes the slot map and sends the command
@@ -242,13 +305,105 @@ fn cluster_builder(config: &Config, opts: ConnOptions) -> ClusterClientBuilder {
     // 3.6–4.4 s after the kill; with 20 retries a caller still saw
     // "connection refused", with 60 none did. The overall bound keeps a
     // request from waiting forever on a node that hangs.
-    ClusterClientBuilder::new(nodes)
+    let builder = ClusterClientBuilder::new(nodes)
         .connection_timeout(config.redis_timeout.min(Duration::from_millis(500)))
         .response_timeout(opts.response_timeout)
         .overall_response_timeout(Some(opts.response_timeout.max(Duration::from_secs(15))))
         .retries(60)
         .min_retry_wait(50)
-        .max_retry_wait(500)
+        .max_retry_wait(500);
+    if !tls {
+        return Ok(builder);
+    }
+    #[cfg(feature = "tls")]
+    {
+        // Every node the cluster names is reached with the seeds' settings.
+        let mut builder = builder;
+        if !config.tls.verify {
+            tls::warn_unverified();
+            builder = builder.tls(redis::TlsMode::Insecure);
+        }
+        if let Some(certs) = tls::certificates(&config.tls)? {
+            builder = builder.certs(certs);
+        }
+        Ok(builder)
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = builder;
+        Err(no_tls(&config.cluster_nodes[0]))
+    }
+}
+
+/// TLS with rustls (feature `tls`).
+#[cfg(feature = "tls")]
+mod tls {
+    use std::sync::Once;
+
+    use redis::TlsCertificates;
+
+    use crate::config::{ConfigError, RedisTarget, TlsConfig};
+    use crate::error::{Error, Result};
+
+    /// rustls needs one process-wide crypto provider; redis-rs brings none
+    /// of its own. Installed once, unless the application installed one.
+    fn provider() {
+        static INSTALL: Once = Once::new();
+        INSTALL.call_once(|| {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        });
+    }
+
+    /// Says once per process that certificates are not checked. Never
+    /// names the server (its URL may hold a password).
+    pub(super) fn warn_unverified() {
+        static WARNED: Once = Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "REDIS_SSL_CERT_REQS=none: the Redis server's TLS certificate is not verified; \
+                 anyone between this process and Redis can read and change sessions"
+            );
+        });
+    }
+
+    /// The URL redis-rs is given: `#insecure` when certificates are not
+    /// checked.
+    pub(super) fn url(target: &RedisTarget, tls: &TlsConfig) -> String {
+        provider();
+        let url = target.expose_url();
+        if tls.verify || url.contains("#insecure") {
+            return url.to_owned();
+        }
+        warn_unverified();
+        match url.split_once('#') {
+            Some((base, _)) => format!("{base}#insecure"),
+            None => format!("{url}#insecure"),
+        }
+    }
+
+    /// The private CA of `REDIS_SSL_CA_CERTS`, read now (a missing or
+    /// empty file is a configuration error naming the variable).
+    pub(super) fn certificates(tls: &TlsConfig) -> Result<Option<TlsCertificates>> {
+        provider();
+        let Some(path) = tls.ca_certs.as_ref().filter(|_| tls.verify) else {
+            return Ok(None);
+        };
+        let refuse = |reason: String| {
+            Error::Config(ConfigError {
+                var: "REDIS_SSL_CA_CERTS",
+                value: path.display().to_string(),
+                reason,
+            })
+        };
+        let pem = std::fs::read(path).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+            return Err(refuse("no PEM certificate in the file".to_owned()));
+        }
+        Ok(Some(TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        }))
+    }
 }
 
 /// The primaries in `CLUSTER NODES` output that hold slots and are not failed.

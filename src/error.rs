@@ -23,6 +23,20 @@ pub enum Error {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
 
+    /// Redis could not be reached when connecting. `address` is where it was
+    /// looked for (`host:port`, or the cluster's seed nodes), never a
+    /// password.
+    #[error("cannot connect to redis at {address}: {source}{hint}")]
+    Connect {
+        /// `host:port` (or `cluster host:port,…`).
+        address: String,
+        /// What the client said.
+        source: redis::RedisError,
+        /// What to check, when the cause is recognised (a certificate the
+        /// client does not trust), else empty.
+        hint: String,
+    },
+
     /// Concurrent writers kept changing the session; the change was not applied.
     #[error("session {session_id} changed concurrently {attempts} times; giving up")]
     Conflict {
@@ -100,7 +114,7 @@ impl Error {
     /// opposed to Redis answering with an error).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Redis(e) => {
+            Error::Redis(e) | Error::Connect { source: e, .. } => {
                 e.is_io_error()
                     || e.is_connection_refusal()
                     || e.is_connection_dropped()

@@ -232,8 +232,29 @@ impl Session {
             .collect()
     }
 
-    /// The user, as text (`1` for the number 1), `None` when anonymous.
-    pub fn user_id(&self) -> Option<String> {
+    /// The user as stored: the JSON value of `user_id` (`42` stays a
+    /// number, `"alice"` a string), `None` when anonymous (absent, `null` or
+    /// an empty string).
+    pub fn user_id(&self) -> Option<Value> {
+        user_value(&self.data).cloned()
+    }
+
+    /// The user, deserialized: `Ok(None)` when anonymous, an
+    /// [`InvalidInput`](crate::Error::InvalidInput) error when the stored
+    /// value is not a `T` (`user_id_as::<u64>()` on `"alice"`).
+    pub fn user_id_as<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>, crate::Error> {
+        user_value(&self.data)
+            .map(|v| {
+                T::deserialize(v).map_err(|e| {
+                    crate::Error::InvalidInput(format!("`user_id` is {v}, not of that type: {e}"))
+                })
+            })
+            .transpose()
+    }
+
+    /// The user as the indexes and the log key it: the text of the number or
+    /// the string.
+    pub(crate) fn user_key(&self) -> Option<String> {
         user_id_of(&self.data)
     }
 
@@ -280,7 +301,18 @@ impl Session {
     }
 }
 
-/// The user id of a flat field map, as text.
+/// The stored `user_id` of a flat field map, `None` when anonymous.
+pub(crate) fn user_value(data: &Map<String, Value>) -> Option<&Value> {
+    match data.get("user_id")? {
+        Value::Null => None,
+        Value::String(s) if s.is_empty() => None,
+        v => Some(v),
+    }
+}
+
+/// The user id of a flat field map as text, the form the user indexes,
+/// the stream's `user_id` field and the audit tables use (`42` for the
+/// number 42).
 pub fn user_id_of(data: &Map<String, Value>) -> Option<String> {
     match data.get("user_id")? {
         Value::Number(n) => Some(n.to_string()),
@@ -446,7 +478,11 @@ mod tests {
         );
         let s = Session::fold([&created]).expect("one event");
         assert_eq!(s.version(), 1);
-        assert_eq!(s.user_id().as_deref(), Some("1"));
+        // The user as stored: the number stays a number.
+        assert_eq!(s.user_id(), Some(Value::from(1)));
+        assert_eq!(s.user_id_as::<u64>().expect("a number"), Some(1));
+        assert!(s.user_id_as::<String>().is_err(), "1 is not a string");
+        assert_eq!(s.user_key().as_deref(), Some("1"));
         assert_eq!(s.get("created_at"), s.get("last_activity"));
         let upd = ev(
             2,

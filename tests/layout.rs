@@ -17,8 +17,13 @@
 //!   namespace; then the lean layout takes over sessions the ledger layout
 //!   wrote, and ends each of a user's sessions once whichever member form
 //!   indexes it.
+//! - The script is a Redis Functions library: a Redis that does not have it
+//!   (a restart without persistence, `FUNCTION FLUSH`) is given it by the
+//!   next call, which then succeeds.
 
 mod common;
+#[path = "common/redis_server.rs"]
+mod redis_server;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -31,6 +36,7 @@ use vedfolnir_sessions::config::Layout;
 use vedfolnir_sessions::event::{Event, EventKind, SCHEMA_VERSION};
 use vedfolnir_sessions::keys::Keys;
 use vedfolnir_sessions::reaper::{Reaper, ReaperConfig};
+use vedfolnir_sessions::session::user_id_of;
 use vedfolnir_sessions::time::Timestamp;
 use vedfolnir_sessions::{Changes, DestroyReason, Error, NewSession, Session, SessionId, Token};
 
@@ -420,7 +426,7 @@ impl Previous {
         let e = Self::event(
             id,
             current.version() + 1,
-            current.user_id(),
+            user_id_of(current.data()),
             EventKind::Updated {
                 set: Map::from_iter([(key.to_owned(), v)]),
                 unset: Vec::new(),
@@ -433,7 +439,7 @@ impl Previous {
             .arg(next.to_json())
             .arg(self.ttl_ms)
             .arg(self.tomb_ms)
-            .arg(next.user_id().unwrap_or_default())
+            .arg(user_id_of(next.data()).unwrap_or_default())
             .arg("updated")
             .arg(e.event_id.to_string())
             .arg(e.kind.payload_json());
@@ -507,7 +513,7 @@ async fn the_ledger_layout_and_the_previous_release_share_a_namespace() {
     // The previous release creates; this release reads, writes and ends.
     let (a, _) = prev.create("1").await;
     let s = store.get(&a).await.expect("get").expect("live");
-    assert_eq!(s.user_id().as_deref(), Some("1"));
+    assert_eq!(s.user_id(), Some(json!("1")), "stored as the string it was");
     let s = store
         .update(&a, Changes::new().with_set("cart", 1))
         .await
@@ -669,4 +675,185 @@ async fn the_lean_layout_takes_over_what_the_ledger_layout_wrote() {
         history(&ctx, &w).await,
         [(1, "created".to_owned()), (2, "expired".to_owned())]
     );
+}
+
+/// A Redis without the library (flushed, or never given it) gets it from
+/// the next call, and that call does what it was sent to do, once.
+#[tokio::test]
+async fn a_redis_without_the_library_is_given_it_by_the_next_call() {
+    let server = redis_server::RedisServer::start().await;
+    let mut admin = server.connection().await;
+    let namespace = format!("vlib:{}:", Uuid::new_v4().simple());
+    let config = vedfolnir_sessions::Config::default()
+        .with_redis(
+            vedfolnir_sessions::config::RedisTarget::parse("REDIS_URL", &server.url())
+                .expect("url"),
+        )
+        .with_namespace(&namespace);
+    let store = vedfolnir_sessions::SessionStore::connect(&config)
+        .await
+        .expect("store");
+    let libraries = |mut c: redis::aio::MultiplexedConnection| async move {
+        let list: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .query_async(&mut c)
+            .await
+            .expect("function list");
+        list.len()
+    };
+    let c = store
+        .create(NewSession::for_user(5, "five"))
+        .await
+        .expect("create on a Redis that never had the library");
+    assert_eq!(libraries(admin.clone()).await, 1, "the call loaded it");
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .expect("flush");
+    assert_eq!(libraries(admin.clone()).await, 0);
+    let s = store
+        .update(&c.session_id, Changes::new().with_set("theme", "dark"))
+        .await
+        .expect("update after FUNCTION FLUSH");
+    assert_eq!(s.version(), 2, "applied once");
+    assert_eq!(libraries(admin.clone()).await, 1, "loaded again");
+    let stream = store.keys().for_session(&c.session_id).stream.clone();
+    let len: u64 = admin.xlen(&stream).await.expect("xlen");
+    assert_eq!(len, 2, "one event per call");
+    let now = store.get(&c.session_id).await.expect("get").expect("live");
+    assert_eq!(now.get("theme"), Some(&json!("dark")));
+}
+
+/// Sweeps until every one of `ids` has an `expired` event (bounded); the
+/// deadline each event carries, ms.
+async fn reap_all(ctx: &TestContext, reaper: &Reaper, ids: &[&SessionId]) -> Vec<i64> {
+    let limit = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        reaper.sweep().await.expect("sweep");
+        let mut deadlines = Vec::new();
+        for id in ids {
+            let end = ctx
+                .events_of(id)
+                .await
+                .into_iter()
+                .find(|e| e["type"] == "expired");
+            if let Some(end) = end {
+                let payload: Value = serde_json::from_str(&end["payload"]).expect("payload");
+                let at: chrono::DateTime<chrono::Utc> = payload["deadline"]
+                    .as_str()
+                    .expect("deadline")
+                    .parse()
+                    .expect("a time");
+                deadlines.push(at.timestamp_millis());
+            }
+        }
+        if deadlines.len() == ids.len() {
+            return deadlines;
+        }
+        assert!(
+            tokio::time::Instant::now() < limit,
+            "not all expired: {deadlines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A write with a time to live of its own, shorter than the timeout, is
+/// reaped at its own deadline: an update (the lean layout lowers the
+/// expiry entry it would otherwise leave alone), a touch and a create.
+async fn a_short_ttl_is_reaped_at_its_own_deadline(layout: Layout) {
+    let ctx = TestContext::with(|c| {
+        c.with_layout(layout)
+            .with_session_timeout(Duration::from_secs(120))
+            .with_expiry_lookahead(Duration::from_secs(1))
+    })
+    .await;
+    let reaper = Reaper::new(ctx.store.clone(), ReaperConfig::default());
+    let updated = ctx
+        .store
+        .create(NewSession::for_user(5, "short"))
+        .await
+        .expect("create")
+        .session_id;
+    let touched = ctx
+        .store
+        .create(NewSession::for_user(6, "short"))
+        .await
+        .expect("create")
+        .session_id;
+    for id in [&updated, &touched] {
+        let score = ctx.expiry_score(id).await.expect("filed") as i64;
+        assert!(score > now_ms() + 60_000, "filed for the timeout: {score}");
+    }
+    // Longer than the look-ahead: the lean layout files it at the
+    // look-ahead before the new deadline.
+    let t_update = now_ms();
+    ctx.store
+        .update_with_ttl(
+            &updated,
+            Changes::new().with_set("x", 1),
+            Duration::from_secs(3),
+        )
+        .await
+        .expect("update");
+    let score = ctx.expiry_score(&updated).await.expect("filed") as i64;
+    assert!(score <= t_update + 3_100, "lowered: {score} vs {t_update}");
+    // Shorter than the look-ahead: recorded and filed at the deadline.
+    let t_touch = now_ms();
+    ctx.store
+        .touch_with_ttl(&touched, Duration::from_millis(800))
+        .await
+        .expect("touch");
+    let score = ctx.expiry_score(&touched).await.expect("filed") as i64;
+    assert!(score <= t_touch + 900, "lowered: {score} vs {t_touch}");
+    let t_create = now_ms();
+    let created = ctx
+        .store
+        .create_with_ttl(
+            NewSession::for_user(7, "short"),
+            Duration::from_millis(1_500),
+        )
+        .await
+        .expect("create")
+        .session_id;
+    // A TTL past the timeout is the timeout.
+    let long = ctx
+        .store
+        .create_with_ttl(NewSession::anonymous(), Duration::from_secs(86_400))
+        .await
+        .expect("create")
+        .session_id;
+    let left: i64 = ctx.conn().pttl(ctx.session_key(&long)).await.expect("pttl");
+    assert!(left <= 120_000 && left > 110_000, "{left}");
+
+    let deadlines = reap_all(&ctx, &reaper, &[&updated, &touched, &created]).await;
+    for (deadline, want) in
+        deadlines
+            .into_iter()
+            .zip([t_update + 3_000, t_touch + 800, t_create + 1_500])
+    {
+        assert!(
+            (deadline - want).abs() < 1_000,
+            "expired at {deadline}, its own deadline is {want}"
+        );
+    }
+    let types: Vec<String> = ctx
+        .events_of(&updated)
+        .await
+        .into_iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert_eq!(types, ["created", "updated", "expired"]);
+    assert!(ctx.store.get(&long).await.expect("get").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_ttl_is_reaped_at_its_own_deadline_lean() {
+    a_short_ttl_is_reaped_at_its_own_deadline(Layout::Lean).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_ttl_is_reaped_at_its_own_deadline_ledger() {
+    a_short_ttl_is_reaped_at_its_own_deadline(Layout::Ledger).await;
 }

@@ -121,6 +121,15 @@ fn routes() -> Router {
                 Ok::<_, SessionError>(axum::Json(json!({"csrf": s.csrf_token()})))
             }),
         )
+        .route(
+            "/whoami",
+            get(|s: Session| async move {
+                let as_number = s.user_id_as::<i64>()?;
+                Ok::<_, SessionError>(axum::Json(
+                    json!({"user": s.user_id(), "as_number": as_number}),
+                ))
+            }),
+        )
         .route("/hooks/{name}", post(|| async { "hook" }))
         .route("/other", post(|| async { "other" }))
 }
@@ -267,7 +276,17 @@ async fn login_from_an_anonymous_session_rotates_it() {
         .expect("get")
         .expect("live");
     assert_eq!(session.get("visits"), Some(&json!(1)));
-    assert_eq!(session.user_id().as_deref(), Some("7"));
+    // The stored user id keeps its JSON type: 7 stays a number.
+    assert_eq!(session.user_id(), Some(json!(7)));
+    let who: Value = client
+        .get(s.url("/whoami"))
+        .send()
+        .await
+        .expect("whoami")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(who, json!({"user": 7, "as_number": 7}));
     // The planted cookie no longer reaches anything.
     let res = reqwest::Client::new()
         .get(s.url("/peek"))
@@ -286,7 +305,7 @@ async fn login_from_an_anonymous_session_rotates_it() {
         .await
         .expect("get")
         .expect("live");
-    assert_eq!(session.user_id().as_deref(), Some("8"));
+    assert_eq!(session.user_id(), Some(json!(8)));
     assert_eq!(
         session.get("visits"),
         None,
@@ -457,4 +476,33 @@ async fn the_cookie_slides_with_the_session() {
         .map(|e| e.0)
         .collect();
     assert_eq!(types, ["created", "touched"]);
+}
+
+#[tokio::test]
+async fn a_request_traceparent_reaches_the_event_without_any_exporter() {
+    // Proves: with no tracing subscriber and no OpenTelemetry provider at
+    // all, the W3C `traceparent` a request came with is written into the
+    // events it causes (so the audit row links to the caller's trace); a
+    // header that is not a valid traceparent writes none.
+    let s = start_default().await;
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let tp = format!("00-{trace}-b7ad6b7169203331-01");
+    let res = reqwest::Client::new()
+        .get(s.url("/visit"))
+        .header("traceparent", &tp)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = reqwest::Client::new()
+        .get(s.url("/visit"))
+        .header("traceparent", "00-not-a-trace-01")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(res.status(), StatusCode::OK);
+    let stream = s.ctx.stream().await;
+    assert_eq!(stream.len(), 2, "{stream:?}");
+    assert_eq!(stream[0].get("traceparent"), Some(&tp));
+    assert_eq!(stream[1].get("traceparent"), None);
 }

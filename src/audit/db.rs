@@ -7,7 +7,29 @@ use crate::error::{Error, Result};
 /// Opens the audit database named by `DATABASE_URL` (SQLite file or
 /// PostgreSQL; see [`connection_url`]). The URL is never logged: it may hold
 /// a password.
+///
+/// An empty URL (`DATABASE_URL` unset and no data directory, see
+/// [`crate::config::data_dir`]) is a configuration error. For a SQLite file
+/// opened with `mode=rwc` (create), its directory is created first.
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
+    if url.trim().is_empty() {
+        return Err(Error::Config(crate::config::ConfigError {
+            var: "DATABASE_URL",
+            value: String::new(),
+            reason: "unset, and neither XDG_DATA_HOME nor HOME names a data directory for \
+                     the default SQLite file"
+                .to_owned(),
+        }));
+    }
+    if let Some(dir) = sqlite_dir_to_create(url) {
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            Error::Config(crate::config::ConfigError {
+                var: "DATABASE_URL",
+                value: dir.display().to_string(),
+                reason: format!("cannot create the SQLite file's directory: {e}"),
+            })
+        })?;
+    }
     let mut opts = ConnectOptions::new(connection_url(url));
     opts.sqlx_logging(false)
         .max_connections(8)
@@ -24,6 +46,18 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection> {
         opts.max_connections(1);
     }
     Ok(Database::connect(opts).await?)
+}
+
+/// The directory of a SQLite file that the URL asks to create (`mode=rwc`),
+/// when it names one.
+fn sqlite_dir_to_create(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://")?;
+    let (path, query) = rest.split_once('?')?;
+    if !query.split('&').any(|p| p == "mode=rwc") || path.is_empty() || path == ":memory:" {
+        return None;
+    }
+    let dir = std::path::Path::new(path).parent()?;
+    (!dir.as_os_str().is_empty()).then(|| dir.to_path_buf())
 }
 
 /// The URL the audit database is opened with: `url`, except that a
@@ -95,7 +129,34 @@ pub async fn require_current_schema(db: &DatabaseConnection) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::connection_url;
+    use super::{connect, connection_url, sqlite_dir_to_create};
+    use crate::error::Error;
+
+    #[tokio::test]
+    async fn the_default_file_and_its_directory_are_made_where_the_url_says() {
+        let base = std::env::temp_dir().join(format!("vtest-db-{}", uuid::Uuid::new_v4().simple()));
+        let file = base.join("vedfolnir-sessions").join("audit.sqlite");
+        let url = format!("sqlite://{}?mode=rwc", file.display());
+        assert_eq!(sqlite_dir_to_create(&url).as_deref(), file.parent());
+        let db = connect(&url).await.expect("connect");
+        drop(db);
+        assert!(file.exists(), "the file is where the URL says");
+        let _ = std::fs::remove_dir_all(&base);
+        // Nothing is made for a file opened without `mode=rwc`, a relative
+        // file in the current directory, or memory.
+        for url in [
+            "sqlite://x/a.db",
+            "sqlite://a.db?mode=rwc",
+            "sqlite::memory:",
+        ] {
+            assert_eq!(sqlite_dir_to_create(url), None, "{url}");
+        }
+        // No URL at all names the variable.
+        match connect("").await {
+            Err(Error::Config(e)) => assert_eq!(e.var, "DATABASE_URL"),
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
 
     #[test]
     fn loopback_postgres_without_sslmode_connects_without_tls() {

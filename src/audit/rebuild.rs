@@ -215,7 +215,7 @@ async fn write(
         }
         let status = f.state.status();
         models.push(session_snapshots::Model {
-            user_id: f.state.user_id().or(f.user_id),
+            user_id: f.state.user_key().or(f.user_id),
             state: f.state.to_json(),
             seq: f.state.version() as i64,
             status: snapshot_status(status),

@@ -898,7 +898,7 @@ impl AuditSink {
         };
         let model = session_snapshots::Model {
             session_id: sid.to_owned(),
-            user_id: state.user_id().or_else(|| last.event.user_id.clone()),
+            user_id: state.user_key().or_else(|| last.event.user_id.clone()),
             state: state.to_json(),
             seq: state.version() as i64,
             status: snapshot_status(state.status()),

@@ -88,7 +88,7 @@ fn snapshots(n: usize) -> Vec<Snapshot> {
             let left = c.rng.random_range(600..7200);
             Snapshot {
                 id: id.to_string(),
-                user_id: s.user_id(),
+                user_id: s.user_key(),
                 state: s.to_json(),
                 seq: s.version() as i64,
                 expires_at: now + chrono::Duration::seconds(left),

@@ -640,18 +640,19 @@ struct Row {
     rounds: Vec<[RoundFigures; 3]>,
 }
 
+/// The per-round figures of a row and their medians.
+struct RoundRatios {
+    per: Vec<Value>,
+    ratio: Option<f64>,
+    ratio_to_logged: Option<f64>,
+    redis_us_ratio_to_logged: Option<f64>,
+    p99_ms: Option<f64>,
+}
+
 impl Row {
     /// Per-round ratios of ours to the baseline, to the logging baseline,
     /// and of Redis time to the logging baseline's; with their medians.
-    fn round_ratios(
-        &self,
-    ) -> (
-        Vec<Value>,
-        Option<f64>,
-        Option<f64>,
-        Option<f64>,
-        Option<f64>,
-    ) {
+    fn round_ratios(&self) -> RoundRatios {
         let mut per = Vec::new();
         let (mut r, mut rl, mut rr, mut p99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for [o, b, l] in &self.rounds {
@@ -673,7 +674,13 @@ impl Row {
             }
             per.push(Value::Object(m));
         }
-        (per, median(r), median(rl), median(rr), median(p99))
+        RoundRatios {
+            per,
+            ratio: median(r),
+            ratio_to_logged: median(rl),
+            redis_us_ratio_to_logged: median(rr),
+            p99_ms: median(p99),
+        }
     }
 
     fn json(&mut self) -> Value {
@@ -773,7 +780,13 @@ impl Row {
                 json!(logged.usage.command_us_per_op(logged.ops)),
             );
         }
-        let (per_round, med, med_logged, med_redis, med_p99) = self.round_ratios();
+        let RoundRatios {
+            per: per_round,
+            ratio: med,
+            ratio_to_logged: med_logged,
+            redis_us_ratio_to_logged: med_redis,
+            p99_ms: med_p99,
+        } = self.round_ratios();
         m.insert("rounds".to_owned(), Value::Array(per_round));
         m.insert("median_ratio".to_owned(), json!(med.map(|x| round(x, 3))));
         m.insert(

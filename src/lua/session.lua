@@ -5,6 +5,11 @@
 -- caller computed. It never decodes session JSON: the live version is the
 -- number the canonical JSON ends with (`"_version":N}`).
 --
+-- A Redis Functions library: the store loads it with `FUNCTION LOAD` under
+-- a name derived from its text (`#!lua name=…` and the registration of `run`
+-- are added then, see src/store/script.rs), so its top level runs once per
+-- load and a call runs only `run`. Every call is an `FCALL`:
+--
 -- KEYS[1]  the event stream
 -- KEYS[2]  the expiry index (sorted set: member -> when the reaper looks)
 -- ARGV[1]  operation: create | write | end | rotate | destroy_user | expire |
@@ -37,16 +42,13 @@
 -- Deadlines use the Redis clock (TIME), never a writer's clock; TIME is read
 -- only by steps that write one.
 
-local stream = KEYS[1]
-local expiry = KEYS[2]
-local op = ARGV[1]
-local sp = ARGV[2]
-local lp = ARGV[3]
-local up = ARGV[4]
-local lean = ARGV[5] == 'lean'
-local ahead = tonumber(ARGV[6])
+-- Per-call state: set by `run` at the start of every call. Redis runs one
+-- call at a time, so these library-level locals never hold another call's
+-- values.
+local KEYS, ARGV
+local stream, expiry, op, sp, lp, up, lean, ahead
+local argi
 
-local argi = 6
 local function arg()
   argi = argi + 1
   return ARGV[argi]
@@ -80,7 +82,9 @@ local function int(n)
   return string.format('%d', n)
 end
 
-local HEX = string.rep('%02x', 32)
+-- string.rep('%02x', 32), spelled out: the library's top level runs when
+-- it is loaded, where the standard libraries are not reachable yet.
+local HEX = '%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x'
 -- The id of an index member: 64 hex characters, or the 32 bytes they spell.
 local function id_of(m)
   if #m == 32 then
@@ -180,6 +184,24 @@ local function store_live(id, m, seq, json, ttl, tomb, user, old_user, had, fres
       unindex(up .. old_user, id, m)
     end
   end
+  return ledger
+end
+
+-- A write with a time to live of the caller's own (not the configured
+-- timeout), in the lean layout: the expiry entry is a lower bound filed for
+-- an earlier write's deadline, and this deadline may be earlier. The entry
+-- comes down to where `file` would put it now, never up (`LT`); the other
+-- member form is dropped so that one entry remains. Only calls with such a
+-- time to live pay for it.
+local function lower(id, m, ttl, with_ledger)
+  clock()
+  local at = now + ttl
+  if not with_ledger then
+    at = at - ahead
+  end
+  local w = member(id, m)
+  redis.call('ZREM', expiry, w == m and id or m)
+  redis.call('ZADD', expiry, 'LT', at, w)
 end
 
 local function store_end(id, m, seq, status, user, tomb)
@@ -270,339 +292,355 @@ local function evict(user, max, skip, ids, tomb)
   return ended
 end
 
-if op == 'create' then
-  local id = arg()
-  local m = arg()
-  local json = arg()
-  local ttl = tonumber(arg())
-  local tomb = tonumber(arg())
-  local user = arg()
-  local max = tonumber(arg())
-  local event_id = arg()
-  local payload = arg()
-  read_meta()
-  local spare = rest()
-  if redis.call('EXISTS', sp .. id, lp .. id) > 0 then
-    return { 'exists' }
-  end
-  local ended, need = evict(user, max, id, spare, tomb)
-  if not ended then
-    return { 'need_ids', int(need) }
-  end
-  local sid = append(id, 1, 'created', user, payload, event_id)
-  store_live(id, m, 1, json, ttl, tomb, user, '', false, true)
-  return { 'ok', sid, unpack(ended) }
-elseif op == 'write' then
-  local id = arg()
-  local m = arg()
-  local expected = tonumber(arg())
-  local json = arg()
-  local ttl = tonumber(arg())
-  local tomb = tonumber(arg())
-  local user = arg()
-  local old_user = arg()
-  local kind = arg()
-  local event_id = arg()
-  local payload = arg()
-  read_meta()
-  local seq, reply, had = current(id, expected)
-  if not seq then
-    return reply
-  end
-  local sid = append(id, seq + 1, kind, user, payload, event_id)
-  store_live(id, m, seq + 1, json, ttl, tomb, user, old_user, had, false)
-  return { 'ok', sid }
-elseif op == 'end' then
-  -- With `expected` -1 the caller does not know the session: the user comes
-  -- from a ledger at the key's version, or the reply is a conflict with the
-  -- JSON so that the caller asks again knowing it.
-  local id = arg()
-  local m = arg()
-  local expected = tonumber(arg())
-  local user = arg()
-  local kind = arg()
-  local status = arg()
-  local tomb = tonumber(arg())
-  local event_id = arg()
-  local payload = arg()
-  read_meta()
-  local json, lseq, lstatus, luser = state(id)
-  if lstatus and lstatus ~= 'live' then
-    return { 'ended', lstatus }
-  end
-  if not json then
-    return { 'missing' }
-  end
-  local seq = version_of(json)
-  if not seq then
-    return redis.error_reply('session ' .. id .. ': its JSON does not end with _version')
-  end
-  if expected < 0 then
-    if lseq ~= seq then
+-- One call: `keys` and `argv` as described at the top.
+local function run(keys, argv)
+  KEYS, ARGV = keys, argv
+  stream, expiry = KEYS[1], KEYS[2]
+  op, sp, lp, up = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+  lean = ARGV[5] == 'lean'
+  ahead = tonumber(ARGV[6])
+  argi = 6
+  now, now_us = nil, nil
+  meta.occurred, meta.schema, meta.tp, meta.source = '', '', '', ''
+  if op == 'create' then
+    local id = arg()
+    local m = arg()
+    local json = arg()
+    local ttl = tonumber(arg())
+    local tomb = tonumber(arg())
+    local user = arg()
+    local max = tonumber(arg())
+    local event_id = arg()
+    local payload = arg()
+    read_meta()
+    local spare = rest()
+    if redis.call('EXISTS', sp .. id, lp .. id) > 0 then
+      return { 'exists' }
+    end
+    local ended, need = evict(user, max, id, spare, tomb)
+    if not ended then
+      return { 'need_ids', int(need) }
+    end
+    local sid = append(id, 1, 'created', user, payload, event_id)
+    store_live(id, m, 1, json, ttl, tomb, user, '', false, true)
+    return { 'ok', sid, unpack(ended) }
+  elseif op == 'write' then
+    local id = arg()
+    local m = arg()
+    local expected = tonumber(arg())
+    local json = arg()
+    local ttl = tonumber(arg())
+    local tomb = tonumber(arg())
+    local user = arg()
+    local old_user = arg()
+    local kind = arg()
+    local event_id = arg()
+    local payload = arg()
+    read_meta()
+    -- 'lower': the time to live is the caller's own (see `lower`).
+    local own_ttl = arg() == 'lower'
+    local seq, reply, had = current(id, expected)
+    if not seq then
+      return reply
+    end
+    local sid = append(id, seq + 1, kind, user, payload, event_id)
+    local ledger = store_live(id, m, seq + 1, json, ttl, tomb, user, old_user, had, false)
+    if own_ttl and lean then
+      lower(id, m, ttl, ledger)
+    end
+    return { 'ok', sid }
+  elseif op == 'end' then
+    -- With `expected` -1 the caller does not know the session: the user comes
+    -- from a ledger at the key's version, or the reply is a conflict with the
+    -- JSON so that the caller asks again knowing it.
+    local id = arg()
+    local m = arg()
+    local expected = tonumber(arg())
+    local user = arg()
+    local kind = arg()
+    local status = arg()
+    local tomb = tonumber(arg())
+    local event_id = arg()
+    local payload = arg()
+    read_meta()
+    local json, lseq, lstatus, luser = state(id)
+    if lstatus and lstatus ~= 'live' then
+      return { 'ended', lstatus }
+    end
+    if not json then
+      return { 'missing' }
+    end
+    local seq = version_of(json)
+    if not seq then
+      return redis.error_reply('session ' .. id .. ': its JSON does not end with _version')
+    end
+    if expected < 0 then
+      if lseq ~= seq then
+        return { 'conflict', json }
+      end
+      user = luser
+    elseif seq ~= expected then
       return { 'conflict', json }
     end
-    user = luser
-  elseif seq ~= expected then
-    return { 'conflict', json }
-  end
-  local sid = append(id, seq + 1, kind, user, payload, event_id)
-  store_end(id, m, seq + 1, status, user, tomb)
-  return { 'ok', sid, int(seq + 1), user }
-elseif op == 'rotate' then
-  local old = arg()
-  local old_m = arg()
-  local expected = tonumber(arg())
-  local old_user = arg()
-  local new = arg()
-  local new_m = arg()
-  local json = arg()
-  local ttl = tonumber(arg())
-  local tomb = tonumber(arg())
-  local user = arg()
-  local max = tonumber(arg())
-  local end_id = arg()
-  local end_payload = arg()
-  local create_id = arg()
-  local create_payload = arg()
-  read_meta()
-  local spare = rest()
-  local seq, reply = current(old, expected)
-  if not seq then
-    return reply
-  end
-  if redis.call('EXISTS', sp .. new, lp .. new) > 0 then
-    return { 'exists' }
-  end
-  local ended, need = evict(user, max, old, spare, tomb)
-  if not ended then
-    return { 'need_ids', int(need) }
-  end
-  local oxid = append(old, seq + 1, 'destroyed', old_user, end_payload, end_id)
-  store_end(old, old_m, seq + 1, 'destroyed', old_user, tomb)
-  local sid = append(new, 1, 'created', user, create_payload, create_id)
-  store_live(new, new_m, 1, json, ttl, tomb, user, '', false, true)
-  return { 'ok', sid, oxid, old_user, unpack(ended) }
-elseif op == 'destroy_user' then
-  local user = arg()
-  local tomb = tonumber(arg())
-  local payload = arg()
-  read_meta()
-  local ids = rest()
-  local live = live_sessions(user, nil)
-  if #live > #ids then
-    return { 'need_ids', int(#live) }
-  end
-  local ended = { 'ok', '' }
-  for i, s in ipairs(live) do
-    local xid = append(s[1], s[3] + 1, 'destroyed', user, payload, ids[i])
-    store_end(s[1], s[2], s[3] + 1, 'destroyed', user, tomb)
-    ended[#ended + 1] = s[1] .. ' ' .. int(s[3] + 1) .. ' ' .. xid
-  end
-  return ended
-elseif op == 'expire' then
-  -- The reaper's visit of a due entry (filed under either member form,
-  -- with `score`). A session still live is filed again from its key's TTL, or,
-  -- within the look-ahead of its deadline, needs a look first ('look' with
-  -- its JSON: the caller reads the user and calls `look`). A session whose
-  -- key is gone ends with the version and user of its ledger; without a
-  -- ledger nothing in Redis knows them, and the database sweep of overdue
-  -- sessions writes the end.
-  local id = arg()
-  local m = arg()
-  local score = tonumber(arg())
-  local tomb = tonumber(arg())
-  local event_id = arg()
-  local payload = arg()
-  read_meta()
-  clock()
-  local s = redis.call('ZSCORE', expiry, m) or redis.call('ZSCORE', expiry, id)
-  if not s or tonumber(s) ~= score or score > now then
-    -- Filed again since the reaper looked, or not due yet.
-    return { 'skip' }
-  end
-  local json, lseq, status, user = state(id)
-  if status and status ~= 'live' then
-    unindex(expiry, id, m)
-    return { 'gone' }
-  end
-  if json then
+    local sid = append(id, seq + 1, kind, user, payload, event_id)
+    store_end(id, m, seq + 1, status, user, tomb)
+    return { 'ok', sid, int(seq + 1), user }
+  elseif op == 'rotate' then
+    local old = arg()
+    local old_m = arg()
+    local expected = tonumber(arg())
+    local old_user = arg()
+    local new = arg()
+    local new_m = arg()
+    local json = arg()
+    local ttl = tonumber(arg())
+    local tomb = tonumber(arg())
+    local user = arg()
+    local max = tonumber(arg())
+    local end_id = arg()
+    local end_payload = arg()
+    local create_id = arg()
+    local create_payload = arg()
+    read_meta()
+    local spare = rest()
+    local seq, reply = current(old, expected)
+    if not seq then
+      return reply
+    end
+    if redis.call('EXISTS', sp .. new, lp .. new) > 0 then
+      return { 'exists' }
+    end
+    local ended, need = evict(user, max, old, spare, tomb)
+    if not ended then
+      return { 'need_ids', int(need) }
+    end
+    local oxid = append(old, seq + 1, 'destroyed', old_user, end_payload, end_id)
+    store_end(old, old_m, seq + 1, 'destroyed', old_user, tomb)
+    local sid = append(new, 1, 'created', user, create_payload, create_id)
+    store_live(new, new_m, 1, json, ttl, tomb, user, '', false, true)
+    return { 'ok', sid, oxid, old_user, unpack(ended) }
+  elseif op == 'destroy_user' then
+    local user = arg()
+    local tomb = tonumber(arg())
+    local payload = arg()
+    read_meta()
+    local ids = rest()
+    local live = live_sessions(user, nil)
+    if #live > #ids then
+      return { 'need_ids', int(#live) }
+    end
+    local ended = { 'ok', '' }
+    for i, s in ipairs(live) do
+      local xid = append(s[1], s[3] + 1, 'destroyed', user, payload, ids[i])
+      store_end(s[1], s[2], s[3] + 1, 'destroyed', user, tomb)
+      ended[#ended + 1] = s[1] .. ' ' .. int(s[3] + 1) .. ' ' .. xid
+    end
+    return ended
+  elseif op == 'expire' then
+    -- The reaper's visit of a due entry (filed under either member form,
+    -- with `score`). A session still live is filed again from its key's TTL, or,
+    -- within the look-ahead of its deadline, needs a look first ('look' with
+    -- its JSON: the caller reads the user and calls `look`). A session whose
+    -- key is gone ends with the version and user of its ledger; without a
+    -- ledger nothing in Redis knows them, and the database sweep of overdue
+    -- sessions writes the end.
+    local id = arg()
+    local m = arg()
+    local score = tonumber(arg())
+    local tomb = tonumber(arg())
+    local event_id = arg()
+    local payload = arg()
+    read_meta()
+    clock()
+    local s = redis.call('ZSCORE', expiry, m) or redis.call('ZSCORE', expiry, id)
+    if not s or tonumber(s) ~= score or score > now then
+      -- Filed again since the reaper looked, or not due yet.
+      return { 'skip' }
+    end
+    local json, lseq, status, user = state(id)
+    if status and status ~= 'live' then
+      unindex(expiry, id, m)
+      return { 'gone' }
+    end
+    if json then
+      local pttl = redis.call('PTTL', sp .. id)
+      if pttl < 0 then
+        -- A key without a TTL never expires: `verify` names it.
+        return { 'skip' }
+      end
+      local v = version_of(json)
+      if lean and pttl > ahead then
+        -- Not near its deadline: no look needed (one taken before a write
+        -- that extended the session is dropped).
+        if lseq then
+          redis.call('DEL', lp .. id)
+        end
+        file(id, m, pttl, false, true)
+        return { 'skip' }
+      end
+      if lseq and v == lseq then
+        file(id, m, pttl, true, true)
+        return { 'skip' }
+      end
+      return { 'look', json }
+    end
+    if not lseq then
+      unindex(expiry, id, m)
+      return { 'gone' }
+    end
+    -- An early entry seen after the key went: the ledger's TTL (the deadline
+    -- plus the tombstone TTL) tells the deadline, which the event carries.
+    local lpttl = redis.call('PTTL', lp .. id)
+    if lpttl > 0 then
+      local d = math.min(now, now + lpttl - tomb)
+      if math.abs(d - score) > 1000 then
+        redis.call('ZADD', expiry, d, member(id, m))
+        redis.call('ZREM', expiry, member(id, m) == m and id or m)
+        return { 'skip' }
+      end
+    end
+    local sid = append(id, lseq + 1, 'expired', user, payload, event_id)
+    store_end(id, m, lseq + 1, 'expired', user, tomb)
+    return { 'ok', sid, int(lseq + 1), user }
+  elseif op == 'look' then
+    -- Writes the look of a live session at `seq` (the reaper read its user
+    -- from the JSON) and files it at its deadline, unless it changed since.
+    local id = arg()
+    local m = arg()
+    local seq = tonumber(arg())
+    local user = arg()
+    local tomb = tonumber(arg())
+    local json, _, status = state(id)
+    if not json or (status and status ~= 'live') or version_of(json) ~= seq then
+      return { 'skip' }
+    end
     local pttl = redis.call('PTTL', sp .. id)
     if pttl < 0 then
-      -- A key without a TTL never expires: `verify` names it.
       return { 'skip' }
     end
-    local v = version_of(json)
-    if lean and pttl > ahead then
-      -- Not near its deadline: no look needed (one taken before a write
-      -- that extended the session is dropped).
-      if lseq then
-        redis.call('DEL', lp .. id)
+    set_ledger(id, seq, user, pttl + tomb)
+    file(id, m, pttl, true, true)
+    return { 'ok', '' }
+  elseif op == 'restore' then
+    -- Re-materialize a session from the audit database (replay, a read during
+    -- recovery, the base of a projection). The one rule of ending: nothing
+    -- comes back that Redis knows has ended, or knows a newer state of, and
+    -- nothing past its deadline. A ledger at the same seq without its key (a
+    -- key evicted or deleted by hand) is restored. A key behind the database
+    -- is replaced; its user must then be given (`old_seq`, `old_user`), or the
+    -- reply is 'behind' with its JSON.
+    local id = arg()
+    local m = arg()
+    local json = arg()
+    local seq = tonumber(arg())
+    local user = arg()
+    local deadline = tonumber(arg())
+    local tomb = tonumber(arg())
+    local old_seq = tonumber(arg())
+    local old_user = arg()
+    local cur, lseq, status, luser = state(id)
+    if status and status ~= 'live' then
+      return { 'ended', status, int(lseq) }
+    end
+    local had = lseq ~= nil
+    if cur then
+      local v = version_of(cur) or 0
+      if v > seq then
+        return { 'newer', int(v) }
       end
-      file(id, m, pttl, false, true)
-      return { 'skip' }
-    end
-    if lseq and v == lseq then
-      file(id, m, pttl, true, true)
-      return { 'skip' }
-    end
-    return { 'look', json }
-  end
-  if not lseq then
-    unindex(expiry, id, m)
-    return { 'gone' }
-  end
-  -- An early entry seen after the key went: the ledger's TTL (the deadline
-  -- plus the tombstone TTL) tells the deadline, which the event carries.
-  local lpttl = redis.call('PTTL', lp .. id)
-  if lpttl > 0 then
-    local d = math.min(now, now + lpttl - tomb)
-    if math.abs(d - score) > 1000 then
-      redis.call('ZADD', expiry, d, member(id, m))
-      redis.call('ZREM', expiry, member(id, m) == m and id or m)
-      return { 'skip' }
-    end
-  end
-  local sid = append(id, lseq + 1, 'expired', user, payload, event_id)
-  store_end(id, m, lseq + 1, 'expired', user, tomb)
-  return { 'ok', sid, int(lseq + 1), user }
-elseif op == 'look' then
-  -- Writes the look of a live session at `seq` (the reaper read its user
-  -- from the JSON) and files it at its deadline, unless it changed since.
-  local id = arg()
-  local m = arg()
-  local seq = tonumber(arg())
-  local user = arg()
-  local tomb = tonumber(arg())
-  local json, _, status = state(id)
-  if not json or (status and status ~= 'live') or version_of(json) ~= seq then
-    return { 'skip' }
-  end
-  local pttl = redis.call('PTTL', sp .. id)
-  if pttl < 0 then
-    return { 'skip' }
-  end
-  set_ledger(id, seq, user, pttl + tomb)
-  file(id, m, pttl, true, true)
-  return { 'ok', '' }
-elseif op == 'restore' then
-  -- Re-materialize a session from the audit database (replay, a read during
-  -- recovery, the base of a projection). The one rule of ending: nothing
-  -- comes back that Redis knows has ended, or knows a newer state of, and
-  -- nothing past its deadline. A ledger at the same seq without its key (a
-  -- key evicted or deleted by hand) is restored. A key behind the database
-  -- is replaced; its user must then be given (`old_seq`, `old_user`), or the
-  -- reply is 'behind' with its JSON.
-  local id = arg()
-  local m = arg()
-  local json = arg()
-  local seq = tonumber(arg())
-  local user = arg()
-  local deadline = tonumber(arg())
-  local tomb = tonumber(arg())
-  local old_seq = tonumber(arg())
-  local old_user = arg()
-  local cur, lseq, status, luser = state(id)
-  if status and status ~= 'live' then
-    return { 'ended', status, int(lseq) }
-  end
-  local had = lseq ~= nil
-  if cur then
-    local v = version_of(cur) or 0
-    if v > seq then
-      return { 'newer', int(v) }
-    end
-    if v == seq then
-      return { 'current', int(v) }
-    end
-    if lseq == v then
+      if v == seq then
+        return { 'current', int(v) }
+      end
+      if lseq == v then
+        old_user = luser
+      elseif old_seq ~= v then
+        return { 'behind', cur }
+      end
+    elseif lseq then
+      if lseq > seq then
+        return { 'newer', int(lseq) }
+      end
       old_user = luser
-    elseif old_seq ~= v then
-      return { 'behind', cur }
+    else
+      old_user = ''
     end
-  elseif lseq then
-    if lseq > seq then
-      return { 'newer', int(lseq) }
+    clock()
+    local remaining = deadline - now
+    if remaining <= 0 then
+      return { 'expired' }
     end
-    old_user = luser
-  else
-    old_user = ''
-  end
-  clock()
-  local remaining = deadline - now
-  if remaining <= 0 then
-    return { 'expired' }
-  end
-  redis.call('SET', sp .. id, json, 'PX', remaining)
-  local ledger = had or not lean or remaining <= ahead
-  if ledger then
-    set_ledger(id, seq, user, remaining + tomb)
-  end
-  file(id, m, remaining, ledger, true)
-  if user ~= '' then
-    local w = member(id, m)
-    redis.call('ZREM', up .. user, w == m and id or m)
-    redis.call('ZADD', up .. user, 'NX', now_us, w)
-  end
-  if old_user ~= '' and old_user ~= user then
-    unindex(up .. old_user, id, m)
-  end
-  return { 'ok', '' }
-elseif op == 'apply' then
-  -- Projection of an event staged in the audit database while Redis was
-  -- unreachable. The event keeps its id; Redis gives it its place: right
-  -- after what Redis holds when that is the state the caller folded on
-  -- (`base`, whose user is `old_user`), or after the end when the session
-  -- has ended meanwhile (the event is logged, the session stays ended).
-  -- Applied at most once: a marker per event id outlives any retry.
-  local id = arg()
-  local m = arg()
-  local base = tonumber(arg())
-  local json = arg()
-  local ttl = tonumber(arg())
-  local tomb = tonumber(arg())
-  local user = arg()
-  local old_user = arg()
-  local kind = arg()
-  local status_after = arg()
-  local event_id = arg()
-  local payload = arg()
-  read_meta()
-  meta.source = 'fallback'
-  local applied = lp .. '~' .. event_id
-  if redis.call('EXISTS', applied) == 1 then
-    return { 'applied' }
-  end
-  local cur, lseq, status, luser = state(id)
-  local sid
-  if status and status ~= 'live' then
-    redis.call('SET', applied, '1', 'PX', tomb)
-    if kind == 'destroyed' or kind == 'expired' then
-      -- Already ended: an end is in the log once.
+    redis.call('SET', sp .. id, json, 'PX', remaining)
+    local ledger = had or not lean or remaining <= ahead
+    if ledger then
+      set_ledger(id, seq, user, remaining + tomb)
+    end
+    file(id, m, remaining, ledger, true)
+    if user ~= '' then
+      local w = member(id, m)
+      redis.call('ZREM', up .. user, w == m and id or m)
+      redis.call('ZADD', up .. user, 'NX', now_us, w)
+    end
+    if old_user ~= '' and old_user ~= user then
+      unindex(up .. old_user, id, m)
+    end
+    return { 'ok', '' }
+  elseif op == 'apply' then
+    -- Projection of an event staged in the audit database while Redis was
+    -- unreachable. The event keeps its id; Redis gives it its place: right
+    -- after what Redis holds when that is the state the caller folded on
+    -- (`base`, whose user is `old_user`), or after the end when the session
+    -- has ended meanwhile (the event is logged, the session stays ended).
+    -- Applied at most once: a marker per event id outlives any retry.
+    local id = arg()
+    local m = arg()
+    local base = tonumber(arg())
+    local json = arg()
+    local ttl = tonumber(arg())
+    local tomb = tonumber(arg())
+    local user = arg()
+    local old_user = arg()
+    local kind = arg()
+    local status_after = arg()
+    local event_id = arg()
+    local payload = arg()
+    read_meta()
+    meta.source = 'fallback'
+    local applied = lp .. '~' .. event_id
+    if redis.call('EXISTS', applied) == 1 then
       return { 'applied' }
     end
-    sid = append(id, lseq + 1, kind, luser, payload, event_id)
-    redis.call('SET', lp .. id, int(lseq + 1) .. '|' .. status .. '|' .. luser, 'KEEPTTL')
-    return { 'ok', sid, int(lseq + 1), 'ended' }
-  end
-  local have = (cur and version_of(cur)) or lseq or 0
-  if have ~= base then
-    if cur then
-      return { 'conflict', cur }
+    local cur, lseq, status, luser = state(id)
+    local sid
+    if status and status ~= 'live' then
+      redis.call('SET', applied, '1', 'PX', tomb)
+      if kind == 'destroyed' or kind == 'expired' then
+        -- Already ended: an end is in the log once.
+        return { 'applied' }
+      end
+      sid = append(id, lseq + 1, kind, luser, payload, event_id)
+      redis.call('SET', lp .. id, int(lseq + 1) .. '|' .. status .. '|' .. luser, 'KEEPTTL')
+      return { 'ok', sid, int(lseq + 1), 'ended' }
     end
-    return { 'conflict' }
+    local have = (cur and version_of(cur)) or lseq or 0
+    if have ~= base then
+      if cur then
+        return { 'conflict', cur }
+      end
+      return { 'conflict' }
+    end
+    if lseq and not cur then
+      -- Live in the ledger but past its deadline in Redis: the caller restores
+      -- it first when its deadline in the database allows.
+      return { 'missing' }
+    end
+    sid = append(id, base + 1, kind, user, payload, event_id)
+    if status_after == 'live' then
+      store_live(id, m, base + 1, json, ttl, tomb, user, old_user, lseq ~= nil, base == 0)
+    else
+      store_end(id, m, base + 1, status_after, user, tomb)
+    end
+    redis.call('SET', applied, '1', 'PX', tomb)
+    return { 'ok', sid, int(base + 1), status_after }
   end
-  if lseq and not cur then
-    -- Live in the ledger but past its deadline in Redis: the caller restores
-    -- it first when its deadline in the database allows.
-    return { 'missing' }
-  end
-  sid = append(id, base + 1, kind, user, payload, event_id)
-  if status_after == 'live' then
-    store_live(id, m, base + 1, json, ttl, tomb, user, old_user, lseq ~= nil, base == 0)
-  else
-    store_end(id, m, base + 1, status_after, user, tomb)
-  end
-  redis.call('SET', applied, '1', 'PX', tomb)
-  return { 'ok', sid, int(base + 1), status_after }
+  return redis.error_reply('unknown operation ' .. tostring(op))
 end
-return redis.error_reply('unknown operation ' .. tostring(op))

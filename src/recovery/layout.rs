@@ -415,7 +415,7 @@ pub(crate) async fn reindex(
     // The user whose index holds the inspected state.
     let old_user = inspected
         .and_then(|j| crate::session::Session::from_json(j).ok())
-        .and_then(|s| s.user_id())
+        .and_then(|s| s.user_key())
         .unwrap_or_default();
     let mut inv = invocation(keys, shape, "reindex");
     inv.arg(id)

@@ -104,7 +104,7 @@ pub async fn replay(
                 continue;
             }
             let part = keys.for_session(&id);
-            let mut cmd = script::evalsha(part, shape, "restore");
+            let mut cmd = script::fcall(part, shape, "restore");
             let args = script::Restore {
                 id: &id,
                 state: &r.state,
@@ -127,9 +127,7 @@ pub async fn replay(
         for (pipe, sent) in pipes.values() {
             let replies: Vec<Vec<String>> = match pipe.query_async(&mut conn).await {
                 Ok(r) => r,
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
+                Err(e) if script::not_loaded(&e) => {
                     script::load(&mut conn).await?;
                     pipe.query_async(&mut conn).await?
                 }

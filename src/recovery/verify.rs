@@ -783,7 +783,7 @@ impl Checker<'_> {
         session_snapshots::Model {
             session_id: id.to_owned(),
             user_id: state
-                .user_id()
+                .user_key()
                 .or_else(|| last.and_then(|i| i.event.user_id.clone())),
             state: state.to_json(),
             seq: state.version() as i64,
@@ -945,7 +945,7 @@ impl Checker<'_> {
                 layout_of = Some(Expected {
                     json: json.to_owned(),
                     seq: v,
-                    user: session.user_id().unwrap_or_default(),
+                    user: session.user_key().unwrap_or_default(),
                     deadline_ms: None,
                 });
             }

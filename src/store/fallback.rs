@@ -532,7 +532,7 @@ impl SessionStore {
                 String::new()
             };
             let user = next
-                .user_id()
+                .user_key()
                 .or_else(|| staged.user_id.clone())
                 .unwrap_or_default();
             let mut inv = script::invocation(part, self.shape(), "apply");
@@ -543,7 +543,7 @@ impl SessionStore {
                 .arg(self.config.session_timeout.as_millis() as u64)
                 .arg(self.config.tombstone_ttl.as_millis() as u64)
                 .arg(&user)
-                .arg(base.user_id().unwrap_or_default())
+                .arg(base.user_key().unwrap_or_default())
                 .arg(staged.kind.type_name())
                 .arg(status_after.as_str())
                 .arg(staged.event_id.to_string())

@@ -18,6 +18,7 @@ mod import;
 mod ops;
 mod recovery;
 pub(crate) mod script;
+mod trim;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -98,6 +99,11 @@ struct Shared {
     guard_until_ms: AtomicU64,
     /// Mutations staged in the database because Redis was unreachable.
     fallback_writes: AtomicU64,
+    /// Events Redis appended through this store; every so many, the stream
+    /// of the partition written is trimmed (see `store::trim`).
+    appended: AtomicU64,
+    /// A trim runs.
+    trimming: AtomicBool,
 }
 
 impl Default for Shared {
@@ -117,6 +123,8 @@ impl Default for Shared {
             sync_failing: AtomicBool::new(false),
             guard_until_ms: AtomicU64::new(0),
             fallback_writes: AtomicU64::new(0),
+            appended: AtomicU64::new(0),
+            trimming: AtomicBool::new(false),
         }
     }
 }
@@ -219,7 +227,7 @@ impl SessionStore {
             }
             // Boxed: a due touch is rare, and inline its script call would
             // make every load's future several kilobytes larger.
-            match Box::pin(self.touch_at(id, session.clone())).await {
+            match Box::pin(self.touch_at(id, session.clone(), None)).await {
                 Ok(s) => Ok(Some(s)),
                 // Someone else wrote (and so refreshed it) or ended it meanwhile.
                 Err(Error::Conflict { .. }) => Ok(Some(session)),

@@ -90,7 +90,7 @@ impl Meta {
         self.event_with_id(Uuid::now_v7(), session_id, seq, user_id, kind)
     }
 
-    fn push(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn push(&self, inv: &mut script::Invocation) {
         inv.arg(self.occurred_at.to_string())
             .arg(SCHEMA_VERSION)
             .arg(self.traceparent.as_deref().unwrap_or(""));
@@ -176,6 +176,21 @@ impl SessionStore {
         self.config.session_timeout.as_millis() as u64
     }
 
+    /// A per-call time to live in ms: at most `REDIS_SESSION_TIMEOUT` (the
+    /// audit database computes deadlines from the timeout, and its sweep of
+    /// overdue sessions relies on Redis never holding one longer), at least
+    /// 1 ms.
+    fn clamped_ttl_ms(&self, ttl: Duration) -> u64 {
+        (ttl.min(self.config.session_timeout).as_millis() as u64).max(1)
+    }
+
+    /// [`Self::clamped_ttl_ms`], or `None` when it is the timeout itself
+    /// (the usual write, which costs nothing more).
+    fn own_ttl(&self, ttl: Duration) -> Option<u64> {
+        let ms = self.clamped_ttl_ms(ttl);
+        (ms != self.ttl_ms()).then_some(ms)
+    }
+
     pub(super) fn shape(&self) -> script::Shape {
         script::Shape::of(&self.config)
     }
@@ -251,7 +266,7 @@ impl SessionStore {
     async fn run_or_fallback(
         &self,
         part: &Keys,
-        inv: &redis::ScriptInvocation<'_>,
+        inv: &script::Invocation,
         settle: Option<&SessionId>,
         fallback: impl FnOnce() -> Vec<(u64, Event)>,
     ) -> Result<Outcome> {
@@ -266,6 +281,7 @@ impl SessionStore {
         match ran {
             Ok((r, retried)) => {
                 if matches!(r, Reply::Ok(..)) {
+                    self.appended(part);
                     self.replicate(part).await?;
                 }
                 Ok(Outcome::Redis(r, retried))
@@ -300,7 +316,26 @@ impl SessionStore {
         let started = std::time::Instant::now();
         let result: Result<Created> = async {
             self.catch_up().await;
-            self.create_inner(new.fields, None).await
+            self.create_inner(new.fields, None, None).await
+        }
+        .await;
+        crate::telemetry::record_operation("create", started, &result);
+        result
+    }
+
+    /// Like [`SessionStore::create`], with a time to live of this write's
+    /// own instead of `REDIS_SESSION_TIMEOUT`: the session ends (an
+    /// `expired` event) `ttl` from now unless a later write extends it.
+    /// `ttl` is clamped to at most `REDIS_SESSION_TIMEOUT` (the audit
+    /// database and its sweep of overdue sessions count deadlines from the
+    /// timeout, so no session may outlive it in Redis) and to at least 1 ms.
+    #[tracing::instrument(skip_all, fields(session_id), err)]
+    pub async fn create_with_ttl(&self, new: NewSession, ttl: Duration) -> Result<Created> {
+        let started = std::time::Instant::now();
+        let ttl_ms = self.own_ttl(ttl);
+        let result: Result<Created> = async {
+            self.catch_up().await;
+            self.create_inner(new.fields, None, ttl_ms).await
         }
         .await;
         crate::telemetry::record_operation("create", started, &result);
@@ -311,6 +346,7 @@ impl SessionStore {
         &self,
         fields: Map<String, Value>,
         rotated_from: Option<(SessionId, Session, DestroyReason)>,
+        ttl_ms: Option<u64>,
     ) -> Result<Created> {
         if let Some(k) = fields.keys().find(|k| RESERVED_KEYS.contains(&k.as_str())) {
             return Err(Error::InvalidInput(format!(
@@ -361,7 +397,7 @@ impl SessionStore {
                     inv.arg(id.as_str())
                         .arg(&id.to_bytes()[..])
                         .arg(&json)
-                        .arg(self.ttl_ms())
+                        .arg(ttl_ms.unwrap_or_else(|| self.ttl_ms()))
                         .arg(self.tomb_ms())
                         .arg(user.as_deref().unwrap_or(""))
                         .arg(script_limit)
@@ -373,7 +409,7 @@ impl SessionStore {
                     let end = meta.event(
                         old,
                         current.version() + 1,
-                        current.user_id(),
+                        current.user_key(),
                         EventKind::Destroyed { reason: *reason },
                     );
                     inv.arg(old.as_str())
@@ -478,6 +514,7 @@ impl SessionStore {
         next: &Session,
         event: &Event,
         meta: &Meta,
+        ttl_ms: Option<u64>,
     ) -> Result<Written> {
         let json = self.checked_json(next)?;
         let part = self.keys.for_session(id);
@@ -486,14 +523,20 @@ impl SessionStore {
             .arg(&id.to_bytes()[..])
             .arg(current.version())
             .arg(&json)
-            .arg(self.ttl_ms())
+            .arg(ttl_ms.unwrap_or_else(|| self.ttl_ms()))
             .arg(self.tomb_ms())
             .arg(event.user_id.as_deref().unwrap_or(""))
-            .arg(current.user_id().as_deref().unwrap_or(""))
+            .arg(current.user_key().as_deref().unwrap_or(""))
             .arg(event.kind.type_name())
             .arg(event.event_id.to_string())
             .arg(event.kind.payload_json());
         meta.push(&mut inv);
+        if ttl_ms.is_some() {
+            // A time to live of the call's own may be shorter than the one
+            // the expiry entry was filed for: the script lowers the entry
+            // (the usual write leaves it alone, see `store_live`).
+            inv.arg("lower");
+        }
         Ok(
             match self
                 .run_or_fallback(part, &inv, Some(id), || {
@@ -529,6 +572,7 @@ impl SessionStore {
         &self,
         id: &SessionId,
         mut current: Session,
+        ttl_ms: Option<u64>,
         change: impl Fn(&Session) -> Result<EventKind>,
     ) -> Result<Session> {
         let attempts = self.config.max_retries.max(1);
@@ -538,10 +582,13 @@ impl SessionStore {
             let draft = meta.event(id, current.version() + 1, None, change(&current)?);
             let next = current.apply(&draft);
             let event = Event {
-                user_id: next.user_id(),
+                user_id: next.user_key(),
                 ..draft
             };
-            let retry = match self.write_once(id, &current, &next, &event, &meta).await? {
+            let retry = match self
+                .write_once(id, &current, &next, &event, &meta, ttl_ms)
+                .await?
+            {
                 Written::Redis(xid) => {
                     if let Some(xid) = xid {
                         self.sync(vec![streamed(xid, event)]).await;
@@ -588,9 +635,48 @@ impl SessionStore {
     pub async fn update(&self, id: &SessionId, changes: Changes) -> Result<Session> {
         let started = std::time::Instant::now();
         let result = match self.current(id).await {
-            Ok(current) => self.update_in(id, current, changes).await,
+            Ok(current) => self.update_in(id, current, changes, None).await,
             Err(e) => Err(e),
         };
+        crate::telemetry::record_operation("update", started, &result);
+        result
+    }
+
+    /// Like [`SessionStore::update`], with a time to live of this write's
+    /// own instead of `REDIS_SESSION_TIMEOUT` (clamped as in
+    /// [`SessionStore::create_with_ttl`]): the session's deadline becomes
+    /// `ttl` from now, earlier or later than it was.
+    #[tracing::instrument(skip_all, fields(session_id = %id), err)]
+    pub async fn update_with_ttl(
+        &self,
+        id: &SessionId,
+        changes: Changes,
+        ttl: Duration,
+    ) -> Result<Session> {
+        let started = std::time::Instant::now();
+        let ttl_ms = self.own_ttl(ttl);
+        let result = match self.current(id).await {
+            Ok(current) => self.update_in(id, current, changes, ttl_ms).await,
+            Err(e) => Err(e),
+        };
+        crate::telemetry::record_operation("update", started, &result);
+        result
+    }
+
+    /// [`SessionStore::update_from`] with a time to live of this write's
+    /// own (see [`SessionStore::update_with_ttl`]).
+    #[tracing::instrument(skip_all, fields(session_id = %id), err)]
+    pub async fn update_from_with_ttl(
+        &self,
+        id: &SessionId,
+        current: Session,
+        changes: Changes,
+        ttl: Duration,
+    ) -> Result<Session> {
+        let started = std::time::Instant::now();
+        let ttl_ms = self.own_ttl(ttl);
+        self.catch_up().await;
+        let result = self.update_in(id, current, changes, ttl_ms).await;
         crate::telemetry::record_operation("update", started, &result);
         result
     }
@@ -609,7 +695,7 @@ impl SessionStore {
     ) -> Result<Session> {
         let started = std::time::Instant::now();
         self.catch_up().await;
-        let result = self.update_in(id, current, changes).await;
+        let result = self.update_in(id, current, changes, None).await;
         crate::telemetry::record_operation("update", started, &result);
         result
     }
@@ -619,6 +705,7 @@ impl SessionStore {
         id: &SessionId,
         current: Session,
         changes: Changes,
+        ttl_ms: Option<u64>,
     ) -> Result<Session> {
         if let Some(k) = changes.reserved_key() {
             return Err(Error::InvalidInput(format!(
@@ -626,7 +713,7 @@ impl SessionStore {
             )));
         }
         crate::session::check_fields(&changes.set)?;
-        self.write(id, current, |now| {
+        self.write(id, current, ttl_ms, |now| {
             if let Some(key) = changes.stale_key(now) {
                 return Err(Error::StaleRead {
                     session_id: id.clone(),
@@ -692,7 +779,7 @@ impl SessionStore {
             )));
         }
         crate::session::check_key(key)?;
-        self.write(id, current, |now| {
+        self.write(id, current, None, |now| {
             let (set, unset) = match f(now.get(key))? {
                 Some(v) => (Map::from_iter([(key.to_owned(), v)]), Vec::new()),
                 None => (Map::new(), vec![key.to_owned()]),
@@ -733,7 +820,24 @@ impl SessionStore {
         let started = std::time::Instant::now();
         let result: Result<Session> = async {
             let current = self.current(id).await?;
-            self.touch_at(id, current).await
+            self.touch_at(id, current, None).await
+        }
+        .await;
+        crate::telemetry::record_operation("touch", started, &result);
+        result
+    }
+
+    /// Like [`SessionStore::touch`], with a time to live of this write's own
+    /// (clamped as in [`SessionStore::create_with_ttl`]): the deadline
+    /// becomes `ttl` from now, earlier or later than it was. One attempt: a
+    /// concurrent write is [`Error::Conflict`].
+    #[tracing::instrument(skip_all, fields(session_id = %id), err)]
+    pub async fn touch_with_ttl(&self, id: &SessionId, ttl: Duration) -> Result<Session> {
+        let started = std::time::Instant::now();
+        let ttl_ms = self.own_ttl(ttl);
+        let result: Result<Session> = async {
+            let current = self.current(id).await?;
+            self.touch_at(id, current, ttl_ms).await
         }
         .await;
         crate::telemetry::record_operation("touch", started, &result);
@@ -742,14 +846,22 @@ impl SessionStore {
 
     /// Touch with one attempt: a conflict means another write just refreshed
     /// the session, which is all a touch wants.
-    pub(super) async fn touch_at(&self, id: &SessionId, current: Session) -> Result<Session> {
+    pub(super) async fn touch_at(
+        &self,
+        id: &SessionId,
+        current: Session,
+        ttl_ms: Option<u64>,
+    ) -> Result<Session> {
         let meta = Meta::now();
         let kind = EventKind::Touched {
             last_activity: meta.occurred_at,
         };
-        let event = meta.event(id, current.version() + 1, current.user_id(), kind);
+        let event = meta.event(id, current.version() + 1, current.user_key(), kind);
         let next = current.apply(&event);
-        match self.write_once(id, &current, &next, &event, &meta).await? {
+        match self
+            .write_once(id, &current, &next, &event, &meta, ttl_ms)
+            .await?
+        {
             Written::Redis(xid) => {
                 if let Some(xid) = xid {
                     self.sync(vec![streamed(xid, event)]).await;
@@ -775,7 +887,7 @@ impl SessionStore {
         let started = std::time::Instant::now();
         let result: Result<Session> = async {
             let current = self.current(id).await?;
-            self.write(id, current, |_| {
+            self.write(id, current, None, |_| {
                 Ok(EventKind::PlatformSwitched(platform.clone()))
             })
             .await
@@ -815,7 +927,11 @@ impl SessionStore {
                     fields.insert(k.clone(), v.clone());
                 }
                 match self
-                    .create_inner(fields, Some((id.clone(), current, DestroyReason::Rotated)))
+                    .create_inner(
+                        fields,
+                        Some((id.clone(), current, DestroyReason::Rotated)),
+                        None,
+                    )
                     .await
                 {
                     Err(Error::Conflict { .. }) => {
@@ -890,7 +1006,7 @@ impl SessionStore {
                                 event_id,
                                 id,
                                 view.session.version() + 1,
-                                view.session.user_id(),
+                                view.session.user_key(),
                                 kind,
                             );
                             match self
@@ -909,6 +1025,7 @@ impl SessionStore {
                     };
                 return match reply {
                     Reply::Ok(xid, extra) => {
+                        self.appended(part);
                         self.replicate(part).await?;
                         let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
                         let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
@@ -920,7 +1037,7 @@ impl SessionStore {
                     Reply::Ended(_) if retried => Ok(true),
                     Reply::Conflict(Some(json)) => {
                         let s = super::parse_session(id, &json)?;
-                        known = Some((s.version(), s.user_id().unwrap_or_default()));
+                        known = Some((s.version(), s.user_key().unwrap_or_default()));
                         continue;
                     }
                     Reply::Missing if !brought_back && Box::pin(self.bring_back(id)).await? => {
@@ -1035,6 +1152,7 @@ impl SessionStore {
             };
             match reply {
                 Reply::Ok(_, entries) => {
+                    self.appended(part);
                     self.replicate(part).await?;
                     let events = meta.composed(&entries, &spare_ids, Some(user_id), reason);
                     self.sync(events).await;
@@ -1117,6 +1235,7 @@ impl SessionStore {
         meta.push(&mut inv);
         match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
             Reply::Ok(xid, extra) => {
+                self.appended(part);
                 let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
                 let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
                 let event = meta.event_with_id(event_id, id, seq, user, kind);
@@ -1130,7 +1249,7 @@ impl SessionStore {
                 inv.arg(id.as_str())
                     .arg(&id.to_bytes()[..])
                     .arg(s.version())
-                    .arg(s.user_id().unwrap_or_default())
+                    .arg(s.user_key().unwrap_or_default())
                     .arg(self.tomb_ms());
                 match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
                     Reply::Ok(..) | Reply::Skip => Ok(false),

@@ -1,7 +1,9 @@
-//! Exporters for the binaries (feature `export`): logs to stderr, traces to
-//! an OTLP collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (nothing is
-//! exported and nothing complains when it is not), and metrics in the
-//! Prometheus text format at `/metrics` on `METRICS_LISTEN`.
+//! Exporters for the binaries (feature `export`): logs to stderr (filtered
+//! by `RUST_LOG`), traces to an OTLP collector when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (filtered by `OTEL_TRACES_FILTER`,
+//! independently of the logs; nothing is exported and nothing complains
+//! when no endpoint is set), and metrics in the Prometheus text format at
+//! `/metrics` on `METRICS_LISTEN`.
 
 use std::net::SocketAddr;
 
@@ -11,6 +13,8 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -48,9 +52,6 @@ pub fn install(service: &'static str) -> Result<Telemetry, TelemetryError> {
         .build();
     opentelemetry::global::set_meter_provider(meter_provider.clone());
 
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
         .ok()
         .filter(|e| !e.trim().is_empty());
@@ -60,34 +61,75 @@ pub fn install(service: &'static str) -> Result<Telemetry, TelemetryError> {
                 .with_http()
                 .build()
                 .map_err(|e| err(&e))?;
-            let provider = SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(resource)
-                .build();
-            let tracer = provider.tracer(service);
-            tracing_subscriber::registry()
-                .with(filter)
-                .with(fmt)
-                .with(tracing_opentelemetry::layer().with_tracer(tracer))
-                .try_init()
-                .map_err(|e| err(&e))?;
-            Some(provider)
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource)
+                    .build(),
+            )
         }
-        None => {
-            tracing_subscriber::registry()
-                .with(filter)
-                .with(fmt)
-                .try_init()
-                .map_err(|e| err(&e))?;
-            None
-        }
+        None => None,
     };
+    let tracer = tracer_provider.as_ref().map(|p| p.tracer(service));
+    subscriber(|k| std::env::var(k).ok(), tracer)?
+        .try_init()
+        .map_err(|e| err(&e))?;
     Ok(Telemetry {
         registry,
         meter_provider,
         tracer_provider,
     })
 }
+
+/// The subscriber of a service: log lines to stderr, filtered by `RUST_LOG`
+/// (default `info`), and, with a `tracer`, spans to it, filtered on their
+/// own by `OTEL_TRACES_FILTER` (default `info`). Each output has its own
+/// filter, so `RUST_LOG=warn` quiets the logs without turning off the
+/// traces or the `traceparent` of events. `lookup` reads the variables
+/// ([`install`] passes the environment).
+pub fn subscriber(
+    lookup: impl Fn(&str) -> Option<String>,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+) -> Result<impl tracing::Subscriber + Send + Sync + 'static, TelemetryError> {
+    let value = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
+    // An unreadable RUST_LOG falls back to `info`, as env_logger does.
+    let logs = value("RUST_LOG")
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(logs);
+    let traces = match tracer {
+        None => None,
+        Some(tracer) => {
+            let filter = match value("OTEL_TRACES_FILTER") {
+                None => EnvFilter::new(DEFAULT_TRACES_FILTER),
+                Some(v) => EnvFilter::try_new(&v).map_err(|e| {
+                    TelemetryError(
+                        crate::config::ConfigError {
+                            var: "OTEL_TRACES_FILTER",
+                            value: v.clone(),
+                            reason: format!(
+                                "a filter like `info` or `vedfolnir_sessions=debug` ({e})"
+                            ),
+                        }
+                        .to_string(),
+                    )
+                })?,
+            };
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(filter),
+            )
+        }
+    };
+    Ok(tracing_subscriber::registry().with(fmt).with(traces))
+}
+
+/// `OTEL_TRACES_FILTER` when unset: every span at `info` and above (the
+/// store's operations, the session layer's requests, the audit batches).
+pub const DEFAULT_TRACES_FILTER: &str = "info";
 
 impl Telemetry {
     /// The metrics in the Prometheus text format.

@@ -6,7 +6,11 @@
 //! every instrument is a no-op.
 //!
 //! - [`current_traceparent`] is how a store operation learns the W3C trace
-//!   context of the request that caused it, to write it into the event.
+//!   context of the request that caused it, to write it into the event: the
+//!   current OpenTelemetry span when one is recorded, else the `traceparent`
+//!   the request came with ([`scope_traceparent`], which the session layer
+//!   applies), so the audit row links to the caller's trace even where no
+//!   exporter is configured or the span is filtered out.
 //! - [`metrics`] holds the instruments; their Prometheus names are listed in
 //!   the README and used by `observability/`.
 
@@ -21,20 +25,53 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 #[cfg(feature = "export")]
 pub mod export;
 
-/// The W3C `traceparent` of the current span, when it belongs to a sampled
-/// OpenTelemetry trace.
+tokio::task_local! {
+    /// The `traceparent` the current request came with.
+    static INCOMING: Option<String>;
+}
+
+/// The W3C `traceparent` to write into an event: the current span's when it
+/// belongs to an OpenTelemetry trace, else the one the current request came
+/// with (see [`scope_traceparent`]), else none.
 pub fn current_traceparent() -> Option<String> {
     let cx = tracing::Span::current().context();
     let span = cx.span();
     let sc = span.span_context();
-    sc.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
-    })
+    if sc.is_valid() {
+        return Some(format_traceparent(sc));
+    }
+    INCOMING.try_with(Clone::clone).ok().flatten()
+}
+
+fn format_traceparent(sc: &SpanContext) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    )
+}
+
+/// Runs `fut` with `traceparent` (a W3C `traceparent` header's value, from
+/// outside: checked, and ignored unless valid) as the trace context events
+/// fall back to when no OpenTelemetry span is recorded.
+pub async fn scope_traceparent<F: std::future::Future>(
+    traceparent: Option<&str>,
+    fut: F,
+) -> F::Output {
+    let tp = traceparent
+        .and_then(parse_traceparent)
+        .map(|sc| format_traceparent(&sc));
+    INCOMING.scope(tp, fut).await
+}
+
+/// [`scope_traceparent`] with an owned header value (the future holds no
+/// borrow of the request).
+pub(crate) async fn scope_traceparent_owned<F: std::future::Future>(
+    traceparent: Option<String>,
+    fut: F,
+) -> F::Output {
+    scope_traceparent(traceparent.as_deref(), fut).await
 }
 
 /// Parses a W3C `traceparent` into a remote span context (for span links).
@@ -254,5 +291,21 @@ mod tests {
         assert!(parse_traceparent("00-0000-00f067aa0ba902b7-01").is_none());
         assert!(parse_traceparent("garbage").is_none());
         assert!(current_traceparent().is_none(), "no exporter, no context");
+    }
+
+    #[tokio::test]
+    async fn an_incoming_traceparent_is_the_fallback() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let seen = scope_traceparent(Some(tp), async { current_traceparent() }).await;
+        assert_eq!(seen.as_deref(), Some(tp));
+        // Anything that is not a valid traceparent is left out.
+        for junk in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ] {
+            let seen = scope_traceparent(Some(junk), async { current_traceparent() }).await;
+            assert_eq!(seen, None, "{junk}");
+        }
+        assert_eq!(current_traceparent(), None, "outside the scope");
     }
 }

@@ -28,7 +28,9 @@ use super::fingerprint::FINGERPRINT_KEY;
 use super::layer::Shared;
 use crate::event::{DestroyReason, Platform};
 use crate::id::{SessionId, Token};
-use crate::session::{Changes, NewSession, RESERVED_KEYS, Session as Stored, user_id_of};
+use crate::session::{
+    Changes, NewSession, RESERVED_KEYS, Session as Stored, user_id_of, user_value,
+};
 use crate::store::Created;
 
 /// What the response does with the cookie.
@@ -250,9 +252,20 @@ impl Session {
         self.lock().id.clone()
     }
 
-    /// The logged-in user, `None` when anonymous.
-    pub fn user_id(&self) -> Option<String> {
-        user_id_of(&self.lock().data)
+    /// The logged-in user as stored (`42` after
+    /// `NewSession::for_user(42, …)`, `"alice"` after
+    /// `NewSession::for_user("alice", …)`), `None` when anonymous.
+    pub fn user_id(&self) -> Option<Value> {
+        user_value(&self.lock().data).cloned()
+    }
+
+    /// The logged-in user, deserialized: `Ok(None)` when anonymous, an error
+    /// when the stored value is not a `T`.
+    pub fn user_id_as<T: DeserializeOwned>(&self) -> Result<Option<T>, SessionError> {
+        self.user_id()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(SessionError::from)
     }
 
     /// True when a user is logged in.

@@ -197,14 +197,26 @@ where
             session_id = tracing::field::Empty
         );
         // Continue the caller's trace (W3C `traceparent`), so that one trace
-        // runs from the request to the audit row.
+        // runs from the request to the audit row; the header alone is
+        // enough when no propagator is installed, and when no span is
+        // recorded at all the events still carry the caller's traceparent.
+        let incoming = incoming_traceparent(req.headers());
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
             p.extract(&HeaderExtractor(req.headers()))
         });
         if opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
             let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+        } else if let Some(sc) = incoming
+            .as_deref()
+            .and_then(crate::telemetry::parse_traceparent)
+        {
+            let parent = opentelemetry::trace::TraceContextExt::with_remote_span_context(
+                &opentelemetry::Context::new(),
+                sc,
+            );
+            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
         }
-        Box::pin(
+        let fut = Box::pin(
             async move {
                 let presented = cookies::presented(req.headers(), &shared.cookie.name);
                 let fingerprint = shared.fingerprint.as_ref().map(|f| f.compute(&req));
@@ -234,8 +246,29 @@ where
                 Ok(apply_cookie(&shared, &session, finish_error(res)))
             }
             .instrument(span),
-        )
+        );
+        Box::pin(crate::telemetry::scope_traceparent_owned(incoming, fut))
     }
+}
+
+/// The request's W3C `traceparent` header, when it has one that is text.
+fn incoming_traceparent(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Axum middleware that carries a request's W3C `traceparent` into the
+/// events it causes, for apps on the tower-sessions adapter (the
+/// [`SessionLayer`] does it by itself):
+/// `router.layer(axum::middleware::from_fn(carry_traceparent))`.
+pub async fn carry_traceparent(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let incoming = incoming_traceparent(req.headers());
+    crate::telemetry::scope_traceparent(incoming.as_deref(), next.run(req)).await
 }
 
 /// Reads trace context from request headers.

@@ -41,7 +41,7 @@ pub use csrf::{CSRF_KEY, CsrfPolicy};
 pub use error::SessionError;
 pub use fingerprint::{FINGERPRINT_KEY, Fingerprint};
 pub use handle::Session;
-pub use layer::{SessionLayer, SessionService};
+pub use layer::{SessionLayer, SessionService, carry_traceparent};
 
 /// Compiles the Rust examples of `docs/web.md` as doc tests.
 #[cfg(doctest)]
