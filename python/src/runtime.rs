@@ -36,9 +36,9 @@ pub(crate) fn get() -> PyResult<Arc<Runtime>> {
         .map_err(|e| PyRuntimeError::new_err(format!("cannot start the tokio runtime: {e}")))?;
     let rt = Arc::new(rt);
     if let Some((_, inherited)) = slot.replace((pid, rt.clone())) {
-        // The parent's runtime: its threads do not exist in this process,
-        // so it cannot be shut down here; leaking it is the safe choice.
-        std::mem::forget(inherited);
+        // The parent's runtime: its blocking threads do not exist in this
+        // process, and a shutdown would wait for them; it is left as it is.
+        let _ = std::mem::ManuallyDrop::new(inherited);
     }
     Ok(rt)
 }
