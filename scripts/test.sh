@@ -34,5 +34,9 @@ echo "== python: pip install ./python into a venv, then pytest"
 VENV="$HOME/.cache/vedfolnir-sessions/venv"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check pytest flask flask-session redis
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check ./python
+# The README's install command; the wheel is built with the dev profile
+# here, so it reuses most of what `cargo test` just compiled (a plain
+# `pip install ./python` builds a release wheel).
+MATURIN_PEP517_ARGS="--profile dev" \
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check ./python
 (cd python && "$VENV/bin/python" -m pytest -q -p no:cacheprovider)
