@@ -18,6 +18,7 @@
 //! - [`keys`]: the Redis key layout.
 //! - [`store`]: the write path (one Lua script per mutation) and the read path.
 //! - [`recovery`]: replay into Redis, point-in-time state, verify.
+//! - [`legacy`]: importing the Vedfolnir application's previous sessions.
 //! - [`reaper`]: the expiry reaper (`expired` events from the expiry index).
 //! - [`worker`]: the worker process: audit consumer and reaper.
 //! - [`telemetry`]: trace context carried into events.
@@ -54,6 +55,7 @@ pub mod event;
 pub mod id;
 pub mod keys;
 pub mod lease;
+pub mod legacy;
 pub mod reaper;
 pub mod recovery;
 pub mod session;
@@ -66,7 +68,7 @@ pub mod worker;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use event::{DestroyReason, Event, EventKind, Platform};
+pub use event::{DestroyReason, Event, EventKind, Import, Platform};
 pub use id::{SessionId, Token};
 pub use session::{Changes, NewSession, Session, Status};
 pub use store::{Created, SessionStore};

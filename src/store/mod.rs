@@ -14,6 +14,7 @@
 
 mod admit;
 mod fallback;
+mod import;
 mod ops;
 mod recovery;
 pub(crate) mod script;
@@ -36,6 +37,7 @@ use crate::keys::KeySpace;
 use crate::session::{Session, Status};
 
 pub use fallback::{CATCH_UP_AFTER, ProjectionSummary};
+pub use import::Imported;
 pub use ops::Created;
 pub use recovery::{RECOVERING_MEMO, RecoveryState};
 
