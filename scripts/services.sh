@@ -77,6 +77,16 @@ ensure_promtool() {
   apt_install prometheus
 }
 
+ensure_python() {
+  # The Python package (python/): an interpreter, venv to install it into,
+  # and the headers PyO3 builds against.
+  if python3 -c 'import ensurepip, venv' >/dev/null 2>&1 \
+    && python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1; then
+    return 0
+  fi
+  apt_install python3 python3-venv python3-dev
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   set -euo pipefail
   for s in "${@:-redis postgres}"; do

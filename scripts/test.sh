@@ -10,6 +10,7 @@ ensure_redis
 ensure_postgres
 ensure_chromium
 ensure_cluster
+ensure_python
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/vedfolnir-sessions/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -38,3 +39,16 @@ echo "== cargo test"
 VEDFOLNIR_TEST_CLUSTER_NODES=$(bash scripts/cluster.sh nodes)
 export VEDFOLNIR_TEST_CLUSTER_NODES
 cargo test --workspace --locked --no-fail-fast
+echo "== python: pip install ./python into a venv, then pytest"
+# The package's own suite, the Flask integration and the cross-language
+# end-to-end test (it runs the example app, the worker and the CLI built
+# above).
+VENV="$HOME/.cache/vedfolnir-sessions/venv"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check pytest flask flask-session redis
+# The README's install command; the wheel is built with the dev profile
+# here, so it reuses most of what `cargo test` just compiled (a plain
+# `pip install ./python` builds a release wheel).
+MATURIN_PEP517_ARGS="--profile dev" \
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check ./python
+(cd python && "$VENV/bin/python" -m pytest -q -p no:cacheprovider)

@@ -59,6 +59,10 @@ pub enum EventKind {
     Created {
         /// The application's initial fields (flat, like a Flask session dict).
         fields: Map<String, Value>,
+        /// Where the session was imported from, when it was carried over
+        /// from another session store (`vedfolnir-sessions import-legacy`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        imported: Option<Import>,
         /// The session this one replaced, when made by rotation.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rotated_from: Option<SessionId>,
@@ -141,6 +145,19 @@ impl EventKind {
         o.insert("payload".to_owned(), payload);
         serde_json::from_value(Value::Object(o))
     }
+}
+
+/// The mark of an imported session on its `created` event: the session was
+/// not made here but carried over from another store, keeping its cookie.
+/// Fields are declared in sorted order (see [`EventKind::payload_json`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Import {
+    /// The session's `created_at` in the store it came from, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// The format it was read from: `legacy` for the Vedfolnir application's
+    /// `vedfolnir:session:<uuid>` keys.
+    pub format: String,
 }
 
 /// The four platform fields of the seed application.
@@ -383,14 +400,20 @@ mod tests {
         let kinds = [
             EventKind::Created {
                 fields: fields.clone(),
+                imported: None,
                 rotated_from: None,
             },
             EventKind::Created {
                 fields: fields.clone(),
+                imported: None,
                 rotated_from: Some(sid()),
             },
             EventKind::Created {
                 fields: Map::new(),
+                imported: Some(Import {
+                    created_at: Some("2025-08-20T16:38:25.802836+00:00".to_owned()),
+                    format: "legacy".to_owned(),
+                }),
                 rotated_from: None,
             },
             EventKind::Updated {

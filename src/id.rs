@@ -20,6 +20,8 @@ use sha2::{Digest, Sha256};
 pub const TOKEN_BYTES: usize = 32;
 /// Length of a token's text form.
 pub const TOKEN_LEN: usize = 43;
+/// Length of a legacy session id: a UUID in its hyphenated text form.
+pub const LEGACY_TOKEN_LEN: usize = 36;
 
 /// The bearer secret carried in the cookie. Its `Debug` form is redacted so it
 /// cannot leak into logs by accident; use [`Token::expose`] where the value
@@ -43,14 +45,40 @@ impl Token {
     }
 
     /// Parses untrusted cookie text. Anything but 43 base64url characters that
-    /// decode to 32 bytes is refused, without echoing the input.
+    /// decode to 32 bytes, or a legacy session id (see [`Token::legacy`]), is
+    /// refused, without echoing the input.
     pub fn parse(text: &str) -> Result<Self, InvalidToken> {
+        if text.len() == LEGACY_TOKEN_LEN {
+            return Token::legacy(text);
+        }
         if text.len() != TOKEN_LEN {
             return Err(InvalidToken);
         }
         match URL_SAFE_NO_PAD.decode(text) {
             Ok(bytes) if bytes.len() == TOKEN_BYTES => Ok(Token(text.to_owned())),
             _ => Err(InvalidToken),
+        }
+    }
+
+    /// A session id of the Vedfolnir application's previous session store:
+    /// a random UUID (version 4) in lowercase hyphenated form, which its
+    /// cookies carry. `vedfolnir-sessions import-legacy` turns each of those
+    /// sessions into one whose id is the SHA-256 of this text, so the cookie
+    /// a browser already holds keeps working as its token (122 random bits,
+    /// where new tokens have 256). Anything else is refused.
+    pub fn legacy(text: &str) -> Result<Self, InvalidToken> {
+        let b = text.as_bytes();
+        let well_formed = b.len() == LEGACY_TOKEN_LEN
+            && b.iter().enumerate().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => *c == b'-',
+                _ => matches!(c, b'0'..=b'9' | b'a'..=b'f'),
+            })
+            && b[14] == b'4'
+            && matches!(b[19], b'8' | b'9' | b'a' | b'b');
+        if well_formed {
+            Ok(Token(text.to_owned()))
+        } else {
+            Err(InvalidToken)
         }
     }
 
@@ -189,6 +217,26 @@ mod tests {
         let t = Token::generate();
         assert!(Token::parse(&t.expose()[..42]).is_err(), "truncated");
         assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+    }
+
+    #[test]
+    fn legacy_session_ids_are_tokens() {
+        let uuid = "3f2a9c1e-7b4d-4e8a-9c2f-0123456789ab";
+        let t = Token::parse(uuid).expect("a legacy id");
+        assert_eq!(t, Token::legacy(uuid).expect("same"));
+        assert_eq!(
+            t.session_id().as_str(),
+            hex::encode(Sha256::digest(uuid.as_bytes()))
+        );
+        for bad in [
+            "3F2A9C1E-7B4D-4E8A-9C2F-0123456789AB", // upper case
+            "3f2a9c1e-7b4d-1e8a-9c2f-0123456789ab", // version 1
+            "3f2a9c1e-7b4d-4e8a-7c2f-0123456789ab", // wrong variant
+            "3f2a9c1e07b4d-4e8a-9c2f-0123456789ab",
+            "3f2a9c1e-7b4d-4e8a-9c2f-0123456789ag",
+        ] {
+            assert_eq!(Token::parse(bad), Err(InvalidToken), "{bad}");
+        }
     }
 
     #[test]

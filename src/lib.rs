@@ -31,6 +31,7 @@
 //! - [`session`]: the stored state and the one fold, [`session::Record::apply`].
 //! - [`keys`]: the Redis key layout.
 //! - [`store`]: the write path (one Lua script per mutation) and the read path.
+//! - [`legacy`]: importing the Vedfolnir application's previous sessions.
 //! - [`reaper`]: the expiry reaper (`expired` events from the expiry index).
 //! - [`lease`]: which worker process runs which role on which partition.
 //! - [`telemetry`]: trace context carried into events, and the metrics.
@@ -67,6 +68,7 @@ pub mod event;
 pub mod id;
 pub mod keys;
 pub mod lease;
+pub mod legacy;
 pub mod reaper;
 #[cfg(feature = "audit")]
 pub mod recovery;
@@ -79,7 +81,7 @@ pub mod web;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use event::{DestroyReason, Event, EventKind, Platform};
+pub use event::{DestroyReason, Event, EventKind, Import, Platform};
 pub use id::{SessionId, Token};
 pub use session::{Changes, NewSession, Record, Status};
 pub use store::{Created, SessionStore};

@@ -501,6 +501,7 @@ mod tests {
             1,
             EventKind::Created {
                 fields,
+                imported: None,
                 rotated_from: None,
             },
         );
@@ -567,10 +568,16 @@ mod tests {
 
     fn kind() -> impl Strategy<Value = EventKind> {
         prop_oneof![
-            (json_map(), any::<bool>()).prop_map(|(fields, rot)| EventKind::Created {
-                fields,
-                rotated_from: rot.then(|| "ef".repeat(32).parse().expect("valid")),
-            }),
+            (json_map(), any::<bool>(), proptest::option::of(".{0,12}")).prop_map(
+                |(fields, rot, imported)| EventKind::Created {
+                    fields,
+                    imported: imported.map(|created_at| crate::event::Import {
+                        created_at: Some(created_at),
+                        format: "legacy".to_owned(),
+                    }),
+                    rotated_from: rot.then(|| "ef".repeat(32).parse().expect("valid")),
+                }
+            ),
             (json_map(), prop::collection::vec(any::<String>(), 0..6))
                 .prop_map(|(set, unset)| EventKind::Updated { set, unset }),
             timestamp().prop_map(|last_activity| EventKind::Touched { last_activity }),

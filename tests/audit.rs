@@ -760,6 +760,7 @@ fn created_kind(user: &str) -> vedfolnir_sessions::EventKind {
     fields.insert("username".to_owned(), json!("raw"));
     vedfolnir_sessions::EventKind::Created {
         fields,
+        imported: None,
         rotated_from: None,
     }
 }

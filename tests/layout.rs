@@ -394,6 +394,7 @@ impl Previous {
             Some(user.to_owned()),
             EventKind::Created {
                 fields,
+                imported: None,
                 rotated_from: None,
             },
         );

@@ -5,6 +5,8 @@
 //! not exist or is unhealthy, 2 for every other failure (bad configuration,
 //! Redis unreachable, invalid input).
 
+mod import_legacy;
+
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -62,6 +64,10 @@ pub enum Command {
     /// once the cause is fixed, or discard them explicitly.
     #[command(subcommand)]
     DeadLetters(DeadLettersCmd),
+    /// Turn the Vedfolnir application's previous sessions
+    /// (`<REDIS_SESSION_PREFIX><uuid4>` keys) into event-sourced ones whose
+    /// cookies keep working; idempotent, resumable.
+    ImportLegacy(import_legacy::ImportLegacyArgs),
     /// A scripted day of simulated app servers, a loss of Redis data and
     /// the healing (needs a running worker on the same configuration).
     Demo {
@@ -409,6 +415,7 @@ pub async fn run(cli: Cli, config: Config) -> Result<Output, Failure> {
             });
         }
         Command::Replay(r) => return replay(r, config).await,
+        Command::ImportLegacy(args) => return import_legacy::run(args, config).await,
         Command::Snapshots(SnapshotsCmd::Rebuild { session }) => {
             return rebuild_snapshots(session, config).await;
         }
@@ -765,6 +772,7 @@ async fn run_store(cli: Cli, config: Config) -> Result<Value, Failure> {
         | Command::Snapshots(_)
         | Command::Demo { .. }
         | Command::Bench(_)
+        | Command::ImportLegacy(_)
         | Command::DeadLetters(_) => Err(invalid("not a store command")),
         Command::Health => {
             let h = store.health().await;

@@ -915,7 +915,7 @@ impl AuditConsumer {
         let (outcome, ahead) = tokio::join!(
             self.commit(&batch, &dead, &deliveries, shutdown)
                 .instrument(span.clone()),
-            futures::future::OptionFuture::from(read_ahead)
+            futures_util::future::OptionFuture::from(read_ahead)
         );
         match ahead {
             Some(Ok(Ok(ready))) if !ready.ids.is_empty() => {

@@ -16,6 +16,7 @@
 mod admit;
 #[cfg(feature = "audit")]
 mod fallback;
+mod import;
 mod ops;
 #[cfg(feature = "audit")]
 mod recovery;
@@ -48,6 +49,7 @@ use crate::session::{Record, Status};
 
 #[cfg(feature = "audit")]
 pub use fallback::{CATCH_UP_AFTER, ProjectionSummary};
+pub use import::Imported;
 pub use ops::Created;
 #[cfg(feature = "audit")]
 pub use recovery::{RECOVERING_MEMO, RecoveryState};

@@ -245,7 +245,7 @@ impl SessionStore {
     /// waits, so every command behind it waits too: the price of not losing
     /// an acknowledged write to a failover. On a cluster it waits on the
     /// primary of the partition written (`part`).
-    async fn replicate(&self, part: &Keys) -> Result<()> {
+    pub(super) async fn replicate(&self, part: &Keys) -> Result<()> {
         let wanted = self.config.wait_replicas;
         if wanted == 0 {
             return Ok(());
@@ -312,7 +312,7 @@ impl SessionStore {
 
     /// True when Redis holds `id` with exactly `json`: a retried mutation
     /// finds its own first attempt applied.
-    async fn holds(&self, id: &SessionId, json: &str) -> bool {
+    pub(super) async fn holds(&self, id: &SessionId, json: &str) -> bool {
         let now: redis::RedisResult<Option<String>> =
             self.conn.clone().get(self.keys.session(id)).await;
         matches!(now, Ok(Some(j)) if j == json)
@@ -391,6 +391,7 @@ impl SessionStore {
                 user.clone(),
                 EventKind::Created {
                     fields: fields.clone(),
+                    imported: None,
                     rotated_from: rotated_from.as_ref().map(|r| r.0.clone()),
                 },
             );

@@ -1120,6 +1120,7 @@ async fn postgres_batches_stay_within_audit_batch_bytes() {
             fields.insert("user_id".to_owned(), json!(1));
             EventKind::Created {
                 fields,
+                imported: None,
                 rotated_from: None,
             }
         } else {

@@ -40,6 +40,7 @@ fn rows(n: usize) -> Vec<session_events::ActiveModel> {
         let user = vedfolnir_sessions::session::user_id_of(&fields);
         let mut kinds = vec![EventKind::Created {
             fields,
+            imported: None,
             rotated_from: None,
         }];
         for v in 0..c.rng.random_range(0..=4u64) {

@@ -70,6 +70,7 @@ fn snapshots(n: usize) -> Vec<Snapshot> {
                 1,
                 EventKind::Created {
                     fields,
+                    imported: None,
                     rotated_from: None,
                 },
             ));
