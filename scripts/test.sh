@@ -51,4 +51,7 @@ VENV="$HOME/.cache/vedfolnir-sessions/venv"
 # `pip install ./python` builds a release wheel).
 MATURIN_PEP517_ARGS="--profile dev" \
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check ./python
-(cd python && "$VENV/bin/python" -m pytest -q -p no:cacheprovider)
+# `pytest` itself, not `python -m pytest`: the latter puts python/ first on
+# the path, where the package's sources (without the native module the
+# wheel installed) would shadow the installed package.
+(cd python && "$VENV/bin/pytest" -q -p no:cacheprovider)
