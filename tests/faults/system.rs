@@ -606,8 +606,7 @@ impl System {
                 }
             }
         };
-        let mut entries: Vec<(&str, vedfolnir_sessions::SessionId, Vec<(String, String)>)> =
-            Vec::new();
+        let mut entries: Vec<PoisonEntry> = Vec::new();
         {
             let sid = fresh();
             let mut f = fields(&event(&sid, created("1"), "1"));
@@ -1019,6 +1018,13 @@ where
         tokio::time::sleep(every).await;
     }
 }
+
+/// An invalid entry: what is wrong with it, its session, its fields.
+type PoisonEntry = (
+    &'static str,
+    vedfolnir_sessions::SessionId,
+    Vec<(String, String)>,
+);
 
 /// Sends `sig` (`STOP`, `CONT`, `TERM`) to a process with kill(1).
 pub async fn signal(pid: u32, sig: &str) {
