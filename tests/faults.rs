@@ -152,7 +152,7 @@ async fn short_schedule_seed_2() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long form: VEDFOLNIR_FAULTS_SEED, VEDFOLNIR_FAULTS_DURATION_SECS, VEDFOLNIR_FAULTS_OVERLAP"]
+#[ignore = "long form: VEDFOLNIR_FAULTS_SEED, VEDFOLNIR_FAULTS_DURATION_SECS, VEDFOLNIR_FAULTS_OVERLAP, VEDFOLNIR_FAULTS_SPLIT"]
 async fn long_schedule_from_env() {
     // Proves: the same over a long random schedule; with overlap, faults of
     // Redis and of the database or a process may coincide.
