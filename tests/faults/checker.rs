@@ -41,11 +41,19 @@
 //!   each acknowledged result is in `session_events` exactly once.
 //! - **(c) Audit trail.** `verify` exits 0 at quiescence; each session's
 //!   seqs in `session_events` are exactly 1..n; no dead letter holds an
-//!   acknowledged write.
+//!   acknowledged write, and only the invalid entries the harness injected
+//!   are dead letters: each of them is one, with a reason, and none is in
+//!   `session_events` (unless Redis lost it before it was read); every row
+//!   of `session_snapshots` is the fold (the library's
+//!   `Record::apply_mut`) of all its session's events: same JSON, seq and
+//!   status; after the harness damaged Redis (a key made persistent, a
+//!   session removed from the expiry index, a key's JSON changed), `verify`
+//!   exits 1 naming every damaged session, and after `verify --repair` it
+//!   exits 0.
 //! - **(d) Audit database outages** (invariant 14 of `docs/design.md`): a request
-//!   invoked and completed while only the database proxy was cut (no other
-//!   fault from its start until the system settled) must not fail with a 5xx
-//!   or time out.
+//!   invoked and completed while only the audit database was cut, slowed or
+//!   had its snapshot table locked (no other fault from its start until the
+//!   system settled) must not fail with a 5xx or time out.
 //! - **(e) Recovery.** Every fault settles within its bound, no process
 //!   exits by itself once running (the harness restarts it, as a supervisor
 //!   would; failing to start while a dependency is down is only counted),
@@ -56,7 +64,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::history::{Action, AuditEvent, CookieChange, DbFacts, FaultKind, History, Op, Reply};
+use vedfolnir_sessions::time::Timestamp;
+use vedfolnir_sessions::{Event, EventKind, Record, Status};
+
+use crate::history::{Action, AuditEvent, CookieChange, DbFacts, History, Injected, Op, Reply};
 
 /// The rule a violation breaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -188,6 +199,9 @@ pub fn check(h: &History, facts: &DbFacts) -> Vec<Violation> {
     counters(&ix, facts, &mut out);
     audited_once(&ix, facts, &mut out);
     audit_trail(&ix, facts, &mut out);
+    dead_letters_only_for_invalid_input(h, facts, &mut out);
+    snapshots_are_folds(facts, &mut out);
+    damage_detected(facts, &mut out);
     availability(h, &mut out);
     recovery(h, &mut out);
     out.sort_by(|a, b| (a.rule, a.kind).cmp(&(b.rule, b.kind)));
@@ -1124,6 +1138,245 @@ fn audit_trail(ix: &Index<'_>, facts: &DbFacts, out: &mut Vec<Violation>) {
     }
 }
 
+/// Only injected invalid input is a dead letter: each injected entry is one
+/// (with a reason) unless Redis lost it before it was read, none is in
+/// `session_events`, and no other dead letter exists.
+fn dead_letters_only_for_invalid_input(h: &History, facts: &DbFacts, out: &mut Vec<Violation>) {
+    let injected: HashMap<&str, &Injected> = h
+        .injected
+        .iter()
+        .map(|i| (i.stream_id.as_str(), i))
+        .collect();
+    for d in &facts.dead_letters {
+        match injected.get(d.stream_id.as_str()) {
+            Some(i) if d.reason.trim().is_empty() => out.push(Violation {
+                rule: Rule::C,
+                kind: "dead letter without a reason",
+                session: Some(i.session_id.clone()),
+                detail: format!(
+                    "the injected entry {} ({}) is a dead letter with an empty reason",
+                    i.stream_id, i.what
+                ),
+            }),
+            Some(_) => {}
+            None => out.push(Violation {
+                rule: Rule::C,
+                kind: "dead letter not injected",
+                session: None,
+                detail: format!(
+                    "stream entry {} is a dead letter but the harness injected no invalid entry \
+                     there (valid input refused): {}; fields {}",
+                    d.stream_id,
+                    excerpt(&d.reason, 200),
+                    excerpt(&d.fields, 300)
+                ),
+            }),
+        }
+    }
+    let dead: HashSet<&str> = facts
+        .dead_letters
+        .iter()
+        .map(|d| d.stream_id.as_str())
+        .collect();
+    let audited: HashSet<&str> = facts.events.iter().map(|e| e.session_id.as_str()).collect();
+    for i in &h.injected {
+        if audited.contains(i.session_id.as_str()) {
+            out.push(Violation {
+                rule: Rule::C,
+                kind: "invalid input audited",
+                session: Some(i.session_id.clone()),
+                detail: format!(
+                    "the injected entry {} ({}) at {:.3}s is in session_events",
+                    i.stream_id,
+                    i.what,
+                    secs(i.at)
+                ),
+            });
+        }
+        let lost = h
+            .faults
+            .iter()
+            .any(|f| f.kind.loses_redis_data() && f.start >= i.at);
+        if !dead.contains(i.stream_id.as_str()) && !lost {
+            out.push(Violation {
+                rule: Rule::C,
+                kind: "invalid input not a dead letter",
+                session: Some(i.session_id.clone()),
+                detail: format!(
+                    "the injected entry {} ({}) at {:.3}s is not in dead_letters",
+                    i.stream_id,
+                    i.what,
+                    secs(i.at)
+                ),
+            });
+        }
+    }
+}
+
+/// The fold of a session's events, in seq order and contiguous from 1, with
+/// the library's fold; `Err` names a row that does not decode.
+fn fold(events: &[&AuditEvent]) -> Result<Record, String> {
+    let mut state = Record::default();
+    for e in events {
+        if e.seq != state.version() as i64 + 1 {
+            break;
+        }
+        let what = |m: String| format!("event {} of {}: {m}", e.seq, short(&e.session_id));
+        let payload: Value =
+            serde_json::from_str(&e.payload).map_err(|err| what(format!("payload: {err}")))?;
+        let payload = vedfolnir_sessions::event::upcast(
+            u32::try_from(e.schema_version).unwrap_or(0),
+            &e.event_type,
+            payload,
+        )
+        .map_err(|err| what(err.to_string()))?;
+        let kind =
+            EventKind::from_parts(&e.event_type, payload).map_err(|err| what(err.to_string()))?;
+        let session_id = e
+            .session_id
+            .parse()
+            .map_err(|err: vedfolnir_sessions::id::InvalidSessionId| what(err.to_string()))?;
+        state.apply_mut(&Event {
+            event_id: uuid::Uuid::nil(),
+            session_id,
+            seq: e.seq as u64,
+            occurred_at: Timestamp::from_datetime(e.occurred_at),
+            user_id: e.user_id.clone(),
+            schema: vedfolnir_sessions::event::SCHEMA_VERSION,
+            kind,
+            traceparent: None,
+        });
+    }
+    Ok(state)
+}
+
+/// Every snapshot row is the fold of all its session's events.
+fn snapshots_are_folds(facts: &DbFacts, out: &mut Vec<Violation>) {
+    let mut by_session: HashMap<&str, Vec<&AuditEvent>> = HashMap::new();
+    for e in &facts.events {
+        by_session.entry(&e.session_id).or_default().push(e);
+    }
+    for events in by_session.values_mut() {
+        events.sort_by_key(|e| e.seq);
+    }
+    let mut bad: Vec<Violation> = Vec::new();
+    for snap in &facts.snapshots {
+        let events = by_session
+            .get(snap.session_id.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let expected = match fold(events) {
+            Ok(f) => f,
+            Err(e) => {
+                bad.push(Violation {
+                    rule: Rule::C,
+                    kind: "snapshot not the fold of its events",
+                    session: Some(snap.session_id.clone()),
+                    detail: format!("the events do not fold: {e}"),
+                });
+                continue;
+            }
+        };
+        let status = match expected.status() {
+            Status::Live => "live",
+            Status::Destroyed => "destroyed",
+            Status::Expired => "expired",
+        };
+        let json = expected.to_json();
+        if snap.seq != expected.version() as i64 || snap.status != status || snap.state != json {
+            bad.push(Violation {
+                rule: Rule::C,
+                kind: "snapshot not the fold of its events",
+                session: Some(snap.session_id.clone()),
+                detail: format!(
+                    "session {}: snapshot seq {} {} {} but its {} event(s) fold to seq {} {} {}",
+                    short(&snap.session_id),
+                    snap.seq,
+                    snap.status,
+                    excerpt(&snap.state, 200),
+                    events.len(),
+                    expected.version(),
+                    status,
+                    excerpt(&json, 200)
+                ),
+            });
+        }
+    }
+    bad.sort_by(|a, b| a.session.cmp(&b.session));
+    out.extend(bad);
+}
+
+/// `verify` saw the damage, named every damaged session, and passed after
+/// its repair.
+fn damage_detected(facts: &DbFacts, out: &mut Vec<Violation>) {
+    let Some(d) = &facts.damage else {
+        return;
+    };
+    let mut fail = |kind: &'static str, session: Option<String>, detail: String| {
+        out.push(Violation {
+            rule: Rule::C,
+            kind,
+            session,
+            detail,
+        });
+    };
+    if d.damaged.is_empty() {
+        fail(
+            "no damage done",
+            None,
+            "the harness found no live session to damage after the run".to_owned(),
+        );
+        return;
+    }
+    if d.detected.code != Some(1) {
+        fail(
+            "verify missed damage",
+            None,
+            format!(
+                "after {} verify exited {:?}, not 1: {}",
+                damage_list(&d.damaged),
+                d.detected.code,
+                excerpt(&d.detected.stdout, 400)
+            ),
+        );
+    } else {
+        for (what, sid) in &d.damaged {
+            if !d.detected.stdout.contains(sid.as_str()) {
+                fail(
+                    "verify missed damage",
+                    Some(sid.clone()),
+                    format!(
+                        "session {} ({what}) is not named by verify: {}",
+                        short(sid),
+                        excerpt(&d.detected.stdout, 400)
+                    ),
+                );
+            }
+        }
+    }
+    if d.after.code != Some(0) {
+        fail(
+            "verify fails after repair",
+            None,
+            format!(
+                "after {} and verify --repair (exit {:?}: {}), verify exited {:?}: {}",
+                damage_list(&d.damaged),
+                d.repair.code,
+                excerpt(&d.repair.stdout, 300),
+                d.after.code,
+                excerpt(&d.after.stdout, 400)
+            ),
+        );
+    }
+}
+
+fn damage_list(d: &[(String, String)]) -> String {
+    d.iter()
+        .map(|(what, sid)| format!("{what} on {}", short(sid)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `1-5,7,9-12`.
 fn runs(s: &[i64]) -> String {
     let mut parts = Vec::new();
@@ -1159,13 +1412,13 @@ fn availability(h: &History, out: &mut Vec<Violation>) {
     let cuts: Vec<(Duration, Duration)> = h
         .faults
         .iter()
-        .filter(|f| f.kind == FaultKind::DbCut)
+        .filter(|f| f.kind.database_only())
         .map(|f| (f.start, f.end))
         .collect();
     let others: Vec<(Duration, Duration)> = h
         .faults
         .iter()
-        .filter(|f| f.kind != FaultKind::DbCut)
+        .filter(|f| !f.kind.database_only())
         .map(|f| (f.start, f.settled.unwrap_or(Duration::MAX)))
         .collect();
     let mut failed: BTreeMap<&'static str, Vec<&Op>> = BTreeMap::new();

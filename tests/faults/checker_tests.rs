@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 
 use super::{Class, Rule, Violation, check, class};
 use crate::history::{
-    Action, AuditEvent, CookieChange, DbFacts, DeadLetter, FaultKind, FaultRecord, History, Op,
-    ProcessExit, Reply, VerifyRun,
+    Action, AuditEvent, CookieChange, DamageCheck, DbFacts, DeadLetter, FaultKind, FaultRecord,
+    History, Injected, Op, ProcessExit, Reply, SnapshotRow, VerifyRun,
 };
 
 fn ms(n: u64) -> Duration {
@@ -155,6 +155,10 @@ impl Case {
             event_type: event_type.to_owned(),
             payload: payload.to_string(),
             source: "stream".to_owned(),
+            user_id: None,
+            occurred_at: chrono::DateTime::from_timestamp_millis(1_800_000_000_000 + seq * 1000)
+                .expect("a time"),
+            schema_version: 1,
         });
     }
 
@@ -634,6 +638,7 @@ fn the_audit_trail_rules_catch_gaps_dead_letters_and_a_failed_verify() {
     c.put("c0", "s1", "k", "v1", (20, 30), http(204));
     c.event_at("s1", 3, "updated", json!({"set": {"k": "v1"}, "unset": []}));
     c.facts.dead_letters.push(DeadLetter {
+        stream_id: "1-0".to_owned(),
         fields: r#"{"payload":"{\"set\":{\"k\":\"v1\"}}"}"#.to_owned(),
         reason: "seq 2 of session s1 is already held by another event".to_owned(),
     });
@@ -646,6 +651,7 @@ fn the_audit_trail_rules_catch_gaps_dead_letters_and_a_failed_verify() {
         kinds(&v),
         vec![
             "acknowledged write in dead letters",
+            "dead letter not injected",
             "seq not contiguous",
             "verify failed"
         ],
@@ -729,4 +735,205 @@ fn a_fault_that_never_settled_a_crash_and_a_dead_final_read_are_reported() {
         "{v:#?}"
     );
     assert!(v.iter().all(|v| v.rule == Rule::E));
+}
+
+/// A session id of the real form (the fold parses it).
+fn hex_sid(n: u8) -> String {
+    format!("{n:02x}").repeat(32)
+}
+
+fn injected(stream_id: &str, sid: &str, at: u64) -> Injected {
+    Injected {
+        what: "seq above the i64 range".to_owned(),
+        stream_id: stream_id.to_owned(),
+        session_id: sid.to_owned(),
+        at: ms(at),
+    }
+}
+
+fn dead_letter(stream_id: &str, fields: &str, reason: &str) -> DeadLetter {
+    DeadLetter {
+        stream_id: stream_id.to_owned(),
+        fields: fields.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+#[test]
+fn only_injected_invalid_input_may_be_a_dead_letter() {
+    // An acknowledged write in the dead letters, a dead letter the harness
+    // did not inject, an injected entry without a reason, one that is not a
+    // dead letter and one that was audited are each reported; an injected
+    // entry that a later flush may have lost is not.
+    let mut c = Case::new();
+    c.login("c0", 1, None, "s1", (0, 10));
+    c.put("c0", "s1", "k", "v1", (20, 30), http(204));
+    c.facts.dead_letters.push(dead_letter(
+        "5-0",
+        r#"{"payload":"{\"set\":{\"k\":\"v1\"},\"unset\":[]}"}"#,
+        "the audit database refused it (SQLSTATE 23505)",
+    ));
+    let (p1, p2, p3, p4) = (hex_sid(1), hex_sid(2), hex_sid(3), hex_sid(4));
+    c.h.injected.push(injected("6-0", &p1, 300));
+    c.facts.dead_letters.push(dead_letter("6-0", "{}", " "));
+    c.h.injected.push(injected("7-0", &p2, 300));
+    c.h.injected.push(injected("8-0", &p3, 300));
+    c.facts
+        .dead_letters
+        .push(dead_letter("8-0", "{}", "invalid seq"));
+    c.event(&p3, "touched", json!({}));
+    // Injected, then Redis flushed before the worker read it.
+    c.h.injected.push(injected("9-0", &p4, 100));
+    c.fault(FaultKind::RedisFlush, 110, 110, Some(200));
+    let v = c.check();
+    let mut found = kinds(&v);
+    found.retain(|k| *k != "acknowledged write not audited once");
+    assert_eq!(
+        found,
+        vec![
+            "acknowledged write in dead letters",
+            "dead letter not injected",
+            "dead letter without a reason",
+            "invalid input audited",
+            "invalid input not a dead letter",
+        ],
+        "{v:#?}"
+    );
+    assert!(
+        v.iter()
+            .filter(|v| v.kind == "invalid input not a dead letter")
+            .all(|v| v.session.as_deref() == Some(p2.as_str())),
+        "{v:#?}"
+    );
+}
+
+/// A session's events (created, updated, destroyed) and the snapshot the
+/// library folds them to.
+fn folded_session(c: &mut Case, sid: &str) -> (String, i64) {
+    c.event(
+        sid,
+        "created",
+        json!({"fields": {"user_id": "1", "username": "u1"}, "rotated_from": null}),
+    );
+    c.event(sid, "updated", json!({"set": {"k": "v1"}, "unset": []}));
+    let events: Vec<&AuditEvent> = c
+        .facts
+        .events
+        .iter()
+        .filter(|e| e.session_id == sid)
+        .collect();
+    let state = super::fold(&events).expect("the events fold");
+    (state.to_json(), state.version() as i64)
+}
+
+#[test]
+fn a_snapshot_that_is_not_the_fold_of_its_events_is_reported() {
+    // The right snapshot passes; one with other JSON, one behind its events
+    // and one with another status are each reported.
+    let mut c = Case::new();
+    let sids: Vec<String> = (1..=4).map(hex_sid).collect();
+    for (i, sid) in sids.iter().enumerate() {
+        let (state, seq) = folded_session(&mut c, sid);
+        assert_eq!(seq, 2);
+        assert!(state.contains("\"k\":\"v1\""), "{state}");
+        let (state, seq, status) = match i {
+            0 => (state, seq, "live"),
+            1 => (state.replace("v1", "v0"), seq, "live"),
+            2 => (state, seq - 1, "live"),
+            _ => (state, seq, "destroyed"),
+        };
+        c.facts.snapshots.push(SnapshotRow {
+            session_id: sid.clone(),
+            seq,
+            status: status.to_owned(),
+            state,
+        });
+    }
+    let v = c.check();
+    assert_eq!(
+        kinds(&v),
+        vec!["snapshot not the fold of its events"; 3],
+        "{v:#?}"
+    );
+    let named: Vec<&str> = v.iter().filter_map(|v| v.session.as_deref()).collect();
+    assert_eq!(named, vec![&sids[1], &sids[2], &sids[3]], "{v:#?}");
+    assert!(v.iter().all(|v| v.rule == Rule::C));
+}
+
+fn damage(detected: (i32, &str), after: i32) -> DamageCheck {
+    DamageCheck {
+        damaged: vec![
+            ("key made persistent".to_owned(), hex_sid(1)),
+            ("JSON changed".to_owned(), hex_sid(2)),
+        ],
+        detected: VerifyRun {
+            code: Some(detected.0),
+            stdout: detected.1.to_owned(),
+        },
+        repair: VerifyRun {
+            code: Some(0),
+            stdout: "{}".to_owned(),
+        },
+        after: VerifyRun {
+            code: Some(after),
+            stdout: "{}".to_owned(),
+        },
+    }
+}
+
+#[test]
+fn verify_must_detect_the_damage_name_each_session_and_pass_after_repair() {
+    // Detected, named and repaired: nothing to report.
+    let both = format!(
+        "[{{\"session_id\": \"{}\"}}, {{\"session_id\": \"{}\"}}]",
+        hex_sid(1),
+        hex_sid(2)
+    );
+    let mut c = Case::new();
+    c.facts.damage = Some(damage((1, &both), 0));
+    assert_eq!(c.check(), vec![]);
+    // verify passed although Redis was damaged.
+    c.facts.damage = Some(damage((0, "{\"ok\": true}"), 0));
+    let v = c.check();
+    assert_eq!(kinds(&v), vec!["verify missed damage"], "{v:#?}");
+    // verify failed but did not name one of the damaged sessions.
+    let one = format!("[{{\"session_id\": \"{}\"}}]", hex_sid(1));
+    c.facts.damage = Some(damage((1, &one), 0));
+    let v = c.check();
+    assert_eq!(kinds(&v), vec!["verify missed damage"], "{v:#?}");
+    assert_eq!(v[0].session.as_deref(), Some(hex_sid(2).as_str()));
+    // The repair did not make verify pass.
+    c.facts.damage = Some(damage((1, &both), 1));
+    let v = c.check();
+    assert_eq!(kinds(&v), vec!["verify fails after repair"], "{v:#?}");
+    // No damage could be done.
+    let mut d = damage((1, &both), 0);
+    d.damaged.clear();
+    c.facts.damage = Some(d);
+    assert_eq!(kinds(&c.check()), vec!["no damage done"]);
+    assert!(c.check().iter().all(|v| v.rule == Rule::C));
+}
+
+#[test]
+fn a_failure_while_the_database_is_slow_or_locked_is_reported() {
+    // Rule (d) covers the database slowed and its snapshot table locked as
+    // it covers a cut.
+    for kind in [FaultKind::DbSlow, FaultKind::DbLock] {
+        let mut c = Case::new();
+        c.login("c0", 1, None, "s1", (0, 10));
+        c.fault(kind, 100, 400, Some(400));
+        c.op(
+            "c0",
+            Action::Me,
+            Some("s1"),
+            (150, 350),
+            Reply::Lost("timed out".to_owned()),
+        );
+        let v = c.check();
+        assert_eq!(
+            kinds(&v),
+            vec!["read failed during a database outage"],
+            "{kind:?}: {v:#?}"
+        );
+    }
 }

@@ -177,6 +177,19 @@ pub enum FaultKind {
     AppKill,
     /// The worker is SIGKILLed and started again.
     WorkerKill,
+    /// The audit worker is SIGSTOPped for longer than its lease while a
+    /// second one takes the lease over, then SIGCONTed (it must not commit
+    /// with its stale fencing token); the second one is then stopped with
+    /// SIGTERM.
+    WorkerStop,
+    /// The PostgreSQL proxy adds latency per chunk.
+    DbSlow,
+    /// The harness holds `LOCK TABLE session_snapshots IN EXCLUSIVE MODE`
+    /// in a transaction of its own.
+    DbLock,
+    /// The harness appends invalid entries to an event stream (see
+    /// [`Injected`]).
+    Poison,
 }
 
 impl FaultKind {
@@ -191,7 +204,24 @@ impl FaultKind {
             FaultKind::DbReset => "db proxy reset",
             FaultKind::AppKill => "app sigkill",
             FaultKind::WorkerKill => "worker sigkill",
+            FaultKind::WorkerStop => "worker sigstop past lease",
+            FaultKind::DbSlow => "db proxy slow",
+            FaultKind::DbLock => "db snapshots locked",
+            FaultKind::Poison => "poison entries",
         }
+    }
+
+    /// Faults of the audit database alone, during which Redis is healthy.
+    pub fn database_only(self) -> bool {
+        matches!(
+            self,
+            FaultKind::DbCut | FaultKind::DbSlow | FaultKind::DbLock
+        )
+    }
+
+    /// Faults after which Redis may have lost entries it held.
+    pub fn loses_redis_data(self) -> bool {
+        matches!(self, FaultKind::RedisFlush | FaultKind::RedisRestart)
     }
 }
 
@@ -234,11 +264,54 @@ pub struct AuditEvent {
     pub payload: String,
     /// `stream` or `fallback`.
     pub source: String,
+    pub user_id: Option<String>,
+    pub occurred_at: chrono::DateTime<chrono::Utc>,
+    pub schema_version: i32,
+}
+
+/// One row of `session_snapshots`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRow {
+    pub session_id: String,
+    pub seq: i64,
+    /// `live`, `destroyed` or `expired`.
+    pub status: String,
+    /// The folded session JSON text.
+    pub state: String,
+}
+
+/// A stream entry the harness appended that the audit must refuse: invalid
+/// input, the only kind of entry that may become a dead letter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injected {
+    /// What is wrong with it (`event_id with a NUL`, …).
+    pub what: String,
+    pub stream_id: String,
+    /// The session it names (never one a client uses).
+    pub session_id: String,
+    /// When it was appended.
+    pub at: Duration,
+}
+
+/// Damage the harness did to Redis after the run, and what `verify` made of
+/// it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DamageCheck {
+    /// (what was done, the session it was done to).
+    pub damaged: Vec<(String, String)>,
+    /// `verify` after the damage: must exit 1 naming every damaged session.
+    pub detected: VerifyRun,
+    /// `verify --repair`.
+    pub repair: VerifyRun,
+    /// `verify` after the repair: must exit 0.
+    pub after: VerifyRun,
 }
 
 /// One row of `dead_letters`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
+    /// The stream entry it was.
+    pub stream_id: String,
     /// The raw stream entry's fields.
     pub fields: String,
     pub reason: String,
@@ -258,7 +331,10 @@ pub struct VerifyRun {
 pub struct DbFacts {
     pub events: Vec<AuditEvent>,
     pub dead_letters: Vec<DeadLetter>,
+    pub snapshots: Vec<SnapshotRow>,
     pub verify: Option<VerifyRun>,
+    /// The damage done after `verify` passed, when the run did it.
+    pub damage: Option<DamageCheck>,
 }
 
 /// A whole run.
@@ -269,4 +345,6 @@ pub struct History {
     /// Children that exited by themselves (the harness restarts them, as a
     /// supervisor would).
     pub exits: Vec<ProcessExit>,
+    /// Invalid entries the harness appended to the streams.
+    pub injected: Vec<Injected>,
 }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::history::{FaultKind, FaultRecord};
 use crate::schedule::PlannedFault;
-use crate::system::{System, poll};
+use crate::system::{System, poll, signal};
 
 /// Longest wait for the system to settle after a fault.
 pub const SETTLE: Duration = Duration::from_secs(30);
@@ -21,6 +21,11 @@ const STORM_AFTER: Duration = Duration::from_secs(1);
 /// Latency the Redis proxy adds per chunk in a `RedisSlow` fault: a round
 /// trip then takes longer than `REDIS_TIMEOUT_MS`.
 const SLOW: Duration = Duration::from_millis(200);
+/// Latency the database proxy adds per chunk in a `DbSlow` fault.
+const DB_SLOW: Duration = Duration::from_millis(150);
+/// How long the resumed worker and the one that took over run side by side
+/// before the latter is stopped.
+const SIDE_BY_SIDE: Duration = Duration::from_millis(1000);
 
 /// Runs one lane. With `until`, faults that would start after it are
 /// skipped (the long form keeps to its duration however long restarts
@@ -139,6 +144,68 @@ async fn inject(sys: &Arc<System>, origin: Instant, f: &PlannedFault) -> FaultRe
             sys.db_proxy.reset();
             let end = now();
             (end, Some(end))
+        }
+        FaultKind::DbSlow => {
+            sys.db_proxy.delay(DB_SLOW);
+            tokio::time::sleep(f.hold).await;
+            sys.db_proxy.delay(Duration::ZERO);
+            let end = now();
+            (end, Some(end))
+        }
+        FaultKind::DbLock => match sys.lock_snapshots(f.hold).await {
+            Ok(()) => {
+                let end = now();
+                (end, Some(end))
+            }
+            Err(e) => {
+                eprintln!("  the snapshot table could not be locked: {e:#}");
+                (now(), None)
+            }
+        },
+        FaultKind::Poison => match sys.inject_poison().await {
+            Ok(entries) => (
+                now(),
+                settle_when(origin, move || {
+                    let entries = entries.clone();
+                    async move { sys.dead_lettered(&entries).await }
+                })
+                .await,
+            ),
+            Err(e) => {
+                eprintln!("  the poison entries could not be appended: {e:#}");
+                (now(), None)
+            }
+        },
+        FaultKind::WorkerStop => {
+            let stopped = sys.worker_pid().await;
+            if let Some(pid) = stopped {
+                signal(pid, "STOP").await;
+            }
+            let takeover = sys.start_takeover().await;
+            tokio::time::sleep(f.hold).await;
+            if let Some(pid) = stopped {
+                signal(pid, "CONT").await;
+            }
+            let end = now();
+            let took_over = match takeover {
+                Ok(pid) => {
+                    settle_when(origin, move || async move {
+                        sys.consumer_of(pid).await && sys.worker_alive().await
+                    })
+                    .await
+                }
+                Err(e) => {
+                    eprintln!("  the takeover worker did not start: {e:#}");
+                    None
+                }
+            };
+            // The resumed worker acts on what it believed before the stop
+            // (a batch in hand, a lease it thinks it holds) while the other
+            // one holds the leases; then the other one leaves.
+            tokio::time::sleep(SIDE_BY_SIDE).await;
+            sys.stop_takeover().await;
+            let back = settle_when(origin, move || sys.worker_consuming()).await;
+            (end, took_over.and(back))
         }
         FaultKind::AppKill => {
             let i = f.target % sys.app_servers();

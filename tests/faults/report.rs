@@ -149,6 +149,29 @@ pub fn render(
     for (reason, n) in reasons {
         let _ = writeln!(s, "  dead letter ×{n}: {reason}");
     }
+    let _ = writeln!(
+        s,
+        "  {} invalid entries injected, {} snapshots folded and compared",
+        h.injected.len(),
+        facts.snapshots.len()
+    );
+    if let Some(d) = &facts.damage {
+        let code = |v: &crate::history::VerifyRun| {
+            v.code.map_or_else(|| "none".to_owned(), |c| c.to_string())
+        };
+        let _ = writeln!(
+            s,
+            "  damage: {}; verify exit {}, verify --repair exit {}, verify again exit {}",
+            d.damaged
+                .iter()
+                .map(|(what, sid)| format!("{what} ({})", crate::checker::short(sid)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            code(&d.detected),
+            code(&d.repair),
+            code(&d.after)
+        );
+    }
 
     let mut by_kind: BTreeMap<(Rule, &str), Vec<&Violation>> = BTreeMap::new();
     for v in violations {
@@ -234,6 +257,17 @@ pub fn history_text(h: &History) -> String {
         lines.push((
             op.invoke,
             format!("{} session {session}{phase}", describe(op)),
+        ));
+    }
+    for i in &h.injected {
+        lines.push((
+            i.at,
+            format!(
+                "INJECTED {} as stream entry {} (session {})",
+                i.what,
+                i.stream_id,
+                &i.session_id[..i.session_id.len().min(10)]
+            ),
         ));
     }
     for f in &h.faults {

@@ -11,11 +11,13 @@ use sea_orm::EntityTrait as _;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use vedfolnir_sessions::audit::entity::{dead_letters, session_events};
+use vedfolnir_sessions::audit::entity::{dead_letters, session_events, session_snapshots};
 
 use crate::checker::{Rule, Violation, check};
 use crate::client::{self, ClientEnd, CounterState, Ctx, Recorder};
-use crate::history::{AuditEvent, DbFacts, DeadLetter, FaultRecord, History, VerifyRun};
+use crate::history::{
+    AuditEvent, DamageCheck, DbFacts, DeadLetter, FaultRecord, History, SnapshotRow, VerifyRun,
+};
 use crate::inject::run_lane;
 use crate::report;
 use crate::schedule::{Form, Plan, Settings, plan};
@@ -67,7 +69,7 @@ pub async fn run(settings: Settings) -> Outcome {
         plan.describe_faults()
     );
     let sys = Arc::new(
-        System::start(2)
+        System::start(2, settings.split_roles)
             .await
             .expect("start redis, postgres and the proxies"),
     );
@@ -187,7 +189,13 @@ pub async fn run(settings: Settings) -> Outcome {
         harness.push(quiescence_violation("after the final reads"));
     }
     let verify = verify(&sys).await;
-    let facts = read_facts(&sys, verify).await;
+    let passed = verify.code == Some(0);
+    let mut facts = read_facts(&sys, verify).await;
+    // Damage beside the audit trail's back, only once verify passed: it
+    // must see it, and its repair must undo it.
+    if passed {
+        facts.damage = Some(damage_check(&sys).await);
+    }
     supervising.cancel();
     supervisor.await.expect("supervisor");
     faults.sort_by_key(|f| f.start);
@@ -195,6 +203,7 @@ pub async fn run(settings: Settings) -> Outcome {
         ops: rec.take(),
         faults,
         exits: sys.exits(),
+        injected: sys.injected(),
     };
     let mut violations = check(&history, &facts);
     violations.extend(harness);
@@ -270,6 +279,9 @@ async fn read_facts(sys: &System, verify: VerifyRun) -> DbFacts {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
+            user_id: e.user_id,
+            occurred_at: e.occurred_at,
+            schema_version: e.schema_version,
         })
         .collect();
     let dead_letters = dead_letters::Entity::find()
@@ -278,13 +290,66 @@ async fn read_facts(sys: &System, verify: VerifyRun) -> DbFacts {
         .expect("read dead_letters")
         .into_iter()
         .map(|d| DeadLetter {
+            stream_id: d.stream_id,
             fields: d.fields,
             reason: d.reason,
+        })
+        .collect();
+    let snapshots = session_snapshots::Entity::find()
+        .all(&sys.db.db)
+        .await
+        .expect("read session_snapshots")
+        .into_iter()
+        .map(|s| SnapshotRow {
+            session_id: s.session_id,
+            seq: s.seq,
+            status: serde_json::to_value(s.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            state: s.state,
         })
         .collect();
     DbFacts {
         events,
         dead_letters,
+        snapshots,
         verify: Some(verify),
+        damage: None,
+    }
+}
+
+/// Damages Redis (see [`System::damage`]), then runs `verify` (which must
+/// exit 1 naming each damaged session), `verify --repair`, and `verify`
+/// again until it passes (or [`VERIFY_PATIENCE`]).
+async fn damage_check(sys: &System) -> DamageCheck {
+    let limit = Duration::from_secs(60);
+    let damaged = match sys.damage().await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("  the damage could not be done: {e:#}");
+            Vec::new()
+        }
+    };
+    eprintln!(
+        "  damage: {}",
+        damaged
+            .iter()
+            .map(|(what, sid)| format!("{what} ({})", crate::checker::short(sid)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let run = |(code, out, err): (Option<i32>, String, String)| VerifyRun {
+        code,
+        stdout: format!("{out}{err}"),
+    };
+    let detected = run(sys.cli(&["verify"], limit).await);
+    let repair = run(sys.cli(&["verify", "--repair"], limit).await);
+    let after = verify(sys).await;
+    DamageCheck {
+        damaged,
+        detected,
+        repair,
+        after,
     }
 }

@@ -120,6 +120,8 @@ pub struct Settings {
     pub overlap: bool,
     /// Include the shared-session increments.
     pub increments: bool,
+    /// Run the worker as two processes, `--only audit` and `--only reaper`.
+    pub split_roles: bool,
 }
 
 /// One planned step of a client.
@@ -199,14 +201,18 @@ pub struct Plan {
 }
 
 /// The kinds the short form fires, each once.
-pub const SHORT_KINDS: [FaultKind; 7] = [
+pub const SHORT_KINDS: [FaultKind; 11] = [
     FaultKind::RedisCut,
     FaultKind::RedisFlush,
     FaultKind::RedisRestart,
     FaultKind::RedisClientKill,
     FaultKind::DbCut,
+    FaultKind::DbSlow,
+    FaultKind::DbLock,
     FaultKind::AppKill,
     FaultKind::WorkerKill,
+    FaultKind::WorkerStop,
+    FaultKind::Poison,
 ];
 
 const REDIS_KINDS: [FaultKind; 5] = [
@@ -217,12 +223,20 @@ const REDIS_KINDS: [FaultKind; 5] = [
     FaultKind::RedisClientKill,
 ];
 
-const OTHER_KINDS: [FaultKind; 4] = [
+const OTHER_KINDS: [FaultKind; 8] = [
     FaultKind::DbCut,
     FaultKind::DbReset,
+    FaultKind::DbSlow,
+    FaultKind::DbLock,
     FaultKind::AppKill,
     FaultKind::WorkerKill,
+    FaultKind::WorkerStop,
+    FaultKind::Poison,
 ];
+
+/// `WORKER_LEASE_MS` of every worker: short, so that a worker stopped for a
+/// couple of seconds has lost its leases.
+pub const WORKER_LEASE_MS: u64 = 1000;
 
 /// How long a fault is held, and a guess of how long the system takes to
 /// settle after it (for planning only).
@@ -231,6 +245,15 @@ fn hold_and_settle(rng: &mut Prng, kind: FaultKind, long: bool) -> (Duration, Du
     match kind {
         FaultKind::RedisFlush | FaultKind::RedisClientKill | FaultKind::DbReset => {
             (Duration::ZERO, Duration::from_millis(500))
+        }
+        FaultKind::Poison => (Duration::ZERO, Duration::from_millis(1000)),
+        // Past the lease by at least one and a half of it.
+        FaultKind::WorkerStop => (
+            rng.ms(WORKER_LEASE_MS * 5 / 2, WORKER_LEASE_MS * 7 / 2 * scale),
+            Duration::from_millis(1500),
+        ),
+        FaultKind::DbSlow | FaultKind::DbLock => {
+            (rng.ms(1500, 2500 * scale), Duration::from_millis(300))
         }
         FaultKind::AppKill => (rng.ms(300, 800 * scale), Duration::from_millis(500)),
         FaultKind::WorkerKill => (rng.ms(300, 800 * scale), Duration::from_millis(1500)),
@@ -467,6 +490,7 @@ fn a_seed_names_one_schedule() {
         duration: Duration::from_secs(60),
         overlap: false,
         increments: true,
+        split_roles: false,
     };
     let a = plan(&settings(7));
     let b = plan(&settings(7));

@@ -22,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 use vedfolnir_sessions::Config;
 use vedfolnir_sessions::keys::KeySpace;
 
-use crate::history::ProcessExit;
+use crate::history::{Injected, ProcessExit};
 use crate::proxy::Proxy;
-use crate::schedule::users_spec;
+use crate::schedule::{WORKER_LEASE_MS, users_spec};
 use vedfolnir_tests::db::{Backend, TestDb};
 use vedfolnir_tests::redis_server::RedisServer;
 
@@ -85,7 +85,16 @@ pub struct System {
     instances: AtomicUsize,
     /// A standby is being started.
     preparing: std::sync::atomic::AtomicBool,
+    /// The worker (all roles, or `--only audit` when the roles are split).
     worker: Mutex<Option<Proc>>,
+    /// `--only reaper`, when the roles are split.
+    reaper: Mutex<Option<Proc>>,
+    /// A second `--only audit` worker that takes the leases over while the
+    /// first one is stopped.
+    takeover: Mutex<Option<Proc>>,
+    split_roles: bool,
+    /// Invalid entries appended to the streams so far.
+    injected: std::sync::Mutex<Vec<Injected>>,
     /// Base URLs of the running app servers, for clients to follow.
     addrs: RwLock<Vec<Option<String>>>,
     pub redis_proxy: Proxy,
@@ -108,7 +117,7 @@ pub struct System {
 impl System {
     /// Starts Redis, the database and both proxies (no app server or worker
     /// yet).
-    pub async fn start(app_servers: usize) -> anyhow::Result<Self> {
+    pub async fn start(app_servers: usize, split_roles: bool) -> anyhow::Result<Self> {
         let app_bin = vedfolnir_tests::binary("app_server");
         let worker_bin = vedfolnir_tests::binary("vedfolnir-worker");
         let redis = RedisServer::start().await;
@@ -146,6 +155,10 @@ impl System {
             instances: AtomicUsize::new(0),
             preparing: std::sync::atomic::AtomicBool::new(false),
             worker: Mutex::new(None),
+            reaper: Mutex::new(None),
+            takeover: Mutex::new(None),
+            split_roles,
+            injected: std::sync::Mutex::new(Vec::new()),
             addrs: RwLock::new(vec![None; app_servers]),
             redis_proxy,
             db_proxy,
@@ -391,47 +404,336 @@ impl System {
         (0..n).find_map(|k| addrs[(preferred + k) % n].clone())
     }
 
-    /// Starts the worker (again, if it exited); returns its pid.
+    /// Starts the worker (again, if it exited): one process, or `--only
+    /// audit` and `--only reaper` when the roles are split; returns the pid
+    /// of the one that runs the audit consumer.
     pub async fn start_worker(&self) -> anyhow::Result<u32> {
-        let mut slot = self.worker.lock().await;
+        if self.split_roles {
+            self.ensure_worker(&self.reaper, "reaper worker", Some("reaper"), "reaper.log")
+                .await?;
+            self.ensure_worker(&self.worker, "worker", Some("audit"), "worker.log")
+                .await
+        } else {
+            self.ensure_worker(&self.worker, "worker", None, "worker.log")
+                .await
+        }
+    }
+
+    /// Starts a worker in `slot` unless one runs there; records an exit it
+    /// finds.
+    async fn ensure_worker(
+        &self,
+        slot: &Mutex<Option<Proc>>,
+        who: &str,
+        only: Option<&str>,
+        log: &str,
+    ) -> anyhow::Result<u32> {
+        let mut slot = slot.lock().await;
         if let Some(p) = slot.as_mut() {
             match p.child.try_wait() {
                 Ok(Some(status)) => {
                     let ran = p.started.elapsed() >= WORKER_START;
                     *slot = None;
-                    self.note_exit("worker", ran, status);
+                    self.note_exit(who, ran, status);
                 }
                 _ => return Ok(p.pid),
             }
         }
-        let child = Command::new(&self.worker_bin)
+        let p = self.spawn_worker(only, log)?;
+        let pid = p.pid;
+        *slot = Some(p);
+        Ok(pid)
+    }
+
+    fn spawn_worker(&self, only: Option<&str>, log: &str) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(&self.worker_bin);
+        if let Some(role) = only {
+            cmd.arg("--only").arg(role);
+        }
+        let child = cmd
             .env_clear()
             .envs(self.env())
             .env("HEAL_CHECK_MS", "100")
-            .env("WORKER_LEASE_MS", "1000")
+            .env("WORKER_LEASE_MS", WORKER_LEASE_MS.to_string())
             .env("AUDIT_BLOCK_MS", "100")
             .env("AUDIT_CLAIM_IDLE_MS", "1000")
             .env("AUDIT_DB_RETRY_MAX_MS", "200")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(self.log("worker.log")?))
+            .stderr(Stdio::from(self.log(log)?))
             .kill_on_drop(true)
             .spawn()
             .context("starting vedfolnir-worker")?;
         let pid = child.id().context("worker pid")?;
-        *slot = Some(Proc {
+        Ok(Proc {
             child,
             pid,
             started: Instant::now(),
-        });
+        })
+    }
+
+    /// SIGKILLs the worker (both processes when the roles are split).
+    pub async fn kill_worker(&self) {
+        for slot in [&self.worker, &self.reaper] {
+            if let Some(mut p) = slot.lock().await.take() {
+                let _ = p.child.kill().await;
+            }
+        }
+    }
+
+    /// The pid of the worker that runs the audit consumer.
+    pub async fn worker_pid(&self) -> Option<u32> {
+        self.worker.lock().await.as_ref().map(|p| p.pid)
+    }
+
+    /// The worker that runs the audit consumer is running (stopped counts).
+    pub async fn worker_alive(&self) -> bool {
+        self.worker
+            .lock()
+            .await
+            .as_mut()
+            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
+    }
+
+    /// Starts the second `--only audit` worker; returns its pid.
+    pub async fn start_takeover(&self) -> anyhow::Result<u32> {
+        let p = self.spawn_worker(Some("audit"), "takeover.log")?;
+        let pid = p.pid;
+        *self.takeover.lock().await = Some(p);
         Ok(pid)
     }
 
-    /// SIGKILLs the worker.
-    pub async fn kill_worker(&self) {
-        if let Some(mut p) = self.worker.lock().await.take() {
-            let _ = p.child.kill().await;
+    /// Stops the second worker with SIGTERM, as an operator would, and
+    /// waits for it; an exit other than 0 is recorded as a crash.
+    pub async fn stop_takeover(&self) {
+        let Some(mut p) = self.takeover.lock().await.take() else {
+            return;
+        };
+        signal(p.pid, "TERM").await;
+        match tokio::time::timeout(Duration::from_secs(40), p.child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => self.note_exit("takeover worker", true, status),
+            Ok(Err(e)) => eprintln!("  waiting for the takeover worker: {e}"),
+            Err(_) => {
+                eprintln!("  the takeover worker did not stop on SIGTERM within 40s");
+                let _ = p.child.kill().await;
+            }
         }
+    }
+
+    /// Holds `LOCK TABLE session_snapshots IN EXCLUSIVE MODE` for `hold`,
+    /// directly on the database (not through the proxy).
+    pub async fn lock_snapshots(&self, hold: Duration) -> anyhow::Result<()> {
+        use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+        let txn = self.db.db.begin().await?;
+        txn.execute_unprepared("LOCK TABLE session_snapshots IN EXCLUSIVE MODE")
+            .await?;
+        tokio::time::sleep(hold).await;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Appends invalid entries to the event streams, each of a session no
+    /// client uses: an `event_id` with a NUL, a `destroyed` reason with a
+    /// NUL, a user id of about 3 KB (over PostgreSQL's btree row limit), a
+    /// `seq` above the i64 range, and an `event_id` the audit database
+    /// already holds with other content. Records each; returns them.
+    pub async fn inject_poison(&self) -> anyhow::Result<Vec<Injected>> {
+        use sea_orm::EntityTrait as _;
+        use vedfolnir_sessions::audit::entity::session_events;
+        let mut conn = self.admin().await.context("redis for the poison entries")?;
+        let fresh = || -> vedfolnir_sessions::SessionId {
+            format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            )
+            .parse()
+            .expect("64 hex characters")
+        };
+        let event = |sid: &vedfolnir_sessions::SessionId,
+                     kind: vedfolnir_sessions::EventKind,
+                     user: &str| {
+            vedfolnir_sessions::Event {
+                event_id: uuid::Uuid::now_v7(),
+                session_id: sid.clone(),
+                seq: 1,
+                occurred_at: vedfolnir_sessions::time::Timestamp::now(),
+                user_id: Some(user.to_owned()),
+                schema: vedfolnir_sessions::event::SCHEMA_VERSION,
+                kind,
+                traceparent: None,
+            }
+        };
+        let created = |user: &str| {
+            let mut fields = serde_json::Map::new();
+            fields.insert("user_id".to_owned(), serde_json::json!(user));
+            fields.insert("username".to_owned(), serde_json::json!("poison"));
+            vedfolnir_sessions::EventKind::Created {
+                fields,
+                rotated_from: None,
+                imported: None,
+            }
+        };
+        let fields = |e: &vedfolnir_sessions::Event| -> Vec<(String, String)> {
+            e.to_fields()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect()
+        };
+        let set = |f: &mut Vec<(String, String)>, key: &str, value: String| {
+            for (k, v) in f.iter_mut() {
+                if k == key {
+                    *v = value.clone();
+                }
+            }
+        };
+        let mut entries: Vec<PoisonEntry> = Vec::new();
+        {
+            let sid = fresh();
+            let mut f = fields(&event(&sid, created("1"), "1"));
+            let id = uuid::Uuid::now_v7().to_string();
+            set(&mut f, "event_id", format!("{}\0{}", &id[..1], &id[2..]));
+            entries.push(("event_id with a NUL", sid, f));
+        }
+        {
+            let sid = fresh();
+            let kind = vedfolnir_sessions::EventKind::Destroyed {
+                reason: vedfolnir_sessions::DestroyReason::Logout,
+            };
+            let mut f = fields(&event(&sid, kind, "1"));
+            set(&mut f, "payload", r#"{"reason":"log\u0000out"}"#.to_owned());
+            entries.push(("destroyed reason with a NUL", sid, f));
+        }
+        {
+            // Random hex: PostgreSQL cannot compress it below its limit.
+            let huge: String = (0..100)
+                .map(|_| uuid::Uuid::new_v4().simple().to_string())
+                .collect();
+            let sid = fresh();
+            let f = fields(&event(&sid, created(&huge), &huge));
+            entries.push(("user id of 3 KB", sid, f));
+        }
+        {
+            let sid = fresh();
+            let mut f = fields(&event(&sid, created("1"), "1"));
+            set(&mut f, "seq", (i64::MAX as u64 + 1).to_string());
+            entries.push(("seq above the i64 range", sid, f));
+        }
+        if let Some(held) = session_events::Entity::find().one(&self.db.db).await? {
+            let sid = fresh();
+            let mut e = event(&sid, created("1"), "1");
+            e.event_id = held.event_id;
+            entries.push(("event_id held by another event", sid, fields(&e)));
+        }
+        let mut out = Vec::new();
+        for (what, sid, f) in entries {
+            let stream = self.keys.for_session(&sid).stream.clone();
+            let stream_id: String = conn
+                .xadd(&stream, "*", &f)
+                .await
+                .with_context(|| format!("XADD of the poison entry ({what})"))?;
+            out.push(Injected {
+                what: what.to_owned(),
+                stream_id,
+                session_id: sid.to_string(),
+                at: self.now(),
+            });
+        }
+        self.injected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(out.iter().cloned());
+        Ok(out)
+    }
+
+    /// The invalid entries appended so far.
+    pub fn injected(&self) -> Vec<Injected> {
+        self.injected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every entry of `injected` is a dead letter.
+    pub async fn dead_lettered(&self, injected: &[Injected]) -> bool {
+        use sea_orm::{ColumnTrait as _, EntityTrait as _, PaginatorTrait as _, QueryFilter as _};
+        use vedfolnir_sessions::audit::entity::dead_letters;
+        let ids: Vec<&str> = injected.iter().map(|i| i.stream_id.as_str()).collect();
+        let n = dead_letters::Entity::find()
+            .filter(dead_letters::Column::StreamId.is_in(ids))
+            .count(&self.db.db)
+            .await;
+        matches!(n, Ok(n) if n as usize >= injected.len())
+    }
+
+    /// Damages Redis beside the audit trail's back, one kind per live
+    /// session (up to three sessions, in id order): the session key made
+    /// persistent, the session removed from the expiry index, the key's JSON
+    /// changed. Returns (what, session id).
+    pub async fn damage(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut conn = self.admin().await.context("redis for the damage")?;
+        let prefix = format!("{}session:", self.namespace);
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .arg("TYPE")
+                .arg("string")
+                .query_async(&mut conn)
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut ids: Vec<vedfolnir_sessions::SessionId> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix)?.parse().ok())
+            .collect();
+        ids.sort_by_key(ToString::to_string);
+        let mut out = Vec::new();
+        for (i, id) in ids.iter().take(3).enumerate() {
+            let part = self.keys.for_session(id);
+            let key = part.session(id);
+            let hex = id.to_string();
+            let what = match i {
+                0 => {
+                    let _: i64 = conn.persist(&key).await?;
+                    "key made persistent"
+                }
+                1 => {
+                    let raw: Vec<u8> = (0..hex.len() / 2)
+                        .filter_map(|j| u8::from_str_radix(&hex[2 * j..2 * j + 2], 16).ok())
+                        .collect();
+                    let _: i64 = conn.zrem(&part.expiry, &hex).await?;
+                    let _: i64 = conn.zrem(&part.expiry, raw).await?;
+                    "removed from the expiry index"
+                }
+                _ => {
+                    let text: String = conn.get(&key).await?;
+                    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("damaged_by".to_owned(), serde_json::json!("fault suite"));
+                    }
+                    let _: () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(v.to_string())
+                        .arg("KEEPTTL")
+                        .query_async(&mut conn)
+                        .await?;
+                    "JSON changed"
+                }
+            };
+            out.push((what.to_owned(), hex));
+        }
+        Ok(out)
     }
 
     /// Runs the CLI with the children's environment; `None` as the code
@@ -465,11 +767,14 @@ impl System {
             }
             // Only a worker that exited: one the harness stopped stays
             // stopped until the harness starts it.
-            let exited = {
-                let mut slot = self.worker.lock().await;
-                slot.as_mut()
-                    .is_some_and(|p| matches!(p.child.try_wait(), Ok(Some(_))))
-            };
+            let mut exited = false;
+            for slot in [&self.worker, &self.reaper] {
+                exited |= slot
+                    .lock()
+                    .await
+                    .as_mut()
+                    .is_some_and(|p| matches!(p.child.try_wait(), Ok(Some(_))));
+            }
             if exited && let Err(e) = self.start_worker().await {
                 eprintln!("  the worker did not start again: {e:#}");
             }
@@ -625,7 +930,7 @@ impl System {
 
     /// The worker with this pid has joined the audit group as a consumer
     /// (consumer names are `<host>-<pid>-<random>`).
-    async fn consumer_of(&self, pid: u32) -> bool {
+    pub async fn consumer_of(&self, pid: u32) -> bool {
         let Some(mut conn) = self.admin().await else {
             return false;
         };
@@ -693,6 +998,25 @@ where
             return false;
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// An invalid entry: what is wrong with it, its session, its fields.
+type PoisonEntry = (
+    &'static str,
+    vedfolnir_sessions::SessionId,
+    Vec<(String, String)>,
+);
+
+/// Sends `sig` (`STOP`, `CONT`, `TERM`) to a process with kill(1).
+pub async fn signal(pid: u32, sig: &str) {
+    let r = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .await;
+    if !r.is_ok_and(|s| s.success()) {
+        eprintln!("  kill -{sig} {pid} failed");
     }
 }
 
