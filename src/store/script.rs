@@ -111,13 +111,15 @@ impl Shape {
 /// primary), so that pipelined calls find it.
 #[cfg(feature = "audit")]
 pub(crate) async fn load(conn: &mut impl ConnectionLike) -> Result<()> {
-    redis::cmd("FUNCTION")
-        .arg("LOAD")
-        .arg("REPLACE")
-        .arg(&LIBRARY.code)
-        .exec_async(conn)
-        .await?;
+    load_cmd().exec_async(conn).await?;
     Ok(())
+}
+
+/// `FUNCTION LOAD REPLACE` of the library.
+fn load_cmd() -> redis::Cmd {
+    let mut cmd = redis::cmd("FUNCTION");
+    cmd.arg("LOAD").arg("REPLACE").arg(&LIBRARY.code);
+    cmd
 }
 
 /// True when Redis answered that it does not have the library.
@@ -142,12 +144,7 @@ impl Invocation {
         match self.cmd.query_async(conn).await {
             Err(e) if not_loaded(&e) => {
                 tracing::debug!("redis does not have the session library; loading it");
-                redis::cmd("FUNCTION")
-                    .arg("LOAD")
-                    .arg("REPLACE")
-                    .arg(&LIBRARY.code)
-                    .exec_async(conn)
-                    .await?;
+                load_cmd().exec_async(conn).await?;
                 self.cmd.query_async(conn).await
             }
             other => other,
