@@ -301,12 +301,7 @@ impl SessionStore {
         match json {
             Ok(Some(j)) => parse_session(id, &j).map(Some),
             #[cfg(feature = "audit")]
-            Ok(None)
-                if self.audit.is_some()
-                    && Box::pin(self.recovering(self.keys.for_session(id))).await =>
-            {
-                Box::pin(self.restore_on_read(id)).await
-            }
+            Ok(None) if self.audit.is_some() => Box::pin(self.missed(id)).await,
             Ok(None) => Ok(None),
             Err(e) => {
                 let e = Error::from(e);
@@ -319,6 +314,25 @@ impl SessionStore {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// A read that missed in Redis, with the audit database attached: the
+    /// miss stands while Redis holds its complete data set; during recovery
+    /// the session comes from the database (see `store::recovery`).
+    #[cfg(feature = "audit")]
+    async fn missed(&self, id: &SessionId) -> Result<Option<Record>> {
+        use recovery::Miss;
+        let part = self.keys.for_session(id);
+        match self.after_miss(part).await {
+            Miss::Stands => Ok(None),
+            Miss::Recovering => self.restore_on_read(id).await,
+            Miss::ReadAgain { epoch } => match self.read_in_epoch(id, part, &epoch).await? {
+                (Some(j), _) => parse_session(id, &j).map(Some),
+                (None, true) => Ok(None),
+                // Redis lost its data again since the state was read.
+                (None, false) => self.restore_on_read(id).await,
+            },
         }
     }
 

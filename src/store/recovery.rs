@@ -21,7 +21,9 @@
 //! partition's healing lock (`<ns>healing`): the worker's healer, or the app
 //! server itself when no worker runs, so recovering always ends. A "same
 //! epoch" answer is remembered by the process (it cannot change without the
-//! key changing); a "recovering" answer for [`RECOVERING_MEMO`].
+//! key changing); a "recovering" answer for [`RECOVERING_MEMO`]. A miss whose
+//! epoch was not confirmed before it is read again with the epoch
+//! ([`Miss::ReadAgain`]): a replay may have finished in between.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -60,6 +62,22 @@ pub enum RecoveryState {
         redis_epoch: Option<String>,
         /// The epoch the database knows complete.
         database_epoch: String,
+    },
+}
+
+/// What a read that missed in Redis means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Miss {
+    /// Redis held the complete data set when the key was read: the session
+    /// is not there.
+    Stands,
+    /// Redis is recovering: the database may know the session.
+    Recovering,
+    /// Redis holds the complete data set of `epoch` now, but may not have
+    /// when the key was read: read the key again, with the epoch.
+    ReadAgain {
+        /// The epoch known complete now.
+        epoch: String,
     },
 }
 
@@ -132,10 +150,10 @@ impl SessionStore {
         Ok(())
     }
 
-    /// True while partition `part` is recovering (see the module docs). A
-    /// read error counts as "not recovering": without the database nothing
-    /// could be restored anyway.
-    pub(super) async fn recovering(&self, part: &Keys) -> bool {
+    /// What a read that missed in Redis means for partition `part` (see the
+    /// module docs). A read error of the recovery state counts as "not
+    /// recovering": without the database nothing could be restored anyway.
+    pub(super) async fn after_miss(&self, part: &Keys) -> Miss {
         let p = part.partition;
         let (confirmed, memo_fresh) = match self.shared.audit.recovery.lock() {
             Ok(m) => {
@@ -149,23 +167,25 @@ impl SessionStore {
             Err(_) => (None, false),
         };
         if memo_fresh {
-            return true;
+            return Miss::Recovering;
         }
         if let Some(c) = confirmed {
+            // The epoch read after the miss is the one confirmed before it:
+            // no loss of data came between (a new data set always gets a new
+            // epoch), so the miss stands.
             let redis_epoch: redis::RedisResult<Option<String>> =
                 self.conn.clone().get(&part.epoch).await;
             if matches!(&redis_epoch, Ok(Some(r)) if *r == c) {
-                return false;
+                return Miss::Stands;
             }
         }
         let state = match self.recovery_state(part).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(err = %e, "reading the recovery state failed");
-                return false;
+                return Miss::Stands;
             }
         };
-        let recovering = matches!(state, RecoveryState::Recovering { .. });
         if let Ok(mut m) = self.shared.audit.recovery.lock() {
             let memo = m.entry(p).or_default();
             match &state {
@@ -179,10 +199,32 @@ impl SessionStore {
                 }
             }
         }
-        if recovering {
-            self.start_healing();
+        match state {
+            RecoveryState::Recovering { .. } => {
+                self.start_healing();
+                Miss::Recovering
+            }
+            // Normal now, but not known normal when the key was read: a
+            // replay may have finished in between and put the session back.
+            RecoveryState::Normal { epoch } => Miss::ReadAgain { epoch },
         }
-        recovering
+    }
+
+    /// The session key and the partition's epoch in one atomic read (they
+    /// share the partition's slot): the session as Redis holds it, and
+    /// whether Redis still held the data set of `epoch` at that moment.
+    pub(super) async fn read_in_epoch(
+        &self,
+        id: &SessionId,
+        part: &Keys,
+        epoch: &str,
+    ) -> Result<(Option<String>, bool)> {
+        let (json, now): (Option<String>, Option<String>) = redis::cmd("MGET")
+            .arg(self.keys.session(id))
+            .arg(&part.epoch)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok((json, now.as_deref() == Some(epoch)))
     }
 
     /// During recovery: the session from the database, put back into Redis
@@ -335,5 +377,75 @@ impl SessionStore {
         let db = self.db()?;
         let streams: Vec<&str> = self.keys.all().iter().map(|k| k.stream.as_str()).collect();
         outbox::count(db, &streams).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::AsyncCommands as _;
+
+    use crate::audit::AuditSink;
+    use crate::config::{Config, RedisTarget};
+    use crate::id::Token;
+    use crate::session::NewSession;
+    use crate::store::SessionStore;
+
+    /// A store on the local Redis (`REDIS_URL`) in a namespace of its own,
+    /// with a migrated SQLite audit file attached.
+    async fn store_with_audit(config: &Config, file: &std::path::Path) -> SessionStore {
+        let db = crate::audit::db::connect(&format!("sqlite://{}?mode=rwc", file.display()))
+            .await
+            .expect("open the audit file");
+        crate::audit::db::migrate(&db).await.expect("migrate");
+        let sink = AuditSink::new(db, config.session_timeout, config.event_stream.clone());
+        SessionStore::connect(config)
+            .await
+            .expect("connect to redis")
+            .with_audit(sink)
+    }
+
+    #[tokio::test]
+    async fn a_miss_read_before_a_replay_finished_is_not_an_unknown_session() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        let ns = format!("vtest:{}:", uuid::Uuid::new_v4().simple());
+        let config = Config::default()
+            .with_redis(RedisTarget::parse("REDIS_URL", &url).expect("redis url"))
+            .with_namespace(&ns);
+        let dir =
+            std::env::temp_dir().join(format!("vtest-miss-{}", uuid::Uuid::new_v4().simple()));
+        let app = store_with_audit(&config, &dir.join("audit.sqlite")).await;
+        // A miss of an unknown cookie confirms the epoch in this process.
+        let unknown = Token::generate().session_id();
+        assert_eq!(app.get(&unknown).await.expect("get"), None);
+        let c = app
+            .create(NewSession::for_user(7, "seven"))
+            .await
+            .expect("create");
+
+        // Redis loses the namespace's data; another process (the worker's
+        // healer) replays it and records the new epoch.
+        let mut conn = app.connection();
+        let keys = conn.scan_all(&format!("{ns}*")).await.expect("scan");
+        let _: () = conn.del(keys).await.expect("del");
+        let healer = store_with_audit(&config, &dir.join("audit.sqlite")).await;
+        let summary = healer.heal().await.expect("heal").expect("a replay ran");
+        assert_eq!(summary.restored, 1);
+
+        // This process's GET missed while the replay ran; judged after it
+        // finished, the miss must not stand: the session is live.
+        let s = app
+            .missed(&c.session_id)
+            .await
+            .expect("read")
+            .expect("the live session, not an unknown one");
+        assert_eq!(s.to_json(), c.session.to_json());
+        // An unknown id is still unknown, with the epoch confirmed again.
+        assert_eq!(app.missed(&unknown).await.expect("read"), None);
+
+        let keys = conn.scan_all(&format!("{ns}*")).await.expect("scan");
+        if !keys.is_empty() {
+            let _: () = conn.del(keys).await.expect("del");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
