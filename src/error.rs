@@ -93,6 +93,19 @@ pub enum Error {
         acknowledged: u32,
     },
 
+    /// Redis lost its data set (a restart without persistence, `FLUSHALL`)
+    /// after it applied the mutation and before the audit database recorded
+    /// it: the mutation is gone with the data set and was not recorded, so it
+    /// did not happen. Retry it on the session as it is now.
+    #[cfg(feature = "audit")]
+    #[error(
+        "redis lost its data before stream entry {stream_id} was audited; the write did not happen"
+    )]
+    DataLost {
+        /// The stream entry of the lost write.
+        stream_id: String,
+    },
+
     /// The caller asked for something invalid (a reserved key, a bad id, …).
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -95,7 +95,7 @@ pub(crate) fn to_py(e: Error) -> PyErr {
     match e {
         Error::Conflict { .. } => ConflictError::new_err(msg),
         Error::StaleRead { .. } => StaleReadError::new_err(msg),
-        Error::Database(_) => StoreUnavailableError::new_err(msg),
+        Error::Database(_) | Error::DataLost { .. } => StoreUnavailableError::new_err(msg),
         Error::NotFound(_) | Error::Ended { .. } => SessionEndedError::new_err(msg),
         Error::TooLarge { .. } => TooLargeError::new_err(msg),
         Error::InvalidInput(_) => InvalidInputError::new_err(msg),

@@ -60,7 +60,8 @@ use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::sink::{
-    AuditSink, BatchOutcome, Cause, Commit, DeadLetter, Incoming, cause_of, fields_json, refusal,
+    AuditSink, BatchOutcome, Cause, Commit, DeadLetter, Incoming, StreamOrigin, cause_of,
+    fields_json, refusal,
 };
 use crate::config::{Config, ConfigError, non_empty, parse};
 use crate::conn::{ConnOptions, RedisConn};
@@ -1014,12 +1015,39 @@ impl AuditConsumer {
 
     /// One write of the sink, fenced when the consumer holds a lease (the
     /// token is taken by [`AuditConsumer::commit`] first).
+    ///
+    /// The commit checks that Redis still holds the batch's first entry:
+    /// entries read from a data set that Redis lost before they were
+    /// committed are not recorded ([`crate::error::Error::DataLost`]), so
+    /// that a session restored from the database meanwhile cannot diverge
+    /// from what the database records after it.
     async fn write(&mut self, batch: &[Incoming], dead: &[DeadLetter]) -> Result<Commit> {
+        let origin: Vec<StreamOrigin> = batch
+            .iter()
+            .find_map(|i| {
+                let entry = i.stream_id.as_ref()?;
+                Some(StreamOrigin::new(
+                    self.redis.clone(),
+                    self.stream.clone(),
+                    entry.clone(),
+                    i.event.event_id,
+                ))
+            })
+            .into_iter()
+            .collect();
         match &self.lease {
-            None => self.sink.write(batch, dead).await.map(Commit::Done),
+            None => self
+                .sink
+                .write_held(batch, dead, &origin)
+                .await
+                .map(Commit::Done),
             Some(Lease {
                 fence: Some(fence), ..
-            }) => self.sink.write_fenced(fence, batch, dead).await,
+            }) => {
+                self.sink
+                    .write_fenced_held(fence, batch, dead, &origin)
+                    .await
+            }
             Some(Lease { fence: None, .. }) => Err(crate::error::Error::Schema(
                 "internal: a write under a lease before its fence was taken".to_owned(),
             )),
@@ -1057,6 +1085,13 @@ impl AuditConsumer {
                 Ok(Some(o)) => return Ok(Some(o)),
                 Ok(None) => {
                     self.fenced = true;
+                    return Ok(None);
+                }
+                // Redis lost the data set these entries were read from:
+                // nothing to record and nothing to acknowledge; the group is
+                // made again on the new stream.
+                Err(e @ crate::error::Error::DataLost { .. }) => {
+                    tracing::warn!(err = %e, entries = batch.len(), "redis lost its data before the batch was committed; dropped");
                     return Ok(None);
                 }
                 Err(e) => {

@@ -24,4 +24,4 @@ pub mod rebuild;
 pub mod sink;
 
 pub use consumer::{AuditConsumer, ConsumerConfig};
-pub use sink::{AuditSink, BatchOutcome, DeadLetter, Incoming};
+pub use sink::{AuditSink, BatchOutcome, DeadLetter, Incoming, StreamOrigin, settle_writes};

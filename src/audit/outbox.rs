@@ -67,7 +67,33 @@ fn timeout(d: Duration) -> chrono::Duration {
 
 /// The view of `session_id`, or `None` when the database knows nothing of
 /// it. `session_timeout` turns a staged event's time into a deadline.
+///
+/// The snapshot, the staged rows and the newest logged seq are read in one
+/// read transaction (`REPEATABLE READ` on PostgreSQL; on SQLite every read
+/// transaction is a snapshot), so that an audit commit landing between the
+/// reads cannot make a live session look behind its log.
 pub async fn view(
+    db: &sea_orm::DatabaseConnection,
+    session_id: &str,
+    session_timeout: Duration,
+) -> Result<Option<View>> {
+    use sea_orm::{AccessMode, IsolationLevel, TransactionTrait as _};
+    let txn = match db.get_database_backend() {
+        sea_orm::DbBackend::Postgres => {
+            db.begin_with_config(
+                Some(IsolationLevel::RepeatableRead),
+                Some(AccessMode::ReadOnly),
+            )
+            .await?
+        }
+        _ => db.begin().await?,
+    };
+    let view = view_in(&txn, session_id, session_timeout).await;
+    txn.commit().await?;
+    view
+}
+
+async fn view_in(
     db: &impl ConnectionTrait,
     session_id: &str,
     session_timeout: Duration,

@@ -304,7 +304,23 @@ impl AuditSink {
     /// app server writing synchronously, the CLI, tests.
     #[tracing::instrument(skip_all, fields(events = batch.len(), dead = dead.len()), err)]
     pub async fn write(&self, batch: &[Incoming], dead: &[DeadLetter]) -> Result<BatchOutcome> {
-        match self.write_as(None, batch, dead).await? {
+        self.write_held(batch, dead, &[]).await
+    }
+
+    /// Like [`AuditSink::write`], committing
+    /// only while Redis still holds the stream entries the events came from
+    /// (`from`, one entry per stream is enough): the check runs after the
+    /// events are inserted, just before the commit. [`Error::DataLost`] when Redis lost them meanwhile (it
+    /// lost its data set): nothing is written. With [`settle_writes`] run by
+    /// whoever restores sessions from this database into Redis, no event of
+    /// a lost data set is committed after a restore that could not see it.
+    pub async fn write_held(
+        &self,
+        batch: &[Incoming],
+        dead: &[DeadLetter],
+        from: &[StreamOrigin],
+    ) -> Result<BatchOutcome> {
+        match self.write_as(None, batch, dead, from).await? {
             Commit::Done(out) => Ok(out),
             // Only a fenced write checks a token.
             Commit::Fenced { .. } => Ok(BatchOutcome::default()),
@@ -321,7 +337,18 @@ impl AuditSink {
         batch: &[Incoming],
         dead: &[DeadLetter],
     ) -> Result<Commit> {
-        self.write_as(Some(fence), batch, dead).await
+        self.write_as(Some(fence), batch, dead, &[]).await
+    }
+
+    /// [`AuditSink::write_fenced`] with the check of [`AuditSink::write_held`].
+    pub async fn write_fenced_held(
+        &self,
+        fence: &Fence,
+        batch: &[Incoming],
+        dead: &[DeadLetter],
+        from: &[StreamOrigin],
+    ) -> Result<Commit> {
+        self.write_as(Some(fence), batch, dead, from).await
     }
 
     async fn write_as(
@@ -329,7 +356,36 @@ impl AuditSink {
         fence: Option<&Fence>,
         batch: &[Incoming],
         dead: &[DeadLetter],
+        from: &[StreamOrigin],
     ) -> Result<Commit> {
+        let held = async |txn: DatabaseTransaction| -> Result<()> {
+            for o in from {
+                match o.held().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        txn.rollback().await?;
+                        return Err(Error::DataLost {
+                            stream_id: o.entry.clone(),
+                        });
+                    }
+                    // Redis does not answer (an outage, a restart): a
+                    // restore that comes after this insert waits for this
+                    // transaction (`settle_writes`), and one before it would
+                    // have needed Redis answering a moment ago. Committing
+                    // keeps the write, which the fallback, serving from the
+                    // database meanwhile, relies on.
+                    Err(e) if e.is_unavailable() => {
+                        tracing::debug!(err = %e, "redis does not answer the data-set check; committing");
+                    }
+                    Err(e) => {
+                        txn.rollback().await?;
+                        return Err(e);
+                    }
+                }
+            }
+            txn.commit().await?;
+            Ok(())
+        };
         let (batch, mut refused) = self.dedup(batch);
         refused.extend_from_slice(dead);
         let recorded_at = Utc::now();
@@ -341,7 +397,7 @@ impl AuditSink {
             }
             match self.write_plain(&txn, &batch, &refused, recorded_at).await {
                 Ok(out) => {
-                    txn.commit().await?;
+                    held(txn).await?;
                     return Ok(Commit::Done(out));
                 }
                 Err(e) if postgres::is_unique_violation(&e) => {
@@ -360,7 +416,7 @@ impl AuditSink {
         let (mut out, conflicts) = self.write_checked(&txn, &batch, recorded_at).await?;
         refused.extend(conflicts);
         out.dead_letters = insert_dead_letters(&txn, &refused, recorded_at).await?;
-        txn.commit().await?;
+        held(txn).await?;
         Ok(Commit::Done(out))
     }
 
@@ -1041,6 +1097,81 @@ async fn insert_dead_letters(
             .await?;
     }
     Ok(total)
+}
+
+/// The stream entry a batch came from, checked by [`AuditSink::write_held`]
+/// before the batch commits: Redis still holds it (with the same
+/// `event_id`) unless it lost the data set the batch was written to or read
+/// from.
+#[derive(Debug, Clone)]
+pub struct StreamOrigin {
+    redis: crate::conn::RedisConn,
+    stream: String,
+    entry: String,
+    event_id: Uuid,
+}
+
+impl StreamOrigin {
+    /// Entry `entry` of `stream`, which carries event `event_id`.
+    pub fn new(
+        redis: crate::conn::RedisConn,
+        stream: impl Into<String>,
+        entry: impl Into<String>,
+        event_id: Uuid,
+    ) -> Self {
+        StreamOrigin {
+            redis,
+            stream: stream.into(),
+            entry: entry.into(),
+            event_id,
+        }
+    }
+
+    /// The stream.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// True while Redis holds the entry with its event.
+    pub async fn held(&self) -> Result<bool> {
+        let found: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&self.stream)
+            .arg(&self.entry)
+            .arg(&self.entry)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        let want = self.event_id.to_string();
+        Ok(found.ids.iter().any(|e| {
+            e.id == self.entry
+                && matches!(e.map.get("event_id"), Some(redis::Value::BulkString(b)) if b.as_slice() == want.as_bytes())
+        }))
+    }
+}
+
+/// Waits until every audit transaction that had inserted events when this
+/// was called has ended, committed or not. Run before a session is restored
+/// from this database into Redis: an event of the lost data set whose
+/// commit was under way is then either visible to the restore, or refused
+/// by its own check ([`AuditSink::write_held`]), which runs after its insert
+/// and so after this barrier. PostgreSQL: a `SHARE` lock on `session_events`
+/// (it conflicts with the inserts' `ROW EXCLUSIVE`), taken and released;
+/// SQLite: a write, which waits for the database's one writer.
+pub async fn settle_writes(db: &DatabaseConnection) -> Result<()> {
+    let txn = db.begin().await?;
+    match txn.get_database_backend() {
+        DbBackend::Postgres => {
+            txn.execute_unprepared("SET LOCAL lock_timeout = '5s'")
+                .await?;
+            txn.execute_unprepared("LOCK TABLE session_events IN SHARE MODE")
+                .await?;
+        }
+        _ => {
+            txn.execute_unprepared("DELETE FROM session_events WHERE 1 = 0")
+                .await?;
+        }
+    }
+    txn.commit().await?;
+    Ok(())
 }
 
 /// The milliseconds part of a stream id (`1732780800000-0`).

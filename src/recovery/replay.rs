@@ -59,6 +59,9 @@ pub async fn replay(
 ) -> Result<ReplaySummary> {
     use sea_orm::PaginatorTrait as _;
     let started = Instant::now();
+    // Every commit of an event of the lost data set is now either visible
+    // here or refused by its own check (see `settle_writes`).
+    crate::audit::settle_writes(db).await?;
     let total = session_snapshots::Entity::find().count(db).await?;
     let mut conn = store.connection();
     script::load(&mut conn).await?;

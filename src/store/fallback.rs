@@ -255,15 +255,37 @@ impl SessionStore {
     /// consumer later finds them there and skips them). A failure is logged
     /// and counted, not returned: the mutation succeeded, and the consumer
     /// records it from the stream.
-    pub(super) async fn sync(&self, events: Vec<Incoming>) {
+    ///
+    /// The one error: [`Error::DataLost`], when Redis lost its data set
+    /// after it applied the mutation and before the commit (the commit
+    /// checks that the stream still holds the events' entries). The mutation
+    /// is then gone from Redis and not recorded: it did not happen, and a
+    /// session restored from the database meanwhile cannot have missed it.
+    pub(super) async fn sync(&self, events: Vec<Incoming>) -> Result<()> {
         if !self.sync_enabled() || events.is_empty() {
-            return;
+            return Ok(());
         }
         Box::pin(self.sync_now(events)).await
     }
 
-    async fn sync_now(&self, events: Vec<Incoming>) {
-        let Some(audit) = &self.audit else { return };
+    async fn sync_now(&self, events: Vec<Incoming>) -> Result<()> {
+        let Some(audit) = &self.audit else {
+            return Ok(());
+        };
+        // One entry per stream: a data set is lost as a whole.
+        let mut origins: Vec<crate::audit::StreamOrigin> = Vec::new();
+        for i in &events {
+            let Some(entry) = &i.stream_id else { continue };
+            let stream = &self.keys.for_session(&i.event.session_id).stream;
+            if !origins.iter().any(|o| o.stream() == stream) {
+                origins.push(crate::audit::StreamOrigin::new(
+                    self.conn.clone(),
+                    stream.clone(),
+                    entry.clone(),
+                    i.event.event_id,
+                ));
+            }
+        }
         // After a failure, wait less on the next attempts: a database that
         // hangs must not hold every mutation for the full timeout. Every
         // mutation still tries, so nothing acknowledged while the database
@@ -273,13 +295,18 @@ impl SessionStore {
         } else {
             SYNC_TIMEOUT
         };
-        let failure = match tokio::time::timeout(limit, audit.write(&events, &[])).await {
+        let write = audit.write_held(&events, &[], &origins);
+        let failure = match tokio::time::timeout(limit, write).await {
             Ok(Ok(_)) => {
                 self.shared
                     .audit
                     .sync_failing
                     .store(false, Ordering::Release);
-                return;
+                return Ok(());
+            }
+            Ok(Err(e @ Error::DataLost { .. })) => {
+                tracing::warn!(err = %e, "redis lost the write before it was audited");
+                return Err(e);
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {} ms", limit.as_millis()),
@@ -296,6 +323,7 @@ impl SessionStore {
             events = events.len(),
             "synchronous audit write failed; the audit consumer will record the events from the stream"
         );
+        Ok(())
     }
 
     /// Logout everywhere, the second half: ends the sessions of `user_id`

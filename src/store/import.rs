@@ -102,7 +102,7 @@ impl SessionStore {
                     stream_id: Some(xid),
                     event,
                 }])
-                .await;
+                .await?;
                 Ok(Imported::Created(session))
             }
             // A retried attempt whose first try went through.

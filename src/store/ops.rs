@@ -481,7 +481,7 @@ impl SessionStore {
                         user.as_deref(),
                         DestroyReason::Evicted,
                     ));
-                    self.sync(events).await;
+                    self.sync(events).await?;
                     let mut evicted = first_ids(&entries);
                     if partitioned && let Some(u) = user.as_deref() {
                         evicted.extend(Box::pin(self.enforce_user_limit(u, &id)).await?);
@@ -612,7 +612,7 @@ impl SessionStore {
             {
                 Written::Redis(xid) => {
                     if let Some(xid) = xid {
-                        self.sync(vec![streamed(xid, event)]).await;
+                        self.sync(vec![streamed(xid, event)]).await?;
                     }
                     return Ok(next);
                 }
@@ -887,7 +887,7 @@ impl SessionStore {
         {
             Written::Redis(xid) => {
                 if let Some(xid) = xid {
-                    self.sync(vec![streamed(xid, event)]).await;
+                    self.sync(vec![streamed(xid, event)]).await?;
                 }
                 Ok(next)
             }
@@ -1070,7 +1070,7 @@ impl SessionStore {
                         let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
                         let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
                         let event = meta.event_with_id(event_id, id, seq, user, kind);
-                        self.sync(vec![streamed(xid, event)]).await;
+                        self.sync(vec![streamed(xid, event)]).await?;
                         Ok(true)
                     }
                     // The first attempt ended it before its connection broke.
@@ -1177,7 +1177,7 @@ impl SessionStore {
                     self.appended(part);
                     self.replicate(part).await?;
                     let events = meta.composed(&entries, &spare_ids, Some(user_id), reason);
-                    self.sync(events).await;
+                    self.sync(events).await?;
                     return Ok(first_ids(&entries));
                 }
                 Reply::NeedIds(n) => spare = n + 4,
@@ -1262,7 +1262,7 @@ impl SessionStore {
                 let seq = extra.first().and_then(|s| s.parse().ok()).unwrap_or(0);
                 let user = extra.get(1).filter(|u| !u.is_empty()).cloned();
                 let event = meta.event_with_id(event_id, id, seq, user, kind);
-                self.sync(vec![streamed(xid, event)]).await;
+                self.sync(vec![streamed(xid, event)]).await?;
                 Ok(true)
             }
             Reply::Look(json) => {

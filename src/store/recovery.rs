@@ -230,6 +230,9 @@ impl SessionStore {
     /// During recovery: the session from the database, put back into Redis
     /// under the one rule, then read from Redis (which has the last word).
     pub(super) async fn restore_on_read(&self, id: &SessionId) -> Result<Option<Record>> {
+        // A write of the lost data set whose audit commit is under way is
+        // now either in the database or refused (see `settle_writes`).
+        crate::audit::settle_writes(self.db()?).await?;
         let Some(view) = self.fallback_view(id).await? else {
             return Ok(None);
         };
@@ -383,6 +386,7 @@ impl SessionStore {
 #[cfg(test)]
 mod tests {
     use redis::AsyncCommands as _;
+    use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
 
     use crate::audit::AuditSink;
     use crate::config::{Config, RedisTarget};
@@ -441,6 +445,100 @@ mod tests {
         assert_eq!(s.to_json(), c.session.to_json());
         // An unknown id is still unknown, with the epoch confirmed again.
         assert_eq!(app.missed(&unknown).await.expect("read"), None);
+
+        let keys = conn.scan_all(&format!("{ns}*")).await.expect("scan");
+        if !keys.is_empty() {
+            let _: () = conn.del(keys).await.expect("del");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The newest entry of the stream, decoded: what a mutation just wrote.
+    async fn last_event(store: &SessionStore) -> crate::audit::Incoming {
+        let stream = &store.keys().all()[0].stream;
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut store.connection())
+            .await
+            .expect("xrevrange");
+        let entry = &reply.ids[0];
+        crate::audit::Incoming {
+            stream_id: Some(entry.id.clone()),
+            event: crate::audit::consumer::decode(entry).expect("decode"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_data_set_was_lost_before_its_audit_commit_did_not_happen() {
+        use crate::session::Changes;
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        let ns = format!("vtest:{}:", uuid::Uuid::new_v4().simple());
+        let config = Config::default()
+            .with_redis(RedisTarget::parse("REDIS_URL", &url).expect("redis url"))
+            .with_namespace(&ns);
+        let dir =
+            std::env::temp_dir().join(format!("vtest-lost-{}", uuid::Uuid::new_v4().simple()));
+        let app = store_with_audit(&config, &dir.join("audit.sqlite")).await;
+        let audit = app.audit().expect("attached").clone();
+        // The same Redis without the database: its writes reach the stream
+        // only, as a write whose synchronous commit is still under way.
+        let redis_only = SessionStore::connect(&config).await.expect("connect");
+        let kept = app
+            .create(NewSession::for_user(1, "one"))
+            .await
+            .expect("create");
+        let lost = app
+            .create(NewSession::for_user(2, "two"))
+            .await
+            .expect("create");
+
+        // Redis still holds the entry: the commit goes through.
+        redis_only
+            .update(&kept.session_id, Changes::new().with_set("n", 1))
+            .await
+            .expect("update");
+        let e = last_event(&redis_only).await;
+        app.sync(vec![e]).await.expect("committed");
+        let snap = audit
+            .snapshot(kept.session_id.as_str())
+            .await
+            .expect("read")
+            .expect("snapshot");
+        assert_eq!(snap.session.version(), 2);
+
+        // Redis applies a write, then loses its data set before the write's
+        // commit: the commit is refused and records nothing.
+        redis_only
+            .update(&lost.session_id, Changes::new().with_set("n", 1))
+            .await
+            .expect("update");
+        let e = last_event(&redis_only).await;
+        let mut conn = app.connection();
+        let keys = conn.scan_all(&format!("{ns}*")).await.expect("scan");
+        let _: () = conn.del(keys).await.expect("del");
+        match app.sync(vec![e]).await {
+            Err(crate::error::Error::DataLost { .. }) => {}
+            other => panic!("expected DataLost, got {other:?}"),
+        }
+        let snap = audit
+            .snapshot(lost.session_id.as_str())
+            .await
+            .expect("read")
+            .expect("snapshot");
+        assert_eq!(snap.session.version(), 1, "the lost write is not recorded");
+        let events = crate::audit::entity::session_events::Entity::find()
+            .filter(
+                crate::audit::entity::session_events::Column::SessionId
+                    .eq(lost.session_id.as_str()),
+            )
+            .all(audit.db())
+            .await
+            .expect("events");
+        assert_eq!(events.len(), 1);
 
         let keys = conn.scan_all(&format!("{ns}*")).await.expect("scan");
         if !keys.is_empty() {

@@ -28,7 +28,9 @@ impl SessionStore {
     }
 
     /// No synchronous audit write: the events are in the stream only.
-    pub(super) async fn sync(&self, _events: Vec<Incoming>) {}
+    pub(super) async fn sync(&self, _events: Vec<Incoming>) -> Result<()> {
+        Ok(())
+    }
 
     /// A session Redis does not hold is not known anywhere else.
     pub(super) async fn bring_back(&self, _id: &SessionId) -> Result<bool> {

@@ -87,7 +87,7 @@ impl SessionError {
         }
         match err {
             #[cfg(feature = "audit")]
-            Error::Database(_) => SessionError::Unavailable(err),
+            Error::Database(_) | Error::DataLost { .. } => SessionError::Unavailable(err),
             Error::Ended { .. } | Error::NotFound(_) => SessionError::Ended,
             Error::StaleRead { .. } => SessionError::Conflict(err),
             Error::TooLarge { .. } => SessionError::TooLarge(err),
