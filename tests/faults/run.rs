@@ -182,11 +182,11 @@ pub async fn run(settings: Settings) -> Outcome {
     let mut harness = Vec::new();
     sys.restore_all().await.expect("restore every part");
     if !settle(&sys).await {
-        harness.push(quiescence_violation("before the final reads"));
+        harness.push(quiescence_violation("before the final reads", &sys).await);
     }
     client::final_reads(&ctx, &ends).await;
     if !settle(&sys).await {
-        harness.push(quiescence_violation("after the final reads"));
+        harness.push(quiescence_violation("after the final reads", &sys).await);
     }
     let verify = verify(&sys).await;
     let passed = verify.code == Some(0);
@@ -222,14 +222,43 @@ pub async fn run(settings: Settings) -> Outcome {
     }
 }
 
-fn quiescence_violation(when: &str) -> Violation {
+/// Which condition of quiescence is missing, with the last lines the worker
+/// and the app servers logged (warnings and errors by default), so that a
+/// run on CI says why without its scratch directory.
+async fn quiescence_violation(when: &str, sys: &System) -> Violation {
+    let apps = sys.apps_healthy().await;
+    let healed = sys.healed().await;
+    let caught_up = sys.caught_up().await;
+    let mut tails = String::new();
+    if let Ok(dir) = std::fs::read_dir(&sys.scratch.path) {
+        let mut logs: Vec<_> = dir
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for path in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(6)..];
+            if tail.is_empty() {
+                continue;
+            }
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            tails.push_str(&format!("\n      {}:", name.unwrap_or_default()));
+            for l in tail {
+                tails.push_str("\n        ");
+                tails.push_str(&l.chars().take(300).collect::<String>());
+            }
+        }
+    }
     Violation {
         rule: Rule::E,
         kind: "no quiescence",
         session: None,
         detail: format!(
-            "{when}: within {QUIESCE:?} of restoring everything, the healer had not finished, \
-             an app server did not reach Redis, or the audit group had not drained every stream"
+            "{when}: within {QUIESCE:?} of restoring everything: app servers reach Redis \
+             {apps}, healer finished {healed}, audit group drained every stream {caught_up}; \
+             the logs end with:{tails}"
         ),
     }
 }
