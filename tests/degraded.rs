@@ -526,6 +526,108 @@ async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
     assert_eq!(dead_letter_count(&db).await, 0);
 }
 
+/// A staged write that one projection applied, but whose row outlived it
+/// (the database failed before the row was deleted), is not applied again
+/// by the next projection while the consumer has not recorded it yet:
+/// applying it twice would log it twice and set its keys back to what they
+/// were when it was staged, over every write since.
+async fn a_staged_write_already_projected_is_not_applied_again(backend: Backend) {
+    use sea_orm::{ActiveModelTrait as _, ColumnTrait as _, EntityTrait as _, QueryFilter as _};
+    use vedfolnir_sessions::audit::entity::fallback_events;
+    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
+    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
+    let db = TestDb::new(backend).await;
+    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
+    let mut config = Config::default()
+        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"))
+        .with_namespace(&namespace);
+    config.redis_timeout = Duration::from_millis(300);
+    config.db_sync = false;
+    let store = app(&config, &db).await;
+    let c = store
+        .create(NewSession::for_user(14, "fourteen"))
+        .await
+        .expect("create");
+    let mut consumer = AuditConsumer::new(&config, sink(&config, &db), consumer_config())
+        .await
+        .expect("consumer");
+    consumer.ensure_group().await.expect("group");
+    let token = CancellationToken::new();
+    while consumer.step(&token).await.expect("step") > 0 {}
+    proxy.cut();
+    assert!(consumer.step(&token).await.is_err());
+    store
+        .update(&c.session_id, Changes::new().with_set("n", 1))
+        .await
+        .expect("update staged during the outage");
+    let staged = fallback_events::Entity::find()
+        .filter(fallback_events::Column::SessionId.eq(c.session_id.as_str()))
+        .all(&db.db)
+        .await
+        .expect("staged rows");
+    assert_eq!(staged.len(), 1);
+    proxy.restore();
+    // The first command on the connection the cut broke fails.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let summary = loop {
+        match store.project_staged().await {
+            Ok(s) => break s,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "projection: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(summary.projected, 1);
+    // The session moves on. Then, as if the database had failed right after
+    // the event reached Redis, neither its audit row nor the deletion of its
+    // staged row happened; and Redis's marker of the applied event is gone
+    // (it lasts SESSION_TOMBSTONE_TTL, and the consumer may lag longer).
+    store
+        .update(&c.session_id, Changes::new().with_set("n", 2))
+        .await
+        .expect("update");
+    let marker = format!(
+        "{}~{}",
+        store.keys().all()[0].ledger_prefix,
+        staged[0].event_id
+    );
+    let mut redis = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let removed: i64 = redis.del(&marker).await.expect("del");
+    assert_eq!(removed, 1, "the applied event's marker {marker}");
+    session_events::Entity::delete_many()
+        .filter(session_events::Column::EventId.eq(staged[0].event_id))
+        .exec(&db.db)
+        .await
+        .expect("forget the audit row");
+    // A row staged after a refused connection (sure that Redis never had
+    // it): only the stream says it was projected since.
+    let mut row: fallback_events::ActiveModel = staged[0].clone().into();
+    row.unsure = sea_orm::Set(false);
+    row.insert(&db.db).await.expect("the row again");
+    // The next projection finds the event in the stream.
+    let again = store.project_staged().await.expect("projection");
+    assert_eq!(again.projected, 0);
+    let left = fallback_events::Entity::find()
+        .filter(fallback_events::Column::SessionId.eq(c.session_id.as_str()))
+        .all(&db.db)
+        .await
+        .expect("staged rows");
+    assert!(left.is_empty(), "the row is gone: {left:?}");
+    let s = store.get(&c.session_id).await.expect("get").expect("live");
+    assert_eq!((s.version(), s.get("n")), (3, Some(&json!(2))));
+    while consumer.step(&token).await.expect("step") > 0 {}
+    let seqs: Vec<i64> = events_of(&db, &c.session_id)
+        .await
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(dead_letter_count(&db).await, 0);
+}
+
 /// A write that Redis applied but whose reply was lost (the connection
 /// broke after the command went out) goes to the fallback, unsure; when
 /// Redis answers again the projection finds the event in the stream and does
@@ -893,6 +995,7 @@ vedfolnir_tests::on_both_backends!(
     split_brain_keeps_both_writes_in_order,
     a_dropped_connection_is_retried_not_a_fallback,
     a_write_applied_before_its_reply_was_lost_is_not_applied_twice,
+    a_staged_write_already_projected_is_not_applied_again,
     a_write_during_a_recovery_reaches_a_session_not_back_yet,
     once_redis_is_back_for_one_app_server_no_other_stages_writes,
 );

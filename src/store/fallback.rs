@@ -571,11 +571,15 @@ impl SessionStore {
         let staged = outbox::event_of(row)?;
         let id = staged.session_id.clone();
         let part = self.keys.for_session(&id);
-        if row.unsure
-            && (self.in_stream(part, row.event_id, row.occurred_at).await?
-                || outbox::logged(db, row.event_id).await?)
+        // Already in Redis: the attempt before the fallback was applied
+        // after all (an `unsure` row), or an earlier projection applied it
+        // and could not delete its row (the database failed right after),
+        // and the audit consumer has not recorded it yet. Applying it again
+        // would log it twice and, for a change of keys, set them back to
+        // what they were when it was staged.
+        if self.in_stream(part, row.event_id, row.occurred_at).await?
+            || outbox::logged(db, row.event_id).await?
         {
-            // The attempt before the fallback was applied after all.
             return Ok(Projected::AlreadyThere);
         }
         let ends = matches!(
@@ -652,11 +656,12 @@ impl SessionStore {
         Ok(Projected::Waiting)
     }
 
-    /// True when the partition's stream holds `event_id` in the minute
-    /// around `at` (the writer's clock; the window covers clock skew and the
-    /// command timeout). A rare path: only for staged events whose Redis
-    /// attempt failed ambiguously. An entry trimmed since was audited, which
-    /// the caller checks after this.
+    /// True when the partition's stream holds `event_id` anywhere from half
+    /// a minute before `at` (the writer's clock; the margin covers clock
+    /// skew and the command timeout) to its end: a projection appends the
+    /// event when it applies it, however long after it was staged. A rare
+    /// path: only for staged events. An entry trimmed since was audited,
+    /// which the caller checks after this.
     async fn in_stream(
         &self,
         part: &Keys,
@@ -665,12 +670,12 @@ impl SessionStore {
     ) -> Result<bool> {
         let wanted = event_id.to_string();
         let mut start = format!("{}", (at.timestamp_millis() - 30_000).max(0));
-        let end = format!("{}", at.timestamp_millis() + 30_000);
+        let end = "+";
         loop {
             let page: redis::streams::StreamRangeReply = self
                 .conn
                 .clone()
-                .xrange_count(&part.stream, &start, &end, 1000)
+                .xrange_count(&part.stream, &start, end, 1000)
                 .await?;
             if page
                 .ids
