@@ -318,16 +318,25 @@ impl SessionStore {
         }
         let mut locked = Vec::new();
         for part in &lost {
-            let got: Option<String> = redis::cmd("SET")
+            let got: redis::RedisResult<Option<String>> = redis::cmd("SET")
                 .arg(&part.healing)
                 .arg(&owner)
                 .arg("NX")
                 .arg("PX")
                 .arg(HEALING_LOCK.as_millis() as u64)
                 .query_async(&mut conn)
-                .await?;
-            if got.is_some() {
-                locked.push(*part);
+                .await;
+            match got {
+                Ok(Some(_)) => locked.push(*part),
+                Ok(None) => {}
+                Err(e) => {
+                    // Redis may have taken the lock and only its reply got
+                    // lost (a connection that broke, a timeout): give back
+                    // every lock this attempt may hold, or healing would
+                    // wait for HEALING_LOCK.
+                    self.release_healing(&lost, &owner).await;
+                    return Err(e.into());
+                }
             }
         }
         if locked.is_empty() {
@@ -358,20 +367,27 @@ impl SessionStore {
             Ok::<_, crate::error::Error>(summary)
         }
         .await;
-        for part in &locked {
-            let release = redis::Script::new(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-            );
-            let _: redis::RedisResult<i64> = release
-                .key(&part.healing)
-                .arg(&owner)
-                .invoke_async(&mut conn)
-                .await;
-        }
+        self.release_healing(&locked, &owner).await;
         if let Ok(mut memo) = self.shared.audit.recovery.lock() {
             memo.clear();
         }
         result.map(Some)
+    }
+
+    /// Gives back the healing locks of `parts` that `owner` holds (best
+    /// effort: a lock left behind runs out after [`HEALING_LOCK`]).
+    async fn release_healing(&self, parts: &[&Keys], owner: &str) {
+        let release = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        );
+        let mut conn = self.conn.clone();
+        for part in parts {
+            let _: redis::RedisResult<i64> = release
+                .key(&part.healing)
+                .arg(owner)
+                .invoke_async(&mut conn)
+                .await;
+        }
     }
 
     /// Staged events still waiting in the database for the partitions of
