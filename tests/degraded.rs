@@ -83,6 +83,29 @@ async fn events_of(db: &TestDb, id: &SessionId) -> Vec<session_events::Model> {
         .expect("events")
 }
 
+/// A Redis server of the test's own behind a proxy the test can cut, a
+/// fresh audit database, and a configuration in a namespace of its own that
+/// reaches Redis through the proxy and gives up on it after `timeout`.
+async fn behind_proxy(
+    backend: Backend,
+    timeout: Duration,
+) -> (
+    vedfolnir_tests::redis_server::RedisServer,
+    vedfolnir_tests::proxy::Proxy,
+    TestDb,
+    Config,
+) {
+    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
+    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
+    let db = TestDb::new(backend).await;
+    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
+    let mut config = Config::default()
+        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"))
+        .with_namespace(&namespace);
+    config.redis_timeout = timeout;
+    (server, proxy, db, config)
+}
+
 async fn dead_letter_count(db: &TestDb) -> u64 {
     use sea_orm::{EntityTrait as _, PaginatorTrait as _};
     dead_letters::Entity::find()
@@ -402,14 +425,7 @@ async fn ends_reach_sessions_that_are_not_back_yet(backend: Backend) {
 /// survive the restart of the app server that made them: another store sees
 /// both once Redis answers. Before, they lived in the first store's memory.
 async fn outage_writes_survive_a_restart_of_their_app_server(backend: Backend) {
-    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
-    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
-    let db = TestDb::new(backend).await;
-    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
-    let mut config = Config::default()
-        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"))
-        .with_namespace(&namespace);
-    config.redis_timeout = Duration::from_millis(300);
+    let (server, proxy, db, config) = behind_proxy(backend, Duration::from_millis(300)).await;
     let a = app(&config, &db).await;
     let gone = a
         .create(NewSession::for_user(11, "eleven"))
@@ -448,7 +464,7 @@ async fn outage_writes_survive_a_restart_of_their_app_server(backend: Backend) {
     let s = b.load(&kept.session_id).await.expect("load").expect("live");
     assert_eq!(s.get("cart"), Some(&json!(3)));
     let ledger: String = admin
-        .get(format!("{namespace}seq:{}", gone.session_id))
+        .get(b.keys().all()[0].ledger(&gone.session_id))
         .await
         .expect("ledger");
     assert!(ledger.contains("|destroyed|"), "{ledger}");
@@ -469,14 +485,7 @@ async fn outage_writes_survive_a_restart_of_their_app_server(backend: Backend) {
 /// keeps its seq; the staged event is applied after it when Redis answers.
 /// Both are in the audit table, contiguous, and nothing is a dead letter.
 async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
-    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
-    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
-    let db = TestDb::new(backend).await;
-    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
-    let mut config = Config::default()
-        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"))
-        .with_namespace(&namespace);
-    config.redis_timeout = Duration::from_millis(300);
+    let (_server, proxy, db, mut config) = behind_proxy(backend, Duration::from_millis(300)).await;
     config.db_sync = false;
     let store = app(&config, &db).await;
     let c = store
@@ -534,14 +543,7 @@ async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
 async fn a_staged_write_already_projected_is_not_applied_again(backend: Backend) {
     use sea_orm::{ActiveModelTrait as _, ColumnTrait as _, EntityTrait as _, QueryFilter as _};
     use vedfolnir_sessions::audit::entity::fallback_events;
-    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
-    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
-    let db = TestDb::new(backend).await;
-    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
-    let mut config = Config::default()
-        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"))
-        .with_namespace(&namespace);
-    config.redis_timeout = Duration::from_millis(300);
+    let (server, proxy, db, mut config) = behind_proxy(backend, Duration::from_millis(300)).await;
     config.db_sync = false;
     let store = app(&config, &db).await;
     let c = store
@@ -633,14 +635,7 @@ async fn a_staged_write_already_projected_is_not_applied_again(backend: Backend)
 /// Redis answers again the projection finds the event in the stream and does
 /// not apply it twice: one event, once.
 async fn a_write_applied_before_its_reply_was_lost_is_not_applied_twice(backend: Backend) {
-    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
-    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
-    let db = TestDb::new(backend).await;
-    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
-    let mut config = Config::default()
-        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"))
-        .with_namespace(&namespace);
-    config.redis_timeout = Duration::from_millis(2000);
+    let (server, proxy, db, config) = behind_proxy(backend, Duration::from_millis(2000)).await;
     let store = app(&config, &db).await;
     let c = store
         .create(NewSession::for_user(18, "eighteen"))

@@ -1024,15 +1024,7 @@ impl AuditConsumer {
     async fn write(&mut self, batch: &[Incoming], dead: &[DeadLetter]) -> Result<Commit> {
         let origin: Vec<StreamOrigin> = batch
             .iter()
-            .find_map(|i| {
-                let entry = i.stream_id.as_ref()?;
-                Some(StreamOrigin::new(
-                    self.redis.clone(),
-                    self.stream.clone(),
-                    entry.clone(),
-                    i.event.event_id,
-                ))
-            })
+            .find_map(|i| StreamOrigin::of(self.redis.clone(), self.stream.clone(), i))
             .into_iter()
             .collect();
         match &self.lease {

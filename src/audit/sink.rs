@@ -1127,6 +1127,17 @@ impl StreamOrigin {
         }
     }
 
+    /// The entry an incoming event came from in `stream`; `None` for an
+    /// event that has no stream entry (written in fallback mode).
+    pub fn of(
+        redis: crate::conn::RedisConn,
+        stream: impl Into<String>,
+        i: &Incoming,
+    ) -> Option<Self> {
+        let entry = i.stream_id.clone()?;
+        Some(Self::new(redis, stream, entry, i.event.event_id))
+    }
+
     /// The stream.
     pub fn stream(&self) -> &str {
         &self.stream
@@ -1142,8 +1153,7 @@ impl StreamOrigin {
             .await?;
         let want = self.event_id.to_string();
         Ok(found.ids.iter().any(|e| {
-            e.id == self.entry
-                && matches!(e.map.get("event_id"), Some(redis::Value::BulkString(b)) if b.as_slice() == want.as_bytes())
+            e.id == self.entry && e.get::<String>("event_id").as_deref() == Some(want.as_str())
         }))
     }
 }

@@ -275,15 +275,12 @@ impl SessionStore {
         // One entry per stream: a data set is lost as a whole.
         let mut origins: Vec<crate::audit::StreamOrigin> = Vec::new();
         for i in &events {
-            let Some(entry) = &i.stream_id else { continue };
             let stream = &self.keys.for_session(&i.event.session_id).stream;
-            if !origins.iter().any(|o| o.stream() == stream) {
-                origins.push(crate::audit::StreamOrigin::new(
-                    self.conn.clone(),
-                    stream.clone(),
-                    entry.clone(),
-                    i.event.event_id,
-                ));
+            if !origins.iter().any(|o| o.stream() == stream)
+                && let Some(o) =
+                    crate::audit::StreamOrigin::of(self.conn.clone(), stream.clone(), i)
+            {
+                origins.push(o);
             }
         }
         // After a failure, wait less on the next attempts: a database that

@@ -410,30 +410,78 @@ mod tests {
     use crate::session::NewSession;
     use crate::store::SessionStore;
 
-    /// A store on the local Redis (`REDIS_URL`) in a namespace of its own,
-    /// with a migrated SQLite audit file attached.
-    async fn store_with_audit(config: &Config, file: &std::path::Path) -> SessionStore {
-        let db = crate::audit::db::connect(&format!("sqlite://{}?mode=rwc", file.display()))
+    /// A namespace of its own on the local Redis (`REDIS_URL`) and a SQLite
+    /// audit file of its own.
+    struct Scratch {
+        config: Config,
+        namespace: String,
+        dir: std::path::PathBuf,
+    }
+
+    impl Scratch {
+        fn new() -> Self {
+            let url =
+                std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+            let namespace = format!("vtest:{}:", uuid::Uuid::new_v4().simple());
+            let config = Config::default()
+                .with_redis(RedisTarget::parse("REDIS_URL", &url).expect("redis url"))
+                .with_namespace(&namespace);
+            let dir = std::env::temp_dir().join(format!("vtest-{}", uuid::Uuid::new_v4().simple()));
+            Scratch {
+                config,
+                namespace,
+                dir,
+            }
+        }
+
+        /// A store (a process of its own) with the migrated audit file
+        /// attached.
+        async fn store(&self) -> SessionStore {
+            let file = self.dir.join("audit.sqlite");
+            let db = crate::audit::db::connect(&format!("sqlite://{}?mode=rwc", file.display()))
+                .await
+                .expect("open the audit file");
+            crate::audit::db::migrate(&db).await.expect("migrate");
+            let sink = AuditSink::new(
+                db,
+                self.config.session_timeout,
+                self.config.event_stream.clone(),
+            );
+            SessionStore::connect(&self.config)
+                .await
+                .expect("connect to redis")
+                .with_audit(sink)
+        }
+
+        /// Deletes every key of the namespace: what a Redis restart
+        /// without persistence does to it.
+        async fn lose_redis_data(&self) {
+            let mut conn = crate::conn::RedisConn::connect(
+                &self.config,
+                crate::conn::ConnOptions::store(&self.config),
+            )
             .await
-            .expect("open the audit file");
-        crate::audit::db::migrate(&db).await.expect("migrate");
-        let sink = AuditSink::new(db, config.session_timeout, config.event_stream.clone());
-        SessionStore::connect(config)
-            .await
-            .expect("connect to redis")
-            .with_audit(sink)
+            .expect("connect");
+            let keys = conn
+                .scan_all(&format!("{}*", self.namespace))
+                .await
+                .expect("scan");
+            if !keys.is_empty() {
+                let _: () = conn.del(keys).await.expect("del");
+            }
+        }
+
+        /// Removes the namespace's keys and the audit file.
+        async fn remove(self) {
+            self.lose_redis_data().await;
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 
     #[tokio::test]
     async fn a_miss_read_before_a_replay_finished_is_not_an_unknown_session() {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-        let ns = format!("vtest:{}:", uuid::Uuid::new_v4().simple());
-        let config = Config::default()
-            .with_redis(RedisTarget::parse("REDIS_URL", &url).expect("redis url"))
-            .with_namespace(&ns);
-        let dir =
-            std::env::temp_dir().join(format!("vtest-miss-{}", uuid::Uuid::new_v4().simple()));
-        let app = store_with_audit(&config, &dir.join("audit.sqlite")).await;
+        let scratch = Scratch::new();
+        let app = scratch.store().await;
         // A miss of an unknown cookie confirms the epoch in this process.
         let unknown = Token::generate().session_id();
         assert_eq!(app.get(&unknown).await.expect("get"), None);
@@ -444,10 +492,8 @@ mod tests {
 
         // Redis loses the namespace's data; another process (the worker's
         // healer) replays it and records the new epoch.
-        let mut conn = app.connection();
-        let keys = conn.scan_all(&format!("{ns}*")).await.expect("scan");
-        let _: () = conn.del(keys).await.expect("del");
-        let healer = store_with_audit(&config, &dir.join("audit.sqlite")).await;
+        scratch.lose_redis_data().await;
+        let healer = scratch.store().await;
         let summary = healer.heal().await.expect("heal").expect("a replay ran");
         assert_eq!(summary.restored, 1);
 
@@ -462,11 +508,7 @@ mod tests {
         // An unknown id is still unknown, with the epoch confirmed again.
         assert_eq!(app.missed(&unknown).await.expect("read"), None);
 
-        let keys = conn.scan_all(&format!("{ns}*")).await.expect("scan");
-        if !keys.is_empty() {
-            let _: () = conn.del(keys).await.expect("del");
-        }
-        let _ = std::fs::remove_dir_all(&dir);
+        scratch.remove().await;
     }
 
     /// The newest entry of the stream, decoded: what a mutation just wrote.
@@ -491,18 +533,14 @@ mod tests {
     #[tokio::test]
     async fn a_write_whose_data_set_was_lost_before_its_audit_commit_did_not_happen() {
         use crate::session::Changes;
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-        let ns = format!("vtest:{}:", uuid::Uuid::new_v4().simple());
-        let config = Config::default()
-            .with_redis(RedisTarget::parse("REDIS_URL", &url).expect("redis url"))
-            .with_namespace(&ns);
-        let dir =
-            std::env::temp_dir().join(format!("vtest-lost-{}", uuid::Uuid::new_v4().simple()));
-        let app = store_with_audit(&config, &dir.join("audit.sqlite")).await;
+        let scratch = Scratch::new();
+        let app = scratch.store().await;
         let audit = app.audit().expect("attached").clone();
         // The same Redis without the database: its writes reach the stream
         // only, as a write whose synchronous commit is still under way.
-        let redis_only = SessionStore::connect(&config).await.expect("connect");
+        let redis_only = SessionStore::connect(&scratch.config)
+            .await
+            .expect("connect");
         let kept = app
             .create(NewSession::for_user(1, "one"))
             .await
@@ -533,9 +571,7 @@ mod tests {
             .await
             .expect("update");
         let e = last_event(&redis_only).await;
-        let mut conn = app.connection();
-        let keys = conn.scan_all(&format!("{ns}*")).await.expect("scan");
-        let _: () = conn.del(keys).await.expect("del");
+        scratch.lose_redis_data().await;
         match app.sync(vec![e]).await {
             Err(crate::error::Error::DataLost { .. }) => {}
             other => panic!("expected DataLost, got {other:?}"),
@@ -556,10 +592,6 @@ mod tests {
             .expect("events");
         assert_eq!(events.len(), 1);
 
-        let keys = conn.scan_all(&format!("{ns}*")).await.expect("scan");
-        if !keys.is_empty() {
-            let _: () = conn.del(keys).await.expect("del");
-        }
-        let _ = std::fs::remove_dir_all(&dir);
+        scratch.remove().await;
     }
 }
