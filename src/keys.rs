@@ -69,6 +69,10 @@ pub struct Keys {
     /// The worker lease on this partition, `<ns>lease` (same slot as its
     /// stream).
     pub lease: String,
+    /// Set by a process that reaches Redis again after it found it
+    /// unreachable, `<ns>outage`: writes staged in the database meanwhile
+    /// may not be in Redis yet. Cleared by a projection that finds none.
+    pub outage: String,
     /// Namespace of the non-session keys.
     pub namespace: String,
     /// The partition these keys belong to (0 without partitions).
@@ -111,6 +115,7 @@ impl Keys {
             epoch: format!("{namespace}epoch{suf}"),
             healing: format!("{namespace}healing{suf}"),
             lease: format!("{namespace}lease{suf}"),
+            outage: format!("{namespace}outage{suf}"),
             namespace,
             partition: tag.unwrap_or(0),
         }

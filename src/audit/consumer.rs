@@ -263,6 +263,10 @@ pub struct AuditConsumer {
     redis: RedisConn,
     sink: AuditSink,
     stream: String,
+    /// The partition's outage key (see [`super::partition::mark_outage`]).
+    outage: String,
+    /// Redis was found unreachable and the outage is not marked yet.
+    mark_due: bool,
     cfg: ConsumerConfig,
     totals: ConsumerTotals,
     last_claim: Option<Instant>,
@@ -428,6 +432,8 @@ impl AuditConsumer {
             redis,
             sink,
             stream: keys.stream.clone(),
+            outage: keys.outage.clone(),
+            mark_due: false,
             cfg,
             totals: ConsumerTotals::default(),
             last_claim: None,
@@ -547,10 +553,20 @@ impl AuditConsumer {
             return Ok(0);
         }
         let result = self.step_inner(shutdown).await;
-        if let Err(e) = &result
-            && e.is_unavailable()
-        {
-            self.note_redis_down().await;
+        match &result {
+            Err(e) if e.is_unavailable() => {
+                self.mark_due = true;
+                self.note_redis_down().await;
+            }
+            // Back after an outage: writes may have been staged meanwhile by
+            // app servers that have not reached Redis again (or never will).
+            Ok(_) if self.mark_due => {
+                match super::partition::mark_outage(&mut self.redis, &self.outage).await {
+                    Ok(()) => self.mark_due = false,
+                    Err(e) => tracing::debug!(err = %e, "marking the outage failed"),
+                }
+            }
+            _ => {}
         }
         result
     }

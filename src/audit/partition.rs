@@ -236,6 +236,46 @@ pub(crate) async fn adopt_epoch(
     Ok(load(db, stream).await?.and_then(|r| r.redis_epoch))
 }
 
+/// Marks in Redis that an outage was seen on the partition whose outage key
+/// is `key`: writes staged in the database meanwhile may not be in Redis
+/// yet. Set by a process that reaches Redis again after it found it
+/// unreachable, before it closes the database for writes; it lets a process
+/// that cannot read the database tell whether Redis may be behind it.
+pub(crate) async fn mark_outage(
+    redis: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> redis::RedisResult<()> {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(uuid::Uuid::new_v4().simple().to_string())
+        .query_async(redis)
+        .await
+}
+
+/// The outage mark of `key`, if one is set (see [`mark_outage`]).
+pub(crate) async fn outage_mark(
+    redis: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> redis::RedisResult<Option<String>> {
+    redis::cmd("GET").arg(key).query_async(redis).await
+}
+
+/// Clears the outage mark `seen` of `key` after a projection found nothing
+/// staged: a mark set since (another outage, seen by another process) stays.
+pub(crate) async fn clear_outage(
+    redis: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+    seen: &str,
+) -> redis::RedisResult<()> {
+    static CLEAR: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+        redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end return 0",
+        )
+    });
+    let _: i64 = CLEAR.key(key).arg(seen).invoke_async(redis).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

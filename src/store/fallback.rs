@@ -109,20 +109,38 @@ impl SessionStore {
         if let Ok(mut r) = self.shared.audit.reopened.lock() {
             r.clear();
         }
+        if let Ok(mut m) = self.shared.audit.mark_due.lock() {
+            m.extend(self.keys.all().iter().map(|k| k.partition));
+        }
     }
 
     /// Takes writes back from the database once Redis answers this store
-    /// for `part` (a command on the partition's slot): closes the database
-    /// for writes if an outage opened it (see
+    /// for `part` (a command on the partition's slot): marks the outage this
+    /// store saw in Redis ([`partition::mark_outage`]), then closes the
+    /// database for writes if an outage opened it (see
     /// [`partition::reached_redis`]). Unavailable when Redis does not answer.
     async fn reach(&self, part: &Keys) -> Result<()> {
-        let reached: redis::RedisResult<bool> = self.conn.clone().exists(&part.epoch).await;
+        let due = self
+            .shared
+            .audit
+            .mark_due
+            .lock()
+            .is_ok_and(|m| m.contains(&part.partition));
+        let mut conn = self.conn.clone();
+        let reached = if due {
+            partition::mark_outage(&mut conn, &part.outage).await
+        } else {
+            conn.exists::<_, bool>(&part.epoch).await.map(|_| ())
+        };
         if let Err(e) = reached {
             let e = Error::from(e);
             if e.is_unavailable() {
                 self.note_unavailable();
             }
             return Err(e);
+        }
+        if due && let Ok(mut m) = self.shared.audit.mark_due.lock() {
+            m.remove(&part.partition);
         }
         match partition::reached_redis(self.db()?, &part.stream).await {
             Ok(()) => {
@@ -426,7 +444,12 @@ impl SessionStore {
                     );
                 }
             }
-            Err(e) => tracing::debug!(err = %e, "projecting staged writes failed; will retry"),
+            Err(e) => {
+                // Until a projection succeeds, each operation checks its
+                // session (see `settle`).
+                self.shared.audit.suspect.store(true, Ordering::Release);
+                tracing::debug!(err = %e, "projecting staged writes failed; will retry");
+            }
         }
     }
 
@@ -464,12 +487,33 @@ impl SessionStore {
         if !self.reopened(part.partition) {
             self.reach(part).await?;
         }
-        match outbox::has_session(db, id.as_str()).await {
+        let limit = if self.shared.audit.sync_failing.load(Ordering::Acquire) {
+            SYNC_TIMEOUT_FAILING
+        } else {
+            SYNC_TIMEOUT
+        };
+        let checked = match tokio::time::timeout(limit, outbox::has_session(db, id.as_str())).await
+        {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
+        };
+        match checked {
             Ok(false) => Ok(()),
-            // Without the database nothing can be projected, nor staged:
-            // Redis is the best this store has.
+            // Without the database nothing can be projected, nor staged now;
+            // but writes staged before may not be in Redis yet. Redis serves
+            // only when no outage is marked since the last projection that
+            // found nothing staged.
             Err(e) => {
-                tracing::debug!(err = %e, "checking staged writes failed");
+                self.shared
+                    .audit
+                    .sync_failing
+                    .store(true, Ordering::Release);
+                let mark = partition::outage_mark(&mut self.conn.clone(), &part.outage).await?;
+                if mark.is_some() {
+                    tracing::warn!(err = %e, "the audit database cannot tell whether writes staged during a redis outage are applied; not serving from redis");
+                    return Err(not_settled(id));
+                }
+                tracing::debug!(err = %e, "checking staged writes failed; no outage marked");
                 Ok(())
             }
             Ok(true) => match self.project_session(id).await {
@@ -490,11 +534,23 @@ impl SessionStore {
     pub async fn project_staged(&self) -> Result<ProjectionSummary> {
         let mut summary = ProjectionSummary::default();
         let db = self.db()?.clone();
+        // Read before the database: a mark set after this read (a new
+        // outage) is not cleared by this projection.
+        let mut marks = Vec::with_capacity(self.keys.all().len());
+        for part in self.keys.all() {
+            marks.push(partition::outage_mark(&mut self.conn.clone(), &part.outage).await?);
+        }
         let streams: Vec<&str> = self.keys.all().iter().map(|k| k.stream.as_str()).collect();
         if !outbox::has_pending(&db, &streams).await? {
+            for (part, mark) in self.keys.all().iter().zip(&marks) {
+                if let Some(seen) = mark {
+                    partition::clear_outage(&mut self.conn.clone(), &part.outage, seen).await?;
+                }
+            }
             return Ok(summary);
         }
-        for part in self.keys.all() {
+        for (part, mark) in self.keys.all().iter().zip(&marks) {
+            let waiting_before = summary.waiting;
             let mut after = 0i64;
             loop {
                 let rows: Vec<fallback_events::Model> =
@@ -527,6 +583,11 @@ impl SessionStore {
                 if !full {
                     break;
                 }
+            }
+            if summary.waiting == waiting_before
+                && let Some(seen) = mark
+            {
+                partition::clear_outage(&mut self.conn.clone(), &part.outage, seen).await?;
             }
         }
         crate::telemetry::metrics()

@@ -131,6 +131,9 @@ struct AuditShared {
     /// Partitions for which this store reported Redis reachable (closing the
     /// database for writes) since it last found Redis unreachable.
     reopened: Mutex<std::collections::HashSet<u32>>,
+    /// Partitions where this store found Redis unreachable and has not
+    /// marked the outage in Redis since (see `fallback::reach`).
+    mark_due: Mutex<std::collections::HashSet<u32>>,
     /// This process runs a replay.
     healing: AtomicBool,
     /// The last synchronous audit write failed.
@@ -156,6 +159,7 @@ impl Default for AuditShared {
             recovery: Mutex::new(HashMap::new()),
             trust: Mutex::new(HashMap::new()),
             reopened: Mutex::new(std::collections::HashSet::new()),
+            mark_due: Mutex::new(std::collections::HashSet::new()),
             healing: AtomicBool::new(false),
             sync_failing: AtomicBool::new(false),
             guard_until_ms: AtomicU64::new(0),
