@@ -69,10 +69,14 @@ pub struct Keys {
     /// The worker lease on this partition, `<ns>lease` (same slot as its
     /// stream).
     pub lease: String,
-    /// Set by a process that reaches Redis again after it found it
-    /// unreachable, `<ns>outage`: writes staged in the database meanwhile
-    /// may not be in Redis yet. Cleared by a projection that finds none.
+    /// The marks of outages whose staged writes no projection has read
+    /// since, `<ns>outage` (a set): each added by a process that reaches
+    /// Redis again after it found it unreachable, removed by the next
+    /// projection.
     pub outage: String,
+    /// The sessions whose writes staged during an outage a projection left
+    /// waiting, `<ns>staged` (a set of session ids).
+    pub staged: String,
     /// Namespace of the non-session keys.
     pub namespace: String,
     /// The partition these keys belong to (0 without partitions).
@@ -116,6 +120,7 @@ impl Keys {
             healing: format!("{namespace}healing{suf}"),
             lease: format!("{namespace}lease{suf}"),
             outage: format!("{namespace}outage{suf}"),
+            staged: format!("{namespace}staged{suf}"),
             namespace,
             partition: tag.unwrap_or(0),
         }

@@ -479,6 +479,101 @@ async fn outage_writes_survive_a_restart_of_their_app_server(backend: Backend) {
     assert_eq!(dead_letter_count(&db).await, 0);
 }
 
+/// A projection that leaves a session's staged write waiting (here the
+/// session's deadline passed during the outage, so it waits for the expiry
+/// sweep) records the session in Redis (`<ns>staged`): when the database
+/// then fails, that session answers unavailable instead of Redis's state
+/// without its write, while every other session is served from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_staged_write_waits_is_not_served_without_the_database() {
+    let (_server, proxy, db, mut config) =
+        behind_proxy(Backend::Postgres, Duration::from_millis(300)).await;
+    config.session_timeout = Duration::from_secs(2);
+    config.touch_interval = Duration::from_millis(500);
+    let a = app(&config, &db).await;
+    let late = a
+        .create(NewSession::for_user(17, "seventeen"))
+        .await
+        .expect("create");
+    proxy.cut();
+    a.update(&late.session_id, Changes::new().with_set("cart", 1))
+        .await
+        .expect("staged during the outage");
+    // The session's deadline passes before Redis is back.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !a.health().await.redis_reachable {
+        assert!(tokio::time::Instant::now() < deadline, "redis is back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let summary = a.project_staged().await.expect("projection");
+    assert_eq!(summary.waiting, 1, "{summary:?}");
+    let other = a
+        .create(NewSession::for_user(18, "eighteen"))
+        .await
+        .expect("create");
+    let outage = PgOutage::begin(&db).await;
+    let b = app(&config, &db).await;
+    let read = b.load(&late.session_id).await;
+    assert!(
+        matches!(&read, Err(e) if e.is_unavailable() || matches!(e, Error::Database(_))),
+        "the session with a waiting write is not served from redis: {read:?}"
+    );
+    assert!(
+        b.load(&other.session_id)
+            .await
+            .expect("served from redis")
+            .is_some()
+    );
+    outage.end().await;
+}
+
+/// A write staged during an outage is durable until its event is in the
+/// audit table, not only until it reached Redis: the projection records
+/// the event before it deletes the staged row. Before, the row was deleted
+/// once Redis held the event, and with no worker running (the example
+/// app's default) a loss of Redis data right after lost the acknowledged
+/// write (the third long fault run's missing `data put`).
+async fn a_projected_write_survives_a_loss_of_redis_data(backend: Backend) {
+    let (server, proxy, db, config) = behind_proxy(backend, Duration::from_millis(300)).await;
+    let a = app(&config, &db).await;
+    let c = a
+        .create(NewSession::for_user(16, "sixteen"))
+        .await
+        .expect("create");
+    proxy.cut();
+    a.update(&c.session_id, Changes::new().with_set("cart", 3))
+        .await
+        .expect("staged during the outage");
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !a.health().await.redis_reachable {
+        assert!(tokio::time::Instant::now() < deadline, "redis is back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let summary = a.project_staged().await.expect("projection");
+    assert_eq!(summary.projected, 1, "{summary:?}");
+    let kinds: Vec<String> = events_of(&db, &c.session_id)
+        .await
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(kinds, ["created", "updated"], "recorded by the projection");
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut server.connection().await)
+        .await
+        .expect("flushall");
+    let b = app(&config, &db).await;
+    let s = b
+        .load(&c.session_id)
+        .await
+        .expect("load")
+        .expect("restored from the audit database");
+    assert_eq!(s.get("cart"), Some(&json!(3)));
+    assert_eq!(dead_letter_count(&db).await, 0);
+}
+
 /// Split brain: the stream holds an event the audit database has not read
 /// when Redis becomes unreachable, and an update is staged for the same
 /// session in fallback mode. Both claim seq 2. The rule: the stream's event
@@ -883,8 +978,8 @@ async fn a_write_staged_before_the_database_failed_is_not_overwritten() {
             "no write on Redis's older state: {write:?}"
         );
     }
-    let marked: Option<String> = admin.get(&mark).await.expect("get");
-    assert!(marked.is_some(), "the outage is marked in redis");
+    let marked: bool = admin.exists(&mark).await.expect("exists");
+    assert!(marked, "the outage is marked in redis");
     outage.end().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let n = loop {
@@ -902,11 +997,14 @@ async fn a_write_staged_before_the_database_failed_is_not_overwritten() {
     assert_eq!(n, 3, "the staged increment was applied first");
     assert_eq!(a.staged_count().await.expect("staged"), 0);
     a.project_staged().await.expect("projection");
-    let marked: Option<String> = admin.get(&mark).await.expect("get");
-    assert_eq!(
-        marked, None,
-        "a projection that found nothing clears the mark"
-    );
+    let marked: bool = admin.exists(&mark).await.expect("exists");
+    assert!(!marked, "a projection clears the mark");
+    // Redis now holds every staged write: a database outage alone fails
+    // nothing.
+    let outage = PgOutage::begin(&db).await;
+    let s = a.load(&c.session_id).await.expect("load").expect("live");
+    assert_eq!(s.get("n"), Some(&json!(3)));
+    outage.end().await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1082,6 +1180,7 @@ vedfolnir_tests::on_both_backends!(
     recovery_is_known_and_ends_without_a_worker,
     ends_reach_sessions_that_are_not_back_yet,
     outage_writes_survive_a_restart_of_their_app_server,
+    a_projected_write_survives_a_loss_of_redis_data,
     split_brain_keeps_both_writes_in_order,
     a_dropped_connection_is_retried_not_a_fallback,
     a_write_applied_before_its_reply_was_lost_is_not_applied_twice,

@@ -264,14 +264,16 @@ pub async fn stage(
     Ok(Staged::Written)
 }
 
-/// The oldest staged rows of `stream`, at most `limit`.
+/// The oldest staged rows of `stream` after row `after`, at most `limit`.
 pub async fn pending(
     db: &impl ConnectionTrait,
     stream: &str,
+    after: i64,
     limit: u64,
 ) -> Result<Vec<fallback_events::Model>> {
     Ok(fallback_events::Entity::find()
         .filter(fallback_events::Column::Stream.eq(stream))
+        .filter(fallback_events::Column::Id.gt(after))
         .order_by_asc(fallback_events::Column::Id)
         .limit(limit)
         .all(db)

@@ -238,42 +238,111 @@ pub(crate) async fn adopt_epoch(
 
 /// Marks in Redis that an outage was seen on the partition whose outage key
 /// is `key`: writes staged in the database meanwhile may not be in Redis
-/// yet. Set by a process that reaches Redis again after it found it
-/// unreachable, before it closes the database for writes; it lets a process
-/// that cannot read the database tell whether Redis may be behind it.
+/// yet. Set (one random member per mark) by a process that reaches Redis
+/// again after it found it unreachable, before it closes the database for
+/// writes; it lets a process that cannot read the database tell whether
+/// Redis may be behind it. See [`OutageMarks`].
 pub(crate) async fn mark_outage(
     redis: &mut impl redis::aio::ConnectionLike,
     key: &str,
 ) -> redis::RedisResult<()> {
-    redis::cmd("SET")
+    redis::cmd("SADD")
         .arg(key)
         .arg(uuid::Uuid::new_v4().simple().to_string())
         .query_async(redis)
         .await
 }
 
-/// The outage mark of `key`, if one is set (see [`mark_outage`]).
-pub(crate) async fn outage_mark(
-    redis: &mut impl redis::aio::ConnectionLike,
-    key: &str,
-) -> redis::RedisResult<Option<String>> {
-    redis::cmd("GET").arg(key).query_async(redis).await
+/// What Redis says of a partition's staged writes, read before a projection
+/// (`<ns>outage`: the marks of outages not projected since; `<ns>staged`:
+/// the sessions whose staged writes a projection left waiting).
+#[derive(Debug, Default)]
+pub(crate) struct OutageMarks {
+    marks: Vec<String>,
+    waiting: Vec<String>,
 }
 
-/// Clears the outage mark `seen` of `key` after a projection found nothing
-/// staged: a mark set since (another outage, seen by another process) stays.
-pub(crate) async fn clear_outage(
+impl OutageMarks {
+    /// Reads both sets.
+    pub(crate) async fn read(
+        redis: &mut impl redis::aio::ConnectionLike,
+        outage: &str,
+        staged: &str,
+    ) -> redis::RedisResult<Self> {
+        let (marks, waiting): (Vec<String>, Vec<String>) = redis::pipe()
+            .cmd("SMEMBERS")
+            .arg(outage)
+            .cmd("SMEMBERS")
+            .arg(staged)
+            .query_async(redis)
+            .await?;
+        Ok(OutageMarks { marks, waiting })
+    }
+
+    /// After a projection that read every staged row of the partition:
+    /// records the sessions it left `waiting`, forgets the ones it no longer
+    /// found waiting, then clears the marks read before it (a mark set since,
+    /// for a later outage, stays).
+    pub(crate) async fn settle(
+        &self,
+        redis: &mut impl redis::aio::ConnectionLike,
+        outage: &str,
+        staged: &str,
+        waiting: &std::collections::BTreeSet<String>,
+    ) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        if !waiting.is_empty() {
+            pipe.cmd("SADD").arg(staged).arg(waiting).ignore();
+        }
+        let done: Vec<&String> = self
+            .waiting
+            .iter()
+            .filter(|id| !waiting.contains(*id))
+            .collect();
+        if !done.is_empty() {
+            pipe.cmd("SREM").arg(staged).arg(done).ignore();
+        }
+        if !self.marks.is_empty() {
+            pipe.cmd("SREM").arg(outage).arg(&self.marks).ignore();
+        }
+        if pipe.cmd_iter().next().is_none() {
+            return Ok(());
+        }
+        pipe.query_async(redis).await
+    }
+}
+
+/// Whether Redis may lack writes staged for `session_id`: an outage is
+/// marked and not projected since, or a projection left the session's
+/// staged writes waiting.
+pub(crate) async fn may_lack_staged(
     redis: &mut impl redis::aio::ConnectionLike,
-    key: &str,
-    seen: &str,
+    outage: &str,
+    staged: &str,
+    session_id: &str,
+) -> redis::RedisResult<bool> {
+    let (marked, waiting): (bool, bool) = redis::pipe()
+        .cmd("EXISTS")
+        .arg(outage)
+        .cmd("SISMEMBER")
+        .arg(staged)
+        .arg(session_id)
+        .query_async(redis)
+        .await?;
+    Ok(marked || waiting)
+}
+
+/// Forgets that `session_id` had staged writes waiting (they are applied).
+pub(crate) async fn applied_staged(
+    redis: &mut impl redis::aio::ConnectionLike,
+    staged: &str,
+    session_id: &str,
 ) -> redis::RedisResult<()> {
-    static CLEAR: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-        redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end return 0",
-        )
-    });
-    let _: i64 = CLEAR.key(key).arg(seen).invoke_async(redis).await?;
-    Ok(())
+    redis::cmd("SREM")
+        .arg(staged)
+        .arg(session_id)
+        .query_async(redis)
+        .await
 }
 
 #[cfg(test)]

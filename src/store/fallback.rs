@@ -501,19 +501,26 @@ impl SessionStore {
             Ok(false) => Ok(()),
             // Without the database nothing can be projected, nor staged now;
             // but writes staged before may not be in Redis yet. Redis serves
-            // only when no outage is marked since the last projection that
-            // found nothing staged.
+            // only when it says it holds them: no outage marked since the
+            // last projection, and the session not among those a projection
+            // left waiting.
             Err(e) => {
                 self.shared
                     .audit
                     .sync_failing
                     .store(true, Ordering::Release);
-                let mark = partition::outage_mark(&mut self.conn.clone(), &part.outage).await?;
-                if mark.is_some() {
-                    tracing::warn!(err = %e, "the audit database cannot tell whether writes staged during a redis outage are applied; not serving from redis");
+                let behind = partition::may_lack_staged(
+                    &mut self.conn.clone(),
+                    &part.outage,
+                    &part.staged,
+                    id.as_str(),
+                )
+                .await?;
+                if behind {
+                    tracing::warn!(err = %e, session_id = %id, "the audit database cannot tell whether writes staged during a redis outage are applied; not serving from redis");
                     return Err(not_settled(id));
                 }
-                tracing::debug!(err = %e, "checking staged writes failed; no outage marked");
+                tracing::debug!(err = %e, "checking staged writes failed; redis holds every staged write");
                 Ok(())
             }
             Ok(true) => match self.project_session(id).await {
@@ -534,66 +541,73 @@ impl SessionStore {
     pub async fn project_staged(&self) -> Result<ProjectionSummary> {
         let mut summary = ProjectionSummary::default();
         let db = self.db()?.clone();
-        // Read before the database: a mark set after this read (a new
+        // Read before the database: a mark set after this read (a later
         // outage) is not cleared by this projection.
         let mut marks = Vec::with_capacity(self.keys.all().len());
         for part in self.keys.all() {
-            marks.push(partition::outage_mark(&mut self.conn.clone(), &part.outage).await?);
+            let mut conn = self.conn.clone();
+            marks.push(partition::OutageMarks::read(&mut conn, &part.outage, &part.staged).await?);
         }
         let streams: Vec<&str> = self.keys.all().iter().map(|k| k.stream.as_str()).collect();
-        if !outbox::has_pending(&db, &streams).await? {
-            for (part, mark) in self.keys.all().iter().zip(&marks) {
-                if let Some(seen) = mark {
-                    partition::clear_outage(&mut self.conn.clone(), &part.outage, seen).await?;
-                }
-            }
-            return Ok(summary);
-        }
-        for (part, mark) in self.keys.all().iter().zip(&marks) {
-            let waiting_before = summary.waiting;
-            let mut after = 0i64;
-            loop {
-                let rows: Vec<fallback_events::Model> =
-                    outbox::pending(&db, &part.stream, PROJECTION_PAGE)
-                        .await?
-                        .into_iter()
-                        .filter(|r| r.id > after)
-                        .collect();
-                let Some(last) = rows.last() else { break };
-                after = last.id;
-                let full = rows.len() as u64 >= PROJECTION_PAGE;
-                let mut blocked: BTreeSet<String> = BTreeSet::new();
-                for row in rows {
-                    if blocked.contains(&row.session_id) {
-                        summary.waiting += 1;
-                        continue;
-                    }
-                    match self.project_row(&db, &row).await? {
-                        Projected::Applied => summary.projected += 1,
-                        Projected::Logged => summary.logged_directly += 1,
-                        Projected::AlreadyThere => summary.already_applied += 1,
-                        Projected::Waiting => {
-                            summary.waiting += 1;
-                            blocked.insert(row.session_id.clone());
-                            continue;
-                        }
-                    }
-                    outbox::remove(&db, row.id).await?;
-                }
-                if !full {
-                    break;
-                }
-            }
-            if summary.waiting == waiting_before
-                && let Some(seen) = mark
-            {
-                partition::clear_outage(&mut self.conn.clone(), &part.outage, seen).await?;
-            }
+        let any = outbox::has_pending(&db, &streams).await?;
+        for (part, marks) in self.keys.all().iter().zip(&marks) {
+            let blocked = if any {
+                self.project_partition(&db, part, &mut summary).await?
+            } else {
+                BTreeSet::new()
+            };
+            marks
+                .settle(&mut self.conn.clone(), &part.outage, &part.staged, &blocked)
+                .await?;
         }
         crate::telemetry::metrics()
             .fallback_projected
             .add(summary.projected + summary.logged_directly, &[]);
         Ok(summary)
+    }
+
+    /// Projects every staged row of one partition, oldest first; returns
+    /// the sessions whose rows wait. Each session's rows stay in order: one
+    /// that waits holds back the session's later ones.
+    async fn project_partition(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        part: &Keys,
+        summary: &mut ProjectionSummary,
+    ) -> Result<BTreeSet<String>> {
+        let mut blocked: BTreeSet<String> = BTreeSet::new();
+        let mut after = 0i64;
+        loop {
+            let rows = outbox::pending(db, &part.stream, after, PROJECTION_PAGE).await?;
+            let Some(last) = rows.last() else { break };
+            after = last.id;
+            let full = rows.len() as u64 >= PROJECTION_PAGE;
+            for row in rows {
+                if blocked.contains(&row.session_id) {
+                    summary.waiting += 1;
+                    continue;
+                }
+                let projected = self.project_row(db, &row).await?;
+                let done = match &projected {
+                    Projected::Waiting => false,
+                    p => self.finish_row(db, row.id, p).await?,
+                };
+                match projected {
+                    _ if !done => {
+                        summary.waiting += 1;
+                        blocked.insert(row.session_id.clone());
+                    }
+                    Projected::Applied(_) => summary.projected += 1,
+                    Projected::Logged => summary.logged_directly += 1,
+                    Projected::AlreadyThere(_) => summary.already_applied += 1,
+                    Projected::Waiting => {}
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(blocked)
     }
 
     /// Projects the staged events of one session (before a read or an end
@@ -609,11 +623,55 @@ impl SessionStore {
                 .await?
         };
         for row in rows {
-            match self.project_row(&db, &row).await? {
-                Projected::Waiting => return Ok(false),
-                _ => outbox::remove(&db, row.id).await?,
+            let projected = self.project_row(&db, &row).await?;
+            if matches!(projected, Projected::Waiting)
+                || !self.finish_row(&db, row.id, &projected).await?
+            {
+                return Ok(false);
             }
         }
+        let part = self.keys.for_session(id);
+        if let Err(e) =
+            partition::applied_staged(&mut self.conn.clone(), &part.staged, id.as_str()).await
+        {
+            // The next projection forgets it.
+            tracing::debug!(err = %e, "recording a session's staged writes applied failed");
+        }
+        Ok(true)
+    }
+
+    /// After a staged event reached Redis (or was found there): records it
+    /// in the audit table, then deletes its row. Until the event is in the
+    /// audit table the row is the write's durable copy, so a loss of Redis
+    /// data right after the projection loses nothing (invariant 12). False
+    /// when Redis lost the event before it was recorded: the row stays, and
+    /// the next projection applies it on the restored session.
+    async fn finish_row(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        row: i64,
+        projected: &Projected,
+    ) -> Result<bool> {
+        let reached = match projected {
+            Projected::Applied(i) | Projected::AlreadyThere(Some(i)) => Some(i),
+            _ => None,
+        };
+        if let (Some(i), Some(audit)) = (reached, &self.audit) {
+            let stream = &self.keys.for_session(&i.event.session_id).stream;
+            let origin = crate::audit::StreamOrigin::of(self.conn.clone(), stream.clone(), i);
+            match audit
+                .write_held(std::slice::from_ref(i), &[], origin.as_slice())
+                .await
+            {
+                Ok(_) => {}
+                Err(Error::DataLost { .. }) => {
+                    tracing::warn!(session_id = %i.event.session_id, "redis lost a projected write before it was audited; projecting it again");
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        outbox::remove(db, row).await?;
         Ok(true)
     }
 
@@ -624,7 +682,7 @@ impl SessionStore {
         row: &fallback_events::Model,
     ) -> Result<Projected> {
         if outbox::logged(db, row.event_id).await? {
-            return Ok(Projected::AlreadyThere);
+            return Ok(Projected::AlreadyThere(None));
         }
         let staged = outbox::event_of(row)?;
         let id = staged.session_id.clone();
@@ -635,10 +693,20 @@ impl SessionStore {
         // and the audit consumer has not recorded it yet. Applying it again
         // would log it twice and, for a change of keys, set them back to
         // what they were when it was staged.
-        if self.in_stream(part, row.event_id, row.occurred_at).await?
-            || outbox::logged(db, row.event_id).await?
-        {
-            return Ok(Projected::AlreadyThere);
+        if let Some(entry) = self.in_stream(part, row.event_id, row.occurred_at).await? {
+            // Recorded from the stream's own entry, with the seq Redis gave
+            // it (an entry that does not decode is the consumer's to
+            // dead-letter).
+            let found = crate::audit::consumer::decode(&entry)
+                .ok()
+                .map(|event| Incoming {
+                    stream_id: Some(entry.id.clone()),
+                    event,
+                });
+            return Ok(Projected::AlreadyThere(found));
+        }
+        if outbox::logged(db, row.event_id).await? {
+            return Ok(Projected::AlreadyThere(None));
         }
         let ends = matches!(
             staged.kind,
@@ -660,7 +728,7 @@ impl SessionStore {
                     match self.restore_base(db, &id, &staged).await? {
                         Base::Restored => continue,
                         Base::EndedInRedis => Record::default().with_status(Status::Destroyed),
-                        Base::Waiting => return Ok(Projected::Waiting),
+                        Base::Waiting(why) => return Ok(waiting(&id, why)),
                         Base::Gone => return self.log_after_end(db, &id, staged, ends).await,
                     }
                 }
@@ -700,10 +768,20 @@ impl SessionStore {
             }
             .invocation(part, self.shape());
             match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
-                Reply::Ok(..) => return Ok(Projected::Applied),
-                Reply::Applied => return Ok(Projected::AlreadyThere),
+                Reply::Ok(xid, _) => {
+                    return Ok(Projected::Applied(Incoming {
+                        stream_id: Some(xid),
+                        event,
+                    }));
+                }
+                Reply::Applied => return Ok(Projected::AlreadyThere(None)),
                 Reply::Conflict(_) => continue,
-                Reply::Missing => return Ok(Projected::Waiting),
+                Reply::Missing => {
+                    return Ok(waiting(
+                        &id,
+                        "redis holds no live session (past its deadline)",
+                    ));
+                }
                 other => {
                     return Err(Error::Corrupt(format!(
                         "projection: unexpected reply {other:?}"
@@ -711,10 +789,13 @@ impl SessionStore {
                 }
             }
         }
-        Ok(Projected::Waiting)
+        Ok(waiting(
+            &id,
+            "the session kept changing under the projection",
+        ))
     }
 
-    /// True when the partition's stream holds `event_id` anywhere from half
+    /// The entry of the partition's stream that holds `event_id`, if any, from half
     /// a minute before `at` (the writer's clock; the margin covers clock
     /// skew and the command timeout) to its end: a projection appends the
     /// event when it applies it, however long after it was staged. A rare
@@ -725,7 +806,7 @@ impl SessionStore {
         part: &Keys,
         event_id: uuid::Uuid,
         at: chrono::DateTime<Utc>,
-    ) -> Result<bool> {
+    ) -> Result<Option<redis::streams::StreamId>> {
         let wanted = event_id.to_string();
         let mut start = format!("{}", (at.timestamp_millis() - 30_000).max(0));
         let end = "+";
@@ -735,16 +816,18 @@ impl SessionStore {
                 .clone()
                 .xrange_count(&part.stream, &start, end, 1000)
                 .await?;
-            if page
+            let full = page.ids.len() == 1000;
+            let last = page.ids.last().map(|e| e.id.clone());
+            if let Some(found) = page
                 .ids
-                .iter()
-                .any(|e| e.get::<String>("event_id").as_deref() == Some(wanted.as_str()))
+                .into_iter()
+                .find(|e| e.get::<String>("event_id").as_deref() == Some(wanted.as_str()))
             {
-                return Ok(true);
+                return Ok(Some(found));
             }
-            match page.ids.last() {
-                Some(last) if page.ids.len() == 1000 => start = format!("({}", last.id),
-                _ => return Ok(false),
+            match last {
+                Some(last) if full => start = format!("({last}"),
+                _ => return Ok(None),
             }
         }
     }
@@ -766,7 +849,7 @@ impl SessionStore {
         let Some(snapshot) = snapshot else {
             // No snapshot: the session was created by a staged event that is
             // not projected yet (an earlier row), or never audited.
-            return Ok(Base::Waiting);
+            return Ok(Base::Waiting("the session has no snapshot"));
         };
         let live = snapshot.status == crate::audit::entity::session_snapshots::SnapshotStatus::Live;
         if !live {
@@ -798,7 +881,7 @@ impl SessionStore {
             Reply::Newer | Reply::Expired => {
                 let ledger: Option<String> = self.conn.clone().get(self.keys.ledger(id)).await?;
                 Ok(if ledger.is_some() {
-                    Base::Waiting
+                    Base::Waiting("redis holds a newer or expired state of the session")
                 } else {
                     Base::Gone
                 })
@@ -860,7 +943,7 @@ impl SessionStore {
         ends: bool,
     ) -> Result<Projected> {
         let Some(view) = outbox::view(db, id.as_str(), self.config.session_timeout).await? else {
-            return Ok(Projected::Waiting);
+            return Ok(waiting(id, "the database has no view of the session"));
         };
         let ended = view.snapshot.as_ref().is_some_and(|s| {
             s.status != crate::audit::entity::session_snapshots::SnapshotStatus::Live
@@ -868,13 +951,16 @@ impl SessionStore {
         if !ended {
             // Live in the database but gone from Redis without a trace:
             // wait for the expiry sweep to end it.
-            return Ok(Projected::Waiting);
+            return Ok(waiting(
+                id,
+                "live in the database, gone from redis: the expiry sweep ends it",
+            ));
         }
         if ends {
-            return Ok(Projected::AlreadyThere);
+            return Ok(Projected::AlreadyThere(None));
         }
         let Some(audit) = &self.audit else {
-            return Ok(Projected::Waiting);
+            return Ok(waiting(id, "no audit database"));
         };
         let event = Event {
             seq: view.newest_logged + 1,
@@ -903,11 +989,23 @@ fn not_settled(id: &SessionId) -> Error {
     )))
 }
 
+/// A staged event left for a later round, and why (logged: a write that
+/// waits long keeps its session on the database's view).
+fn waiting(id: &SessionId, why: &'static str) -> Projected {
+    tracing::info!(session_id = %id, why, "a staged write waits");
+    Projected::Waiting
+}
+
 /// What became of one staged event.
 enum Projected {
-    Applied,
+    /// Applied to Redis now: the event as appended to the stream.
+    Applied(Incoming),
+    /// Written straight to the audit table after the session's end.
     Logged,
-    AlreadyThere,
+    /// Applied before: the stream's entry when it still holds one (it may
+    /// not be recorded yet), `None` when the audit table has it.
+    AlreadyThere(Option<Incoming>),
+    /// Left staged for a later round.
     Waiting,
 }
 
@@ -915,6 +1013,7 @@ enum Projected {
 enum Base {
     Restored,
     EndedInRedis,
-    Waiting,
+    /// Not now, and why.
+    Waiting(&'static str),
     Gone,
 }

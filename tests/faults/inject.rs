@@ -88,13 +88,13 @@ async fn inject(sys: &Arc<System>, origin: Instant, f: &PlannedFault) -> FaultRe
             sys.redis_proxy.cut();
             tokio::time::sleep(f.hold).await;
             sys.redis_proxy.restore();
-            (now(), settle_when(origin, move || sys.apps_healthy()).await)
+            (now(), settle_when(origin, move || sys.redis_back()).await)
         }
         FaultKind::RedisSlow => {
             sys.redis_proxy.delay(SLOW);
             tokio::time::sleep(f.hold).await;
             sys.redis_proxy.delay(Duration::ZERO);
-            (now(), settle_when(origin, move || sys.apps_healthy()).await)
+            (now(), settle_when(origin, move || sys.redis_back()).await)
         }
         FaultKind::RedisFlush => {
             if let Some(mut conn) = sys.admin().await {
@@ -131,7 +131,7 @@ async fn inject(sys: &Arc<System>, origin: Instant, f: &PlannedFault) -> FaultRe
                     .query_async(&mut conn)
                     .await;
             }
-            (now(), settle_when(origin, move || sys.apps_healthy()).await)
+            (now(), settle_when(origin, move || sys.redis_back()).await)
         }
         FaultKind::DbCut => {
             sys.db_proxy.cut();

@@ -836,9 +836,16 @@ impl System {
         .ok()
     }
 
+    /// Redis is back after a cut, a slowdown or dropped connections: every
+    /// app server reaches it, and what was staged meanwhile is applied.
+    pub async fn redis_back(&self) -> bool {
+        self.apps_healthy().await && self.healed().await
+    }
+
     /// Redis holds the data set the audit database knows complete in every
-    /// partition (the same epoch in both: no recovery due or running), and
-    /// nothing staged during an outage waits to be applied.
+    /// partition (the same epoch in both: no recovery due or running),
+    /// nothing staged during an outage waits to be applied, and no outage is
+    /// marked that no projection has read since.
     pub async fn healed(&self) -> bool {
         use sea_orm::{EntityTrait as _, PaginatorTrait as _};
         let Some(mut conn) = self.admin().await else {
@@ -855,6 +862,14 @@ impl System {
             let known = vedfolnir_sessions::audit::partition::load(&self.db.db, &part.stream).await;
             if !matches!(known, Ok(Some(row)) if row.redis_epoch.as_deref() == Some(redis_epoch.as_str()))
             {
+                return false;
+            }
+            // An outage whose staged writes no projection has read since.
+            let marked: redis::RedisResult<bool> = redis::cmd("EXISTS")
+                .arg(&part.outage)
+                .query_async(&mut conn)
+                .await;
+            if !matches!(marked, Ok(false)) {
                 return false;
             }
         }
