@@ -574,6 +574,69 @@ async fn a_projected_write_survives_a_loss_of_redis_data(backend: Backend) {
     assert_eq!(dead_letter_count(&db).await, 0);
 }
 
+/// A write staged during an outage for a session that another app server
+/// (one that never lost Redis) ended meanwhile is logged after the end, at
+/// the end's seq + 1, in the stream and in the audit table alike, and the
+/// session stays ended. Before, the projection recorded the event at the
+/// seq of the state it folded on (1), which the audit table refused.
+async fn a_staged_write_of_a_session_ended_meanwhile_is_logged_after_the_end(backend: Backend) {
+    let (server, proxy, db, config) = behind_proxy(backend, Duration::from_millis(300)).await;
+    let a = app(&config, &db).await;
+    let direct = config
+        .clone()
+        .with_redis(RedisTarget::parse("REDIS_URL", &server.url()).expect("url"));
+    let b = app(&direct, &db).await;
+    let s = b
+        .create(NewSession::for_user(19, "nineteen"))
+        .await
+        .expect("create");
+    let busy = b
+        .create(NewSession::for_user(20, "twenty"))
+        .await
+        .expect("create");
+    proxy.cut();
+    a.update(&s.session_id, Changes::new().with_set("cart", 1))
+        .await
+        .expect("staged during the outage");
+    // B keeps talking to Redis (so it never pauses and catches up) until
+    // its settle window after its first projection is over; then it ends
+    // the session in Redis without the staged write.
+    let until = tokio::time::Instant::now() + Duration::from_millis(1600);
+    while tokio::time::Instant::now() < until {
+        b.load(&busy.session_id).await.expect("load").expect("live");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        b.destroy(&s.session_id, DestroyReason::Admin)
+            .await
+            .expect("destroy")
+    );
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !a.health().await.redis_reachable {
+        assert!(tokio::time::Instant::now() < deadline, "redis is back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let summary = a.project_staged().await.expect("projection");
+    assert_eq!(summary.projected, 1, "{summary:?}");
+    assert_eq!(a.load(&s.session_id).await.expect("load"), None);
+    drain(&config, &db).await;
+    let events: Vec<(i64, String)> = events_of(&db, &s.session_id)
+        .await
+        .into_iter()
+        .map(|e| (e.seq, e.event_type))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (1, "created".to_owned()),
+            (2, "destroyed".to_owned()),
+            (3, "updated".to_owned())
+        ]
+    );
+    assert_eq!(dead_letter_count(&db).await, 0);
+}
+
 /// Split brain: the stream holds an event the audit database has not read
 /// when Redis becomes unreachable, and an update is staged for the same
 /// session in fallback mode. Both claim seq 2. The rule: the stream's event
@@ -1181,6 +1244,7 @@ vedfolnir_tests::on_both_backends!(
     ends_reach_sessions_that_are_not_back_yet,
     outage_writes_survive_a_restart_of_their_app_server,
     a_projected_write_survives_a_loss_of_redis_data,
+    a_staged_write_of_a_session_ended_meanwhile_is_logged_after_the_end,
     split_brain_keeps_both_writes_in_order,
     a_dropped_connection_is_retried_not_a_fallback,
     a_write_applied_before_its_reply_was_lost_is_not_applied_twice,

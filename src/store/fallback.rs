@@ -587,7 +587,18 @@ impl SessionStore {
                     summary.waiting += 1;
                     continue;
                 }
-                let projected = self.project_row(db, &row).await?;
+                let projected = match self.project_row(db, &row).await {
+                    Ok(p) => p,
+                    Err(e) if e.is_unavailable() || matches!(e, Error::Database(_)) => {
+                        return Err(e);
+                    }
+                    // One row's own trouble holds back its session only,
+                    // not every other session's staged writes.
+                    Err(e) => {
+                        tracing::warn!(err = %e, session_id = %row.session_id, "projecting a staged write failed; it waits");
+                        Projected::Waiting
+                    }
+                };
                 let done = match &projected {
                     Projected::Waiting => false,
                     p => self.finish_row(db, row.id, p).await?,
@@ -750,7 +761,14 @@ impl SessionStore {
                 .unwrap_or_default();
             let inv = script::Apply {
                 id: &id,
-                base: base.version(),
+                // Folded on an end Redis held a moment ago: only that end
+                // may take the event (after it); were the tombstone gone
+                // meanwhile, a base of 0 would start the session over.
+                base: if base.status() == Status::Live {
+                    base.version()
+                } else {
+                    script::ENDED_BASE
+                },
                 json: &json,
                 ttl_ms: self.config.session_timeout.as_millis() as u64,
                 tomb_ms: self.config.tombstone_ttl.as_millis() as u64,
@@ -768,10 +786,15 @@ impl SessionStore {
             }
             .invocation(part, self.shape());
             match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
-                Reply::Ok(xid, _) => {
+                Reply::Ok(xid, extra) => {
+                    // The seq Redis gave it (after an end: the end's + 1).
+                    let seq = extra.first().and_then(|s| s.parse().ok());
                     return Ok(Projected::Applied(Incoming {
                         stream_id: Some(xid),
-                        event,
+                        event: Event {
+                            seq: seq.unwrap_or(event.seq),
+                            ..event
+                        },
                     }));
                 }
                 Reply::Applied => return Ok(Projected::AlreadyThere(None)),

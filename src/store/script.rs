@@ -474,6 +474,11 @@ impl Operation for Restore<'_> {
     }
 }
 
+/// The `base` of an [`Apply`] folded on an ended session: it matches no
+/// live version, so only the tombstone's branch of the script takes it.
+#[cfg(feature = "audit")]
+pub(crate) const ENDED_BASE: u64 = u64::MAX;
+
 /// `apply`: a staged event projected onto the session's state in Redis at
 /// version `base`, leaving it `status_after`.
 #[cfg(feature = "audit")]

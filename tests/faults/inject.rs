@@ -58,6 +58,9 @@ pub async fn run_lane(
                 .map(|s| format!("after {:.2}s", (s - rec.end).as_secs_f64()))
                 .unwrap_or_else(|| "NEVER".to_owned())
         );
+        if rec.settled.is_none() {
+            eprintln!("    not settled: {}", sys.unsettled().await.join("; "));
+        }
         ready = Instant::now() + quiet;
         // The storm outlasts the fault by a second: the window after a
         // restore is where recovery goes wrong.

@@ -836,6 +836,58 @@ impl System {
         .ok()
     }
 
+    /// What keeps the system from having settled, condition by condition
+    /// (for the report of a fault that did not settle).
+    pub async fn unsettled(&self) -> Vec<String> {
+        use sea_orm::{EntityTrait as _, PaginatorTrait as _};
+        let mut out = Vec::new();
+        if !self.apps_healthy().await {
+            out.push("an app server does not reach redis".to_owned());
+        }
+        let Some(mut conn) = self.admin().await else {
+            out.push("the harness cannot reach redis".to_owned());
+            return out;
+        };
+        for part in self.keys.all() {
+            let epoch: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                .arg(&part.epoch)
+                .query_async(&mut conn)
+                .await;
+            let known = vedfolnir_sessions::audit::partition::load(&self.db.db, &part.stream).await;
+            let known = known.ok().flatten().and_then(|r| r.redis_epoch);
+            if !matches!(&epoch, Ok(Some(e)) if Some(e) == known.as_ref()) {
+                out.push(format!(
+                    "partition {}: redis epoch {epoch:?}, the database knows {known:?}",
+                    part.partition
+                ));
+            }
+            let marks: redis::RedisResult<Vec<String>> = redis::cmd("SMEMBERS")
+                .arg(&part.outage)
+                .query_async(&mut conn)
+                .await;
+            let waiting: redis::RedisResult<Vec<String>> = redis::cmd("SMEMBERS")
+                .arg(&part.staged)
+                .query_async(&mut conn)
+                .await;
+            if !matches!(&marks, Ok(m) if m.is_empty()) {
+                out.push(format!(
+                    "partition {}: outage marks {marks:?}, sessions waiting {waiting:?}",
+                    part.partition
+                ));
+            }
+        }
+        let staged = vedfolnir_sessions::audit::entity::fallback_events::Entity::find()
+            .count(&self.db.db)
+            .await;
+        if !matches!(staged, Ok(0)) {
+            out.push(format!("staged rows: {staged:?}"));
+        }
+        if !self.caught_up().await {
+            out.push("the audit group is not drained".to_owned());
+        }
+        out
+    }
+
     /// Redis is back after a cut, a slowdown or dropped connections: every
     /// app server reaches it, and what was staged meanwhile is applied.
     pub async fn redis_back(&self) -> bool {
