@@ -106,6 +106,15 @@ async fn behind_proxy(
     (server, proxy, db, config)
 }
 
+/// Waits (at most 10 s) until `store` reaches Redis again after a cut.
+async fn until_redis_answers(store: &SessionStore) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !store.health().await.redis_reachable {
+        assert!(tokio::time::Instant::now() < deadline, "redis is back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn dead_letter_count(db: &TestDb) -> u64 {
     use sea_orm::{EntityTrait as _, PaginatorTrait as _};
     dead_letters::Entity::find()
@@ -451,15 +460,7 @@ async fn outage_writes_survive_a_restart_of_their_app_server(backend: Backend) {
     proxy.restore();
     let b = app(&config, &db).await;
     let mut admin = server.connection().await;
-    let b_ok = |b: &SessionStore| {
-        let b = b.clone();
-        async move { b.health().await.redis_reachable }
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !b_ok(&b).await {
-        assert!(tokio::time::Instant::now() < deadline, "redis is back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_redis_answers(&b).await;
     assert_eq!(b.load(&gone.session_id).await.expect("load"), None);
     let s = b.load(&kept.session_id).await.expect("load").expect("live");
     assert_eq!(s.get("cart"), Some(&json!(3)));
@@ -502,11 +503,7 @@ async fn a_session_whose_staged_write_waits_is_not_served_without_the_database()
     // The session's deadline passes before Redis is back.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     proxy.restore();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !a.health().await.redis_reachable {
-        assert!(tokio::time::Instant::now() < deadline, "redis is back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_redis_answers(&a).await;
     let summary = a.project_staged().await.expect("projection");
     assert_eq!(summary.waiting, 1, "{summary:?}");
     let other = a
@@ -547,11 +544,7 @@ async fn a_projected_write_survives_a_loss_of_redis_data(backend: Backend) {
         .await
         .expect("staged during the outage");
     proxy.restore();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !a.health().await.redis_reachable {
-        assert!(tokio::time::Instant::now() < deadline, "redis is back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_redis_answers(&a).await;
     let summary = a.project_staged().await.expect("projection");
     assert_eq!(summary.projected, 1, "{summary:?}");
     let kinds: Vec<String> = events_of(&db, &c.session_id)
@@ -612,11 +605,7 @@ async fn a_staged_write_of_a_session_ended_meanwhile_is_logged_after_the_end(bac
             .expect("destroy")
     );
     proxy.restore();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !a.health().await.redis_reachable {
-        assert!(tokio::time::Instant::now() < deadline, "redis is back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_redis_answers(&a).await;
     let summary = a.project_staged().await.expect("projection");
     assert_eq!(summary.projected, 1, "{summary:?}");
     assert_eq!(a.load(&s.session_id).await.expect("load"), None);

@@ -839,49 +839,11 @@ impl System {
     /// What keeps the system from having settled, condition by condition
     /// (for the report of a fault that did not settle).
     pub async fn unsettled(&self) -> Vec<String> {
-        use sea_orm::{EntityTrait as _, PaginatorTrait as _};
         let mut out = Vec::new();
         if !self.apps_healthy().await {
             out.push("an app server does not reach redis".to_owned());
         }
-        let Some(mut conn) = self.admin().await else {
-            out.push("the harness cannot reach redis".to_owned());
-            return out;
-        };
-        for part in self.keys.all() {
-            let epoch: redis::RedisResult<Option<String>> = redis::cmd("GET")
-                .arg(&part.epoch)
-                .query_async(&mut conn)
-                .await;
-            let known = vedfolnir_sessions::audit::partition::load(&self.db.db, &part.stream).await;
-            let known = known.ok().flatten().and_then(|r| r.redis_epoch);
-            if !matches!(&epoch, Ok(Some(e)) if Some(e) == known.as_ref()) {
-                out.push(format!(
-                    "partition {}: redis epoch {epoch:?}, the database knows {known:?}",
-                    part.partition
-                ));
-            }
-            let marks: redis::RedisResult<Vec<String>> = redis::cmd("SMEMBERS")
-                .arg(&part.outage)
-                .query_async(&mut conn)
-                .await;
-            let waiting: redis::RedisResult<Vec<String>> = redis::cmd("SMEMBERS")
-                .arg(&part.staged)
-                .query_async(&mut conn)
-                .await;
-            if !matches!(&marks, Ok(m) if m.is_empty()) {
-                out.push(format!(
-                    "partition {}: outage marks {marks:?}, sessions waiting {waiting:?}",
-                    part.partition
-                ));
-            }
-        }
-        let staged = vedfolnir_sessions::audit::entity::fallback_events::Entity::find()
-            .count(&self.db.db)
-            .await;
-        if !matches!(staged, Ok(0)) {
-            out.push(format!("staged rows: {staged:?}"));
-        }
+        out.extend(self.not_healed().await);
         if !self.caught_up().await {
             out.push("the audit group is not drained".to_owned());
         }
@@ -899,36 +861,51 @@ impl System {
     /// nothing staged during an outage waits to be applied, and no outage is
     /// marked that no projection has read since.
     pub async fn healed(&self) -> bool {
+        self.not_healed().await.is_empty()
+    }
+
+    /// What keeps [`System::healed`] from holding.
+    async fn not_healed(&self) -> Vec<String> {
         use sea_orm::{EntityTrait as _, PaginatorTrait as _};
         let Some(mut conn) = self.admin().await else {
-            return false;
+            return vec!["the harness cannot reach redis".to_owned()];
         };
+        let mut out = Vec::new();
         for part in self.keys.all() {
-            let redis_epoch: redis::RedisResult<Option<String>> = redis::cmd("GET")
+            let epoch: redis::RedisResult<Option<String>> = redis::cmd("GET")
                 .arg(&part.epoch)
                 .query_async(&mut conn)
                 .await;
-            let Ok(Some(redis_epoch)) = redis_epoch else {
-                return false;
-            };
             let known = vedfolnir_sessions::audit::partition::load(&self.db.db, &part.stream).await;
-            if !matches!(known, Ok(Some(row)) if row.redis_epoch.as_deref() == Some(redis_epoch.as_str()))
-            {
-                return false;
+            let known = known.ok().flatten().and_then(|r| r.redis_epoch);
+            if !matches!(&epoch, Ok(Some(e)) if Some(e) == known.as_ref()) {
+                out.push(format!(
+                    "partition {}: redis epoch {epoch:?}, the database knows {known:?}",
+                    part.partition
+                ));
             }
             // An outage whose staged writes no projection has read since.
-            let marked: redis::RedisResult<bool> = redis::cmd("EXISTS")
+            let marks: redis::RedisResult<(Vec<String>, Vec<String>)> = redis::pipe()
+                .cmd("SMEMBERS")
                 .arg(&part.outage)
+                .cmd("SMEMBERS")
+                .arg(&part.staged)
                 .query_async(&mut conn)
                 .await;
-            if !matches!(marked, Ok(false)) {
-                return false;
+            if !matches!(&marks, Ok((m, _)) if m.is_empty()) {
+                out.push(format!(
+                    "partition {}: outage marks and sessions waiting {marks:?}",
+                    part.partition
+                ));
             }
         }
         let staged = vedfolnir_sessions::audit::entity::fallback_events::Entity::find()
             .count(&self.db.db)
             .await;
-        matches!(staged, Ok(0))
+        if !matches!(staged, Ok(0)) {
+            out.push(format!("staged rows: {staged:?}"));
+        }
+        out
     }
 
     /// Every stream of the namespace has been delivered to the audit group
