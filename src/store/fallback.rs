@@ -787,14 +787,28 @@ impl SessionStore {
             .invocation(part, self.shape());
             match script::run_retrying(&inv, &mut self.conn.clone()).await?.0 {
                 Reply::Ok(xid, extra) => {
-                    // The seq Redis gave it (after an end: the end's + 1).
-                    let seq = extra.first().and_then(|s| s.parse().ok());
-                    return Ok(Projected::Applied(Incoming {
-                        stream_id: Some(xid),
-                        event: Event {
-                            seq: seq.unwrap_or(event.seq),
+                    // Recorded as the stream holds it, which is what the
+                    // audit consumer will deliver: the seq Redis gave it
+                    // (after an end: the end's + 1), the ledger's user.
+                    let entry: redis::RedisResult<redis::streams::StreamRangeReply> = self
+                        .conn
+                        .clone()
+                        .xrange_count(&part.stream, &xid, &xid, 1)
+                        .await;
+                    let appended = entry.ok().and_then(|r| r.ids.into_iter().next());
+                    let event = match appended.map(|e| crate::audit::consumer::decode(&e)) {
+                        Some(Ok(e)) => e,
+                        _ => Event {
+                            seq: extra
+                                .first()
+                                .and_then(|s| s.parse().ok())
+                                .unwrap_or(event.seq),
                             ..event
                         },
+                    };
+                    return Ok(Projected::Applied(Incoming {
+                        stream_id: Some(xid),
+                        event,
                     }));
                 }
                 Reply::Applied => return Ok(Projected::AlreadyThere(None)),
