@@ -111,6 +111,16 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// Deletes the lock or lease `key` only while `holder` holds it: 1 when it
+/// did, 0 when someone else holds it now or nobody does.
+pub(crate) async fn release_held(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+    holder: &str,
+) -> redis::RedisResult<i64> {
+    RELEASE.key(key).arg(holder).invoke_async(conn).await
+}
+
 /// `WORKER_LEASE_MS` (10000): how long a partition stays with a worker that
 /// stopped renewing it.
 pub fn lease_ttl_from_lookup(
@@ -281,9 +291,8 @@ impl Leases {
     }
 
     async fn give_up(&mut self, p: u32) -> Result<()> {
-        let mut inv = RELEASE.key(self.key(p));
-        inv.arg(&self.name);
-        let _: i64 = inv.invoke_async(&mut self.conn).await?;
+        let key = self.key(p);
+        release_held(&mut self.conn, &key, &self.name).await?;
         Ok(())
     }
 

@@ -54,14 +54,20 @@ fn consumer_config() -> ConsumerConfig {
     }
 }
 
-/// Runs an audit consumer until it has read everything.
-async fn drain(config: &Config, db: &TestDb) {
+/// An audit consumer that has read everything, to step on (with its token).
+async fn drained_consumer(config: &Config, db: &TestDb) -> (AuditConsumer, CancellationToken) {
     let mut c = AuditConsumer::new(config, sink(config, db), consumer_config())
         .await
         .expect("consumer");
     c.ensure_group().await.expect("group");
     let token = CancellationToken::new();
     while c.step(&token).await.expect("step") > 0 {}
+    (c, token)
+}
+
+/// Runs an audit consumer until it has read everything.
+async fn drain(config: &Config, db: &TestDb) {
+    drained_consumer(config, db).await;
 }
 
 /// Deletes every key of the test's namespace (the epoch included): what a
@@ -640,12 +646,7 @@ async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
         .await
         .expect("create");
     // The consumer drains (and so vouches for the database) ...
-    let mut consumer = AuditConsumer::new(&config, sink(&config, &db), consumer_config())
-        .await
-        .expect("consumer");
-    consumer.ensure_group().await.expect("group");
-    let token = CancellationToken::new();
-    while consumer.step(&token).await.expect("step") > 0 {}
+    let (mut consumer, token) = drained_consumer(&config, &db).await;
     // ... then one more write reaches only Redis before it goes away, and
     // the consumer finds Redis unreachable (which opens the database for
     // writes: Redis is down for everyone).
@@ -697,12 +698,7 @@ async fn a_staged_write_already_projected_is_not_applied_again(backend: Backend)
         .create(NewSession::for_user(14, "fourteen"))
         .await
         .expect("create");
-    let mut consumer = AuditConsumer::new(&config, sink(&config, &db), consumer_config())
-        .await
-        .expect("consumer");
-    consumer.ensure_group().await.expect("group");
-    let token = CancellationToken::new();
-    while consumer.step(&token).await.expect("step") > 0 {}
+    let (mut consumer, token) = drained_consumer(&config, &db).await;
     proxy.cut();
     assert!(consumer.step(&token).await.is_err());
     store

@@ -1318,6 +1318,14 @@ fn lossy(v: &Value) -> String {
     }
 }
 
+/// Decodes a stream entry into the event it carries, with its entry id.
+pub fn decode_incoming(entry: &StreamId) -> std::result::Result<Incoming, String> {
+    Ok(Incoming {
+        stream_id: Some(entry.id.clone()),
+        event: decode(entry)?,
+    })
+}
+
 /// Decodes a stream entry into an event, or says why it cannot be.
 pub fn decode(entry: &StreamId) -> std::result::Result<Event, String> {
     let mut fields = HashMap::with_capacity(entry.map.len());

@@ -94,6 +94,17 @@ impl SessionStore {
         self.config.db_sync && self.audit.is_some()
     }
 
+    /// How long a call to the audit database on a request's path waits:
+    /// less after the last one failed, so that a database that hangs does
+    /// not hold every request for the full timeout.
+    fn db_wait(&self) -> Duration {
+        if self.shared.audit.sync_failing.load(Ordering::Acquire) {
+            SYNC_TIMEOUT_FAILING
+        } else {
+            SYNC_TIMEOUT
+        }
+    }
+
     pub(super) fn db(&self) -> Result<&sea_orm::DatabaseConnection> {
         self.audit
             .as_ref()
@@ -305,11 +316,7 @@ impl SessionStore {
         // hangs must not hold every mutation for the full timeout. Every
         // mutation still tries, so nothing acknowledged while the database
         // answers is missing from it.
-        let limit = if self.shared.audit.sync_failing.load(Ordering::Acquire) {
-            SYNC_TIMEOUT_FAILING
-        } else {
-            SYNC_TIMEOUT
-        };
+        let limit = self.db_wait();
         let write = audit.write_held(&events, &[], &origins);
         let failure = match tokio::time::timeout(limit, write).await {
             Ok(Ok(_)) => {
@@ -487,11 +494,7 @@ impl SessionStore {
         if !self.reopened(part.partition) {
             self.reach(part).await?;
         }
-        let limit = if self.shared.audit.sync_failing.load(Ordering::Acquire) {
-            SYNC_TIMEOUT_FAILING
-        } else {
-            SYNC_TIMEOUT
-        };
+        let limit = self.db_wait();
         let checked = match tokio::time::timeout(limit, outbox::has_session(db, id.as_str())).await
         {
             Ok(r) => r.map_err(|e| e.to_string()),
@@ -708,12 +711,7 @@ impl SessionStore {
             // Recorded from the stream's own entry, with the seq Redis gave
             // it (an entry that does not decode is the consumer's to
             // dead-letter).
-            let found = crate::audit::consumer::decode(&entry)
-                .ok()
-                .map(|event| Incoming {
-                    stream_id: Some(entry.id.clone()),
-                    event,
-                });
+            let found = crate::audit::consumer::decode_incoming(&entry).ok();
             return Ok(Projected::AlreadyThere(found));
         }
         if outbox::logged(db, row.event_id).await? {
@@ -796,20 +794,21 @@ impl SessionStore {
                         .xrange_count(&part.stream, &xid, &xid, 1)
                         .await;
                     let appended = entry.ok().and_then(|r| r.ids.into_iter().next());
-                    let event = match appended.map(|e| crate::audit::consumer::decode(&e)) {
-                        Some(Ok(e)) => e,
-                        _ => Event {
-                            seq: extra
-                                .first()
-                                .and_then(|s| s.parse().ok())
-                                .unwrap_or(event.seq),
-                            ..event
-                        },
-                    };
-                    return Ok(Projected::Applied(Incoming {
-                        stream_id: Some(xid),
-                        event,
-                    }));
+                    let incoming =
+                        match appended.map(|e| crate::audit::consumer::decode_incoming(&e)) {
+                            Some(Ok(i)) => i,
+                            _ => Incoming {
+                                stream_id: Some(xid),
+                                event: Event {
+                                    seq: extra
+                                        .first()
+                                        .and_then(|s| s.parse().ok())
+                                        .unwrap_or(event.seq),
+                                    ..event
+                                },
+                            },
+                        };
+                    return Ok(Projected::Applied(incoming));
                 }
                 Reply::Applied => return Ok(Projected::AlreadyThere(None)),
                 Reply::Conflict(_) => continue,

@@ -136,7 +136,9 @@ struct AuditShared {
     mark_due: Mutex<std::collections::HashSet<u32>>,
     /// This process runs a replay.
     healing: AtomicBool,
-    /// The last synchronous audit write failed.
+    /// The last call to the audit database on a request's path (a
+    /// synchronous write, a check for staged writes) failed: the next ones
+    /// wait less.
     sync_failing: AtomicBool,
     /// Milliseconds since `started` until which operations still check their
     /// session for staged writes after a clean projection.

@@ -377,16 +377,9 @@ impl SessionStore {
     /// Gives back the healing locks of `parts` that `owner` holds (best
     /// effort: a lock left behind runs out after [`HEALING_LOCK`]).
     async fn release_healing(&self, parts: &[&Keys], owner: &str) {
-        let release = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-        );
         let mut conn = self.conn.clone();
         for part in parts {
-            let _: redis::RedisResult<i64> = release
-                .key(&part.healing)
-                .arg(owner)
-                .invoke_async(&mut conn)
-                .await;
+            let _ = crate::lease::release_held(&mut conn, &part.healing, owner).await;
         }
     }
 
@@ -523,11 +516,7 @@ mod tests {
             .query_async(&mut store.connection())
             .await
             .expect("xrevrange");
-        let entry = &reply.ids[0];
-        crate::audit::Incoming {
-            stream_id: Some(entry.id.clone()),
-            event: crate::audit::consumer::decode(entry).expect("decode"),
-        }
+        crate::audit::consumer::decode_incoming(&reply.ids[0]).expect("decode")
     }
 
     #[tokio::test]
