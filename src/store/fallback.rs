@@ -500,6 +500,10 @@ impl SessionStore {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
         };
+        self.shared
+            .audit
+            .sync_failing
+            .store(checked.is_err(), Ordering::Release);
         match checked {
             Ok(false) => Ok(()),
             // Without the database nothing can be projected, nor staged now;
@@ -508,10 +512,6 @@ impl SessionStore {
             // last projection, and the session not among those a projection
             // left waiting.
             Err(e) => {
-                self.shared
-                    .audit
-                    .sync_failing
-                    .store(true, Ordering::Release);
                 let behind = partition::may_lack_staged(
                     &mut self.conn.clone(),
                     &part.outage,
