@@ -193,20 +193,24 @@ pub enum Staged {
 /// `unsure`: the Redis attempt before failed without saying whether Redis
 /// applied it (see [`fallback_events::Model::unsure`]). Writes other than the
 /// creation of new sessions are staged only while the database is open for
-/// writes (see `partition::open_for_writes`); `settle` is how long
-/// after a process reached Redis again it stays closed.
+/// writes by the opening `opened` the caller waited out (see
+/// `partition::open_for_writes`); without one, only new sessions are.
 pub async fn stage(
     db: &DatabaseConnection,
     stream: &str,
     writes: &[(u64, Event)],
     unsure: bool,
-    settle: chrono::Duration,
+    opened: Option<chrono::DateTime<Utc>>,
 ) -> Result<Staged> {
     let txn = db.begin().await?;
     let only_new = writes.iter().all(|(expected, e)| {
         *expected == 0 && matches!(e.kind, crate::event::EventKind::Created { .. })
     });
-    if !only_new && !super::partition::open_for_writes(&txn, stream, settle).await? {
+    let open = match opened {
+        Some(since) => super::partition::still_open(&txn, stream, since).await?,
+        None => false,
+    };
+    if !only_new && !open {
         txn.rollback().await?;
         return Ok(Staged::Refused);
     }

@@ -140,34 +140,34 @@ pub(crate) async fn reached_redis(db: &impl ConnectionTrait, stream: &str) -> Re
     Ok(())
 }
 
-/// Inside a staging transaction: whether writes to existing sessions of
-/// `stream` may be staged in the database now. They may while Redis is known
-/// unreachable (`redis_down_since` set); when it is not, the caller opens the
-/// database for writes itself, unless a process reported Redis reachable
-/// less than `settle` ago (then Redis is back for others, and a write staged
-/// now could diverge from theirs). Locks the row on PostgreSQL, so that it
-/// and [`reached_redis`] are serialized.
+/// Whether the database stands in for Redis for `stream`, and since when:
+/// `Some(since)`, the row's `redis_down_since` as stored, while Redis is
+/// known unreachable (a process found it so), `None` while it is back for
+/// others (a process reported it reachable less than `settle` ago). When
+/// neither holds, the caller opens it: `redis_down_since` becomes now.
+///
+/// Open is not yet usable: an app server that still reaches Redis looks for
+/// an open row every moment and closes it ([`reached_redis`]) before it uses
+/// Redis again, so a process stages writes (or serves reads) only once the
+/// same opening has stood longer than that look takes (see
+/// `store::fallback`). Locks the row on PostgreSQL, so that it and
+/// [`reached_redis`] are serialized.
 pub(crate) async fn open_for_writes(
     txn: &impl ConnectionTrait,
     stream: &str,
     settle: chrono::Duration,
-) -> Result<bool> {
-    use sea_orm::{QueryFilter as _, QuerySelect as _};
+) -> Result<Option<DateTime<Utc>>> {
     let now = Utc::now();
-    let mut q = Entity::find().filter(sea_orm::ColumnTrait::eq(&Column::Stream, stream));
-    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
-        q = q.lock_exclusive();
-    }
-    let row = q.one(txn).await?;
-    if row.as_ref().is_some_and(|r| r.redis_down_since.is_some()) {
-        return Ok(true);
+    let row = locked(txn, stream).await?;
+    if let Some(since) = row.as_ref().and_then(|r| r.redis_down_since) {
+        return Ok(Some(since));
     }
     if row
         .as_ref()
         .and_then(|r| r.redis_up_at)
         .is_some_and(|up| now - up < settle)
     {
-        return Ok(false);
+        return Ok(None);
     }
     let mut fresh = blank(stream, now);
     fresh.redis_down_since = Set(Some(now));
@@ -179,7 +179,45 @@ pub(crate) async fn open_for_writes(
         )
         .exec_without_returning(txn)
         .await?;
-    Ok(true)
+    // As stored (a database may keep less precision than the clock).
+    Ok(locked(txn, stream).await?.and_then(|r| r.redis_down_since))
+}
+
+/// Inside a staging transaction: true while the database still stands in
+/// for Redis by the opening `since` that the caller waited out (nobody
+/// reported Redis reachable since). Locks the row like [`open_for_writes`].
+pub(crate) async fn still_open(
+    txn: &impl ConnectionTrait,
+    stream: &str,
+    since: DateTime<Utc>,
+) -> Result<bool> {
+    let row = locked(txn, stream).await?;
+    Ok(row.and_then(|r| r.redis_down_since) == Some(since))
+}
+
+/// True when the database stands in for Redis for any of `streams`.
+pub(crate) async fn any_open(db: &impl ConnectionTrait, streams: &[&str]) -> Result<bool> {
+    use sea_orm::{ColumnTrait as _, QueryFilter as _, QuerySelect as _};
+    let one: Option<String> = Entity::find()
+        .select_only()
+        .column(Column::Stream)
+        .filter(Column::Stream.is_in(streams.iter().copied()))
+        .filter(Column::RedisDownSince.is_not_null())
+        .limit(1)
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(one.is_some())
+}
+
+/// The row of `stream`, locked for the transaction on PostgreSQL.
+async fn locked(txn: &impl ConnectionTrait, stream: &str) -> Result<Option<PartitionState>> {
+    use sea_orm::{QueryFilter as _, QuerySelect as _};
+    let mut q = Entity::find().filter(sea_orm::ColumnTrait::eq(&Column::Stream, stream));
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        q = q.lock_exclusive();
+    }
+    Ok(q.one(txn).await?)
 }
 
 /// Records `epoch` as the Redis data set this database knows complete.

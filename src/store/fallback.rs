@@ -58,6 +58,15 @@ const CATCH_UP_RETRY: Duration = Duration::from_millis(250);
 /// How long a reading of `partition_state` is trusted.
 const TRUST_FOR: Duration = Duration::from_millis(250);
 
+/// How often an app server that uses Redis looks for a partition the
+/// database stands in for (see [`SessionStore::fence`]).
+const FENCE_EVERY: Duration = Duration::from_millis(250);
+
+/// How long that look waits for the database: one that does not answer by
+/// then does not hold the operation up (the audit database failing fails no
+/// Redis operation).
+const FENCE_WAIT: Duration = Duration::from_millis(250);
+
 /// The longest a mutation waits for its synchronous audit write: as long
 /// as the audit database's pool waits for a connection. A database that
 /// answers (even slowly, or after a lock wait) gets every event before the
@@ -175,6 +184,105 @@ impl SessionStore {
             .is_ok_and(|r| r.contains(&p))
     }
 
+    /// How long the database must have stood in for Redis (by the same
+    /// opening) before this store stages a write or serves a read from it:
+    /// longer than an app server that still reaches Redis takes to notice
+    /// and close it ([`FENCE_EVERY`] and [`FENCE_WAIT`]) plus the longest
+    /// command it may have sent before ([`Config::redis_timeout`]), plus a
+    /// second. So no write is acknowledged by the database while another
+    /// app server acknowledges writes from Redis.
+    ///
+    /// [`Config::redis_timeout`]: crate::Config::redis_timeout
+    pub(super) fn open_after(&self) -> Duration {
+        self.config.redis_timeout + FENCE_EVERY + FENCE_WAIT + Duration::from_secs(1)
+    }
+
+    /// Redis is unreachable from here: opens the database for `part` (see
+    /// [`partition::open_for_writes`]) and waits until the opening has
+    /// stood [`SessionStore::open_after`], measured on this process's clock
+    /// from when it first saw that opening. The opening as stored, or `None`
+    /// when Redis is back for another process (then nothing may go to the
+    /// database: the caller answers with the Redis error).
+    async fn await_open(&self, part: &Keys) -> Result<Option<chrono::DateTime<Utc>>> {
+        use sea_orm::TransactionTrait as _;
+        let db = self.db()?;
+        let settle = chrono::Duration::from_std(self.settle_window()).unwrap_or_default();
+        let open_after = self.open_after();
+        let give_up = Instant::now() + open_after * 2;
+        loop {
+            let txn = db.begin().await?;
+            let since = partition::open_for_writes(&txn, &part.stream, settle).await?;
+            txn.commit().await?;
+            let Some(since) = since else {
+                if let Ok(mut seen) = self.shared.audit.opened.lock() {
+                    seen.remove(&part.partition);
+                }
+                return Ok(None);
+            };
+            let Some(stood) = self.opening_stood(part.partition, since) else {
+                return Ok(None);
+            };
+            if stood >= open_after {
+                return Ok(Some(since));
+            }
+            if Instant::now() >= give_up {
+                return Ok(None);
+            }
+            tokio::time::sleep(open_after - stood).await;
+        }
+    }
+
+    /// How long ago this store first saw the opening `since` of partition
+    /// `p` (now, when it is new).
+    fn opening_stood(&self, p: u32, since: chrono::DateTime<Utc>) -> Option<Duration> {
+        let mut seen = self.shared.audit.opened.lock().ok()?;
+        let first = match seen.get(&p) {
+            Some((s, at)) if *s == since => *at,
+            _ => {
+                let now = Instant::now();
+                seen.insert(p, (since, now));
+                now
+            }
+        };
+        Some(first.elapsed())
+    }
+
+    /// Before an operation uses Redis, at most every [`FENCE_EVERY`]: true
+    /// when the database stands in for Redis for any partition (a process
+    /// found Redis unreachable). The caller then takes Redis back first
+    /// (closing the database, projecting what was staged) before it serves
+    /// or writes from Redis, as after an outage of its own. A database that
+    /// does not answer within [`FENCE_WAIT`] counts as closed.
+    async fn fence(&self, now_ms: u64) -> bool {
+        let last = self.shared.audit.last_fence_ms.load(Ordering::Acquire);
+        if last != 0 && now_ms.saturating_sub(last) < FENCE_EVERY.as_millis() as u64 {
+            return false;
+        }
+        // One look per period, whichever operation comes first.
+        if self
+            .shared
+            .audit
+            .last_fence_ms
+            .compare_exchange(last, now_ms.max(1), Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        let Ok(db) = self.db() else { return false };
+        let streams: Vec<&str> = self.keys.all().iter().map(|k| k.stream.as_str()).collect();
+        match tokio::time::timeout(FENCE_WAIT, partition::any_open(db, &streams)).await {
+            Ok(Ok(open)) => open,
+            Ok(Err(e)) => {
+                tracing::debug!(err = %e, "looking for a database that stands in for redis failed");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("looking for a database that stands in for redis: no answer");
+                false
+            }
+        }
+    }
+
     /// Whether the database may stand in for Redis for partition `part`
     /// (read at most every [`TRUST_FOR`]).
     async fn database_current(&self, part: &Keys) -> bool {
@@ -221,6 +329,13 @@ impl SessionStore {
         redis_err: Error,
     ) -> Result<Option<Record>> {
         let part = self.keys.for_session(id);
+        if Box::pin(self.await_open(part)).await?.is_none() {
+            tracing::info!(
+                session_id = %id,
+                "redis unreachable from here but reachable for others; not serving from the database"
+            );
+            return Err(redis_err);
+        }
         if !Box::pin(self.database_current(part)).await {
             tracing::warn!(
                 session_id = %id,
@@ -242,10 +357,19 @@ impl SessionStore {
         writes: &[(u64, Event)],
         redis_err: Error,
     ) -> Result<Staged> {
-        let harmless = writes.iter().all(|(expected, e)| {
-            matches!(e.kind, EventKind::Destroyed { .. })
-                || (*expected == 0 && matches!(e.kind, EventKind::Created { .. }))
-        });
+        let new =
+            |expected: u64, e: &Event| expected == 0 && matches!(e.kind, EventKind::Created { .. });
+        let harmless = writes
+            .iter()
+            .all(|(x, e)| matches!(e.kind, EventKind::Destroyed { .. }) || new(*x, e));
+        let opened = if writes.iter().all(|(x, e)| new(*x, e)) {
+            None
+        } else {
+            match Box::pin(self.await_open(part)).await? {
+                Some(since) => Some(since),
+                None => return Err(refused(redis_err)),
+            }
+        };
         if !harmless && !Box::pin(self.database_current(part)).await {
             return Err(redis_err);
         }
@@ -254,13 +378,9 @@ impl SessionStore {
         // a connection lost after sending) leaves open whether Redis applied
         // the attempt, which the projection then checks in the stream.
         let unsure = !matches!(&redis_err, Error::Redis(e) if e.is_connection_refusal());
-        let settle = chrono::Duration::from_std(self.settle_window()).unwrap_or_default();
-        let out = Box::pin(outbox::stage(db, &part.stream, writes, unsure, settle)).await?;
+        let out = Box::pin(outbox::stage(db, &part.stream, writes, unsure, opened)).await?;
         if out == Staged::Refused {
-            // Redis is back for other processes: a write staged now could
-            // diverge from theirs. Not acknowledged; the client retries.
-            tracing::info!("redis unreachable from here but reachable for others; not staging");
-            return Err(redis_err);
+            return Err(refused(redis_err));
         }
         if out == Staged::Written {
             self.shared
@@ -396,8 +516,18 @@ impl SessionStore {
             .audit
             .last_contact_ms
             .swap(now, Ordering::AcqRel);
-        let suspect = self.shared.audit.suspect.load(Ordering::Acquire);
+        let mut suspect = self.shared.audit.suspect.load(Ordering::Acquire);
         let first = !self.shared.audit.epochs_checked.load(Ordering::Acquire);
+        // Another process may have found Redis unreachable and be about to
+        // stage writes in the database: take Redis back first (close the
+        // database) before serving or writing from it.
+        if !suspect && !first && Box::pin(self.fence(now)).await {
+            tracing::info!(
+                "the audit database stands in for redis for another process; taking redis back first"
+            );
+            self.note_unavailable();
+            suspect = true;
+        }
         if !suspect && !first && now.saturating_sub(last) < CATCH_UP_AFTER.as_millis() as u64 {
             return;
         }
@@ -1017,6 +1147,13 @@ impl SessionStore {
 
 /// The error of an operation whose session still has staged writes that
 /// cannot be applied to Redis yet: Redis counts as unreachable for it.
+/// Redis is back for other processes: a write staged now could diverge
+/// from theirs. Not acknowledged; the client retries.
+fn refused(redis_err: Error) -> Error {
+    tracing::info!("redis unreachable from here but reachable for others; not staging");
+    redis_err
+}
+
 fn not_settled(id: &SessionId) -> Error {
     tracing::debug!(session_id = %id, "staged writes of the session wait; using the database");
     Error::Redis(redis::RedisError::from((

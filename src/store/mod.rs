@@ -145,6 +145,12 @@ struct AuditShared {
     guard_until_ms: AtomicU64,
     /// Mutations staged in the database because Redis was unreachable.
     fallback_writes: AtomicU64,
+    /// Per partition: the database's opening for writes this store waits
+    /// out, and when it first saw it (see `fallback::await_open`).
+    opened: Mutex<HashMap<u32, (chrono::DateTime<chrono::Utc>, Instant)>>,
+    /// Milliseconds since `started` of the last look for a database that
+    /// stands in for Redis (see `fallback::fence`).
+    last_fence_ms: AtomicU64,
 }
 
 #[cfg(feature = "audit")]
@@ -166,6 +172,8 @@ impl Default for AuditShared {
             sync_failing: AtomicBool::new(false),
             guard_until_ms: AtomicU64::new(0),
             fallback_writes: AtomicU64::new(0),
+            opened: Mutex::new(HashMap::new()),
+            last_fence_ms: AtomicU64::new(0),
         }
     }
 }
