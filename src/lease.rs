@@ -121,6 +121,22 @@ pub(crate) async fn release_held(
     RELEASE.key(key).arg(holder).invoke_async(conn).await
 }
 
+/// Extends the lock or lease `key` to `ttl_ms` from now only while `holder`
+/// holds it: 1 when it did, 0 when someone else holds it now or nobody does.
+pub(crate) async fn renew_held(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+    holder: &str,
+    ttl_ms: u64,
+) -> redis::RedisResult<i64> {
+    RENEW
+        .key(key)
+        .arg(holder)
+        .arg(ttl_ms)
+        .invoke_async(conn)
+        .await
+}
+
 /// `WORKER_LEASE_MS` (10000): how long a partition stays with a worker that
 /// stopped renewing it.
 pub fn lease_ttl_from_lookup(
@@ -248,9 +264,8 @@ impl Leases {
         let partitions = self.partitions();
         let share = partitions.div_ceil(live.max(1));
         for p in self.owned.clone() {
-            let mut inv = RENEW.key(self.key(p));
-            inv.arg(&self.name).arg(self.ttl_ms());
-            let renewed: i64 = inv.invoke_async(&mut self.conn).await?;
+            let (key, ttl_ms) = (self.key(p), self.ttl_ms());
+            let renewed = renew_held(&mut self.conn, &key, &self.name, ttl_ms).await?;
             if renewed == 0 {
                 self.owned.remove(&p);
                 change.released.push(p);

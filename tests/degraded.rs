@@ -345,6 +345,64 @@ async fn recovery_is_known_and_ends_without_a_worker(backend: Backend) {
     }
 }
 
+/// A healer that dies mid-replay (SIGKILL: its healing lock is never
+/// given back) holds the next healer up for seconds, not minutes: the lock
+/// lasts 15 s unless its holder renews it. The healer is stopped while its
+/// replay waits for a lock on the audit table, then dropped. Before, the
+/// lock lasted five minutes, and so did the recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healer_that_dies_mid_replay_holds_recovery_up_briefly() {
+    use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let first = app(&ctx.config, &db).await;
+    let c = first
+        .create(NewSession::for_user(22, "twenty-two"))
+        .await
+        .expect("create");
+    lose_redis_data(&ctx).await;
+    let blocker = db.db.begin().await.expect("begin");
+    blocker
+        .execute_unprepared("LOCK TABLE session_events IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let dying = tokio::spawn({
+        let first = first.clone();
+        async move { first.heal().await }
+    });
+    let healing = first.keys().part(0).healing.clone();
+    ctx.eventually("the healing lock taken", Duration::from_secs(10), || {
+        let mut conn = ctx.conn();
+        let healing = healing.clone();
+        async move { conn.exists::<_, bool>(&healing).await.expect("exists") }
+    })
+    .await;
+    dying.abort();
+    assert!(
+        dying.await.is_err_and(|e| e.is_cancelled()),
+        "stopped mid-replay"
+    );
+    blocker.commit().await.expect("unlock");
+    let next = app(&ctx.config, &db).await;
+    assert!(
+        next.heal().await.expect("heal").is_none(),
+        "the dead healer's lock holds"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
+    loop {
+        if next.heal().await.expect("heal").is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead healer's lock ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(normal(&next).await);
+    assert!(next.get(&c.session_id).await.expect("get").is_some());
+}
+
 /// A write folded on a state read before Redis lost its data (a web
 /// request's session) lands on the session restored from the database, not
 /// on "not found": the user was not logged out.

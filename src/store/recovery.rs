@@ -44,8 +44,12 @@ use crate::session::Record;
 /// during a recovery costs one database read, not one each.
 pub const RECOVERING_MEMO: Duration = Duration::from_millis(250);
 
-/// How long a healing lock lasts without its holder finishing.
-const HEALING_LOCK: Duration = Duration::from_secs(300);
+/// How long a healing lock lasts without its holder renewing it: a healer
+/// that dies (a SIGKILL mid-replay) holds up the next one this long at most.
+const HEALING_LOCK: Duration = Duration::from_secs(15);
+
+/// How often a healer renews its locks while it replays.
+const HEALING_RENEW: Duration = Duration::from_secs(5);
 
 /// A partition's recovery state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -349,7 +353,7 @@ impl SessionStore {
         let m = crate::telemetry::metrics();
         m.redis_loss_detected.add(1, &[]);
         m.recovery_runs.add(1, &[]);
-        let result = async {
+        let work = async {
             let mut epochs = Vec::with_capacity(locked.len());
             for part in &locked {
                 epochs.push(self.ensure_epoch(part).await?);
@@ -365,13 +369,46 @@ impl SessionStore {
                 }
             }
             Ok::<_, crate::error::Error>(summary)
-        }
-        .await;
+        };
+        let result = self.renewing(&locked, &owner, work).await;
         self.release_healing(&locked, &owner).await;
         if let Ok(mut memo) = self.shared.audit.recovery.lock() {
             memo.clear();
         }
         result.map(Some)
+    }
+
+    /// Runs `work` while renewing the healing locks of `parts` that `owner`
+    /// holds every [`HEALING_RENEW`], so that a long replay keeps them and a
+    /// dead healer's run out soon. A lock lost meanwhile (Redis lost its data
+    /// again) is only logged: a second replay beside this one is harmless,
+    /// and this one records no epoch Redis no longer has.
+    async fn renewing<T>(
+        &self,
+        parts: &[&Keys],
+        owner: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let mut conn = self.conn.clone();
+        let mut every = tokio::time::interval(HEALING_RENEW);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = every.tick() => {
+                    for part in parts {
+                        let ttl = HEALING_LOCK.as_millis() as u64;
+                        match crate::lease::renew_held(&mut conn, &part.healing, owner, ttl).await {
+                            Ok(1) => {}
+                            Ok(_) => tracing::warn!(partition = part.partition, "the healing lock was lost during the replay"),
+                            Err(e) => tracing::debug!(err = %e, "renewing the healing lock failed"),
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Gives back the healing locks of `parts` that `owner` holds (best
