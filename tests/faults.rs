@@ -46,7 +46,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use checker::{Class, class};
-use history::Action;
+use history::{Action, FaultKind};
 use schedule::{Form, Settings};
 
 /// The shared-session increments (`POST /session/incr/{key}`). Switch off
@@ -110,6 +110,19 @@ async fn run_and_judge(settings: Settings) {
         !outcome.facts.events.is_empty(),
         "the audit database holds no event"
     );
+    // A Redis cut outlasts the wait before the database stands in for it:
+    // the fallback itself was exercised, not only the refusals around it.
+    if outcome
+        .history
+        .faults
+        .iter()
+        .any(|f| f.kind == FaultKind::RedisCut)
+    {
+        assert!(
+            outcome.facts.staged > 0,
+            "no mutation was staged in the database during a Redis cut"
+        );
+    }
     assert!(
         outcome.violations.is_empty(),
         "{} violation(s) of the session invariants under faults (seed {}); the report above \

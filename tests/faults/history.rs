@@ -335,6 +335,9 @@ pub struct DbFacts {
     pub verify: Option<VerifyRun>,
     /// The damage done after `verify` passed, when the run did it.
     pub damage: Option<DamageCheck>,
+    /// Mutations the app servers staged in the database while Redis was
+    /// unreachable (from their logs): the fallback was exercised.
+    pub staged: u64,
 }
 
 /// A whole run.

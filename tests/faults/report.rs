@@ -131,9 +131,10 @@ pub fn render(
         .count();
     let _ = writeln!(
         s,
-        "\naudit trail: {} events ({fallback} written in fallback mode), {} dead letters, \
-         verify exit {}",
+        "\naudit trail: {} events ({fallback} written in fallback mode; {} mutations staged \
+         while Redis was unreachable), {} dead letters, verify exit {}",
         facts.events.len(),
+        facts.staged,
         facts.dead_letters.len(),
         facts
             .verify

@@ -342,7 +342,32 @@ async fn read_facts(sys: &System, verify: VerifyRun) -> DbFacts {
         snapshots,
         verify: Some(verify),
         damage: None,
+        staged: staged_in_logs(&sys.scratch.path),
     }
+}
+
+/// The mutations of existing sessions that the app servers' logs say they
+/// staged in the database (the warning of each staging, with its `events=`
+/// count; the creation of a new session, staged at once, is left out).
+fn staged_in_logs(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("app-"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter(|l| l.contains("staged in the audit database") && !l.contains(":create{"))
+                .map(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("events=")?.parse::<u64>().ok())
+                        .unwrap_or(1)
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// Damages Redis (see [`System::damage`]), then runs `verify` (which must

@@ -258,7 +258,10 @@ fn hold_and_settle(rng: &mut Prng, kind: FaultKind, long: bool) -> (Duration, Du
         FaultKind::AppKill => (rng.ms(300, 800 * scale), Duration::from_millis(500)),
         FaultKind::WorkerKill => (rng.ms(300, 800 * scale), Duration::from_millis(1500)),
         FaultKind::RedisRestart => (rng.ms(800, 1500 * scale), Duration::from_millis(500)),
-        FaultKind::RedisCut | FaultKind::RedisSlow | FaultKind::DbCut => {
+        // A cut outlasts the wait before the database stands in for Redis
+        // (`REDIS_TIMEOUT_MS` plus 1.5 s), so that writes are staged.
+        FaultKind::RedisCut => (rng.ms(2500, 3500 * scale), Duration::from_millis(200)),
+        FaultKind::RedisSlow | FaultKind::DbCut => {
             (rng.ms(800, 1600 * scale), Duration::from_millis(200))
         }
     }
