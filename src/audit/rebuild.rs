@@ -4,9 +4,10 @@
 //! [`rebuild`] reads the event table once, in `(session_id, seq)` order and
 //! pages of [`PAGE`] rows (keyset pagination, so a page never re-reads), folds
 //! each session with the one fold ([`Record::apply_mut`]) for as long as its
-//! seqs are contiguous from 1, and writes the snapshots in batches,
-//! overwriting whatever was there (a damaged row, a lost one, one ahead of
-//! its log). A session whose history has a gap is folded up to the gap and
+//! seqs are contiguous from 1, and writes the snapshots in batches (each
+//! while the next page is read and folded), overwriting whatever was there
+//! and differs from the fold (a damaged row, a lost one, one ahead of its
+//! log). A session whose history has a gap is folded up to the gap and
 //! reported; `verify` names it and `dead-letters retry` can close it. Running
 //! it twice changes nothing the second time.
 
@@ -104,6 +105,9 @@ pub async fn rebuild(
     let mut after: (String, i64) = (String::new(), 0);
     let mut current: Option<Folding> = None;
     let mut done: Vec<Folding> = Vec::new();
+    // One batch is written (in a task of its own) while the next page is
+    // read and folded; batches are written one after the other.
+    let mut writing: Option<tokio::task::JoinHandle<Result<(u64, u64)>>> = None;
     loop {
         let rows = page(db, backend, &after, only).await?;
         let full = rows.len() as u64 >= PAGE;
@@ -124,14 +128,18 @@ pub async fn rebuild(
             let Some(f) = current.as_mut() else { continue };
             fold_row(f, row)?;
         }
+        if !full {
+            done.extend(current.take());
+        }
         if done.len() >= WRITE_BATCH || !full {
-            if !full && let Some(f) = current.take() {
-                done.push(f);
-            }
-            write(db, &mut done, timeout, &mut summary).await?;
+            let batch = std::mem::take(&mut done);
+            count(&batch, &mut summary);
+            finish(writing.take(), &mut summary).await?;
+            writing = Some(tokio::spawn(write(db.clone(), batch, timeout)));
         }
         progress(summary.events, total);
         if !full {
+            finish(writing.take(), &mut summary).await?;
             break;
         }
     }
@@ -190,19 +198,9 @@ fn fold_row(f: &mut Folding, row: Row) -> Result<()> {
     Ok(())
 }
 
-/// Writes the folded sessions whose snapshot differs from the fold.
-async fn write(
-    db: &DatabaseConnection,
-    done: &mut Vec<Folding>,
-    timeout: chrono::Duration,
-    summary: &mut RebuildSummary,
-) -> Result<()> {
-    if done.is_empty() {
-        return Ok(());
-    }
-    let now = Utc::now();
-    let mut models: Vec<session_snapshots::Model> = Vec::with_capacity(done.len());
-    for f in done.drain(..) {
+/// Counts a batch's sessions, and those with a gap, in the summary.
+fn count(batch: &[Folding], summary: &mut RebuildSummary) {
+    for f in batch {
         summary.sessions += 1;
         if f.gap {
             summary.gapped += 1;
@@ -210,70 +208,70 @@ async fn write(
                 summary.gapped_sessions.push(f.session_id.clone());
             }
         }
-        if f.state.version() == 0 {
-            continue;
-        }
-        let status = f.state.status();
-        models.push(session_snapshots::Model {
-            user_id: f.state.user_key().or(f.user_id),
-            state: f.state.to_json(),
-            seq: f.state.version() as i64,
-            status: snapshot_status(status),
-            expires_at: match (status, f.live_base) {
-                (Status::Live, Some(base)) => Some(base + timeout),
-                _ => None,
-            },
-            updated_at: now,
-            session_id: f.session_id,
-        });
     }
-    let ids: Vec<String> = models.iter().map(|m| m.session_id.clone()).collect();
-    let existing: std::collections::HashMap<String, session_snapshots::Model> = {
-        use sea_orm::{ColumnTrait as _, QueryFilter as _};
-        let mut out = std::collections::HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(1000) {
-            let rows = session_snapshots::Entity::find()
-                .filter(
-                    session_snapshots::Column::SessionId.is_in(chunk.iter().map(String::as_str)),
-                )
-                .all(db)
-                .await?;
-            out.extend(rows.into_iter().map(|r| (r.session_id.clone(), r)));
-        }
-        out
-    };
-    let changed: Vec<session_snapshots::Model> = models
+}
+
+/// Waits for a batch's write and counts what it wrote.
+async fn finish(
+    writing: Option<tokio::task::JoinHandle<Result<(u64, u64)>>>,
+    summary: &mut RebuildSummary,
+) -> Result<()> {
+    let Some(task) = writing else { return Ok(()) };
+    let (folded, written) = task
+        .await
+        .map_err(|e| sea_orm::DbErr::Custom(format!("writing snapshots: {e}")))??;
+    summary.rebuilt += written;
+    summary.unchanged += folded - written;
+    Ok(())
+}
+
+/// Writes the folded sessions whose snapshot differs from the fold: one
+/// upsert per chunk that leaves a row alone when it already holds the fold
+/// (so nothing is read first, and a second run writes nothing). Returns the
+/// sessions folded (with at least one event) and the snapshots written.
+async fn write(
+    db: DatabaseConnection,
+    done: Vec<Folding>,
+    timeout: chrono::Duration,
+) -> Result<(u64, u64)> {
+    let now = Utc::now();
+    let models: Vec<session_snapshots::ActiveModel> = done
         .into_iter()
-        .filter(|m| match existing.get(&m.session_id) {
-            Some(e) => {
-                e.state != m.state
-                    || e.seq != m.seq
-                    || e.status != m.status
-                    || e.user_id != m.user_id
-                    || e.expires_at.map(|t| t.timestamp_millis())
-                        != m.expires_at.map(|t| t.timestamp_millis())
+        .filter(|f| f.state.version() > 0)
+        .map(|f| {
+            let status = f.state.status();
+            session_snapshots::ActiveModel {
+                user_id: Set(f.state.user_key().or(f.user_id)),
+                state: Set(f.state.to_json()),
+                seq: Set(f.state.version() as i64),
+                status: Set(snapshot_status(status)),
+                expires_at: Set(match (status, f.live_base) {
+                    (Status::Live, Some(base)) => Some(base + timeout),
+                    _ => None,
+                }),
+                updated_at: Set(now),
+                session_id: Set(f.session_id),
             }
-            None => true,
         })
         .collect();
-    summary.unchanged += ids.len() as u64 - changed.len() as u64;
-    summary.rebuilt += changed.len() as u64;
-    if changed.is_empty() {
-        return Ok(());
+    let folded = models.len() as u64;
+    if folded == 0 {
+        return Ok((0, 0));
     }
+    use session_snapshots::Column as C;
+    let differs = sea_orm::sea_query::Expr::cust(
+        r#""session_snapshots"."state" IS DISTINCT FROM "excluded"."state"
+           OR "session_snapshots"."seq" IS DISTINCT FROM "excluded"."seq"
+           OR "session_snapshots"."status" IS DISTINCT FROM "excluded"."status"
+           OR "session_snapshots"."user_id" IS DISTINCT FROM "excluded"."user_id"
+           OR "session_snapshots"."expires_at" IS DISTINCT FROM "excluded"."expires_at""#,
+    );
     let txn = db.begin().await?;
-    for chunk in changed.chunks(1000) {
-        use session_snapshots::Column as C;
-        let rows = chunk.iter().map(|m| session_snapshots::ActiveModel {
-            session_id: Set(m.session_id.clone()),
-            user_id: Set(m.user_id.clone()),
-            state: Set(m.state.clone()),
-            seq: Set(m.seq),
-            status: Set(m.status),
-            expires_at: Set(m.expires_at),
-            updated_at: Set(m.updated_at),
-        });
-        session_snapshots::Entity::insert_many(rows)
+    let mut written = 0;
+    let mut models = models.into_iter().peekable();
+    while models.peek().is_some() {
+        let chunk: Vec<_> = models.by_ref().take(1000).collect();
+        written += session_snapshots::Entity::insert_many(chunk)
             .on_conflict(
                 OnConflict::column(C::SessionId)
                     .update_columns([
@@ -284,13 +282,14 @@ async fn write(
                         C::ExpiresAt,
                         C::UpdatedAt,
                     ])
+                    .action_and_where(differs.clone())
                     .to_owned(),
             )
             .exec_without_returning(&txn)
             .await?;
     }
     txn.commit().await?;
-    Ok(())
+    Ok((folded, written))
 }
 
 async fn count_events(db: &DatabaseConnection, only: Option<&str>) -> Result<u64> {
