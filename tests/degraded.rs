@@ -112,6 +112,25 @@ async fn behind_proxy(
     (server, proxy, db, config)
 }
 
+/// Like [`behind_proxy`], with two configurations of one namespace: one
+/// that reaches Redis directly, and one through the proxy, which gives up on
+/// Redis after 300 ms (the app server the test cuts off).
+async fn one_app_server_cut_off(
+    backend: Backend,
+) -> (
+    vedfolnir_tests::redis_server::RedisServer,
+    vedfolnir_tests::proxy::Proxy,
+    TestDb,
+    Config,
+    Config,
+) {
+    let (server, proxy, db, cut_off) = behind_proxy(backend, Duration::from_millis(300)).await;
+    let direct = cut_off
+        .clone()
+        .with_redis(RedisTarget::parse("REDIS_URL", &server.url()).expect("url"));
+    (server, proxy, db, direct, cut_off)
+}
+
 /// Waits (at most 10 s) until `store` reaches Redis again after a cut.
 async fn until_redis_answers(store: &SessionStore) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -909,17 +928,7 @@ async fn a_write_applied_before_its_reply_was_lost_is_not_applied_twice(backend:
 /// staged write. From then on A's writes are refused (unavailable), never
 /// staged beside B's: the two can never diverge.
 async fn once_redis_is_back_for_one_app_server_no_other_stages_writes(backend: Backend) {
-    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
-    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
-    let db = TestDb::new(backend).await;
-    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
-    let direct = Config::default()
-        .with_redis(RedisTarget::parse("REDIS_URL", &server.url()).expect("url"))
-        .with_namespace(&namespace);
-    let mut cut_off = direct
-        .clone()
-        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"));
-    cut_off.redis_timeout = Duration::from_millis(300);
+    let (_server, proxy, db, direct, cut_off) = one_app_server_cut_off(backend).await;
     let a = app(&cut_off, &db).await;
     let c = a
         .create(NewSession::for_user(20, "twenty").with("n", 0))
@@ -965,17 +974,7 @@ async fn once_redis_is_back_for_one_app_server_no_other_stages_writes(backend: B
 /// Before, A staged its increment on the database's view at once, and its
 /// projection later set the counter back, losing B's increments.
 async fn no_write_is_staged_while_another_app_server_writes_to_redis(backend: Backend) {
-    let server = vedfolnir_tests::redis_server::RedisServer::start().await;
-    let proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
-    let db = TestDb::new(backend).await;
-    let namespace = format!("vdeg:{}:", uuid::Uuid::new_v4().simple());
-    let direct = Config::default()
-        .with_redis(RedisTarget::parse("REDIS_URL", &server.url()).expect("url"))
-        .with_namespace(&namespace);
-    let mut cut_off = direct
-        .clone()
-        .with_redis(RedisTarget::parse("REDIS_URL", &proxy.url_for(&server.url())).expect("url"));
-    cut_off.redis_timeout = Duration::from_millis(300);
+    let (_server, proxy, db, direct, cut_off) = one_app_server_cut_off(backend).await;
     let a = app(&cut_off, &db).await;
     let b = app(&direct, &db).await;
     let c = b
