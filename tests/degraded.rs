@@ -422,6 +422,33 @@ async fn a_healer_that_dies_mid_replay_holds_recovery_up_briefly() {
     assert!(next.get(&c.session_id).await.expect("get").is_some());
 }
 
+/// A transaction left open on a pooled connection (its future dropped
+/// where the driver cannot roll it back) holds its locks for at most the
+/// pool's idle-in-transaction bound, not until the connection is next used:
+/// the server ends it. Before, a leaked transaction held the locks that
+/// every app server's staging and the replay wait for, and requests hung
+/// for 20 s in a long fault run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_left_open_releases_its_locks() {
+    use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+    let db = TestDb::new(Backend::Postgres).await;
+    let leaked = db.db.begin().await.expect("begin");
+    leaked
+        .execute_unprepared("LOCK TABLE session_events IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    // Never committed, never rolled back, never returned to the pool.
+    let _leaked = std::mem::ManuallyDrop::new(leaked);
+    let started = tokio::time::Instant::now();
+    let limit = vedfolnir_sessions::audit::db::IDLE_IN_TRANSACTION + Duration::from_secs(10);
+    while let Err(e) = vedfolnir_sessions::audit::settle_writes(&db.db).await {
+        assert!(
+            started.elapsed() < limit,
+            "the leaked lock is still held: {e}"
+        );
+    }
+}
+
 /// A write folded on a state read before Redis lost its data (a web
 /// request's session) lands on the session restored from the database, not
 /// on "not found": the user was not logged out.

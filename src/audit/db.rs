@@ -4,6 +4,10 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 
 use crate::error::{Error, Result};
 
+/// How long the server lets one of this pool's PostgreSQL connections sit
+/// idle inside a transaction before it ends the session.
+pub const IDLE_IN_TRANSACTION: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Opens the audit database named by `DATABASE_URL` (SQLite file or
 /// PostgreSQL; see [`connection_url`]). The URL is never logged: it may hold
 /// a password.
@@ -39,7 +43,19 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection> {
         // load every batch would otherwise pay one more round trip, and a
         // connection that broke while busy fails its statement, which the
         // worker retries like any outage.
-        .test_before_acquire_if_idle_for(std::time::Duration::from_secs(1));
+        .test_before_acquire_if_idle_for(std::time::Duration::from_secs(1))
+        // A transaction left open on a pooled connection (a future dropped
+        // while its `BEGIN` was on the wire leaves one the driver does not
+        // know about, and the next statements on that connection run inside
+        // it, holding their locks) is ended by the server after this long
+        // idle, not when the connection happens to be used again. The audit
+        // sink's own transactions set their bound themselves.
+        .map_sqlx_postgres_opts(|o| {
+            o.options([(
+                "idle_in_transaction_session_timeout",
+                IDLE_IN_TRANSACTION.as_millis().to_string(),
+            )])
+        });
     if url.starts_with("sqlite:") {
         // One writer at a time is all SQLite allows; more connections only
         // add lock contention.

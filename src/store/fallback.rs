@@ -39,6 +39,7 @@ use super::admit::admit;
 use super::script::{self, Operation as _, Reply};
 use crate::audit::entity::fallback_events;
 use crate::audit::outbox::{self, Staged, View};
+use crate::audit::partition::PartitionState;
 use crate::audit::{Incoming, partition};
 use crate::error::{Error, Result};
 use crate::event::{DestroyReason, Event, EventKind};
@@ -210,9 +211,22 @@ impl SessionStore {
         let open_after = self.open_after();
         let give_up = Instant::now() + open_after * 2;
         loop {
-            let txn = db.begin().await?;
-            let since = partition::open_for_writes(&txn, &part.stream, settle).await?;
-            txn.commit().await?;
+            // An opening already there is read without a lock (the common
+            // case during an outage: every request of every app server comes
+            // here); only opening one takes the row's lock. A staging
+            // transaction checks the opening again under the lock.
+            let since = match partition::load(db, &part.stream).await? {
+                Some(PartitionState {
+                    redis_down_since: Some(since),
+                    ..
+                }) => Some(since),
+                _ => {
+                    let txn = db.begin().await?;
+                    let since = partition::open_for_writes(&txn, &part.stream, settle).await?;
+                    txn.commit().await?;
+                    since
+                }
+            };
             let Some(since) = since else {
                 if let Ok(mut seen) = self.shared.audit.opened.lock() {
                     seen.remove(&part.partition);
