@@ -115,6 +115,11 @@ impl SessionStore {
         }
     }
 
+    /// The event streams of this store's partitions.
+    pub(super) fn streams(&self) -> Vec<&str> {
+        self.keys.all().iter().map(|k| k.stream.as_str()).collect()
+    }
+
     pub(super) fn db(&self) -> Result<&sea_orm::DatabaseConnection> {
         self.audit
             .as_ref()
@@ -283,7 +288,7 @@ impl SessionStore {
             return false;
         }
         let Ok(db) = self.db() else { return false };
-        let streams: Vec<&str> = self.keys.all().iter().map(|k| k.stream.as_str()).collect();
+        let streams = self.streams();
         match tokio::time::timeout(FENCE_WAIT, partition::any_open(db, &streams)).await {
             Ok(Ok(open)) => open,
             Ok(Err(e)) => {
@@ -695,7 +700,7 @@ impl SessionStore {
             let mut conn = self.conn.clone();
             marks.push(partition::OutageMarks::read(&mut conn, &part.outage, &part.staged).await?);
         }
-        let streams: Vec<&str> = self.keys.all().iter().map(|k| k.stream.as_str()).collect();
+        let streams = self.streams();
         let any = outbox::has_pending(&db, &streams).await?;
         for (part, marks) in self.keys.all().iter().zip(&marks) {
             let blocked = if any {
@@ -1159,8 +1164,6 @@ impl SessionStore {
     }
 }
 
-/// The error of an operation whose session still has staged writes that
-/// cannot be applied to Redis yet: Redis counts as unreachable for it.
 /// Redis is back for other processes: a write staged now could diverge
 /// from theirs. Not acknowledged; the client retries.
 fn refused(redis_err: Error) -> Error {
@@ -1168,6 +1171,8 @@ fn refused(redis_err: Error) -> Error {
     redis_err
 }
 
+/// The error of an operation whose session still has staged writes that
+/// cannot be applied to Redis yet: Redis counts as unreachable for it.
 fn not_settled(id: &SessionId) -> Error {
     tracing::debug!(session_id = %id, "staged writes of the session wait; using the database");
     Error::Redis(redis::RedisError::from((

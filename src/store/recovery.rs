@@ -424,7 +424,7 @@ impl SessionStore {
     /// this store (for operators).
     pub async fn staged_count(&self) -> Result<u64> {
         let db = self.db()?;
-        let streams: Vec<&str> = self.keys.all().iter().map(|k| k.stream.as_str()).collect();
+        let streams = self.streams();
         outbox::count(db, &streams).await
     }
 }
