@@ -853,3 +853,154 @@ async fn a_short_ttl_is_reaped_at_its_own_deadline_lean() {
 async fn a_short_ttl_is_reaped_at_its_own_deadline_ledger() {
     a_short_ttl_is_reaped_at_its_own_deadline(Layout::Ledger).await;
 }
+
+/// The stream entry of each event of `id`, as Redis holds it: its fields in
+/// order.
+async fn entries_of(ctx: &TestContext, id: &SessionId) -> Vec<Vec<(String, String)>> {
+    let stream = &ctx.store.keys().for_session(id).stream;
+    let all: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut ctx.conn())
+        .await
+        .expect("xrange");
+    all.into_iter()
+        .map(|(_, fields)| fields)
+        .filter(|f| f.iter().any(|(k, v)| k == "session_id" && v == id.as_str()))
+        .collect()
+}
+
+/// The fields an entry of `a`'s history and the same entry of `b`'s may
+/// differ in: its own id, the session's, its time and a touch's time.
+fn comparable(entry: &[(String, String)]) -> Vec<(String, String)> {
+    entry
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            "event_id" | "session_id" | "occurred_at" => (k.clone(), String::new()),
+            "payload" if v.contains("last_activity") => (k.clone(), String::new()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hot_paths_write_what_the_whole_script_writes() {
+    // `create`, and a write with the timeout and the user unchanged, take
+    // the script's hot paths; a per-user limit and a time to live of the
+    // call's own take `run`. Both histories must be the same entries, field
+    // for field, and leave the same keys beside the session's.
+    let ctx = TestContext::new().await;
+    let quick = &ctx.store;
+    let whole =
+        vedfolnir_sessions::SessionStore::connect(&ctx.config.clone().with_max_per_user(50))
+            .await
+            .expect("store");
+    let timeout = ctx.config.session_timeout;
+    let own = timeout - Duration::from_secs(1);
+    for new in [NewSession::for_user(7, "same"), NewSession::anonymous()] {
+        let a = quick.create(new.clone()).await.expect("create").session_id;
+        let b = whole.create(new).await.expect("create").session_id;
+        let (sa, sb) = (ctx.expiry_score(&a).await, ctx.expiry_score(&b).await);
+        let (sa, sb) = (sa.expect("filed") as i64, sb.expect("filed") as i64);
+        assert!((sa - sb).abs() < 2_000, "filed alike: {sa} vs {sb}");
+        for x in [&a, &b] {
+            assert_eq!(ledger(&ctx, x).await, None, "no ledger at create");
+        }
+        quick
+            .update(&a, Changes::new().with_set("cart", 3).with_unset("gone"))
+            .await
+            .expect("update");
+        whole
+            .update_with_ttl(
+                &b,
+                Changes::new().with_set("cart", 3).with_unset("gone"),
+                own,
+            )
+            .await
+            .expect("update");
+        quick.touch(&a).await.expect("touch");
+        whole.touch_with_ttl(&b, own).await.expect("touch");
+        let ea: Vec<_> = entries_of(&ctx, &a)
+            .await
+            .iter()
+            .map(|e| comparable(e))
+            .collect();
+        let eb: Vec<_> = entries_of(&ctx, &b)
+            .await
+            .iter()
+            .map(|e| comparable(e))
+            .collect();
+        assert_eq!(ea.len(), 3, "{ea:?}");
+        assert_eq!(ea, eb, "the same entries, field for field");
+        for x in [&a, &b] {
+            let json: String = ctx.conn().get(ctx.session_key(x)).await.expect("get");
+            assert!(json.ends_with(r#""_version":3}"#), "{json}");
+            assert_eq!(ledger(&ctx, x).await, None, "no ledger after writes");
+        }
+        let ja: Value = serde_json::from_str(
+            &ctx.conn()
+                .get::<_, String>(ctx.session_key(&a))
+                .await
+                .expect("get"),
+        )
+        .expect("json");
+        let jb: Value = serde_json::from_str(
+            &ctx.conn()
+                .get::<_, String>(ctx.session_key(&b))
+                .await
+                .expect("get"),
+        )
+        .expect("json");
+        let keys = |j: &Value| {
+            j.as_object()
+                .expect("object")
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&ja), keys(&jb));
+        assert_eq!(ja["cart"], jb["cart"]);
+
+        // A look the reaper took is kept current by the hot path, with the
+        // new deadline plus the tombstone time.
+        let user = ja["user_id"]
+            .as_i64()
+            .map(|u| u.to_string())
+            .unwrap_or_default();
+        let _: () = ctx
+            .conn()
+            .set_ex(ledger_key(&ctx, &a), format!("3|live|{user}"), 5)
+            .await
+            .expect("set");
+        quick
+            .update(&a, Changes::new().with_set("cart", 4))
+            .await
+            .expect("update");
+        assert_eq!(ledger(&ctx, &a).await, Some(format!("4|live|{user}")));
+        let pttl: i64 = ctx.conn().pttl(ledger_key(&ctx, &a)).await.expect("pttl");
+        let want = (timeout + ctx.config.tombstone_ttl).as_millis() as i64;
+        assert!((pttl - want).abs() < 2_000, "{pttl} vs {want}");
+        // An ended session refuses the hot path as it refuses `run`, also
+        // to a writer holding the state from before the end.
+        let before = quick.get(&a).await.expect("get").expect("live");
+        assert!(
+            quick
+                .destroy(&a, DestroyReason::Logout)
+                .await
+                .expect("destroy")
+        );
+        let refused = quick
+            .update_from(&a, before, Changes::new().with_set("cart", 5))
+            .await;
+        assert!(
+            matches!(refused, Err(Error::Ended { .. } | Error::NotFound(_))),
+            "{refused:?}"
+        );
+        assert_eq!(
+            entries_of(&ctx, &a).await.len(),
+            5,
+            "nothing appended after the end"
+        );
+    }
+}

@@ -294,6 +294,92 @@ local function evict(user, max, skip, ids, tomb)
   return ended
 end
 
+-- The hot paths of the lean layout, each a function of the library of its
+-- own with the keys it touches named in KEYS and only the arguments it
+-- reads, since every argument of an FCALL costs Redis time before a line
+-- runs. What they leave out, `run` does: the caller takes them only for a
+-- lean layout, a time to live longer than the look-ahead, no per-user limit
+-- and (for `write`) no change of user and no time to live of the call's own.
+-- SCHEMA is the schema of the events the caller builds, set when the
+-- library is loaded. On success each answers the stream id alone; any other
+-- answer is a list, as from `run`.
+
+-- Appends an event of this release's schema; `user` may be empty, `tp`
+-- absent. One call per combination, so that no argument list is built.
+local function log(stream, event_id, id, seq, kind, occurred, payload, user, tp)
+  if user == '' then
+    if not tp then
+      return redis.call('XADD', stream, '*', 'event_id', event_id, 'session_id', id,
+        'seq', seq, 'type', kind, 'occurred_at', occurred, 'schema', SCHEMA, 'payload', payload)
+    end
+    return redis.call('XADD', stream, '*', 'event_id', event_id, 'session_id', id,
+      'seq', seq, 'type', kind, 'occurred_at', occurred, 'schema', SCHEMA, 'payload', payload,
+      'traceparent', tp)
+  end
+  if not tp then
+    return redis.call('XADD', stream, '*', 'event_id', event_id, 'session_id', id,
+      'seq', seq, 'type', kind, 'occurred_at', occurred, 'schema', SCHEMA, 'payload', payload,
+      'user_id', user)
+  end
+  return redis.call('XADD', stream, '*', 'event_id', event_id, 'session_id', id,
+    'seq', seq, 'type', kind, 'occurred_at', occurred, 'schema', SCHEMA, 'payload', payload,
+    'user_id', user, 'traceparent', tp)
+end
+
+-- A write of a live session at `expected` (-1: any), its user unchanged.
+-- KEYS: stream, session key, ledger key.
+-- ARGV: expected, json, ttl, tomb, id, kind, event_id, payload, occurred,
+-- user, [traceparent].
+local function write(keys, argv)
+  local r = redis.call('MGET', keys[2], keys[3])
+  local json, status = r[1], r[2] and string.match(r[2], '^%d+|(%a+)|')
+  if status and status ~= 'live' then
+    return { 'ended', status }
+  end
+  if not json then
+    return { 'missing' }
+  end
+  local v = version_of(json)
+  if not v then
+    return redis.error_reply('session ' .. argv[5] .. ': its JSON does not end with _version')
+  end
+  local expected = tonumber(argv[1])
+  if v ~= expected and expected >= 0 then
+    return { 'conflict', json }
+  end
+  local seq = v + 1
+  local user = argv[10]
+  local sid = log(keys[1], argv[7], argv[5], seq, argv[6], argv[9], argv[8], user, argv[11])
+  redis.call('SET', keys[2], argv[2], 'PX', argv[3])
+  if status then
+    -- A look the reaper took: kept current, as every ledger.
+    redis.call('SET', keys[3], seq .. '|live|' .. user, 'PX', argv[3] + argv[4])
+  end
+  return sid
+end
+
+-- A new session.
+-- KEYS: stream, session key, expiry index, [user index].
+-- ARGV: json, ttl, look-ahead, id, member, event_id, payload, occurred,
+-- user, [traceparent].
+-- The id is fresh (256 random bits): only a retry of this create can have
+-- written its key before, and nothing can have ended it (nobody else knows
+-- its token yet, and its deadline is further away than the look-ahead), so
+-- `SET NX` is the whole check.
+local function create(keys, argv)
+  if not redis.call('SET', keys[2], argv[1], 'PX', argv[2], 'NX') then
+    return { 'exists' }
+  end
+  local sid = log(keys[1], argv[6], argv[4], '1', 'created', argv[8], argv[7], argv[9], argv[10])
+  local t = redis.call('TIME')
+  local s, us = tonumber(t[1]), tonumber(t[2])
+  redis.call('ZADD', keys[3], s * 1000 + math.floor(us / 1000) + argv[2] - argv[3], argv[5])
+  if keys[4] then
+    redis.call('ZADD', keys[4], 'NX', s * 1000000 + us, argv[5])
+  end
+  return sid
+end
+
 -- One call: `keys` and `argv` as described at the top.
 local function run(keys, argv)
   KEYS, ARGV = keys, argv

@@ -206,6 +206,21 @@ impl SessionStore {
         self.config.tombstone_ttl.as_millis() as u64
     }
 
+    /// True when a write or create with time to live `ttl_ms` (the timeout
+    /// when `None`) may take the script's hot path: the lean layout, and a
+    /// deadline further away than the look-ahead (nearer, a write keeps a
+    /// ledger, which the hot path does not write).
+    fn quick_ttl(&self, ttl_ms: Option<u64>) -> bool {
+        let shape = self.shape();
+        shape.layout == crate::config::Layout::Lean
+            && ttl_ms.unwrap_or_else(|| self.ttl_ms()) > shape.lookahead_ms
+    }
+
+    /// [`Self::quick_ttl`] for the timeout.
+    fn quick(&self) -> bool {
+        self.quick_ttl(None)
+    }
+
     fn checked_json(&self, session: &Record) -> Result<String> {
         let json = session.to_json();
         if json.len() > self.config.max_bytes {
@@ -402,6 +417,20 @@ impl SessionStore {
             let inv;
             let mut ended_old = None;
             match &rotated_from {
+                None if script_limit == 0 && self.quick_ttl(ttl_ms) => {
+                    inv = script::QuickCreate {
+                        id: &id,
+                        json: &json,
+                        ttl_ms: ttl_ms.unwrap_or_else(|| self.ttl_ms()),
+                        lookahead_ms: self.shape().lookahead_ms,
+                        user: user.as_deref().unwrap_or(""),
+                        event_id: created.event_id,
+                        payload: &created.kind.payload_json(),
+                        occurred_at: meta.occurred_at,
+                        traceparent: meta.traceparent.as_deref(),
+                    }
+                    .invocation(part);
+                }
                 None => {
                     inv = script::Create {
                         id: &id,
@@ -527,10 +556,13 @@ impl SessionStore {
 
     /// One attempt at writing a folded event (Redis, or the database in
     /// fallback mode).
+    /// `base` is the version `next` was folded on and `old_user` its user.
+    #[allow(clippy::too_many_arguments)]
     async fn write_once(
         &self,
         id: &SessionId,
-        current: &Record,
+        base: u64,
+        old_user: Option<&str>,
         next: &Record,
         event: &Event,
         meta: &Meta,
@@ -538,29 +570,47 @@ impl SessionStore {
     ) -> Result<Written> {
         let json = self.checked_json(next)?;
         let part = self.keys.for_session(id);
-        let inv = script::Write {
-            id,
-            expected: current.version(),
-            json: &json,
-            ttl_ms: ttl_ms.unwrap_or_else(|| self.ttl_ms()),
-            tomb_ms: self.tomb_ms(),
-            user: event.user_id.as_deref().unwrap_or(""),
-            old_user: current.user_key().as_deref().unwrap_or(""),
-            kind: event.kind.type_name(),
-            event_id: event.event_id,
-            payload: &event.kind.payload_json(),
-            stamp: meta.stamp(),
-            // A time to live of the call's own may be shorter than the one
-            // the expiry entry was filed for: the script lowers the entry
-            // (the usual write leaves it alone, see `store_live`).
-            lower: ttl_ms.is_some(),
-        }
-        .invocation(part, self.shape());
+        let user = event.user_id.as_deref().unwrap_or("");
+        let old_user = old_user.unwrap_or("");
+        let payload = event.kind.payload_json();
+        let inv = if ttl_ms.is_none() && user == old_user && self.quick() {
+            script::QuickWrite {
+                id,
+                expected: base,
+                json: &json,
+                ttl_ms: self.ttl_ms(),
+                tomb_ms: self.tomb_ms(),
+                user,
+                kind: event.kind.type_name(),
+                event_id: event.event_id,
+                payload: &payload,
+                occurred_at: meta.occurred_at,
+                traceparent: meta.traceparent.as_deref(),
+            }
+            .invocation(part)
+        } else {
+            script::Write {
+                id,
+                expected: base,
+                json: &json,
+                ttl_ms: ttl_ms.unwrap_or_else(|| self.ttl_ms()),
+                tomb_ms: self.tomb_ms(),
+                user,
+                old_user,
+                kind: event.kind.type_name(),
+                event_id: event.event_id,
+                payload: &payload,
+                stamp: meta.stamp(),
+                // A time to live of the call's own may be shorter than the
+                // one the expiry entry was filed for: the script lowers the
+                // entry (the usual write leaves it alone, see `store_live`).
+                lower: ttl_ms.is_some(),
+            }
+            .invocation(part, self.shape())
+        };
         Ok(
             match self
-                .run_or_fallback(part, &inv, Some(id), || {
-                    vec![(current.version(), event.clone())]
-                })
+                .run_or_fallback(part, &inv, Some(id), || vec![(base, event.clone())])
                 .await?
             {
                 Outcome::Redis(Reply::Ok(xid, _), _) => Written::Redis(Some(xid)),
@@ -600,14 +650,18 @@ impl SessionStore {
         let mut brought_back = false;
         for attempt in 1..=attempts {
             let meta = Meta::now();
-            let draft = meta.event(id, current.version() + 1, None, change(&current)?);
-            let next = current.apply(&draft);
+            let base = current.version();
+            let old_user = current.user_key();
+            let draft = meta.event(id, base + 1, None, change(&current)?);
+            // Folded in place: a conflict brings a fresh state anyway.
+            let mut next = current;
+            next.apply_mut(&draft);
             let event = Event {
                 user_id: next.user_key(),
                 ..draft
             };
             let retry = match self
-                .write_once(id, &current, &next, &event, &meta, ttl_ms)
+                .write_once(id, base, old_user.as_deref(), &next, &event, &meta, ttl_ms)
                 .await?
             {
                 Written::Redis(xid) => {
@@ -879,10 +933,13 @@ impl SessionStore {
         let kind = EventKind::Touched {
             last_activity: meta.occurred_at,
         };
-        let event = meta.event(id, current.version() + 1, current.user_key(), kind);
-        let next = current.apply(&event);
+        let base = current.version();
+        let user = current.user_key();
+        let event = meta.event(id, base + 1, user.clone(), kind);
+        let mut next = current;
+        next.apply_mut(&event);
         match self
-            .write_once(id, &current, &next, &event, &meta, ttl_ms)
+            .write_once(id, base, user.as_deref(), &next, &event, &meta, ttl_ms)
             .await?
         {
             Written::Redis(xid) => {

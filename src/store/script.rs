@@ -34,6 +34,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, Layout};
 use crate::error::{Error, Result};
+use crate::event::SCHEMA_VERSION;
 use crate::id::SessionId;
 use crate::keys::Keys;
 #[cfg(feature = "audit")]
@@ -44,15 +45,35 @@ use crate::time::Timestamp;
 /// takes.
 struct Library {
     name: String,
+    write: String,
+    create: String,
     code: String,
 }
 
+/// The library's text: the schema of the events its hot paths append, the
+/// script, and the registration of its functions (`run`, and the hot paths
+/// `write` and `create` under the name with `_write`, `_create`).
 static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
-    let body = include_str!("../lua/session.lua");
+    let body = format!(
+        "local SCHEMA = '{SCHEMA_VERSION}'\n{}",
+        include_str!("../lua/session.lua")
+    );
     let digest = hex::encode(Sha256::digest(body.as_bytes()));
     let name = format!("vedfolnir_session_{}", &digest[..16]);
-    let code = format!("#!lua name={name}\n{body}\nredis.register_function('{name}', run)\n");
-    Library { name, code }
+    let code = format!(
+        "#!lua name={name}\n{body}\n\
+         redis.register_function('{name}', run)\n\
+         redis.register_function('{name}_write', write)\n\
+         redis.register_function('{name}_create', create)\n"
+    );
+    let write = format!("{name}_write");
+    let create = format!("{name}_create");
+    Library {
+        name,
+        write,
+        create,
+        code,
+    }
 });
 
 /// What the script answered.
@@ -298,6 +319,106 @@ impl Operation for Write<'_> {
     }
 }
 
+/// An empty command with room for `args` arguments and, besides `bulk`
+/// bytes of JSON, the keys, ids and times of a call: built once, not grown.
+fn sized(args: usize, bulk: usize) -> redis::Cmd {
+    redis::Cmd::with_capacity(args, bulk + 512)
+}
+
+/// The hot path of [`Write`] (the library's `write`): the lean layout, the
+/// configured time to live (longer than the look-ahead) and the user
+/// unchanged, which is every write of a web request. It names the keys it
+/// touches and passes only what the script reads: about half the Redis time
+/// of `run`'s `write`.
+#[derive(Debug)]
+pub(crate) struct QuickWrite<'a> {
+    pub id: &'a SessionId,
+    pub expected: u64,
+    pub json: &'a str,
+    pub ttl_ms: u64,
+    pub tomb_ms: u64,
+    pub user: &'a str,
+    pub kind: &'a str,
+    pub event_id: Uuid,
+    pub payload: &'a str,
+    pub occurred_at: Timestamp,
+    pub traceparent: Option<&'a str>,
+}
+
+impl QuickWrite<'_> {
+    pub(crate) fn invocation(&self, keys: &Keys) -> Invocation {
+        let mut cmd = sized(16, self.json.len() + self.payload.len());
+        cmd.arg("FCALL")
+            .arg(&LIBRARY.write)
+            .arg(3)
+            .arg(&keys.stream)
+            .arg(keys.session(self.id))
+            .arg(keys.ledger(self.id))
+            .arg(self.expected)
+            .arg(self.json)
+            .arg(self.ttl_ms)
+            .arg(self.tomb_ms)
+            .arg(self.id.as_str())
+            .arg(self.kind)
+            .arg(self.event_id.to_string())
+            .arg(self.payload)
+            .arg(self.occurred_at.to_string())
+            .arg(self.user);
+        if let Some(tp) = self.traceparent {
+            cmd.arg(tp);
+        }
+        Invocation { cmd }
+    }
+}
+
+/// The hot path of [`Create`] (the library's `create`): the lean layout, a
+/// time to live longer than the look-ahead and no per-user limit for the
+/// script to enforce.
+#[derive(Debug)]
+pub(crate) struct QuickCreate<'a> {
+    pub id: &'a SessionId,
+    pub json: &'a str,
+    pub ttl_ms: u64,
+    pub lookahead_ms: u64,
+    /// The session's user (empty when anonymous: no user index).
+    pub user: &'a str,
+    pub event_id: Uuid,
+    pub payload: &'a str,
+    pub occurred_at: Timestamp,
+    pub traceparent: Option<&'a str>,
+}
+
+impl QuickCreate<'_> {
+    pub(crate) fn invocation(&self, keys: &Keys) -> Invocation {
+        let mut cmd = sized(16, self.json.len() + self.payload.len());
+        cmd.arg("FCALL").arg(&LIBRARY.create);
+        if self.user.is_empty() {
+            cmd.arg(3);
+        } else {
+            cmd.arg(4);
+        }
+        cmd.arg(&keys.stream)
+            .arg(keys.session(self.id))
+            .arg(&keys.expiry);
+        if !self.user.is_empty() {
+            cmd.arg(keys.user(self.user));
+        }
+        cmd.arg(self.json)
+            .arg(self.ttl_ms)
+            .arg(self.lookahead_ms)
+            .arg(self.id.as_str())
+            .arg(&self.id.to_bytes()[..])
+            .arg(self.event_id.to_string())
+            .arg(self.payload)
+            .arg(self.occurred_at.to_string())
+            .arg(self.user);
+        if let Some(tp) = self.traceparent {
+            cmd.arg(tp);
+        }
+        Invocation { cmd }
+    }
+}
+
 /// `end`: a session's end (`destroyed`), at version `expected` when the
 /// caller knows it (-1: whatever the ledger says, or the session's JSON
 /// back).
@@ -523,6 +644,11 @@ impl Operation for Apply<'_> {
 pub(crate) fn decode(parts: Vec<String>) -> Result<Reply> {
     let mut it = parts.into_iter();
     let tag = it.next().unwrap_or_default();
+    // The hot paths answer a success with the stream id alone, which no tag
+    // looks like (`<ms>-<seq>`).
+    if tag.contains('-') {
+        return Ok(Reply::Ok(tag, it.collect()));
+    }
     let reply = match tag.as_str() {
         "ok" => {
             let sid = it.next().unwrap_or_default();
