@@ -25,7 +25,7 @@ use vedfolnir_sessions::audit::{AuditConsumer, AuditSink, ConsumerConfig};
 use vedfolnir_sessions::config::RedisTarget;
 use vedfolnir_sessions::store::RecoveryState;
 use vedfolnir_sessions::{
-    Changes, Config, DestroyReason, Error, NewSession, SessionId, SessionStore, Status,
+    Changes, Config, DestroyReason, Error, NewSession, SessionId, SessionStore, Status, Token,
 };
 use vedfolnir_tests::TestContext;
 use vedfolnir_tests::db::{Backend, TestDb};
@@ -1083,6 +1083,55 @@ async fn an_audit_outage_fails_no_redis_operation() {
         "the user has the new session"
     );
     outage.end().await;
+}
+
+/// Redis loses its data while the audit database is unreachable (the
+/// sixteenth long fault run: an empty restart, and requests that had waited
+/// out the outage read the new, empty Redis before any replay). Nothing can
+/// say what the lost data set held, so a read of a session that was live
+/// answers an error (503 from the web layer), not "no session": before, the store took the failed
+/// read of the recovery state for "not recovering", the web layer answered
+/// 401/403 and the user was logged out, although the replay brought the
+/// session back moments later. A read from a process that never confirmed
+/// an epoch, while Redis still has its epoch, still stands (an audit outage
+/// fails no read while Redis is whole), and once the database is back the
+/// session is served from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_after_redis_lost_its_data_is_no_answer_while_the_database_is_down() {
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = app(&ctx.config, &db).await;
+    let c = store
+        .create(NewSession::for_user(16, "sixteen"))
+        .await
+        .expect("create");
+    drain(&ctx.config, &db).await;
+    // A miss confirms this process's epoch.
+    let unknown = Token::generate().session_id();
+    assert_eq!(store.get(&unknown).await.expect("miss"), None);
+    let fresh = app(&ctx.config, &db).await;
+
+    // An audit outage alone, Redis whole: misses stand, also for a process
+    // that never confirmed an epoch, and the live session is served.
+    let outage = PgOutage::begin(&db).await;
+    assert_eq!(store.get(&unknown).await.expect("miss stands"), None);
+    assert_eq!(fresh.get(&unknown).await.expect("miss stands"), None);
+    assert!(store.get(&c.session_id).await.expect("get").is_some());
+
+    // Redis loses its data during the audit outage.
+    lose_redis_data(&ctx).await;
+    let read = store.get(&c.session_id).await;
+    assert!(
+        matches!(&read, Err(Error::Database(_))) || matches!(&read, Err(e) if e.is_unavailable()),
+        "a session the lost data set may have held is no miss: {read:?}"
+    );
+    outage.end().await;
+    let back = store
+        .get(&c.session_id)
+        .await
+        .expect("get")
+        .expect("served from the database once it is back");
+    assert_eq!(back.get("username"), Some(&json!("sixteen")));
 }
 
 /// An outage of a PostgreSQL test database: new connections are refused

@@ -340,6 +340,7 @@ impl SessionStore {
         let part = self.keys.for_session(id);
         match self.after_miss(part).await {
             Miss::Stands => Ok(None),
+            Miss::Unknown(e) => Err(e),
             Miss::Recovering => self.restore_on_read(id).await,
             Miss::ReadAgain { epoch } => match self.read_in_epoch(id, part, &epoch).await? {
                 (Some(j), _) => parse_session(id, &j).map(Some),

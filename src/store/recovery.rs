@@ -23,7 +23,9 @@
 //! epoch" answer is remembered by the process (it cannot change without the
 //! key changing); a "recovering" answer for [`RECOVERING_MEMO`]. A miss whose
 //! epoch was not confirmed before it is read again with the epoch
-//! ([`Miss::ReadAgain`]): a replay may have finished in between.
+//! ([`Miss::ReadAgain`]): a replay may have finished in between. A miss
+//! whose state cannot be read while Redis may have lost its data answers an
+//! error ([`Miss::Unknown`]), never "no session".
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -70,7 +72,7 @@ pub enum RecoveryState {
 }
 
 /// What a read that missed in Redis means.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) enum Miss {
     /// Redis held the complete data set when the key was read: the session
     /// is not there.
@@ -83,6 +85,11 @@ pub(super) enum Miss {
         /// The epoch known complete now.
         epoch: String,
     },
+    /// Redis may have lost its data set and nothing can tell: its epoch
+    /// could not be read, or it has none or another than the one this
+    /// process confirmed and the database cannot be read. The read answers
+    /// this error, never "no session".
+    Unknown(crate::error::Error),
 }
 
 /// What each process remembers of a partition.
@@ -155,8 +162,9 @@ impl SessionStore {
     }
 
     /// What a read that missed in Redis means for partition `part` (see the
-    /// module docs). A read error of the recovery state counts as "not
-    /// recovering": without the database nothing could be restored anyway.
+    /// module docs). When the recovery state cannot be read, the miss stands
+    /// only where nothing says Redis lost data: its epoch is there and this
+    /// process never confirmed another.
     pub(super) async fn after_miss(&self, part: &Keys) -> Miss {
         let p = part.partition;
         let (confirmed, memo_fresh) = match self.shared.audit.recovery.lock() {
@@ -173,18 +181,31 @@ impl SessionStore {
         if memo_fresh {
             return Miss::Recovering;
         }
-        if let Some(c) = confirmed {
+        let redis_epoch: Option<String> = match self.conn.clone().get(&part.epoch).await {
+            Ok(e) => e,
+            Err(e) => return Miss::Unknown(e.into()),
+        };
+        if let (Some(c), Some(r)) = (&confirmed, &redis_epoch)
+            && c == r
+        {
             // The epoch read after the miss is the one confirmed before it:
             // no loss of data came between (a new data set always gets a new
             // epoch), so the miss stands.
-            let redis_epoch: redis::RedisResult<Option<String>> =
-                self.conn.clone().get(&part.epoch).await;
-            if matches!(&redis_epoch, Ok(Some(r)) if *r == c) {
-                return Miss::Stands;
-            }
+            return Miss::Stands;
         }
         let state = match self.recovery_state(part).await {
             Ok(s) => s,
+            // Redis has no epoch, or not the one this process confirmed: it
+            // lost a data set since, and only the database knows what was in
+            // it. A miss there is no answer (it would log a user out whose
+            // session the replay is about to bring back).
+            Err(e) if redis_epoch.is_none() || confirmed.is_some() => {
+                tracing::debug!(err = %e, "reading the recovery state failed after redis lost its data");
+                return Miss::Unknown(e);
+            }
+            // A process that never confirmed an epoch, with the database
+            // unreachable: nothing says Redis lost anything, and an audit
+            // outage must fail no read (nothing could be restored anyway).
             Err(e) => {
                 tracing::debug!(err = %e, "reading the recovery state failed");
                 return Miss::Stands;
