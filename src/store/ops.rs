@@ -216,11 +216,6 @@ impl SessionStore {
             && ttl_ms.unwrap_or_else(|| self.ttl_ms()) > shape.lookahead_ms
     }
 
-    /// [`Self::quick_ttl`] for the timeout.
-    fn quick(&self) -> bool {
-        self.quick_ttl(None)
-    }
-
     fn checked_json(&self, session: &Record) -> Result<String> {
         let json = session.to_json();
         if json.len() > self.config.max_bytes {
@@ -417,22 +412,8 @@ impl SessionStore {
             let inv;
             let mut ended_old = None;
             match &rotated_from {
-                None if script_limit == 0 && self.quick_ttl(ttl_ms) => {
-                    inv = script::QuickCreate {
-                        id: &id,
-                        json: &json,
-                        ttl_ms: ttl_ms.unwrap_or_else(|| self.ttl_ms()),
-                        lookahead_ms: self.shape().lookahead_ms,
-                        user: user.as_deref().unwrap_or(""),
-                        event_id: created.event_id,
-                        payload: &created.kind.payload_json(),
-                        occurred_at: meta.occurred_at,
-                        traceparent: meta.traceparent.as_deref(),
-                    }
-                    .invocation(part);
-                }
                 None => {
-                    inv = script::Create {
+                    let create = script::Create {
                         id: &id,
                         json: &json,
                         ttl_ms: ttl_ms.unwrap_or_else(|| self.ttl_ms()),
@@ -443,8 +424,12 @@ impl SessionStore {
                         payload: &created.kind.payload_json(),
                         stamp: meta.stamp(),
                         spare_ids: &spare_ids,
-                    }
-                    .invocation(part, self.shape());
+                    };
+                    inv = if script_limit == 0 && self.quick_ttl(ttl_ms) {
+                        create.quick(part, self.shape().lookahead_ms)
+                    } else {
+                        create.invocation(part, self.shape())
+                    };
                 }
                 Some((old, current, reason)) => {
                     let end = meta.event(
@@ -573,40 +558,27 @@ impl SessionStore {
         let user = event.user_id.as_deref().unwrap_or("");
         let old_user = old_user.unwrap_or("");
         let payload = event.kind.payload_json();
-        let inv = if ttl_ms.is_none() && user == old_user && self.quick() {
-            script::QuickWrite {
-                id,
-                expected: base,
-                json: &json,
-                ttl_ms: self.ttl_ms(),
-                tomb_ms: self.tomb_ms(),
-                user,
-                kind: event.kind.type_name(),
-                event_id: event.event_id,
-                payload: &payload,
-                occurred_at: meta.occurred_at,
-                traceparent: meta.traceparent.as_deref(),
-            }
-            .invocation(part)
+        let write = script::Write {
+            id,
+            expected: base,
+            json: &json,
+            ttl_ms: ttl_ms.unwrap_or_else(|| self.ttl_ms()),
+            tomb_ms: self.tomb_ms(),
+            user,
+            old_user,
+            kind: event.kind.type_name(),
+            event_id: event.event_id,
+            payload: &payload,
+            stamp: meta.stamp(),
+            // A time to live of the call's own may be shorter than the one
+            // the expiry entry was filed for: the script lowers the entry
+            // (the usual write leaves it alone, see `store_live`).
+            lower: ttl_ms.is_some(),
+        };
+        let inv = if !write.lower && user == old_user && self.quick_ttl(None) {
+            write.quick(part)
         } else {
-            script::Write {
-                id,
-                expected: base,
-                json: &json,
-                ttl_ms: ttl_ms.unwrap_or_else(|| self.ttl_ms()),
-                tomb_ms: self.tomb_ms(),
-                user,
-                old_user,
-                kind: event.kind.type_name(),
-                event_id: event.event_id,
-                payload: &payload,
-                stamp: meta.stamp(),
-                // A time to live of the call's own may be shorter than the
-                // one the expiry entry was filed for: the script lowers the
-                // entry (the usual write leaves it alone, see `store_live`).
-                lower: ttl_ms.is_some(),
-            }
-            .invocation(part, self.shape())
+            write.invocation(part, self.shape())
         };
         Ok(
             match self

@@ -24,6 +24,12 @@
 //! operation's section of the script lists the same names in the same order.
 //! An event the script appends takes its [`Stamp`] after the operation's
 //! own arguments, before any list of spare event ids.
+//!
+//! The library's two hot paths, `write` and `create` (a web request's
+//! writes, in the lean layout), are functions of their own, called through
+//! [`Write::quick`] and [`Create::quick`]: they name every key they touch in
+//! `KEYS` and take only the arguments they read, since each argument of an
+//! `FCALL` costs Redis time before a line of the script runs.
 
 use std::sync::LazyLock;
 
@@ -236,6 +242,15 @@ impl Stamp<'_> {
             .arg(self.schema)
             .arg(self.traceparent.unwrap_or(""));
     }
+
+    /// The hot paths' last argument: the traceparent, only when there is
+    /// one (their events are of this release's schema, a constant of the
+    /// library).
+    fn traceparent_arg(&self, a: &mut redis::Cmd) {
+        if let Some(tp) = self.traceparent {
+            a.arg(tp);
+        }
+    }
 }
 
 /// `create`: a new session, its `created` event and, with a per-user
@@ -325,28 +340,14 @@ fn sized(args: usize, bulk: usize) -> redis::Cmd {
     redis::Cmd::with_capacity(args, bulk + 512)
 }
 
-/// The hot path of [`Write`] (the library's `write`): the lean layout, the
-/// configured time to live (longer than the look-ahead) and the user
-/// unchanged, which is every write of a web request. It names the keys it
-/// touches and passes only what the script reads: about half the Redis time
-/// of `run`'s `write`.
-#[derive(Debug)]
-pub(crate) struct QuickWrite<'a> {
-    pub id: &'a SessionId,
-    pub expected: u64,
-    pub json: &'a str,
-    pub ttl_ms: u64,
-    pub tomb_ms: u64,
-    pub user: &'a str,
-    pub kind: &'a str,
-    pub event_id: Uuid,
-    pub payload: &'a str,
-    pub occurred_at: Timestamp,
-    pub traceparent: Option<&'a str>,
-}
-
-impl QuickWrite<'_> {
-    pub(crate) fn invocation(&self, keys: &Keys) -> Invocation {
+impl Write<'_> {
+    /// The hot path of this write (the library's `write`), for the lean
+    /// layout with the configured time to live (longer than the look-ahead)
+    /// and the user unchanged, which is every write of a web request. It
+    /// names the keys it touches and passes only what the script reads:
+    /// about 30 % less Redis time than `run`'s `write`.
+    pub(crate) fn quick(&self, keys: &Keys) -> Invocation {
+        debug_assert!(!self.lower && self.user == self.old_user);
         let mut cmd = sized(16, self.json.len() + self.payload.len());
         cmd.arg("FCALL")
             .arg(&LIBRARY.write)
@@ -362,59 +363,40 @@ impl QuickWrite<'_> {
             .arg(self.kind)
             .arg(self.event_id.to_string())
             .arg(self.payload)
-            .arg(self.occurred_at.to_string())
+            .arg(self.stamp.occurred_at.to_string())
             .arg(self.user);
-        if let Some(tp) = self.traceparent {
-            cmd.arg(tp);
-        }
+        self.stamp.traceparent_arg(&mut cmd);
         Invocation { cmd }
     }
 }
 
-/// The hot path of [`Create`] (the library's `create`): the lean layout, a
-/// time to live longer than the look-ahead and no per-user limit for the
-/// script to enforce.
-#[derive(Debug)]
-pub(crate) struct QuickCreate<'a> {
-    pub id: &'a SessionId,
-    pub json: &'a str,
-    pub ttl_ms: u64,
-    pub lookahead_ms: u64,
-    /// The session's user (empty when anonymous: no user index).
-    pub user: &'a str,
-    pub event_id: Uuid,
-    pub payload: &'a str,
-    pub occurred_at: Timestamp,
-    pub traceparent: Option<&'a str>,
-}
-
-impl QuickCreate<'_> {
-    pub(crate) fn invocation(&self, keys: &Keys) -> Invocation {
+impl Create<'_> {
+    /// The hot path of this create (the library's `create`), for the lean
+    /// layout, a time to live longer than the look-ahead (`lookahead_ms`)
+    /// and no per-user limit for the script to enforce.
+    pub(crate) fn quick(&self, keys: &Keys, lookahead_ms: u64) -> Invocation {
+        debug_assert!(self.max_per_user == 0 && self.ttl_ms > lookahead_ms);
+        let signed_in = !self.user.is_empty();
         let mut cmd = sized(16, self.json.len() + self.payload.len());
-        cmd.arg("FCALL").arg(&LIBRARY.create);
-        if self.user.is_empty() {
-            cmd.arg(3);
-        } else {
-            cmd.arg(4);
-        }
-        cmd.arg(&keys.stream)
+        cmd.arg("FCALL")
+            .arg(&LIBRARY.create)
+            .arg(if signed_in { 4 } else { 3 })
+            .arg(&keys.stream)
             .arg(keys.session(self.id))
             .arg(&keys.expiry);
-        if !self.user.is_empty() {
+        if signed_in {
             cmd.arg(keys.user(self.user));
         }
         cmd.arg(self.json)
             .arg(self.ttl_ms)
-            .arg(self.lookahead_ms)
+            .arg(lookahead_ms)
             .arg(self.id.as_str())
             .arg(&self.id.to_bytes()[..])
             .arg(self.event_id.to_string())
             .arg(self.payload)
-            .arg(self.occurred_at.to_string())
+            .arg(self.stamp.occurred_at.to_string())
             .arg(self.user);
-        if let Some(tp) = self.traceparent {
-            cmd.arg(tp);
-        }
+        self.stamp.traceparent_arg(&mut cmd);
         Invocation { cmd }
     }
 }
