@@ -112,6 +112,30 @@ fn store_suite_reports_every_workload_and_cleans_up() {
             );
             assert!(number(r, "median_redis_us_ratio_to_logged") > 0.0, "{r}");
         }
+        // The calls that take no state (update, touch) also run the logging
+        // baseline reading the session first; the others do not.
+        if r["op"] == "update" || r["op"] == "touch" {
+            assert!(number(r, "read_logged_ops_per_sec") > 0.0, "{r}");
+            assert_eq!(
+                r["read_logged_errors"], 0,
+                "no failed read-first write in {r}"
+            );
+            assert!(
+                r["read_logged_baseline"]
+                    .as_str()
+                    .is_some_and(|b| b.starts_with("GET"))
+            );
+            let rounds = r["rounds"].as_array().expect("rounds");
+            let mean = (number(&rounds[0], "ratio_to_read_logged")
+                + number(&rounds[1], "ratio_to_read_logged"))
+                / 2.0;
+            assert!(
+                (number(r, "median_ratio_to_read_logged") - mean).abs() < 0.002,
+                "median of the rounds in {r}"
+            );
+        } else {
+            assert!(r["read_logged_ops_per_sec"].is_null(), "{r}");
+        }
     }
 
     let memory = &report["memory"];

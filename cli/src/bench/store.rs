@@ -51,6 +51,8 @@ const SESSIONS_PER_USER: usize = 4;
 /// What the logging baseline does per write.
 const LOGGED_BASELINE: &str =
     "one script: SET key json PX ttl (DEL to destroy) + XADD of the change";
+const READ_LOGGED_BASELINE: &str =
+    "GET key, decode, change, encode, then the logging baseline's script";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -409,6 +411,48 @@ impl Fixture {
 
     /// The plain store's key of pool session `i`, built per request from
     /// the id as the store builds its own.
+    /// The logging baseline for a call that takes no state: `GET` the
+    /// plain store's copy and decode it, change it (or stamp a touch),
+    /// encode, and run the logging baseline's script.
+    async fn read_logged_write(&self, step: Step, client: &mut Client) -> Result<()> {
+        let i = self.pick(client);
+        let json: Option<String> = redis::cmd("GET")
+            .arg(self.plain_key(i))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let Some(json) = json else {
+            return Err(Error::NotFound(self.pool[i].clone()));
+        };
+        let mut data: Map<String, Value> = serde_json::from_str(&json)
+            .map_err(|e| Error::Corrupt(format!("plain session: {e}")))?;
+        let payload = match step {
+            Step::Touch => "{}".to_owned(),
+            _ => {
+                let c = changes(client);
+                let payload = Value::Object(c.set.clone()).to_string();
+                data.extend(c.set);
+                payload
+            }
+        };
+        let json = Self::encode(&mut data, false);
+        let keys = self.store.keys();
+        let id = &self.pool[i];
+        let tag = if keys.tagged() {
+            format!("{{{}}}", keys.partition_of(id))
+        } else {
+            String::new()
+        };
+        let _: String = LOGGED
+            .key(format!("{}{tag}:{id}", self.logged_prefix))
+            .key(format!("{}events{tag}", self.logged_prefix))
+            .arg(json)
+            .arg(self.ttl_ms)
+            .arg(payload)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
     fn plain_key(&self, i: usize) -> String {
         format!("{}{}", self.plain_prefix, self.pool[i])
     }
@@ -420,6 +464,9 @@ enum Side {
     Baseline,
     /// The logging baseline (writes only).
     Logged,
+    /// The logging baseline reading the session first, as a store must
+    /// for a call that takes no state (`update`, `touch`).
+    ReadLogged,
 }
 
 impl Side {
@@ -428,6 +475,7 @@ impl Side {
             Side::Ours => "store",
             Side::Baseline => "baseline",
             Side::Logged => "logging baseline",
+            Side::ReadLogged => "logging baseline reading first",
         }
     }
 }
@@ -451,6 +499,7 @@ impl Workload for Bench {
             (_, Step::Load) => fx.plain_load(client).boxed(),
             (Side::Baseline, step) => fx.plain_write(step, client).boxed(),
             (Side::Logged, step) => fx.logged_write(step, client).boxed(),
+            (Side::ReadLogged, step) => fx.read_logged_write(step, client).boxed(),
         }
     }
 }
@@ -636,8 +685,11 @@ struct Row {
     ours: Run,
     base: Run,
     logged: Option<Run>,
-    /// Per round: ours, the baseline, the logging baseline.
-    rounds: Vec<[RoundFigures; 3]>,
+    /// The logging baseline reading first (`update`, `touch`).
+    read_logged: Option<Run>,
+    /// Per round: ours, the baseline, the logging baseline, the logging
+    /// baseline reading first.
+    rounds: Vec<[RoundFigures; 4]>,
 }
 
 /// The per-round figures of a row and their medians.
@@ -646,6 +698,7 @@ struct RoundRatios {
     ratio: Option<f64>,
     ratio_to_logged: Option<f64>,
     redis_us_ratio_to_logged: Option<f64>,
+    ratio_to_read_logged: Option<f64>,
     p99_ms: Option<f64>,
 }
 
@@ -655,7 +708,8 @@ impl Row {
     fn round_ratios(&self) -> RoundRatios {
         let mut per = Vec::new();
         let (mut r, mut rl, mut rr, mut p99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for [o, b, l] in &self.rounds {
+        let mut rrl = Vec::new();
+        for [o, b, l, rl_] in &self.rounds {
             let ratio_base = ratio(o.ops_per_sec, b.ops_per_sec);
             r.push(ratio_base);
             p99.push(o.p99_ms);
@@ -672,6 +726,11 @@ impl Row {
                     m.insert("redis_us_ratio_to_logged".to_owned(), json!(round(y, 3)));
                 }
             }
+            if self.read_logged.is_some() {
+                let x = ratio(o.ops_per_sec, rl_.ops_per_sec);
+                rrl.push(x);
+                m.insert("ratio_to_read_logged".to_owned(), json!(round(x, 3)));
+            }
             per.push(Value::Object(m));
         }
         RoundRatios {
@@ -679,6 +738,7 @@ impl Row {
             ratio: median(r),
             ratio_to_logged: median(rl),
             redis_us_ratio_to_logged: median(rr),
+            ratio_to_read_logged: median(rrl),
             p99_ms: median(p99),
         }
     }
@@ -780,11 +840,32 @@ impl Row {
                 json!(logged.usage.command_us_per_op(logged.ops)),
             );
         }
+        if let Some(read) = &mut self.read_logged {
+            m.insert(
+                "read_logged_ops_per_sec".to_owned(),
+                json!(round(read.ops_per_sec(), 0)),
+            );
+            read.latency().fields("read_logged_", &mut m);
+            m.insert(
+                "read_logged_baseline".to_owned(),
+                json!(READ_LOGGED_BASELINE),
+            );
+            m.insert("read_logged_errors".to_owned(), json!(read.errors));
+            m.insert(
+                "read_logged_redis_us_per_op".to_owned(),
+                json!(read.usage.command_us_per_op(read.ops)),
+            );
+            m.insert(
+                "read_logged_client_cpu_us_per_op".to_owned(),
+                json!(read.usage.client_us_per_op(read.ops)),
+            );
+        }
         let RoundRatios {
             per: per_round,
             ratio: med,
             ratio_to_logged: med_logged,
             redis_us_ratio_to_logged: med_redis,
+            ratio_to_read_logged: med_read,
             p99_ms: med_p99,
         } = self.round_ratios();
         m.insert("rounds".to_owned(), Value::Array(per_round));
@@ -801,6 +882,12 @@ impl Row {
             m.insert(
                 "median_redis_us_ratio_to_logged".to_owned(),
                 json!(med_redis.map(|x| round(x, 3))),
+            );
+        }
+        if self.read_logged.is_some() {
+            m.insert(
+                "median_ratio_to_read_logged".to_owned(),
+                json!(med_read.map(|x| round(x, 3))),
             );
         }
         m.insert(
@@ -871,20 +958,26 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
         if op == Op::UpdateFrom {
             fixture.refresh_held().await?;
         }
-        let sides: &[Side] = if op == Op::Load {
-            &[Side::Ours, Side::Baseline]
-        } else {
-            &[Side::Ours, Side::Baseline, Side::Logged]
+        let sides: &[Side] = match op {
+            Op::Load => &[Side::Ours, Side::Baseline],
+            Op::Update | Op::Touch => &[Side::Ours, Side::Baseline, Side::Logged, Side::ReadLogged],
+            _ => &[Side::Ours, Side::Baseline, Side::Logged],
         };
         let mut clients_of = [
             Client::many(args.clients, 11),
             Client::many(args.clients, 13),
             Client::many(args.clients, 17),
+            Client::many(args.clients, 19),
         ];
-        let mut runs = [Run::default(), Run::default(), Run::default()];
+        let mut runs = [
+            Run::default(),
+            Run::default(),
+            Run::default(),
+            Run::default(),
+        ];
         let mut rounds = Vec::new();
         for round in 0..args.rounds {
-            let mut figures = [RoundFigures::default(); 3];
+            let mut figures = [RoundFigures::default(); 4];
             for &side in sides {
                 progress(
                     Suite::Store,
@@ -911,15 +1004,19 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
             }
             rounds.push(figures);
         }
-        let [ours, base, logged] = runs;
+        let [ours, base, logged, read_logged] = runs;
         let row = Row {
             op,
             ours,
             base,
-            logged: (sides.len() == 3).then_some(logged),
+            logged: sides.contains(&Side::Logged).then_some(logged),
+            read_logged: sides.contains(&Side::ReadLogged).then_some(read_logged),
             rounds,
         };
-        if row.ours.ops == 0 || row.base.ops == 0 || row.logged.as_ref().is_some_and(|l| l.ops == 0)
+        if row.ours.ops == 0
+            || row.base.ops == 0
+            || row.logged.as_ref().is_some_and(|l| l.ops == 0)
+            || row.read_logged.as_ref().is_some_and(|l| l.ops == 0)
         {
             return Err(Error::InvalidInput(format!(
                 "{}: no operation succeeded ({})",
@@ -929,6 +1026,10 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
                     .as_deref()
                     .or(row.base.first_error.as_deref())
                     .or(row.logged.as_ref().and_then(|l| l.first_error.as_deref()))
+                    .or(row
+                        .read_logged
+                        .as_ref()
+                        .and_then(|l| l.first_error.as_deref()))
                     .unwrap_or("no time to run one")
             )));
         }
