@@ -662,6 +662,31 @@ impl RoundFigures {
     }
 }
 
+/// A baseline's figures in a workload's report, under `prefix`: its
+/// throughput and latencies, what it does, its errors, and its Redis and
+/// client time per operation.
+fn side_fields(m: &mut Map<String, Value>, prefix: &str, run: &mut Run, what: &str) {
+    m.insert(
+        format!("{prefix}ops_per_sec"),
+        json!(round(run.ops_per_sec(), 0)),
+    );
+    run.latency().fields(prefix, m);
+    m.insert(format!("{prefix}baseline"), json!(what));
+    m.insert(format!("{prefix}errors"), json!(run.errors));
+    m.insert(
+        format!("{prefix}redis_cpu_us_per_op"),
+        json!(run.usage.redis_us_per_op(run.ops)),
+    );
+    m.insert(
+        format!("{prefix}client_cpu_us_per_op"),
+        json!(run.usage.client_us_per_op(run.ops)),
+    );
+    m.insert(
+        format!("{prefix}redis_us_per_op"),
+        json!(run.usage.command_us_per_op(run.ops)),
+    );
+}
+
 /// The median of some values (the mean of the middle two for an even
 /// count); `None` when there are none.
 fn median(mut xs: Vec<f64>) -> Option<f64> {
@@ -796,11 +821,7 @@ impl Row {
             json!(self.base.usage.client_us_per_op(self.base.ops)),
         );
         if let Some(logged) = &mut self.logged {
-            m.insert(
-                "logged_ops_per_sec".to_owned(),
-                json!(round(logged.ops_per_sec(), 0)),
-            );
-            logged.latency().fields("logged_", &mut m);
+            side_fields(&mut m, "logged_", logged, LOGGED_BASELINE);
             m.insert(
                 "ratio_to_logged".to_owned(),
                 json!(round(
@@ -815,16 +836,9 @@ impl Row {
                     3
                 )),
             );
-            m.insert("logged_baseline".to_owned(), json!(LOGGED_BASELINE));
-            m.insert("logged_errors".to_owned(), json!(logged.errors));
-            m.insert(
-                "logged_redis_cpu_us_per_op".to_owned(),
-                json!(logged.usage.redis_us_per_op(logged.ops)),
-            );
-            m.insert(
-                "logged_client_cpu_us_per_op".to_owned(),
-                json!(logged.usage.client_us_per_op(logged.ops)),
-            );
+        }
+        if let Some(read) = &mut self.read_logged {
+            side_fields(&mut m, "read_logged_", read, READ_LOGGED_BASELINE);
         }
         m.insert(
             "redis_us_per_op".to_owned(),
@@ -834,32 +848,6 @@ impl Row {
             "baseline_redis_us_per_op".to_owned(),
             json!(self.base.usage.command_us_per_op(self.base.ops)),
         );
-        if let Some(logged) = &self.logged {
-            m.insert(
-                "logged_redis_us_per_op".to_owned(),
-                json!(logged.usage.command_us_per_op(logged.ops)),
-            );
-        }
-        if let Some(read) = &mut self.read_logged {
-            m.insert(
-                "read_logged_ops_per_sec".to_owned(),
-                json!(round(read.ops_per_sec(), 0)),
-            );
-            read.latency().fields("read_logged_", &mut m);
-            m.insert(
-                "read_logged_baseline".to_owned(),
-                json!(READ_LOGGED_BASELINE),
-            );
-            m.insert("read_logged_errors".to_owned(), json!(read.errors));
-            m.insert(
-                "read_logged_redis_us_per_op".to_owned(),
-                json!(read.usage.command_us_per_op(read.ops)),
-            );
-            m.insert(
-                "read_logged_client_cpu_us_per_op".to_owned(),
-                json!(read.usage.client_us_per_op(read.ops)),
-            );
-        }
         let RoundRatios {
             per: per_round,
             ratio: med,
