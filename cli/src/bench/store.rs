@@ -325,9 +325,8 @@ impl Fixture {
         }
     }
 
-    /// The plain store's load: `GET`, decode.
-    async fn plain_load(&self, client: &mut Client) -> Result<()> {
-        let i = self.pick(client);
+    /// The plain store's read of pool session `i`: `GET`, decode.
+    async fn plain_read(&self, i: usize) -> Result<Map<String, Value>> {
         let json: Option<String> = redis::cmd("GET")
             .arg(self.plain_key(i))
             .query_async(&mut self.conn.clone())
@@ -335,8 +334,13 @@ impl Fixture {
         let Some(json) = json else {
             return Err(Error::NotFound(self.pool[i].clone()));
         };
-        let data: Map<String, Value> = serde_json::from_str(&json)
-            .map_err(|e| Error::Corrupt(format!("plain session: {e}")))?;
+        serde_json::from_str(&json).map_err(|e| Error::Corrupt(format!("plain session: {e}")))
+    }
+
+    /// The plain store's load: `GET`, decode.
+    async fn plain_load(&self, client: &mut Client) -> Result<()> {
+        let i = self.pick(client);
+        let data = self.plain_read(i).await?;
         std::hint::black_box(data);
         Ok(())
     }
@@ -409,22 +413,12 @@ impl Fixture {
         Ok(())
     }
 
-    /// The plain store's key of pool session `i`, built per request from
-    /// the id as the store builds its own.
     /// The logging baseline for a call that takes no state: `GET` the
     /// plain store's copy and decode it, change it (or stamp a touch),
     /// encode, and run the logging baseline's script.
     async fn read_logged_write(&self, step: Step, client: &mut Client) -> Result<()> {
         let i = self.pick(client);
-        let json: Option<String> = redis::cmd("GET")
-            .arg(self.plain_key(i))
-            .query_async(&mut self.conn.clone())
-            .await?;
-        let Some(json) = json else {
-            return Err(Error::NotFound(self.pool[i].clone()));
-        };
-        let mut data: Map<String, Value> = serde_json::from_str(&json)
-            .map_err(|e| Error::Corrupt(format!("plain session: {e}")))?;
+        let mut data = self.plain_read(i).await?;
         let payload = match step {
             Step::Touch => "{}".to_owned(),
             _ => {
@@ -453,6 +447,8 @@ impl Fixture {
         Ok(())
     }
 
+    /// The plain store's key of pool session `i`, built per request from
+    /// the id as the store builds its own.
     fn plain_key(&self, i: usize) -> String {
         format!("{}{}", self.plain_prefix, self.pool[i])
     }
