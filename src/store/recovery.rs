@@ -106,9 +106,18 @@ impl SessionStore {
     /// database. A fresh namespace gets its epoch recorded here. Needs the
     /// audit database.
     pub async fn recovery_state(&self, part: &Keys) -> Result<RecoveryState> {
+        self.db()?;
+        let redis_epoch: Option<String> = self.conn.clone().get(&part.epoch).await?;
+        self.recovery_state_at(part, redis_epoch).await
+    }
+
+    /// [`Self::recovery_state`] with Redis's epoch as just read.
+    async fn recovery_state_at(
+        &self,
+        part: &Keys,
+        redis_epoch: Option<String>,
+    ) -> Result<RecoveryState> {
         let db = self.db()?;
-        let mut conn = self.conn.clone();
-        let redis_epoch: Option<String> = conn.get(&part.epoch).await?;
         let known = partition::load(db, &part.stream)
             .await?
             .and_then(|r| r.redis_epoch);
@@ -193,13 +202,14 @@ impl SessionStore {
             // epoch), so the miss stands.
             return Miss::Stands;
         }
-        let state = match self.recovery_state(part).await {
+        // Redis has no epoch, or not the one this process confirmed: it lost
+        // a data set since, and only the database knows what was in it.
+        let lost = redis_epoch.is_none() || confirmed.is_some();
+        let state = match self.recovery_state_at(part, redis_epoch).await {
             Ok(s) => s,
-            // Redis has no epoch, or not the one this process confirmed: it
-            // lost a data set since, and only the database knows what was in
-            // it. A miss there is no answer (it would log a user out whose
+            // A miss there is no answer (it would log a user out whose
             // session the replay is about to bring back).
-            Err(e) if redis_epoch.is_none() || confirmed.is_some() => {
+            Err(e) if lost => {
                 tracing::debug!(err = %e, "reading the recovery state failed after redis lost its data");
                 return Miss::Unknown(e);
             }
