@@ -289,25 +289,11 @@ impl Fixture {
                 let payload = logged.then(|| Value::Object(data.clone()).to_string());
                 (id, Some(Self::encode(&mut data, true)), payload, keep)
             }
-            Step::Update | Step::UpdateFrom => {
+            Step::Update | Step::UpdateFrom | Step::Touch => {
                 let i = self.pick(client);
-                let mut data = self.plain_data[i].clone();
-                let c = changes(client);
-                let payload = logged.then(|| Value::Object(c.set.clone()).to_string());
-                data.extend(c.set);
-                let json = Self::encode(&mut data, false);
+                let (json, payload) =
+                    Self::changed(&step, client, self.plain_data[i].clone(), logged);
                 (self.pool[i].clone(), Some(json), payload, false)
-            }
-            Step::Touch => {
-                let i = self.pick(client);
-                let mut data = self.plain_data[i].clone();
-                let json = Self::encode(&mut data, false);
-                (
-                    self.pool[i].clone(),
-                    Some(json),
-                    logged.then(|| "{}".to_owned()),
-                    false,
-                )
             }
             Step::Destroy(id) => (
                 id,
@@ -323,6 +309,27 @@ impl Fixture {
             payload: payload.unwrap_or_default(),
             keep,
         }
+    }
+
+    /// A session's data after `step` (an update's keys set; a touch sets
+    /// only the times) as the plain store writes it, and, for a logging
+    /// baseline, the change it appends.
+    fn changed(
+        step: &Step,
+        client: &mut Client,
+        mut data: Map<String, Value>,
+        logged: bool,
+    ) -> (String, Option<String>) {
+        let payload = match step {
+            Step::Touch => logged.then(|| "{}".to_owned()),
+            _ => {
+                let c = changes(client);
+                let payload = logged.then(|| Value::Object(c.set.clone()).to_string());
+                data.extend(c.set);
+                payload
+            }
+        };
+        (Self::encode(&mut data, false), payload)
     }
 
     /// The plain store's read of pool session `i`: `GET`, decode.
@@ -374,21 +381,7 @@ impl Fixture {
     /// the `XADD` of the change, on keys of its own.
     async fn logged_write(&self, step: Step, client: &mut Client) -> Result<()> {
         let w = self.plain_change(step, client, true);
-        // The key and the stream share the store's partition hash tag, so
-        // that the script is one slot on a cluster.
-        let keys = self.store.keys();
-        let tag = if keys.tagged() {
-            format!("{{{}}}", keys.partition_of(&w.id))
-        } else {
-            String::new()
-        };
-        let _: String = LOGGED
-            .key(format!("{}{tag}:{}", self.logged_prefix, w.id))
-            .key(format!("{}events{tag}", self.logged_prefix))
-            .arg(w.json.unwrap_or_default())
-            .arg(self.ttl_ms)
-            .arg(w.payload)
-            .invoke_async(&mut self.conn.clone())
+        self.log_write(&w.id, w.json.unwrap_or_default(), w.payload)
             .await?;
         if w.keep {
             client.owned.push(w.id);
@@ -418,19 +411,17 @@ impl Fixture {
     /// encode, and run the logging baseline's script.
     async fn read_logged_write(&self, step: Step, client: &mut Client) -> Result<()> {
         let i = self.pick(client);
-        let mut data = self.plain_read(i).await?;
-        let payload = match step {
-            Step::Touch => "{}".to_owned(),
-            _ => {
-                let c = changes(client);
-                let payload = Value::Object(c.set.clone()).to_string();
-                data.extend(c.set);
-                payload
-            }
-        };
-        let json = Self::encode(&mut data, false);
+        let data = self.plain_read(i).await?;
+        let (json, payload) = Self::changed(&step, client, data, true);
+        self.log_write(&self.pool[i], json, payload.unwrap_or_default())
+            .await
+    }
+
+    /// The logging baseline's script: `SET` of `json` (`DEL` when empty)
+    /// and `XADD` of `payload`, on keys of its own that share the store's
+    /// partition hash tag, so that the script is one slot on a cluster.
+    async fn log_write(&self, id: &SessionId, json: String, payload: String) -> Result<()> {
         let keys = self.store.keys();
-        let id = &self.pool[i];
         let tag = if keys.tagged() {
             format!("{{{}}}", keys.partition_of(id))
         } else {
