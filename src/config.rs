@@ -253,6 +253,14 @@ pub struct Config {
     pub expiry_lookahead: Duration,
     /// `SESSION_MAX_RETRIES` (100): attempts on version conflicts before `Conflict`.
     pub max_retries: u32,
+    /// `SESSION_STATE_CACHE` (10000; 0 = off): how many sessions' last
+    /// written state a store remembers, as the base of a write that is given
+    /// no state (`update`, `touch`, `modify`, `increment`,
+    /// `switch_platform`), so that it writes without reading first. The
+    /// script's version check stands behind it: a state that another writer
+    /// moved on costs one round trip, whose answer is the current state.
+    /// Reads never use it.
+    pub state_cache: usize,
     /// `SESSION_STREAM_MAXLEN` (100000; 0 = never): while no consumer group
     /// reads the event stream (no audit worker), the store trims it to about
     /// this many entries in all, so that Redis does not fill up. A stream
@@ -474,6 +482,12 @@ impl Config {
             "a whole number (0 = unlimited)",
         )?;
         let max_retries: u32 = parse(&var, "SESSION_MAX_RETRIES", 100, "a whole number")?;
+        let state_cache: usize = parse(
+            &var,
+            "SESSION_STATE_CACHE",
+            10_000,
+            "a number of sessions (0 = off)",
+        )?;
         let stream_maxlen: u64 = parse(
             &var,
             "SESSION_STREAM_MAXLEN",
@@ -574,6 +588,7 @@ impl Config {
             layout,
             expiry_lookahead: Duration::from_millis(lookahead_ms),
             max_retries,
+            state_cache,
             stream_maxlen,
             redis_timeout: Duration::from_millis(timeout_ms.max(1)),
             wait_replicas: parse(&var, "REDIS_WAIT_REPLICAS", 0, "a number of replicas")?,
@@ -635,6 +650,13 @@ impl Config {
     /// Builder: another per-user limit.
     pub fn with_max_per_user(mut self, max: u32) -> Self {
         self.max_per_user = max;
+        self
+    }
+
+    /// Builder: how many sessions' last written state a store remembers
+    /// (`SESSION_STATE_CACHE`; 0 = none).
+    pub fn with_state_cache(mut self, sessions: usize) -> Self {
+        self.state_cache = sessions;
         self
     }
 

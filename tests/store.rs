@@ -25,6 +25,9 @@ vedfolnir_tests::on_both_topologies!(
     platform_switch_and_logout_everywhere,
     the_store_survives_script_flush,
     update_from_a_stale_read_loses_nothing,
+    a_remembered_state_another_store_moved_on_loses_nothing,
+    a_remembered_state_never_outlives_an_end_elsewhere,
+    a_remembered_state_is_not_the_judge_of_a_change,
 );
 
 fn admin() -> NewSession {
@@ -618,4 +621,259 @@ async fn update_from_a_stale_read_loses_nothing(topology: Topology) {
     assert_eq!(s.get("other"), Some(&json!(1)), "the other write survived");
     assert_eq!(s.get("mine"), Some(&json!(2)));
     assert_eq!(ctx.stream_len().await, before + 1, "one event");
+}
+
+/// `store`'s remembered state of `id` is now behind: another store
+/// (another app server) writes after it.
+async fn write_elsewhere(
+    other: &SessionStore,
+    id: &vedfolnir_sessions::SessionId,
+    key: &str,
+    v: Value,
+) {
+    other
+        .update(id, Changes::new().with_set(key, v))
+        .await
+        .expect("the other store's update");
+}
+
+async fn a_remembered_state_another_store_moved_on_loses_nothing(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
+    let other = ctx.other_store().await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    let id = &c.session_id;
+    // `ctx.store` remembers version 1; the other store writes version 2.
+    write_elsewhere(&other, id, "theirs", json!(1)).await;
+    let before = ctx.stream_len().await;
+    let s = ctx
+        .store
+        .update(id, Changes::new().with_set("mine", 2))
+        .await
+        .expect("update on a remembered state that is behind");
+    assert_eq!(s.version(), 3);
+    assert_eq!(s.get("theirs"), Some(&json!(1)), "the other write survived");
+    assert_eq!(s.get("mine"), Some(&json!(2)));
+    // A touch on a state that is behind refreshes the session, not a conflict.
+    write_elsewhere(&other, id, "theirs", json!(3)).await;
+    let t = ctx
+        .store
+        .touch(id)
+        .await
+        .expect("touch on a stale remembered state");
+    assert_eq!(t.version(), 5);
+    assert_eq!(t.get("theirs"), Some(&json!(3)));
+    // A counter neither store reads loses no step.
+    let mut tasks = Vec::new();
+    for store in [ctx.store.clone(), other.clone()] {
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                store.increment(&id, "n", 1).await.expect("increment");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let stored = other.get(id).await.expect("get").expect("live");
+    assert_eq!(stored.get("n"), Some(&json!(50)));
+    assert_eq!(stored.version(), 55);
+    assert_eq!(
+        ctx.stream_len().await,
+        before + 53,
+        "one event a write, no more"
+    );
+}
+
+async fn a_remembered_state_never_outlives_an_end_elsewhere(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
+    let other = ctx.other_store().await;
+    let c = ctx.store.create(admin()).await.expect("create");
+    let id = &c.session_id;
+    ctx.store
+        .update(id, Changes::new().with_set("step", 1))
+        .await
+        .expect("update");
+    assert!(
+        other
+            .destroy(id, DestroyReason::Logout)
+            .await
+            .expect("logout"),
+        "the other store ended it"
+    );
+    let ended = |r: Result<Record, Error>, what: &str| match r {
+        Err(Error::Ended { status, .. }) => assert_eq!(status, Status::Destroyed, "{what}"),
+        other => panic!("{what} after a logout elsewhere: {other:?}"),
+    };
+    ended(
+        ctx.store
+            .update(id, Changes::new().with_set("step", 2))
+            .await,
+        "update",
+    );
+    ended(ctx.store.touch(id).await, "touch");
+    ended(
+        ctx.store
+            .switch_platform(
+                id,
+                Platform {
+                    platform_connection_id: 9,
+                    platform_name: "Other".into(),
+                    platform_type: "pixelfed".into(),
+                    platform_instance_url: "https://pixelfed.example.com".into(),
+                },
+            )
+            .await,
+        "switch_platform",
+    );
+    assert!(
+        matches!(
+            ctx.store.increment(id, "n", 1).await,
+            Err(Error::Ended { .. })
+        ),
+        "increment after a logout elsewhere"
+    );
+    assert_eq!(ctx.store.get(id).await.expect("get"), None);
+    let key: Option<String> = ctx.conn().get(ctx.session_key(id)).await.expect("GET");
+    assert_eq!(key, None, "the session key stays deleted");
+    let events = ctx.events_of(id).await;
+    assert_eq!(
+        events.last().map(|e| e["type"].as_str()),
+        Some("destroyed"),
+        "nothing was appended after the end"
+    );
+}
+
+async fn a_remembered_state_is_not_the_judge_of_a_change(topology: Topology) {
+    let ctx = TestContext::on(topology).await;
+    let other = ctx.other_store().await;
+    let c = ctx
+        .store
+        .create(admin().with("cart", "old").with("n", "not a number"))
+        .await
+        .expect("create");
+    let id = &c.session_id;
+    write_elsewhere(&other, id, "cart", json!("new")).await;
+    write_elsewhere(&other, id, "n", json!(5)).await;
+    // The precondition holds on the session as it is, not as this store
+    // last wrote it.
+    let s = ctx
+        .store
+        .update(
+            id,
+            Changes::new()
+                .with_expect("cart", Some(json!("new")))
+                .with_set("checked_out", true),
+        )
+        .await
+        .expect("a precondition that holds now");
+    assert_eq!(s.get("checked_out"), Some(&json!(true)));
+    // An integer now, whatever this store last saw.
+    assert_eq!(ctx.store.increment(id, "n", 1).await.expect("increment"), 6);
+    // And a precondition broken by the other store is still refused.
+    write_elsewhere(&other, id, "cart", json!("newer")).await;
+    let stale = ctx
+        .store
+        .update(
+            id,
+            Changes::new()
+                .with_expect("cart", Some(json!("new")))
+                .with_set("checked_out", false),
+        )
+        .await;
+    assert!(
+        matches!(&stale, Err(Error::StaleRead { key, .. }) if key == "cart"),
+        "{stale:?}"
+    );
+    let stored = other.get(id).await.expect("get").expect("live");
+    assert_eq!(stored.get("checked_out"), Some(&json!(true)));
+}
+
+/// A user that may run everything but `GET`: a store connected as it can
+/// write only what it does not read first.
+struct NoGet {
+    name: String,
+    url: String,
+}
+
+impl NoGet {
+    async fn create(ctx: &TestContext) -> NoGet {
+        let name = format!("vtest-noget-{}", uuid::Uuid::new_v4().simple());
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&name)
+            .arg("on")
+            .arg(format!(">{password}"))
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .arg("-get")
+            .query_async(&mut ctx.conn())
+            .await
+            .expect("ACL SETUSER");
+        let mut url = url::Url::parse(&vedfolnir_tests::redis_url()).expect("redis url");
+        url.set_username(&name).expect("username");
+        url.set_password(Some(&password)).expect("password");
+        NoGet {
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    async fn store(&self, ctx: &TestContext, state_cache: usize) -> SessionStore {
+        let target =
+            vedfolnir_sessions::config::RedisTarget::parse("REDIS_URL", &self.url).expect("url");
+        let config = ctx
+            .config
+            .clone()
+            .with_redis(target)
+            .with_state_cache(state_cache);
+        SessionStore::connect(&config)
+            .await
+            .expect("connect as the user")
+    }
+
+    async fn delete(self, ctx: &TestContext) {
+        let _: u64 = redis::cmd("ACL")
+            .arg("DELUSER")
+            .arg(&self.name)
+            .query_async(&mut ctx.conn())
+            .await
+            .expect("ACL DELUSER");
+    }
+}
+
+#[tokio::test]
+async fn a_write_given_no_state_does_not_read_a_session_its_store_wrote() {
+    let ctx = TestContext::new().await;
+    let user = NoGet::create(&ctx).await;
+    let store = user.store(&ctx, 100).await;
+    let other = ctx.other_store().await;
+    let c = store.create(admin()).await.expect("create");
+    let id = &c.session_id;
+    store
+        .update(id, Changes::new().with_set("a", 1))
+        .await
+        .expect("update without a GET");
+    store.touch(id).await.expect("touch without a GET");
+    assert_eq!(store.increment(id, "n", 2).await.expect("increment"), 2);
+    // Behind: the script's answer stands in for the read.
+    write_elsewhere(&other, id, "b", json!(2)).await;
+    let s = store
+        .update(id, Changes::new().with_set("a", 3))
+        .await
+        .expect("update on a state that is behind, without a GET");
+    assert_eq!((s.get("a"), s.get("b")), (Some(&json!(3)), Some(&json!(2))));
+    assert_eq!(s.version(), 6);
+    // A store that remembers nothing reads first, which this user may not.
+    let forgetful = user.store(&ctx, 0).await;
+    let read_first = forgetful.update(id, Changes::new().with_set("a", 4)).await;
+    user.delete(&ctx).await;
+    assert!(
+        read_first.is_err(),
+        "the read-first path ran: {read_first:?}"
+    );
+    let stored = other.get(id).await.expect("get").expect("live");
+    assert_eq!(stored.version(), 6, "the refused update wrote nothing");
 }

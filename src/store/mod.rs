@@ -7,6 +7,8 @@
 //! indexes, all atomically. On a version conflict the script returns the
 //! current JSON; the store folds the change again on top of it and retries,
 //! up to `SESSION_MAX_RETRIES` times, then returns [`Error::Conflict`].
+//! A mutation given no state folds on the state the store last wrote of that
+//! session when it remembers it, else on a read (see `store::states`).
 //!
 //! The read path is one `GET`. [`SessionStore::load`] adds sliding expiry: it
 //! appends a `touched` event when the last activity is older than
@@ -23,6 +25,7 @@ mod recovery;
 #[cfg(not(feature = "audit"))]
 mod redis_only;
 pub(crate) mod script;
+mod states;
 mod trim;
 
 #[cfg(feature = "audit")]
@@ -91,16 +94,19 @@ struct Shared {
     appended: AtomicU64,
     /// A trim runs.
     trimming: AtomicBool,
+    /// The sessions' states this store wrote last (see `store::states`).
+    states: states::States,
     /// What the store's side of the audit database keeps.
     #[cfg(feature = "audit")]
     audit: AuditShared,
 }
 
-impl Default for Shared {
-    fn default() -> Self {
+impl Shared {
+    fn new(config: &Config) -> Self {
         Shared {
             appended: AtomicU64::new(0),
             trimming: AtomicBool::new(false),
+            states: states::States::new(config.state_cache),
             #[cfg(feature = "audit")]
             audit: AuditShared::default(),
         }
@@ -218,7 +224,7 @@ impl SessionStore {
             config: Arc::new(config.clone()),
             #[cfg(feature = "audit")]
             audit: None,
-            shared: Arc::new(Shared::default()),
+            shared: Arc::new(Shared::new(config)),
         }
     }
 

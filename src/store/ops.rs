@@ -169,6 +169,32 @@ enum Written {
     Gone,
 }
 
+/// Where one attempt at a touch ended.
+enum Touched {
+    Done(Record),
+    /// Another write came first; its state when Redis answered.
+    Moved(Option<Record>),
+    /// No live session.
+    Gone,
+}
+
+/// The state a write folds on first.
+enum Base {
+    /// Read from Redis (or the database in fallback), or given by the caller.
+    Read(Record),
+    /// What this store last wrote (see `store::states`): maybe behind.
+    Remembered(Record),
+}
+
+impl Base {
+    fn split(self) -> (Record, bool) {
+        match self {
+            Base::Read(s) => (s, false),
+            Base::Remembered(s) => (s, true),
+        }
+    }
+}
+
 /// Where a script invocation went.
 enum Outcome {
     /// Redis answered; whether the invocation was sent twice.
@@ -497,6 +523,11 @@ impl SessionStore {
                     ));
                     self.sync(events).await?;
                     let mut evicted = first_ids(&entries);
+                    let states = &self.shared.states;
+                    for gone in settle.into_iter().chain(&evicted) {
+                        states.forget(gone);
+                    }
+                    states.remember(&id, json);
                     if partitioned && let Some(u) = user.as_deref() {
                         evicted.extend(Box::pin(self.enforce_user_limit(u, &id)).await?);
                     }
@@ -580,29 +611,46 @@ impl SessionStore {
         } else {
             write.invocation(part, self.shape())
         };
-        Ok(
-            match self
-                .run_or_fallback(part, &inv, Some(id), || vec![(base, event.clone())])
-                .await?
-            {
-                Outcome::Redis(Reply::Ok(xid, _), _) => Written::Redis(Some(xid)),
-                // The first attempt went through before its connection broke.
-                Outcome::Redis(Reply::Conflict(Some(j)), true) if j == json => Written::Redis(None),
-                Outcome::Redis(Reply::Conflict(Some(json)), _) => {
-                    Written::Conflict(super::parse_session(id, &json)?)
-                }
-                Outcome::Redis(Reply::Conflict(None) | Reply::Missing | Reply::Ended(_), _) => {
-                    Written::Gone
-                }
-                Outcome::Redis(other, _) => {
-                    return Err(Error::Corrupt(format!("write: unexpected reply {other:?}")));
-                }
-                #[cfg(feature = "audit")]
-                Outcome::Staged(Staged::Written) => Written::Database,
-                #[cfg(feature = "audit")]
-                Outcome::Staged(Staged::Conflict | Staged::Refused) => Written::Reread,
-            },
-        )
+        let outcome = self
+            .run_or_fallback(part, &inv, Some(id), || vec![(base, event.clone())])
+            .await?;
+        drop(inv);
+        let states = &self.shared.states;
+        let written = match outcome {
+            Outcome::Redis(Reply::Ok(xid, _), _) => {
+                states.remember(id, json);
+                Written::Redis(Some(xid))
+            }
+            // The first attempt went through before its connection broke.
+            Outcome::Redis(Reply::Conflict(Some(j)), true) if j == json => {
+                states.remember(id, json);
+                Written::Redis(None)
+            }
+            Outcome::Redis(Reply::Conflict(Some(json)), _) => {
+                let s = super::parse_session(id, &json)?;
+                states.remember(id, json);
+                Written::Conflict(s)
+            }
+            Outcome::Redis(Reply::Conflict(None) | Reply::Missing | Reply::Ended(_), _) => {
+                states.forget(id);
+                Written::Gone
+            }
+            Outcome::Redis(other, _) => {
+                return Err(Error::Corrupt(format!("write: unexpected reply {other:?}")));
+            }
+            // The database's view decides while Redis is away.
+            #[cfg(feature = "audit")]
+            Outcome::Staged(Staged::Written) => {
+                states.forget(id);
+                Written::Database
+            }
+            #[cfg(feature = "audit")]
+            Outcome::Staged(Staged::Conflict | Staged::Refused) => {
+                states.forget(id);
+                Written::Reread
+            }
+        };
+        Ok(written)
     }
 
     /// The common loop of every change to a live session: check the
@@ -611,20 +659,36 @@ impl SessionStore {
     /// state the script returned. `change` runs on every attempt, on the
     /// state of that attempt, so a change computed from the state (an
     /// increment, a `modify`) is never computed from a stale one.
+    ///
+    /// A `Remembered` state (see `store::states`) is only a guess: whatever
+    /// but a success or a conflict's fresh state it leads to (a change that
+    /// refuses it, a missing or ended session, a database that moved on) is
+    /// not an answer, and the loop starts again from a read, as the call
+    /// would have without it. It costs no attempt.
     async fn write(
         &self,
         id: &SessionId,
-        mut current: Record,
+        base: Base,
         ttl_ms: Option<u64>,
         change: impl Fn(&Record) -> Result<EventKind>,
     ) -> Result<Record> {
         let attempts = self.config.max_retries.max(1);
         let mut brought_back = false;
-        for attempt in 1..=attempts {
+        let (mut current, mut remembered) = base.split();
+        let mut attempt = 1;
+        while attempt <= attempts {
             let meta = Meta::now();
             let base = current.version();
             let old_user = current.user_key();
-            let draft = meta.event(id, base + 1, None, change(&current)?);
+            let kind = match change(&current) {
+                Ok(kind) => kind,
+                Err(_) if remembered => {
+                    (current, remembered) = (self.current(id).await?, false);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let draft = meta.event(id, base + 1, None, kind);
             // Folded in place: a conflict brings a fresh state anyway.
             let mut next = current;
             next.apply_mut(&draft);
@@ -644,9 +708,22 @@ impl SessionStore {
                 }
                 #[cfg(feature = "audit")]
                 Written::Database => return Ok(next),
+                // The remembered state was behind: the script's answer is
+                // the read it saved.
+                Written::Conflict(s) if remembered => {
+                    (current, remembered) = (s, false);
+                    continue;
+                }
                 Written::Conflict(s) => s,
                 #[cfg(feature = "audit")]
-                Written::Reread => self.current(id).await?,
+                Written::Reread => {
+                    remembered = false;
+                    self.current(id).await?
+                }
+                Written::Gone if remembered => {
+                    (current, remembered) = (self.current(id).await?, false);
+                    continue;
+                }
                 // Redis lacks a session the audit database may know live
                 // (it is recovering, or lost the key): put it back under the
                 // one rule and fold again on it.
@@ -661,11 +738,24 @@ impl SessionStore {
             m.conflicts.add(1, &[]);
             m.retries.add(1, &[]);
             Self::backoff(attempt).await;
+            attempt += 1;
         }
         Err(Error::Conflict {
             session_id: id.clone(),
             attempts,
         })
+    }
+
+    /// The base of a write given no state: the state this store remembers
+    /// writing, else a read.
+    async fn base(&self, id: &SessionId) -> Result<Base> {
+        match self.shared.states.recall(id) {
+            Some(s) => {
+                self.catch_up().await;
+                Ok(Base::Remembered(s))
+            }
+            None => self.current(id).await.map(Base::Read),
+        }
     }
 
     async fn current(&self, id: &SessionId) -> Result<Record> {
@@ -683,8 +773,8 @@ impl SessionStore {
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn update(&self, id: &SessionId, changes: Changes) -> Result<Record> {
         let started = std::time::Instant::now();
-        let result = match self.current(id).await {
-            Ok(current) => self.update_in(id, current, changes, None).await,
+        let result = match self.base(id).await {
+            Ok(base) => self.update_in(id, base, changes, None).await,
             Err(e) => Err(e),
         };
         crate::telemetry::record_operation("update", started, &result);
@@ -704,8 +794,8 @@ impl SessionStore {
     ) -> Result<Record> {
         let started = std::time::Instant::now();
         let ttl_ms = self.own_ttl(ttl);
-        let result = match self.current(id).await {
-            Ok(current) => self.update_in(id, current, changes, ttl_ms).await,
+        let result = match self.base(id).await {
+            Ok(base) => self.update_in(id, base, changes, ttl_ms).await,
             Err(e) => Err(e),
         };
         crate::telemetry::record_operation("update", started, &result);
@@ -725,7 +815,9 @@ impl SessionStore {
         let started = std::time::Instant::now();
         let ttl_ms = self.own_ttl(ttl);
         self.catch_up().await;
-        let result = self.update_in(id, current, changes, ttl_ms).await;
+        let result = self
+            .update_in(id, Base::Read(current), changes, ttl_ms)
+            .await;
         crate::telemetry::record_operation("update", started, &result);
         result
     }
@@ -744,7 +836,7 @@ impl SessionStore {
     ) -> Result<Record> {
         let started = std::time::Instant::now();
         self.catch_up().await;
-        let result = self.update_in(id, current, changes, None).await;
+        let result = self.update_in(id, Base::Read(current), changes, None).await;
         crate::telemetry::record_operation("update", started, &result);
         result
     }
@@ -752,7 +844,7 @@ impl SessionStore {
     async fn update_in(
         &self,
         id: &SessionId,
-        current: Record,
+        base: Base,
         changes: Changes,
         ttl_ms: Option<u64>,
     ) -> Result<Record> {
@@ -762,7 +854,7 @@ impl SessionStore {
             )));
         }
         crate::session::check_fields(&changes.set)?;
-        self.write(id, current, ttl_ms, |now| {
+        self.write(id, base, ttl_ms, |now| {
             if let Some(key) = changes.stale_key(now) {
                 return Err(Error::StaleRead {
                     session_id: id.clone(),
@@ -791,8 +883,8 @@ impl SessionStore {
         f: impl Fn(Option<&Value>) -> Result<Option<Value>>,
     ) -> Result<Record> {
         let started = std::time::Instant::now();
-        let result = match self.current(id).await {
-            Ok(current) => self.modify_in(id, current, key, f).await,
+        let result = match self.base(id).await {
+            Ok(base) => self.modify_in(id, base, key, f).await,
             Err(e) => Err(e),
         };
         crate::telemetry::record_operation("update", started, &result);
@@ -810,7 +902,7 @@ impl SessionStore {
     ) -> Result<Record> {
         let started = std::time::Instant::now();
         self.catch_up().await;
-        let result = self.modify_in(id, current, key, f).await;
+        let result = self.modify_in(id, Base::Read(current), key, f).await;
         crate::telemetry::record_operation("update", started, &result);
         result
     }
@@ -818,7 +910,7 @@ impl SessionStore {
     async fn modify_in(
         &self,
         id: &SessionId,
-        current: Record,
+        base: Base,
         key: &str,
         f: impl Fn(Option<&Value>) -> Result<Option<Value>>,
     ) -> Result<Record> {
@@ -828,7 +920,7 @@ impl SessionStore {
             )));
         }
         crate::session::check_key(key)?;
-        self.write(id, current, None, |now| {
+        self.write(id, base, None, |now| {
             let (set, unset) = match f(now.get(key))? {
                 Some(v) => (Map::from_iter([(key.to_owned(), v)]), Vec::new()),
                 None => (Map::new(), vec![key.to_owned()]),
@@ -867,11 +959,7 @@ impl SessionStore {
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn touch(&self, id: &SessionId) -> Result<Record> {
         let started = std::time::Instant::now();
-        let result: Result<Record> = async {
-            let current = self.current(id).await?;
-            self.touch_at(id, current, None).await
-        }
-        .await;
+        let result = self.touch_base(id, None).await;
         crate::telemetry::record_operation("touch", started, &result);
         result
     }
@@ -884,13 +972,25 @@ impl SessionStore {
     pub async fn touch_with_ttl(&self, id: &SessionId, ttl: Duration) -> Result<Record> {
         let started = std::time::Instant::now();
         let ttl_ms = self.own_ttl(ttl);
-        let result: Result<Record> = async {
-            let current = self.current(id).await?;
-            self.touch_at(id, current, ttl_ms).await
-        }
-        .await;
+        let result = self.touch_base(id, ttl_ms).await;
         crate::telemetry::record_operation("touch", started, &result);
         result
+    }
+
+    /// A touch given no state: on the state this store remembers writing,
+    /// else on a read. A remembered state another writer moved on is tried
+    /// once more on the state the script answered; any other failure of it
+    /// is not an answer, and the touch reads the session (see `write`).
+    async fn touch_base(&self, id: &SessionId, ttl_ms: Option<u64>) -> Result<Record> {
+        let current = match self.base(id).await? {
+            Base::Read(s) => s,
+            Base::Remembered(s) => match self.touch_once(id, s, ttl_ms).await? {
+                Touched::Done(s) => return Ok(s),
+                Touched::Moved(Some(s)) => s,
+                Touched::Moved(None) | Touched::Gone => self.current(id).await?,
+            },
+        };
+        self.touch_at(id, current, ttl_ms).await
     }
 
     /// Touch with one attempt: a conflict means another write just refreshed
@@ -901,6 +1001,25 @@ impl SessionStore {
         current: Record,
         ttl_ms: Option<u64>,
     ) -> Result<Record> {
+        match self.touch_once(id, current, ttl_ms).await? {
+            Touched::Done(s) => Ok(s),
+            Touched::Moved(_) => {
+                crate::telemetry::metrics().conflicts.add(1, &[]);
+                Err(Error::Conflict {
+                    session_id: id.clone(),
+                    attempts: 1,
+                })
+            }
+            Touched::Gone => Err(self.missing(id).await),
+        }
+    }
+
+    async fn touch_once(
+        &self,
+        id: &SessionId,
+        current: Record,
+        ttl_ms: Option<u64>,
+    ) -> Result<Touched> {
         let meta = Meta::now();
         let kind = EventKind::Touched {
             last_activity: meta.occurred_at,
@@ -910,35 +1029,25 @@ impl SessionStore {
         let event = meta.event(id, base + 1, user.clone(), kind);
         let mut next = current;
         next.apply_mut(&event);
-        match self
-            .write_once(id, base, user.as_deref(), &next, &event, &meta, ttl_ms)
-            .await?
-        {
-            Written::Redis(xid) => {
-                if let Some(xid) = xid {
-                    self.sync(vec![streamed(xid, event)]).await?;
+        Ok(
+            match self
+                .write_once(id, base, user.as_deref(), &next, &event, &meta, ttl_ms)
+                .await?
+            {
+                Written::Redis(xid) => {
+                    if let Some(xid) = xid {
+                        self.sync(vec![streamed(xid, event)]).await?;
+                    }
+                    Touched::Done(next)
                 }
-                Ok(next)
-            }
-            #[cfg(feature = "audit")]
-            Written::Database => Ok(next),
-            #[cfg(feature = "audit")]
-            Written::Reread => {
-                crate::telemetry::metrics().conflicts.add(1, &[]);
-                Err(Error::Conflict {
-                    session_id: id.clone(),
-                    attempts: 1,
-                })
-            }
-            Written::Conflict(_) => {
-                crate::telemetry::metrics().conflicts.add(1, &[]);
-                Err(Error::Conflict {
-                    session_id: id.clone(),
-                    attempts: 1,
-                })
-            }
-            Written::Gone => Err(self.missing(id).await),
-        }
+                #[cfg(feature = "audit")]
+                Written::Database => Touched::Done(next),
+                #[cfg(feature = "audit")]
+                Written::Reread => Touched::Moved(None),
+                Written::Conflict(s) => Touched::Moved(Some(s)),
+                Written::Gone => Touched::Gone,
+            },
+        )
     }
 
     /// Moves the session to another platform connection: one
@@ -947,8 +1056,8 @@ impl SessionStore {
     pub async fn switch_platform(&self, id: &SessionId, platform: Platform) -> Result<Record> {
         let started = std::time::Instant::now();
         let result: Result<Record> = async {
-            let current = self.current(id).await?;
-            self.write(id, current, None, |_| {
+            let base = self.base(id).await?;
+            self.write(id, base, None, |_| {
                 Ok(EventKind::PlatformSwitched(platform.clone()))
             })
             .await
@@ -1026,6 +1135,7 @@ impl SessionStore {
     #[tracing::instrument(skip_all, fields(session_id = %id, reason = reason.as_str()), err)]
     pub async fn destroy(&self, id: &SessionId, reason: DestroyReason) -> Result<bool> {
         let started = std::time::Instant::now();
+        self.shared.states.forget(id);
         let result: Result<bool> = async {
             self.catch_up().await;
             let attempts = self.config.max_retries.max(1);
@@ -1169,6 +1279,9 @@ impl SessionStore {
                 .await
         }
         .await;
+        for id in result.iter().flatten() {
+            self.shared.states.forget(id);
+        }
         crate::telemetry::record_operation("destroy_all_for_user", started, &result);
         result
     }
@@ -1270,6 +1383,7 @@ impl SessionStore {
     /// recording its version and user when its deadline is near, in the
     /// lean layout). Returns true when this call expired it.
     pub async fn expire(&self, id: &SessionId, deadline_ms: i64) -> Result<bool> {
+        self.shared.states.forget(id);
         let meta = Meta::now();
         let deadline = Timestamp::from_millis(deadline_ms)
             .ok_or_else(|| Error::Corrupt(format!("deadline {deadline_ms} out of range")))?;
