@@ -253,13 +253,13 @@ pub struct Config {
     pub expiry_lookahead: Duration,
     /// `SESSION_MAX_RETRIES` (100): attempts on version conflicts before `Conflict`.
     pub max_retries: u32,
-    /// `SESSION_STATE_CACHE` (10000; 0 = off): how many sessions' last
-    /// written state a store remembers, as the base of a write that is given
-    /// no state (`update`, `touch`, `modify`, `increment`,
-    /// `switch_platform`), so that it writes without reading first. The
-    /// script's version check stands behind it: a state that another writer
-    /// moved on costs one round trip, whose answer is the current state.
-    /// Reads never use it.
+    /// `SESSION_STATE_CACHE` (10000; 0 = off): for how many sessions a
+    /// store remembers the state its last write given no state (`update`,
+    /// `touch`, `modify`, `increment`, `switch_platform`) left, so that the
+    /// next such write of the session folds on it without reading first.
+    /// The script's version check stands behind it: a state that another
+    /// writer moved on costs one round trip, whose answer is the current
+    /// state. Reads never use it.
     pub state_cache: usize,
     /// `SESSION_STREAM_MAXLEN` (100000; 0 = never): while no consumer group
     /// reads the event stream (no audit worker), the store trims it to about

@@ -642,7 +642,8 @@ async fn a_remembered_state_another_store_moved_on_loses_nothing(topology: Topol
     let other = ctx.other_store().await;
     let c = ctx.store.create(admin()).await.expect("create");
     let id = &c.session_id;
-    // `ctx.store` remembers version 1; the other store writes version 2.
+    // `ctx.store` remembers version 2; the other store writes version 3.
+    write_elsewhere(&ctx.store, id, "warm", json!(true)).await;
     write_elsewhere(&other, id, "theirs", json!(1)).await;
     let before = ctx.stream_len().await;
     let s = ctx
@@ -650,7 +651,7 @@ async fn a_remembered_state_another_store_moved_on_loses_nothing(topology: Topol
         .update(id, Changes::new().with_set("mine", 2))
         .await
         .expect("update on a remembered state that is behind");
-    assert_eq!(s.version(), 3);
+    assert_eq!(s.version(), 4);
     assert_eq!(s.get("theirs"), Some(&json!(1)), "the other write survived");
     assert_eq!(s.get("mine"), Some(&json!(2)));
     // A touch on a state that is behind refreshes the session, not a conflict.
@@ -660,9 +661,9 @@ async fn a_remembered_state_another_store_moved_on_loses_nothing(topology: Topol
         .touch(id)
         .await
         .expect("touch on a stale remembered state");
-    assert_eq!(t.version(), 5);
+    assert_eq!(t.version(), 6);
     assert_eq!(t.get("theirs"), Some(&json!(3)));
-    // A counter neither store reads loses no step.
+    // A counter both stores change without reading loses no step.
     let mut tasks = Vec::new();
     for store in [ctx.store.clone(), other.clone()] {
         let id = id.clone();
@@ -677,7 +678,7 @@ async fn a_remembered_state_another_store_moved_on_loses_nothing(topology: Topol
     }
     let stored = other.get(id).await.expect("get").expect("live");
     assert_eq!(stored.get("n"), Some(&json!(50)));
-    assert_eq!(stored.version(), 55);
+    assert_eq!(stored.version(), 56);
     assert_eq!(
         ctx.stream_len().await,
         before + 53,
@@ -688,60 +689,55 @@ async fn a_remembered_state_another_store_moved_on_loses_nothing(topology: Topol
 async fn a_remembered_state_never_outlives_an_end_elsewhere(topology: Topology) {
     let ctx = TestContext::on(topology).await;
     let other = ctx.other_store().await;
-    let c = ctx.store.create(admin()).await.expect("create");
-    let id = &c.session_id;
-    ctx.store
-        .update(id, Changes::new().with_set("step", 1))
-        .await
-        .expect("update");
-    assert!(
-        other
-            .destroy(id, DestroyReason::Logout)
-            .await
-            .expect("logout"),
-        "the other store ended it"
-    );
-    let ended = |r: Result<Record, Error>, what: &str| match r {
-        Err(Error::Ended { status, .. }) => assert_eq!(status, Status::Destroyed, "{what}"),
-        other => panic!("{what} after a logout elsewhere: {other:?}"),
-    };
-    ended(
-        ctx.store
-            .update(id, Changes::new().with_set("step", 2))
-            .await,
-        "update",
-    );
-    ended(ctx.store.touch(id).await, "touch");
-    ended(
-        ctx.store
-            .switch_platform(
-                id,
-                Platform {
-                    platform_connection_id: 9,
-                    platform_name: "Other".into(),
-                    platform_type: "pixelfed".into(),
-                    platform_instance_url: "https://pixelfed.example.com".into(),
-                },
-            )
-            .await,
-        "switch_platform",
-    );
-    assert!(
-        matches!(
-            ctx.store.increment(id, "n", 1).await,
-            Err(Error::Ended { .. })
-        ),
-        "increment after a logout elsewhere"
-    );
-    assert_eq!(ctx.store.get(id).await.expect("get"), None);
-    let key: Option<String> = ctx.conn().get(ctx.session_key(id)).await.expect("GET");
-    assert_eq!(key, None, "the session key stays deleted");
-    let events = ctx.events_of(id).await;
-    assert_eq!(
-        events.last().map(|e| e["type"].as_str()),
-        Some("destroyed"),
-        "nothing was appended after the end"
-    );
+    let ops = ["update", "touch", "switch_platform", "increment"];
+    for op in ops {
+        let c = ctx.store.create(admin()).await.expect("create");
+        let id = &c.session_id;
+        // Remembered by `ctx.store`, then ended by the other store.
+        write_elsewhere(&ctx.store, id, "step", json!(1)).await;
+        assert!(
+            other
+                .destroy(id, DestroyReason::Logout)
+                .await
+                .expect("logout"),
+            "the other store ended it"
+        );
+        let result = match op {
+            "update" => ctx
+                .store
+                .update(id, Changes::new().with_set("step", 2))
+                .await
+                .map(|_| ()),
+            "touch" => ctx.store.touch(id).await.map(|_| ()),
+            "switch_platform" => ctx
+                .store
+                .switch_platform(
+                    id,
+                    Platform {
+                        platform_connection_id: 9,
+                        platform_name: "Other".into(),
+                        platform_type: "pixelfed".into(),
+                        platform_instance_url: "https://pixelfed.example.com".into(),
+                    },
+                )
+                .await
+                .map(|_| ()),
+            _ => ctx.store.increment(id, "n", 1).await.map(|_| ()),
+        };
+        match result {
+            Err(Error::Ended { status, .. }) => assert_eq!(status, Status::Destroyed, "{op}"),
+            other => panic!("{op} after a logout elsewhere: {other:?}"),
+        }
+        assert_eq!(ctx.store.get(id).await.expect("get"), None, "{op}");
+        let key: Option<String> = ctx.conn().get(ctx.session_key(id)).await.expect("GET");
+        assert_eq!(key, None, "{op}: the session key stays deleted");
+        let events = ctx.events_of(id).await;
+        assert_eq!(
+            events.last().map(|e| e["type"].as_str()),
+            Some("destroyed"),
+            "{op}: nothing was appended after the end"
+        );
+    }
 }
 
 async fn a_remembered_state_is_not_the_judge_of_a_change(topology: Topology) {
@@ -753,10 +749,13 @@ async fn a_remembered_state_is_not_the_judge_of_a_change(topology: Topology) {
         .await
         .expect("create");
     let id = &c.session_id;
-    write_elsewhere(&other, id, "cart", json!("new")).await;
+    write_elsewhere(&ctx.store, id, "warm", json!(true)).await;
+    // Remembered: `n` is no integer. It is one now.
     write_elsewhere(&other, id, "n", json!(5)).await;
-    // The precondition holds on the session as it is, not as this store
-    // last wrote it.
+    assert_eq!(ctx.store.increment(id, "n", 1).await.expect("increment"), 6);
+    // Remembered: `cart` is "old". The precondition holds on the session as
+    // it is.
+    write_elsewhere(&other, id, "cart", json!("new")).await;
     let s = ctx
         .store
         .update(
@@ -768,9 +767,7 @@ async fn a_remembered_state_is_not_the_judge_of_a_change(topology: Topology) {
         .await
         .expect("a precondition that holds now");
     assert_eq!(s.get("checked_out"), Some(&json!(true)));
-    // An integer now, whatever this store last saw.
-    assert_eq!(ctx.store.increment(id, "n", 1).await.expect("increment"), 6);
-    // And a precondition broken by the other store is still refused.
+    // Remembered: `cart` is "new", which it no longer is: refused.
     write_elsewhere(&other, id, "cart", json!("newer")).await;
     let stale = ctx
         .store
@@ -787,10 +784,11 @@ async fn a_remembered_state_is_not_the_judge_of_a_change(topology: Topology) {
     );
     let stored = other.get(id).await.expect("get").expect("live");
     assert_eq!(stored.get("checked_out"), Some(&json!(true)));
+    assert_eq!(stored.get("n"), Some(&json!(6)));
 }
 
-/// A user that may run everything but `GET`: a store connected as it can
-/// write only what it does not read first.
+/// A user that may run everything, until `deny_get`: from then on a store
+/// connected as it can write only what it does not read first.
 struct NoGet {
     name: String,
     url: String,
@@ -808,7 +806,6 @@ impl NoGet {
             .arg("~*")
             .arg("&*")
             .arg("+@all")
-            .arg("-get")
             .query_async(&mut ctx.conn())
             .await
             .expect("ACL SETUSER");
@@ -819,6 +816,17 @@ impl NoGet {
             name,
             url: url.to_string(),
         }
+    }
+
+    /// Takes `GET` away, from the connections already open too.
+    async fn deny_get(&self, ctx: &TestContext) {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&self.name)
+            .arg("-get")
+            .query_async(&mut ctx.conn())
+            .await
+            .expect("ACL SETUSER -get");
     }
 
     async fn store(&self, ctx: &TestContext, state_cache: usize) -> SessionStore {
@@ -849,15 +857,25 @@ async fn a_write_given_no_state_does_not_read_a_session_its_store_wrote() {
     let ctx = TestContext::new().await;
     let user = NoGet::create(&ctx).await;
     let store = user.store(&ctx, 100).await;
+    let forgetful = user.store(&ctx, 0).await;
     let other = ctx.other_store().await;
     let c = store.create(admin()).await.expect("create");
     let id = &c.session_id;
+    // The first write given no state reads the session; `store` remembers
+    // version 2, `forgetful` nothing.
+    store
+        .update(id, Changes::new().with_set("a", 0))
+        .await
+        .expect("the first update");
+    user.deny_get(&ctx).await;
+    let denied = forgetful.get(id).await;
+    assert!(denied.is_err(), "GET is denied: {denied:?}");
+    store.touch(id).await.expect("touch without a GET");
+    assert_eq!(store.increment(id, "n", 2).await.expect("increment"), 2);
     store
         .update(id, Changes::new().with_set("a", 1))
         .await
         .expect("update without a GET");
-    store.touch(id).await.expect("touch without a GET");
-    assert_eq!(store.increment(id, "n", 2).await.expect("increment"), 2);
     // Behind: the script's answer stands in for the read.
     write_elsewhere(&other, id, "b", json!(2)).await;
     let s = store
@@ -865,9 +883,8 @@ async fn a_write_given_no_state_does_not_read_a_session_its_store_wrote() {
         .await
         .expect("update on a state that is behind, without a GET");
     assert_eq!((s.get("a"), s.get("b")), (Some(&json!(3)), Some(&json!(2))));
-    assert_eq!(s.version(), 6);
+    assert_eq!(s.version(), 7);
     // A store that remembers nothing reads first, which this user may not.
-    let forgetful = user.store(&ctx, 0).await;
     let read_first = forgetful.update(id, Changes::new().with_set("a", 4)).await;
     user.delete(&ctx).await;
     assert!(
@@ -875,5 +892,5 @@ async fn a_write_given_no_state_does_not_read_a_session_its_store_wrote() {
         "the read-first path ran: {read_first:?}"
     );
     let stored = other.get(id).await.expect("get").expect("live");
-    assert_eq!(stored.version(), 6, "the refused update wrote nothing");
+    assert_eq!(stored.version(), 7, "the refused update wrote nothing");
 }

@@ -7,8 +7,9 @@
 //! indexes, all atomically. On a version conflict the script returns the
 //! current JSON; the store folds the change again on top of it and retries,
 //! up to `SESSION_MAX_RETRIES` times, then returns [`Error::Conflict`].
-//! A mutation given no state folds on the state the store last wrote of that
-//! session when it remembers it, else on a read (see `store::states`).
+//! A mutation given no state folds on the state the store's last such
+//! mutation of that session left when it remembers it, else on a read (see
+//! `store::states`).
 //!
 //! The read path is one `GET`. [`SessionStore::load`] adds sliding expiry: it
 //! appends a `touched` event when the last activity is older than

@@ -180,17 +180,23 @@ enum Touched {
 
 /// The state a write folds on first.
 enum Base {
-    /// Read from Redis (or the database in fallback), or given by the caller.
+    /// The caller's (`update_from`, a web request's load).
+    Given(Record),
+    /// Read for a call given no state.
     Read(Record),
-    /// What this store last wrote (see `store::states`): maybe behind.
+    /// What this store's last write given no state left (see
+    /// `store::states`): maybe behind.
     Remembered(Record),
 }
 
 impl Base {
-    fn split(self) -> (Record, bool) {
+    /// The state, whether it is remembered, and whether the state the write
+    /// leaves is to be remembered (it was given none).
+    fn split(self) -> (Record, bool, bool) {
         match self {
-            Base::Read(s) => (s, false),
-            Base::Remembered(s) => (s, true),
+            Base::Given(s) => (s, false, false),
+            Base::Read(s) => (s, false, true),
+            Base::Remembered(s) => (s, true, true),
         }
     }
 }
@@ -523,11 +529,9 @@ impl SessionStore {
                     ));
                     self.sync(events).await?;
                     let mut evicted = first_ids(&entries);
-                    let states = &self.shared.states;
                     for gone in settle.into_iter().chain(&evicted) {
-                        states.forget(gone);
+                        self.shared.states.forget(gone);
                     }
-                    states.remember(&id, json);
                     if partitioned && let Some(u) = user.as_deref() {
                         evicted.extend(Box::pin(self.enforce_user_limit(u, &id)).await?);
                     }
@@ -614,43 +618,25 @@ impl SessionStore {
         let outcome = self
             .run_or_fallback(part, &inv, Some(id), || vec![(base, event.clone())])
             .await?;
-        drop(inv);
-        let states = &self.shared.states;
-        let written = match outcome {
-            Outcome::Redis(Reply::Ok(xid, _), _) => {
-                states.remember(id, json);
-                Written::Redis(Some(xid))
-            }
+        Ok(match outcome {
+            Outcome::Redis(Reply::Ok(xid, _), _) => Written::Redis(Some(xid)),
             // The first attempt went through before its connection broke.
-            Outcome::Redis(Reply::Conflict(Some(j)), true) if j == json => {
-                states.remember(id, json);
-                Written::Redis(None)
-            }
+            Outcome::Redis(Reply::Conflict(Some(j)), true) if j == json => Written::Redis(None),
             Outcome::Redis(Reply::Conflict(Some(json)), _) => {
-                let s = super::parse_session(id, &json)?;
-                states.remember(id, json);
-                Written::Conflict(s)
+                Written::Conflict(super::parse_session(id, &json)?)
             }
             Outcome::Redis(Reply::Conflict(None) | Reply::Missing | Reply::Ended(_), _) => {
-                states.forget(id);
+                self.shared.states.forget(id);
                 Written::Gone
             }
             Outcome::Redis(other, _) => {
                 return Err(Error::Corrupt(format!("write: unexpected reply {other:?}")));
             }
-            // The database's view decides while Redis is away.
             #[cfg(feature = "audit")]
-            Outcome::Staged(Staged::Written) => {
-                states.forget(id);
-                Written::Database
-            }
+            Outcome::Staged(Staged::Written) => Written::Database,
             #[cfg(feature = "audit")]
-            Outcome::Staged(Staged::Conflict | Staged::Refused) => {
-                states.forget(id);
-                Written::Reread
-            }
-        };
-        Ok(written)
+            Outcome::Staged(Staged::Conflict | Staged::Refused) => Written::Reread,
+        })
     }
 
     /// The common loop of every change to a live session: check the
@@ -674,7 +660,7 @@ impl SessionStore {
     ) -> Result<Record> {
         let attempts = self.config.max_retries.max(1);
         let mut brought_back = false;
-        let (mut current, mut remembered) = base.split();
+        let (mut current, mut remembered, keep) = base.split();
         let mut attempt = 1;
         while attempt <= attempts {
             let meta = Meta::now();
@@ -701,13 +687,21 @@ impl SessionStore {
                 .await?
             {
                 Written::Redis(xid) => {
+                    if keep && self.shared.states.on() {
+                        self.shared.states.remember(id, next.clone());
+                    }
                     if let Some(xid) = xid {
                         self.sync(vec![streamed(xid, event)]).await?;
                     }
                     return Ok(next);
                 }
                 #[cfg(feature = "audit")]
-                Written::Database => return Ok(next),
+                Written::Database => {
+                    if keep && self.shared.states.on() {
+                        self.shared.states.remember(id, next.clone());
+                    }
+                    return Ok(next);
+                }
                 // The remembered state was behind: the script's answer is
                 // the read it saved.
                 Written::Conflict(s) if remembered => {
@@ -749,7 +743,7 @@ impl SessionStore {
     /// The base of a write given no state: the state this store remembers
     /// writing, else a read.
     async fn base(&self, id: &SessionId) -> Result<Base> {
-        match self.shared.states.recall(id) {
+        match self.shared.states.take(id) {
             Some(s) => {
                 self.catch_up().await;
                 Ok(Base::Remembered(s))
@@ -816,7 +810,7 @@ impl SessionStore {
         let ttl_ms = self.own_ttl(ttl);
         self.catch_up().await;
         let result = self
-            .update_in(id, Base::Read(current), changes, ttl_ms)
+            .update_in(id, Base::Given(current), changes, ttl_ms)
             .await;
         crate::telemetry::record_operation("update", started, &result);
         result
@@ -836,7 +830,9 @@ impl SessionStore {
     ) -> Result<Record> {
         let started = std::time::Instant::now();
         self.catch_up().await;
-        let result = self.update_in(id, Base::Read(current), changes, None).await;
+        let result = self
+            .update_in(id, Base::Given(current), changes, None)
+            .await;
         crate::telemetry::record_operation("update", started, &result);
         result
     }
@@ -902,7 +898,7 @@ impl SessionStore {
     ) -> Result<Record> {
         let started = std::time::Instant::now();
         self.catch_up().await;
-        let result = self.modify_in(id, Base::Read(current), key, f).await;
+        let result = self.modify_in(id, Base::Given(current), key, f).await;
         crate::telemetry::record_operation("update", started, &result);
         result
     }
@@ -982,15 +978,21 @@ impl SessionStore {
     /// once more on the state the script answered; any other failure of it
     /// is not an answer, and the touch reads the session (see `write`).
     async fn touch_base(&self, id: &SessionId, ttl_ms: Option<u64>) -> Result<Record> {
-        let current = match self.base(id).await? {
-            Base::Read(s) => s,
+        let touched = match self.base(id).await? {
             Base::Remembered(s) => match self.touch_once(id, s, ttl_ms).await? {
-                Touched::Done(s) => return Ok(s),
-                Touched::Moved(Some(s)) => s,
-                Touched::Moved(None) | Touched::Gone => self.current(id).await?,
+                Touched::Done(s) => s,
+                Touched::Moved(Some(s)) => self.touch_at(id, s, ttl_ms).await?,
+                Touched::Moved(None) | Touched::Gone => {
+                    let current = self.current(id).await?;
+                    self.touch_at(id, current, ttl_ms).await?
+                }
             },
+            Base::Read(s) | Base::Given(s) => self.touch_at(id, s, ttl_ms).await?,
         };
-        self.touch_at(id, current, ttl_ms).await
+        if self.shared.states.on() {
+            self.shared.states.remember(id, touched.clone());
+        }
+        Ok(touched)
     }
 
     /// Touch with one attempt: a conflict means another write just refreshed

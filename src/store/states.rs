@@ -3,10 +3,12 @@
 //!
 //! `update`, `touch`, `modify`, `increment` and `switch_platform` take a
 //! session id and no state. Read first, each costs two round trips, a `GET`
-//! and the script. A store that wrote the session a moment ago already knows
-//! its state: the JSON it stored. It keeps that JSON for the last
-//! `SESSION_STATE_CACHE` sessions it created or wrote (bounded, evicting the
-//! least useful first) and folds such a write on it, so it writes at once.
+//! and the script. A store that wrote the session with such a call a moment
+//! ago already knows its state: the one it stored. It keeps that state for
+//! up to `SESSION_STATE_CACHE` sessions (bounded, evicting the least useful
+//! first) and folds the next such write on it, so it writes at once.
+//! Writes on a state the caller holds (`update_from`, the web layer) need
+//! none of it and leave nothing.
 //!
 //! Nothing rests on the remembered state being current. The script checks
 //! the version, the tombstone and the key, exactly as for a state a web
@@ -22,15 +24,17 @@
 //! Reads never use it: a load is always one `GET`. Nothing of it outlives
 //! the process, and a store keeps it per process, not per partition.
 
-use std::sync::Arc;
-
 use quick_cache::sync::Cache;
 
 use crate::id::SessionId;
 use crate::session::Record;
 
-/// The last state this store wrote of each of a bounded number of sessions.
-pub(super) struct States(Option<Cache<SessionId, Arc<str>>>);
+/// The state this store's last write given no state left, for a bounded
+/// number of sessions. A state is taken out when a write folds on it, and
+/// the write puts back the state it leaves: two concurrent writes of one
+/// session in one process never fold on the same remembered state (the
+/// second reads), and a remembered state is never decoded, only moved.
+pub(super) struct States(Option<Cache<SessionId, Record>>);
 
 impl States {
     /// Remembers up to `capacity` sessions (none when 0).
@@ -38,10 +42,15 @@ impl States {
         States((capacity > 0).then(|| Cache::new(capacity)))
     }
 
-    /// `json` is the session's state as this store just wrote or read it.
-    pub(super) fn remember(&self, id: &SessionId, json: String) {
+    /// Whether it remembers anything at all.
+    pub(super) fn on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// `state` is the session as this store just wrote it.
+    pub(super) fn remember(&self, id: &SessionId, state: Record) {
         if let Some(c) = &self.0 {
-            c.insert(id.clone(), Arc::from(json));
+            c.insert(id.clone(), state);
         }
     }
 
@@ -52,17 +61,10 @@ impl States {
         }
     }
 
-    /// The session's state as this store last wrote it, if it remembers it.
-    pub(super) fn recall(&self, id: &SessionId) -> Option<Record> {
-        let c = self.0.as_ref()?;
-        let json = c.get(id)?;
-        match Record::from_json(&json) {
-            Ok(s) => Some(s),
-            Err(_) => {
-                c.remove(id);
-                None
-            }
-        }
+    /// Takes the session's state as this store last wrote it, if it
+    /// remembers it.
+    pub(super) fn take(&self, id: &SessionId) -> Option<Record> {
+        self.0.as_ref()?.remove(id).map(|(_, s)| s)
     }
 }
 
