@@ -764,6 +764,10 @@ impl SessionStore {
     /// `last_activity`) are refused. Concurrent updates of different keys all
     /// survive; a change whose preconditions (`changes.expect`) a concurrent
     /// write broke is refused with [`Error::StaleRead`].
+    ///
+    /// It folds on the state this store's last write given no state of the
+    /// session left, when it remembers it (`SESSION_STATE_CACHE`), else on
+    /// a read; so do `touch`, `modify`, `increment` and `switch_platform`.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn update(&self, id: &SessionId, changes: Changes) -> Result<Record> {
         let started = std::time::Instant::now();
