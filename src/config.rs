@@ -253,14 +253,15 @@ pub struct Config {
     pub expiry_lookahead: Duration,
     /// `SESSION_MAX_RETRIES` (100): attempts on version conflicts before `Conflict`.
     pub max_retries: u32,
-    /// `SESSION_STATE_CACHE` (10000; 0 = off): for how many sessions a
-    /// store remembers the state its last write given no state (`update`,
-    /// `touch`, `modify`, `increment`, `switch_platform`) left, so that the
-    /// next such write of the session folds on it without reading first.
-    /// The script's version check stands behind it: a state that another
-    /// writer moved on costs one round trip, whose answer is the current
-    /// state. Reads never use it.
-    pub state_cache: usize,
+    /// `SESSION_STATE_CACHE_BYTES` (33554432, 32 MiB; 0 = off): the memory a
+    /// store may spend remembering, per session, the state its last write
+    /// given no state (`update`, `touch`, `modify`, `increment`,
+    /// `switch_platform`) left, so that the next such write of the session
+    /// folds on it without reading first (estimated from each session's
+    /// fields; some 20,000 sessions of 15 short fields). The script's version
+    /// check stands behind it: a state that another writer moved on costs
+    /// one round trip, whose answer is the current state. Reads never use it.
+    pub state_cache_bytes: usize,
     /// `SESSION_STREAM_MAXLEN` (100000; 0 = never): while no consumer group
     /// reads the event stream (no audit worker), the store trims it to about
     /// this many entries in all, so that Redis does not fill up. A stream
@@ -482,11 +483,11 @@ impl Config {
             "a whole number (0 = unlimited)",
         )?;
         let max_retries: u32 = parse(&var, "SESSION_MAX_RETRIES", 100, "a whole number")?;
-        let state_cache: usize = parse(
+        let state_cache_bytes: usize = parse(
             &var,
-            "SESSION_STATE_CACHE",
-            10_000,
-            "a number of sessions (0 = off)",
+            "SESSION_STATE_CACHE_BYTES",
+            32 * 1024 * 1024,
+            "a number of bytes (0 = off)",
         )?;
         let stream_maxlen: u64 = parse(
             &var,
@@ -588,7 +589,7 @@ impl Config {
             layout,
             expiry_lookahead: Duration::from_millis(lookahead_ms),
             max_retries,
-            state_cache,
+            state_cache_bytes,
             stream_maxlen,
             redis_timeout: Duration::from_millis(timeout_ms.max(1)),
             wait_replicas: parse(&var, "REDIS_WAIT_REPLICAS", 0, "a number of replicas")?,
@@ -653,10 +654,10 @@ impl Config {
         self
     }
 
-    /// Builder: how many sessions' last written state a store remembers
-    /// (`SESSION_STATE_CACHE`; 0 = none).
-    pub fn with_state_cache(mut self, sessions: usize) -> Self {
-        self.state_cache = sessions;
+    /// Builder: the memory a store may spend remembering states
+    /// (`SESSION_STATE_CACHE_BYTES`; 0 = none).
+    pub fn with_state_cache_bytes(mut self, bytes: usize) -> Self {
+        self.state_cache_bytes = bytes;
         self
     }
 

@@ -836,7 +836,7 @@ impl NoGet {
             .config
             .clone()
             .with_redis(target)
-            .with_state_cache(state_cache);
+            .with_state_cache_bytes(state_cache);
         SessionStore::connect(&config)
             .await
             .expect("connect as the user")
@@ -856,7 +856,7 @@ impl NoGet {
 async fn a_write_given_no_state_does_not_read_a_session_its_store_wrote() {
     let ctx = TestContext::new().await;
     let user = NoGet::create(&ctx).await;
-    let store = user.store(&ctx, 100).await;
+    let store = user.store(&ctx, 1 << 20).await;
     let forgetful = user.store(&ctx, 0).await;
     let other = ctx.other_store().await;
     let c = store.create(admin()).await.expect("create");

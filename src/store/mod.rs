@@ -107,7 +107,7 @@ impl Shared {
         Shared {
             appended: AtomicU64::new(0),
             trimming: AtomicBool::new(false),
-            states: states::States::new(config.state_cache),
+            states: states::States::new(config.state_cache_bytes),
             #[cfg(feature = "audit")]
             audit: AuditShared::default(),
         }

@@ -766,7 +766,7 @@ impl SessionStore {
     /// write broke is refused with [`Error::StaleRead`].
     ///
     /// It folds on the state this store's last write given no state of the
-    /// session left, when it remembers it (`SESSION_STATE_CACHE`), else on
+    /// session left, when it remembers it (`SESSION_STATE_CACHE_BYTES`), else on
     /// a read; so do `touch`, `modify`, `increment` and `switch_platform`.
     #[tracing::instrument(skip_all, fields(session_id = %id), err)]
     pub async fn update(&self, id: &SessionId, changes: Changes) -> Result<Record> {

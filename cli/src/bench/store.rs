@@ -1073,8 +1073,8 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
         "rounds": args.rounds,
         "pool_sessions": fixture.pool.len(),
         // `update`, `touch`: remembered states this store folds on instead
-        // of reading first (SESSION_STATE_CACHE; 0 = every one reads first).
-        "state_cache": store.config().state_cache,
+        // of reading first (SESSION_STATE_CACHE_BYTES; 0 = every one reads first).
+        "state_cache_bytes": store.config().state_cache_bytes,
         "results": results,
         "memory": memory,
         "touch_conflicts": fixture.touch_conflicts.load(Ordering::Relaxed),
@@ -1087,8 +1087,8 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
 fn render(j: &Value) -> String {
     let mut out = format!(
         "store suite: {} clients on one connection, {} s per workload and side ({} rounds), \
-         {} pooled sessions, {} remembered states\n\n",
-        j["clients"], j["duration_s"], j["rounds"], j["pool_sessions"], j["state_cache"]
+         {} pooled sessions, {} bytes for remembered states\n\n",
+        j["clients"], j["duration_s"], j["rounds"], j["pool_sessions"], j["state_cache_bytes"]
     );
     out.push_str(&format!(
         "{:<11} {:>9} {:>7} {:>7} {:>7} {:>8} | {:>9} {:>7} {:>7} | {:>5} | {:>9} {:>5} | {:>13} | {:>13}\n",
