@@ -1089,10 +1089,10 @@ async fn an_audit_outage_fails_no_redis_operation() {
 /// sixteenth long fault run: an empty restart, and requests that had waited
 /// out the outage read the new, empty Redis before any replay). Nothing can
 /// say what the lost data set held, so a read of a session that was live
-/// answers an error (503 from the web layer), not "no session": before, the store took the failed
-/// read of the recovery state for "not recovering", the web layer answered
-/// 401/403 and the user was logged out, although the replay brought the
-/// session back moments later. A read from a process that never confirmed
+/// answers an error (503 from the web layer), not "no session": before, the
+/// store took the failed read of the recovery state for "not recovering",
+/// the web layer answered 401/403 and the user was logged out, although the
+/// replay brought the session back moments later. A read from a process that never confirmed
 /// an epoch, while Redis still has its epoch, still stands (an audit outage
 /// fails no read while Redis is whole), and once the database is back the
 /// session is served from it.

@@ -650,7 +650,8 @@ impl SessionStore {
     /// but a success or a conflict's fresh state it leads to (a change that
     /// refuses it, a missing or ended session, a database that moved on) is
     /// not an answer, and the loop starts again from a read, as the call
-    /// would have without it. It costs no attempt.
+    /// would have without it. Only the database's moving on costs an
+    /// attempt, as it does from any state.
     async fn write(
         &self,
         id: &SessionId,
@@ -687,8 +688,8 @@ impl SessionStore {
                 .await?
             {
                 Written::Redis(xid) => {
-                    if keep && self.shared.states.on() {
-                        self.shared.states.remember(id, next.clone());
+                    if keep {
+                        self.shared.states.remember(id, &next);
                     }
                     if let Some(xid) = xid {
                         self.sync(vec![streamed(xid, event)]).await?;
@@ -697,8 +698,8 @@ impl SessionStore {
                 }
                 #[cfg(feature = "audit")]
                 Written::Database => {
-                    if keep && self.shared.states.on() {
-                        self.shared.states.remember(id, next.clone());
+                    if keep {
+                        self.shared.states.remember(id, &next);
                     }
                     return Ok(next);
                 }
@@ -993,9 +994,7 @@ impl SessionStore {
             },
             Base::Read(s) | Base::Given(s) => self.touch_at(id, s, ttl_ms).await?,
         };
-        if self.shared.states.on() {
-            self.shared.states.remember(id, touched.clone());
-        }
+        self.shared.states.remember(id, &touched);
         Ok(touched)
     }
 

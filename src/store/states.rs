@@ -89,17 +89,13 @@ impl States {
         }))
     }
 
-    /// Whether it remembers anything at all.
-    pub(super) fn on(&self) -> bool {
-        self.0.is_some()
-    }
-
-    /// `state` is the session as this store just wrote it. A session larger
-    /// than a shard of the budget is not kept.
-    pub(super) fn remember(&self, id: &SessionId, state: Record) {
+    /// `state` is the session as this store just wrote it: a copy is kept,
+    /// unless it is larger than a shard of the budget (or there is none).
+    pub(super) fn remember(&self, id: &SessionId, state: &Record) {
         if let Some((c, most)) = &self.0 {
-            let bytes = estimated_bytes(&state);
+            let bytes = estimated_bytes(state);
             if bytes <= *most {
+                let state = state.clone();
                 c.insert(id.clone(), Held { bytes, state });
             } else {
                 c.remove(id);
@@ -156,14 +152,14 @@ mod tests {
         let states = States::new(64 * 1024);
         // 1,000 sessions of about 1.3 KiB: far more than fit.
         for n in 0..1000 {
-            states.remember(&id(n), session(1000));
+            states.remember(&id(n), &session(1000));
         }
         let (c, _) = states.0.as_ref().expect("on");
         assert!(c.weight() <= 64 * 1024, "{} bytes held", c.weight());
         assert!(c.len() < 64, "{} sessions held", c.len());
         assert!(c.len() >= 16, "it keeps what fits: {}", c.len());
         // One larger than the budget allows a session is not kept.
-        states.remember(&id(5000), session(100_000));
+        states.remember(&id(5000), &session(100_000));
         assert!(states.take(&id(5000)).is_none());
         // A state taken is gone until it is put back.
         let kept = (0..1000)
@@ -178,8 +174,8 @@ mod tests {
     #[test]
     fn none_is_kept_without_a_budget() {
         let states = States::new(0);
-        states.remember(&id(1), session(10));
-        assert!(!states.on());
+        states.remember(&id(1), &session(10));
+        assert!(states.0.is_none());
         assert!(states.take(&id(1)).is_none());
     }
 }

@@ -715,6 +715,20 @@ struct RoundRatios {
 }
 
 impl Row {
+    /// Every side that ran: ours, the baseline, and the logging baselines
+    /// the workload has.
+    fn sides(&self) -> impl Iterator<Item = &Run> {
+        [Some(&self.ours), Some(&self.base)]
+            .into_iter()
+            .chain([self.logged.as_ref(), self.read_logged.as_ref()])
+            .flatten()
+    }
+
+    /// The first error of the first side that had one.
+    fn first_error(&self) -> Option<&str> {
+        self.sides().find_map(|r| r.first_error.as_deref())
+    }
+
     /// Per-round ratios of ours to the baseline, to the logging baseline,
     /// and of Redis time to the logging baseline's; with their medians.
     fn round_ratios(&self) -> RoundRatios {
@@ -782,13 +796,7 @@ impl Row {
         m.insert("baseline_ops".to_owned(), json!(self.base.ops));
         m.insert("errors".to_owned(), json!(self.ours.errors));
         m.insert("baseline_errors".to_owned(), json!(self.base.errors));
-        if let Some(e) = self
-            .ours
-            .first_error
-            .as_ref()
-            .or(self.base.first_error.as_ref())
-            .or(self.logged.as_ref().and_then(|l| l.first_error.as_ref()))
-        {
+        if let Some(e) = self.first_error() {
             m.insert("first_error".to_owned(), json!(e));
         }
         m.insert(
@@ -988,24 +996,11 @@ async fn measure(args: &BenchArgs, store: &SessionStore, ns: &str) -> Result<Rep
             read_logged: sides.contains(&Side::ReadLogged).then_some(read_logged),
             rounds,
         };
-        if row.ours.ops == 0
-            || row.base.ops == 0
-            || row.logged.as_ref().is_some_and(|l| l.ops == 0)
-            || row.read_logged.as_ref().is_some_and(|l| l.ops == 0)
-        {
+        if row.sides().any(|r| r.ops == 0) {
             return Err(Error::InvalidInput(format!(
                 "{}: no operation succeeded ({})",
                 op.name(),
-                row.ours
-                    .first_error
-                    .as_deref()
-                    .or(row.base.first_error.as_deref())
-                    .or(row.logged.as_ref().and_then(|l| l.first_error.as_deref()))
-                    .or(row
-                        .read_logged
-                        .as_ref()
-                        .and_then(|l| l.first_error.as_deref()))
-                    .unwrap_or("no time to run one")
+                row.first_error().unwrap_or("no time to run one")
             )));
         }
         rows.push(row);
