@@ -1085,6 +1085,130 @@ async fn an_audit_outage_fails_no_redis_operation() {
     outage.end().await;
 }
 
+/// A synchronous audit write fails (the database is cut), the next write of
+/// the same session is synchronous again, and Redis loses its data before
+/// the audit consumer has read the first (the twentieth long fault run).
+/// Where a consumer reads the stream, the second write is left to it, so the
+/// trail holds no gap and the session comes back at its last recorded
+/// version. Before, the second write was committed at once, the loss made
+/// the gap permanent, and the replay, which does not restore a session
+/// across a gap, lost the whole session. Where no consumer runs, nothing
+/// would ever fill the gap, and the write is committed as before.
+async fn a_failed_synchronous_audit_write_leaves_no_gap_where_a_consumer_reads(consumer: bool) {
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
+    if consumer {
+        // It drains the (empty) stream once, then stops: its turn comes
+        // after the loss.
+        drain(&ctx.config, &db).await;
+    }
+    let store = app(&ctx.config, &db).await;
+    let a = store
+        .create(NewSession::for_user(20, "twenty").with("n", 0))
+        .await
+        .expect("create");
+    store
+        .update(&a.session_id, Changes::new().with_set("n", 1))
+        .await
+        .expect("update");
+    let ended = store
+        .create(NewSession::for_user(22, "ended"))
+        .await
+        .expect("create");
+    let outage = PgOutage::begin(&db).await;
+    for id in [&a.session_id, &ended.session_id] {
+        store
+            .update(id, Changes::new().with_set("n", 2))
+            .await
+            .expect("an audit outage fails no write");
+    }
+    outage.end().await;
+    // Until the store's synchronous writes commit again: a new session's
+    // creation is in the table when the call returns.
+    let mut attempts = 0;
+    loop {
+        let probe = store
+            .create(NewSession::for_user(21, "probe"))
+            .await
+            .expect("create");
+        if !events_of(&db, &probe.session_id).await.is_empty() {
+            break;
+        }
+        attempts += 1;
+        assert!(attempts < 50, "synchronous audit writes commit again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store
+        .update(&a.session_id, Changes::new().with_set("n", 3))
+        .await
+        .expect("update");
+    let seqs: Vec<i64> = events_of(&db, &a.session_id)
+        .await
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    if !consumer {
+        assert_eq!(seqs, [1, 2, 4], "no consumer: committed at once");
+        return;
+    }
+    assert_eq!(
+        seqs,
+        [1, 2],
+        "left to the consumer, not recorded after a gap"
+    );
+    // An end is committed whatever precedes it.
+    assert!(
+        store
+            .destroy(&ended.session_id, DestroyReason::Logout)
+            .await
+            .expect("destroy")
+    );
+    let kinds: Vec<(i64, String)> = events_of(&db, &ended.session_id)
+        .await
+        .into_iter()
+        .map(|e| (e.seq, e.event_type))
+        .collect();
+    assert_eq!(
+        kinds,
+        [(1, "created".to_owned()), (3, "destroyed".to_owned())]
+    );
+    lose_redis_data(&ctx).await;
+    let fresh = app(&ctx.config, &db).await;
+    assert_eq!(
+        fresh.get(&ended.session_id).await.expect("get"),
+        None,
+        "an ended session stays ended"
+    );
+    let back = fresh
+        .get(&a.session_id)
+        .await
+        .expect("get")
+        .expect("restored at its last recorded version");
+    assert_eq!(back.version(), 2);
+    assert_eq!(back.get("n"), Some(&json!(1)));
+    // Writes go on from there, and the trail stays contiguous.
+    fresh
+        .update(&a.session_id, Changes::new().with_set("n", 4))
+        .await
+        .expect("update");
+    let seqs: Vec<i64> = events_of(&db, &a.session_id)
+        .await
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_synchronous_audit_write_leaves_no_gap_beside_a_consumer() {
+    a_failed_synchronous_audit_write_leaves_no_gap_where_a_consumer_reads(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_synchronous_audit_write_without_a_consumer_is_followed_at_once() {
+    a_failed_synchronous_audit_write_leaves_no_gap_where_a_consumer_reads(false).await;
+}
+
 /// Redis loses its data while the audit database is unreachable (the
 /// sixteenth long fault run: an empty restart, and requests that had waited
 /// out the outage read the new, empty Redis before any replay). Nothing can

@@ -239,6 +239,37 @@ pub enum Commit {
     },
 }
 
+/// Whether a write may leave a session's events with a gap in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Whatever the table holds (the consumer, which writes what the stream
+    /// holds, in its order).
+    Any,
+    /// Nothing, unless every session of the batch is then folded to its
+    /// newest event ([`AuditSink::write_in_order`]).
+    NoGap,
+}
+
+/// Whether an audit consumer has drained any of the streams of `from`
+/// (read in `txn`).
+async fn consumer_reads(txn: &DatabaseTransaction, from: &[StreamOrigin]) -> Result<bool> {
+    for o in from {
+        let state = crate::audit::partition::load(txn, o.stream()).await?;
+        if state.is_some_and(|s| s.drained_at.is_some()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether `event` ends its session.
+fn ends(event: &Event) -> bool {
+    matches!(
+        event.kind,
+        crate::event::EventKind::Destroyed { .. } | crate::event::EventKind::Expired { .. }
+    )
+}
+
 /// The write side of the audit database.
 #[derive(Debug, Clone)]
 pub struct AuditSink {
@@ -320,11 +351,46 @@ impl AuditSink {
         dead: &[DeadLetter],
         from: &[StreamOrigin],
     ) -> Result<BatchOutcome> {
-        match self.write_as(None, batch, dead, from).await? {
-            Commit::Done(out) => Ok(out),
-            // Only a fenced write checks a token.
-            Commit::Fenced { .. } => Ok(BatchOutcome::default()),
+        match self.write_as(None, batch, dead, from, Order::Any).await? {
+            Some(Commit::Done(out)) => Ok(out),
+            // Only a fenced write checks a token, and only an ordered one
+            // is left to the consumer.
+            Some(Commit::Fenced { .. }) | None => Ok(BatchOutcome::default()),
         }
+    }
+
+    /// Like [`AuditSink::write_held`], for the events of one mutation
+    /// written beside the audit consumer (`DB_SESSION_SYNC`): where a
+    /// consumer reads the stream (it has drained it once), commits only when
+    /// the table then holds each session's events without a gap, or when
+    /// the mutation ends a session. `None`: nothing is written, and the
+    /// consumer records the events from the stream, in stream order.
+    ///
+    /// A synchronous write that failed leaves its event to the consumer; the
+    /// next one of the session, committed at once, would open a gap that a
+    /// loss of Redis data before the consumer's turn makes permanent, and a
+    /// replay does not restore a session across a gap. Left to the consumer
+    /// too, it is lost with that data set at worst, as any event not yet
+    /// recorded (invariant 8), and the session comes back at its last
+    /// recorded version. An end is committed whatever precedes it: the
+    /// database must know every end, so that nothing restores the session.
+    /// Where no consumer runs nothing would ever fill the gap, and the write
+    /// commits as [`AuditSink::write_held`] does.
+    pub async fn write_in_order(
+        &self,
+        batch: &[Incoming],
+        from: &[StreamOrigin],
+    ) -> Result<Option<BatchOutcome>> {
+        let order = if batch.iter().any(|i| ends(&i.event)) {
+            Order::Any
+        } else {
+            Order::NoGap
+        };
+        Ok(match self.write_as(None, batch, &[], from, order).await? {
+            Some(Commit::Done(out)) => Some(out),
+            Some(Commit::Fenced { .. }) => Some(BatchOutcome::default()),
+            None => None,
+        })
     }
 
     /// Writes a batch in one transaction that commits only while `fence` is
@@ -337,7 +403,10 @@ impl AuditSink {
         batch: &[Incoming],
         dead: &[DeadLetter],
     ) -> Result<Commit> {
-        self.write_as(Some(fence), batch, dead, &[]).await
+        Ok(self
+            .write_as(Some(fence), batch, dead, &[], Order::Any)
+            .await?
+            .unwrap_or(Commit::Done(BatchOutcome::default())))
     }
 
     /// [`AuditSink::write_fenced`] with the check of [`AuditSink::write_held`].
@@ -348,7 +417,10 @@ impl AuditSink {
         dead: &[DeadLetter],
         from: &[StreamOrigin],
     ) -> Result<Commit> {
-        self.write_as(Some(fence), batch, dead, from).await
+        Ok(self
+            .write_as(Some(fence), batch, dead, from, Order::Any)
+            .await?
+            .unwrap_or(Commit::Done(BatchOutcome::default())))
     }
 
     async fn write_as(
@@ -357,8 +429,13 @@ impl AuditSink {
         batch: &[Incoming],
         dead: &[DeadLetter],
         from: &[StreamOrigin],
-    ) -> Result<Commit> {
-        let held = async |txn: DatabaseTransaction| -> Result<()> {
+        order: Order,
+    ) -> Result<Option<Commit>> {
+        let held = async |txn: DatabaseTransaction, out: &BatchOutcome| -> Result<bool> {
+            if order == Order::NoGap && out.gaps > 0 && consumer_reads(&txn, from).await? {
+                txn.rollback().await?;
+                return Ok(false);
+            }
             for o in from {
                 match o.held().await {
                     Ok(true) => {}
@@ -384,7 +461,7 @@ impl AuditSink {
                 }
             }
             txn.commit().await?;
-            Ok(())
+            Ok(true)
         };
         let (batch, mut refused) = self.dedup(batch);
         refused.extend_from_slice(dead);
@@ -393,12 +470,12 @@ impl AuditSink {
             let txn = self.db.begin().await?;
             if let Some(fenced) = self.open(&txn, fence).await? {
                 txn.rollback().await?;
-                return Ok(fenced);
+                return Ok(Some(fenced));
             }
             match self.write_plain(&txn, &batch, &refused, recorded_at).await {
                 Ok(out) => {
-                    held(txn).await?;
-                    return Ok(Commit::Done(out));
+                    let written = held(txn, &out).await?;
+                    return Ok(written.then_some(Commit::Done(out)));
                 }
                 Err(e) if postgres::is_unique_violation(&e) => {
                     txn.rollback().await?;
@@ -411,13 +488,13 @@ impl AuditSink {
         let txn = self.db.begin().await?;
         if let Some(fenced) = self.open(&txn, fence).await? {
             txn.rollback().await?;
-            return Ok(fenced);
+            return Ok(Some(fenced));
         }
         let (mut out, conflicts) = self.write_checked(&txn, &batch, recorded_at).await?;
         refused.extend(conflicts);
         out.dead_letters = insert_dead_letters(&txn, &refused, recorded_at).await?;
-        held(txn).await?;
-        Ok(Commit::Done(out))
+        let written = held(txn, &out).await?;
+        Ok(written.then_some(Commit::Done(out)))
     }
 
     /// Opens a transaction: on PostgreSQL bounds its idle time and reads the

@@ -422,7 +422,9 @@ impl SessionStore {
     /// accepted to the database before the mutation returns (the audit
     /// consumer later finds them there and skips them). A failure is logged
     /// and counted, not returned: the mutation succeeded, and the consumer
-    /// records it from the stream.
+    /// records it from the stream. So are events that would follow a gap in
+    /// their session's trail (an earlier synchronous write failed, or has
+    /// not committed yet): see [`crate::audit::AuditSink::write_in_order`].
     ///
     /// The one error: [`Error::DataLost`], when Redis lost its data set
     /// after it applied the mutation and before the commit (the commit
@@ -456,13 +458,22 @@ impl SessionStore {
         // mutation still tries, so nothing acknowledged while the database
         // answers is missing from it.
         let limit = self.db_wait();
-        let write = audit.write_held(&events, &[], &origins);
+        let write = audit.write_in_order(&events, &origins);
         let failure = match tokio::time::timeout(limit, write).await {
-            Ok(Ok(_)) => {
+            Ok(Ok(written)) => {
                 self.shared
                     .audit
                     .sync_failing
                     .store(false, Ordering::Release);
+                if written.is_none() {
+                    crate::telemetry::metrics()
+                        .audit_sync_deferred
+                        .add(events.len() as u64, &[]);
+                    tracing::debug!(
+                        events = events.len(),
+                        "an earlier event of the session is not recorded yet; the audit consumer records these in stream order"
+                    );
+                }
                 return Ok(());
             }
             Ok(Err(e @ Error::DataLost { .. })) => {
