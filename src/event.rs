@@ -108,14 +108,26 @@ impl EventKind {
         }
     }
 
+    /// Whether folding this event can change the session's `user_id`.
+    pub fn may_change_user(&self) -> bool {
+        match self {
+            EventKind::Created { .. } => true,
+            EventKind::Updated { set, unset } => {
+                set.contains_key("user_id") || unset.iter().any(|k| k == "user_id")
+            }
+            _ => false,
+        }
+    }
+
     /// The payload object as JSON text.
     pub fn payload_json(&self) -> String {
         // `created` and `updated` (every write's event, with the session's
-        // fields) declare their fields in sorted order, so their payload is
-        // the text after the tag in the adjacently tagged form,
+        // fields) declare their fields in sorted order, and `touched`,
+        // `destroyed` and `expired` have one, so their payload is the text
+        // after the tag in the adjacently tagged form,
         // `{"type":"<name>","payload":<payload>}`: the same text as through a
         // `Value` (which sorts keys), without copying the fields into one.
-        if matches!(self, EventKind::Created { .. } | EventKind::Updated { .. })
+        if !matches!(self, EventKind::PlatformSwitched(_))
             && let Ok(mut text) = serde_json::to_string(self)
             && let Some(payload) = text
                 .strip_prefix(r#"{"type":""#)
@@ -427,6 +439,18 @@ mod tests {
             EventKind::Touched {
                 last_activity: Timestamp::now(),
             },
+            EventKind::Destroyed {
+                reason: DestroyReason::LogoutAll,
+            },
+            EventKind::Expired {
+                deadline: Timestamp::now(),
+            },
+            EventKind::PlatformSwitched(Platform {
+                platform_connection_id: 7,
+                platform_name: "n".to_owned(),
+                platform_type: "mastodon".to_owned(),
+                platform_instance_url: "https://example.social".to_owned(),
+            }),
         ];
         for kind in kinds {
             let Ok(Value::Object(mut whole)) = serde_json::to_value(&kind) else {
@@ -435,6 +459,32 @@ mod tests {
             let expected = whole.remove("payload").expect("payload").to_string();
             assert_eq!(kind.payload_json(), expected, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn only_a_creation_or_a_change_of_user_id_changes_the_user() {
+        let mut set = Map::new();
+        set.insert("cart".to_owned(), Value::from(1));
+        let other = EventKind::Updated {
+            set: set.clone(),
+            unset: vec!["theme".to_owned()],
+        };
+        assert!(!other.may_change_user());
+        set.insert("user_id".to_owned(), Value::from(7));
+        assert!(EventKind::Updated { set, unset: vec![] }.may_change_user());
+        assert!(
+            EventKind::Updated {
+                set: Map::new(),
+                unset: vec!["user_id".to_owned()],
+            }
+            .may_change_user()
+        );
+        assert!(
+            !EventKind::Touched {
+                last_activity: Timestamp::now()
+            }
+            .may_change_user()
+        );
     }
 
     #[test]

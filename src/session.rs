@@ -11,6 +11,8 @@
 //! The JSON encoding is canonical (keys sorted, `_version` last), so the bytes
 //! in Redis and in the audit snapshot are identical for the same history.
 
+use std::sync::Arc;
+
 use serde::de::Error as _;
 use serde::ser::SerializeMap as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -111,7 +113,10 @@ impl std::fmt::Display for Status {
 /// `web::Session`; tower-sessions calls its stored state a record too.)
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Record {
-    data: Map<String, Value>,
+    /// Shared by clones until one changes: a store that remembers the state
+    /// it wrote and hands the same state to its caller copies nothing
+    /// unless both keep it and one folds on it.
+    data: Arc<Map<String, Value>>,
     version: u64,
     status: Status,
 }
@@ -128,62 +133,76 @@ impl Record {
     /// [`Record::apply`] in place, for folds that keep only the result.
     pub fn apply_mut(&mut self, event: &Event) {
         self.version = event.seq;
-        let at = Value::String(event.occurred_at.to_string());
         match &event.kind {
-            EventKind::Created { fields, .. } => {
-                self.data = fields
+            EventKind::Destroyed { .. } => return self.status = Status::Destroyed,
+            EventKind::Expired { .. } => return self.status = Status::Expired,
+            _ => {}
+        }
+        let at = Value::String(event.occurred_at.to_string());
+        if let EventKind::Created { fields, .. } = &event.kind {
+            self.data = Arc::new(
+                fields
                     .iter()
                     .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
                     .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                self.data.insert("created_at".to_owned(), at.clone());
-                self.data.insert("last_activity".to_owned(), at.clone());
-                self.data.insert("_last_updated".to_owned(), at);
+                    .collect(),
+            );
+        }
+        let data = Arc::make_mut(&mut self.data);
+        match &event.kind {
+            EventKind::Created { .. } => {
+                put(data, "created_at", at.clone());
+                put(data, "last_activity", at.clone());
+                put(data, "_last_updated", at);
                 self.status = Status::Live;
             }
             EventKind::Updated { set, unset } => {
                 for k in unset {
                     if !RESERVED_KEYS.contains(&k.as_str()) {
-                        self.data.remove(k);
+                        data.remove(k);
                     }
                 }
                 for (k, v) in set {
                     if !RESERVED_KEYS.contains(&k.as_str()) {
-                        self.data.insert(k.clone(), v.clone());
+                        put(data, k, v.clone());
                     }
                 }
-                self.data.insert("last_activity".to_owned(), at.clone());
-                self.data.insert("_last_updated".to_owned(), at);
+                put(data, "last_activity", at.clone());
+                put(data, "_last_updated", at);
             }
             EventKind::Touched { last_activity } => {
-                self.data.insert(
-                    "last_activity".to_owned(),
+                put(
+                    data,
+                    "last_activity",
                     Value::String(last_activity.to_string()),
                 );
-                self.data.insert("_last_updated".to_owned(), at);
+                put(data, "_last_updated", at);
             }
             EventKind::PlatformSwitched(p) => {
-                self.data.insert(
-                    "platform_connection_id".to_owned(),
+                put(
+                    data,
+                    "platform_connection_id",
                     Value::from(p.platform_connection_id),
                 );
-                self.data.insert(
-                    "platform_name".to_owned(),
+                put(
+                    data,
+                    "platform_name",
                     Value::String(p.platform_name.clone()),
                 );
-                self.data.insert(
-                    "platform_type".to_owned(),
+                put(
+                    data,
+                    "platform_type",
                     Value::String(p.platform_type.clone()),
                 );
-                self.data.insert(
-                    "platform_instance_url".to_owned(),
+                put(
+                    data,
+                    "platform_instance_url",
                     Value::String(p.platform_instance_url.clone()),
                 );
-                self.data.insert("last_activity".to_owned(), at.clone());
-                self.data.insert("_last_updated".to_owned(), at);
+                put(data, "last_activity", at.clone());
+                put(data, "_last_updated", at);
             }
-            EventKind::Destroyed { .. } => self.status = Status::Destroyed,
-            EventKind::Expired { .. } => self.status = Status::Expired,
+            EventKind::Destroyed { .. } | EventKind::Expired { .. } => {}
         }
     }
 
@@ -202,7 +221,7 @@ impl Record {
     /// read it holds them (see [`crate::SessionStore::update_from`]).
     pub fn from_parts(data: Map<String, Value>, version: u64) -> Record {
         Record {
-            data,
+            data: Arc::new(data),
             version,
             status: Status::Live,
         }
@@ -292,8 +311,14 @@ impl Record {
 
     /// The canonical JSON text, as stored in Redis and in the audit snapshot.
     pub fn to_json(&self) -> String {
-        // A map of JSON values always serializes.
-        serde_json::to_string(self).unwrap_or_default()
+        // Room for fields of a few dozen bytes each, so that the text is not
+        // copied as it grows (the default starts at 128 bytes).
+        let mut out = Vec::with_capacity(64 * (self.data.len() + 1));
+        // A map of JSON values always serializes, as UTF-8.
+        match serde_json::to_writer(&mut out, self) {
+            Ok(()) => String::from_utf8(out).unwrap_or_default(),
+            Err(_) => String::new(),
+        }
     }
 
     /// Parses stored session JSON.
@@ -306,6 +331,17 @@ impl Record {
     pub fn with_status(mut self, status: Status) -> Record {
         self.status = status;
         self
+    }
+}
+
+/// Sets `key` in `data`, in place when it is there: a fold replaces the
+/// same few keys on every write, and their names need not be copied again.
+fn put(data: &mut Map<String, Value>, key: &str, value: Value) {
+    match data.get_mut(key) {
+        Some(slot) => *slot = value,
+        None => {
+            data.insert(key.to_owned(), value);
+        }
     }
 }
 
@@ -332,7 +368,7 @@ pub fn user_id_of(data: &Map<String, Value>) -> Option<String> {
 impl Serialize for Record {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(self.data.len() + 1))?;
-        for (k, v) in &self.data {
+        for (k, v) in self.data.iter() {
             m.serialize_entry(k, v)?;
         }
         m.serialize_entry("_version", &self.version)?;
@@ -348,7 +384,7 @@ impl<'de> Deserialize<'de> for Record {
             .and_then(|v| v.as_u64())
             .ok_or_else(|| D::Error::custom("session JSON has no unsigned `_version`"))?;
         Ok(Record {
-            data,
+            data: Arc::new(data),
             version,
             status: Status::Live,
         })

@@ -679,10 +679,12 @@ impl SessionStore {
             // Folded in place: a conflict brings a fresh state anyway.
             let mut next = current;
             next.apply_mut(&draft);
-            let event = Event {
-                user_id: next.user_key(),
-                ..draft
+            let user_id = if draft.kind.may_change_user() {
+                next.user_key()
+            } else {
+                old_user.clone()
             };
+            let event = Event { user_id, ..draft };
             let retry = match self
                 .write_once(id, base, old_user.as_deref(), &next, &event, &meta, ttl_ms)
                 .await?
