@@ -126,6 +126,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a mutation that failed with this error (one that means Redis
+    /// is unavailable) may have been applied by Redis all the same: its
+    /// connection broke or timed out after the command may have been sent.
+    /// A refused connection sent nothing.
+    pub fn may_have_applied(&self) -> bool {
+        match self {
+            Error::Redis(e) => !e.is_connection_refusal(),
+            _ => false,
+        }
+    }
+
     /// True when the error means Redis could not be reached at all (as
     /// opposed to Redis answering with an error).
     pub fn is_unavailable(&self) -> bool {

@@ -752,6 +752,15 @@ async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
         .expect("update");
     proxy.cut();
     assert!(consumer.step(&token).await.is_err());
+    // The cut broke the connection under the first attempt: whether Redis
+    // applied it is unknown, and the database's view (seq 1) is not the
+    // state it was folded on (seq 2), so it is not staged; tried again, the
+    // update is.
+    let first = store
+        .update(&c.session_id, Changes::new().with_set("b", 2))
+        .await
+        .expect_err("the first attempt's outcome is unknown");
+    assert!(first.is_unavailable(), "{first}");
     let s = store
         .update(&c.session_id, Changes::new().with_set("b", 2))
         .await
@@ -770,7 +779,20 @@ async fn split_brain_keeps_both_writes_in_order(backend: Backend) {
         assert!(tokio::time::Instant::now() < deadline, "projection");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    drain(&config, &db).await;
+    // The consumer cut off mid-read may hold the first update's entry
+    // pending: one that claims idle entries at once records it.
+    let mut last = AuditConsumer::new(
+        &config,
+        sink(&config, &db),
+        ConsumerConfig {
+            claim_idle: Duration::ZERO,
+            ..consumer_config()
+        },
+    )
+    .await
+    .expect("consumer");
+    last.ensure_group().await.expect("group");
+    while last.step(&token).await.expect("step") > 0 {}
     let events = events_of(&db, &c.session_id).await;
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [1, 2, 3]);
@@ -947,6 +969,79 @@ async fn a_write_applied_before_its_reply_was_lost_is_not_applied_twice(backend:
         .query_async(&mut admin)
         .await
         .expect("ping");
+}
+
+/// An increment that Redis applied before its connection broke, which the
+/// audit consumer recorded from the stream before Redis became unreachable
+/// (the twenty-second long fault run). Staged on the database's view, it
+/// finds the view moved on from the version it was folded on. Before, the
+/// store folded the increment again on that view, which already held it,
+/// under a new event id, and staged that: the counter went up twice for one
+/// call (2, at version 3). Now the store finds its event in the audit table
+/// and answers the write as applied, once; had the consumer not recorded it,
+/// the call would fail as unavailable (`split_brain_keeps_both_writes_in_order`).
+async fn an_increment_whose_outcome_is_unknown_is_not_folded_again(backend: Backend) {
+    let (server, proxy, db, config) = behind_proxy(backend, Duration::from_millis(2000)).await;
+    // The audit consumer reaches Redis through a proxy of its own, cut just
+    // before the app server's: the database is current when Redis goes away
+    // for everyone.
+    let worker_proxy = vedfolnir_tests::proxy::Proxy::in_front_of(&server.url()).await;
+    let worker_config = config.clone().with_redis(
+        RedisTarget::parse("REDIS_URL", &worker_proxy.url_for(&server.url())).expect("url"),
+    );
+    let store = app(&config, &db).await;
+    let c = store
+        .create(NewSession::for_user(22, "twenty-two").with("n", 0))
+        .await
+        .expect("create");
+    let (mut worker, token) = drained_consumer(&worker_config, &db).await;
+    let admin = server.connection().await;
+    let stream_len = |mut admin: redis::aio::MultiplexedConnection| {
+        let stream = config.event_stream.clone();
+        async move { admin.xlen::<_, u64>(&stream).await.expect("xlen") }
+    };
+    proxy.drop_replies(true);
+    let write = {
+        let store = store.clone();
+        let (id, base) = (c.session_id.clone(), c.session.clone());
+        tokio::spawn(async move { store.increment_from(&id, base, "n", 1).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stream_len(admin.clone()).await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the increment reaches Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The consumer records it, then loses Redis; then this app server's
+    // connection breaks.
+    while worker.step(&token).await.expect("step") > 0 {}
+    assert_eq!(events_of(&db, &c.session_id).await.len(), 2);
+    worker_proxy.cut();
+    assert!(worker.step(&token).await.is_err());
+    proxy.cut();
+    let s = write
+        .await
+        .expect("task")
+        .expect("applied, as the audit table shows");
+    assert_eq!((s.version(), s.get("n")), (2, Some(&json!(1))));
+    assert_eq!(store.fallback_writes(), 0, "nothing staged");
+    proxy.drop_replies(false);
+    proxy.restore();
+    worker_proxy.restore();
+    until_redis_answers(&store).await;
+    let now = store.get(&c.session_id).await.expect("get").expect("live");
+    assert_eq!(now.version(), 2, "applied once");
+    assert_eq!(now.get("n"), Some(&json!(1)));
+    drain(&worker_config, &db).await;
+    let seqs: Vec<i64> = events_of(&db, &c.session_id)
+        .await
+        .into_iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2]);
+    assert_eq!(store.staged_count().await.expect("staged"), 0);
 }
 
 /// The fence between the two ways of writing: app server A cannot reach
@@ -1554,6 +1649,7 @@ vedfolnir_tests::on_both_backends!(
     split_brain_keeps_both_writes_in_order,
     a_dropped_connection_is_retried_not_a_fallback,
     a_write_applied_before_its_reply_was_lost_is_not_applied_twice,
+    an_increment_whose_outcome_is_unknown_is_not_folded_again,
     a_staged_write_already_projected_is_not_applied_again,
     a_write_during_a_recovery_reaches_a_session_not_back_yet,
     once_redis_is_back_for_one_app_server_no_other_stages_writes,

@@ -396,7 +396,7 @@ impl SessionStore {
         // A refused connection sent nothing; any other failure (a timeout,
         // a connection lost after sending) leaves open whether Redis applied
         // the attempt, which the projection then checks in the stream.
-        let unsure = !matches!(&redis_err, Error::Redis(e) if e.is_connection_refusal());
+        let unsure = redis_err.may_have_applied();
         let out = Box::pin(outbox::stage(db, &part.stream, writes, unsure, opened)).await?;
         if out == Staged::Refused {
             return Err(refused(redis_err));

@@ -152,6 +152,20 @@ fn streamed(stream_id: String, event: Event) -> Incoming {
     }
 }
 
+/// The error of a write whose outcome cannot be known while Redis is
+/// unreachable ([`Outcome::Unknown`]): unavailable, so the caller may try
+/// again.
+#[cfg(feature = "audit")]
+fn outcome_unknown() -> Error {
+    tracing::warn!(
+        "redis may have applied a write before its connection broke, and the audit database moved on; not applying it again"
+    );
+    Error::Redis(redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "the write's outcome is unknown: redis may have applied it before its connection broke",
+    )))
+}
+
 /// Where a write ended up.
 enum Written {
     /// Redis took it; the stream id (unknown when a retried attempt found its
@@ -208,6 +222,11 @@ enum Outcome {
     /// Redis was unreachable; the database staged the events (or refused).
     #[cfg(feature = "audit")]
     Staged(Staged),
+    /// Redis may have applied the invocation before its connection broke,
+    /// and the database's view moved on from the version it was folded on:
+    /// nothing was staged (see `run_or_fallback`).
+    #[cfg(feature = "audit")]
+    Unknown,
 }
 
 impl SessionStore {
@@ -312,6 +331,14 @@ impl SessionStore {
     /// when Redis is unreachable and the fallback is on, stages the events
     /// `fallback` builds (each with the version it was folded on) in the
     /// audit database instead. They are built only then.
+    ///
+    /// When Redis may have applied the invocation before its connection
+    /// broke and the database's view of the session moved on from the
+    /// version it was folded on, nothing is staged ([`Outcome::Unknown`]):
+    /// folding the change again, under a new event id, on a view that may
+    /// already hold it (the audit consumer recorded it from the stream) or
+    /// beside Redis's copy of it would apply it twice, and answer the caller
+    /// with a state that never was.
     async fn run_or_fallback(
         &self,
         part: &Keys,
@@ -340,9 +367,12 @@ impl SessionStore {
                 #[cfg(feature = "audit")]
                 if self.fallback_enabled() {
                     let events = fallback();
-                    return Ok(Outcome::Staged(
-                        Box::pin(self.fallback_stage(part, &events, e)).await?,
-                    ));
+                    let unsure = e.may_have_applied();
+                    let staged = Box::pin(self.fallback_stage(part, &events, e)).await?;
+                    if unsure && staged == Staged::Conflict {
+                        return Ok(Outcome::Unknown);
+                    }
+                    return Ok(Outcome::Staged(staged));
                 }
                 #[cfg(not(feature = "audit"))]
                 drop(fallback);
@@ -561,6 +591,8 @@ impl SessionStore {
                 }
                 #[cfg(feature = "audit")]
                 Outcome::Staged(Staged::Written) => return Ok(done(Vec::new())),
+                #[cfg(feature = "audit")]
+                Outcome::Unknown => return Err(outcome_unknown()),
                 Outcome::Redis(Reply::Missing | Reply::Ended(_), _) => {
                     let old = rotated_from.map(|r| r.0).unwrap_or(id);
                     return Err(self.missing(&old).await);
@@ -636,6 +668,16 @@ impl SessionStore {
             Outcome::Staged(Staged::Written) => Written::Database,
             #[cfg(feature = "audit")]
             Outcome::Staged(Staged::Conflict | Staged::Refused) => Written::Reread,
+            // Applied after all when the audit consumer recorded it (it read
+            // the stream before Redis went away); otherwise only the stream
+            // can tell, once Redis answers.
+            #[cfg(feature = "audit")]
+            Outcome::Unknown => {
+                match crate::audit::outbox::logged(self.db()?, event.event_id).await {
+                    Ok(true) => Written::Redis(None),
+                    _ => return Err(outcome_unknown()),
+                }
+            }
         })
     }
 

@@ -673,7 +673,9 @@ pub(crate) fn connection_broke(e: &redis::RedisError) -> bool {
 /// broke, the script answers as for a write that already happened (a
 /// conflict whose state is the one the caller wrote, an `exists`, an
 /// `ended`), and the caller recognizes its own write. Returns whether it
-/// retried.
+/// retried. When the second attempt cannot reach Redis either, the error is
+/// the first one's: the write may have been applied, which a refusal of the
+/// second would hide ([`crate::Error::may_have_applied`]).
 pub(crate) async fn run_retrying(
     inv: &Invocation,
     conn: &mut impl ConnectionLike,
@@ -682,8 +684,15 @@ pub(crate) async fn run_retrying(
         Ok(parts) => Ok((decode(parts)?, false)),
         Err(e) if connection_broke(&e) => {
             tracing::debug!(err = %e, "the connection broke under a mutation; sending it again");
-            let parts: Vec<String> = inv.invoke_async(conn).await?;
-            Ok((decode(parts)?, true))
+            match inv.invoke_async::<Vec<String>>(conn).await {
+                Ok(parts) => Ok((decode(parts)?, true)),
+                // Redis may have applied the first attempt: its error says
+                // so (a refusal of the second would say it sent nothing).
+                Err(again) if again.is_connection_refusal() || connection_broke(&again) => {
+                    Err(e.into())
+                }
+                Err(again) => Err(again.into()),
+            }
         }
         Err(e) => Err(e.into()),
     }
