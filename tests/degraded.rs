@@ -89,6 +89,11 @@ async fn events_of(db: &TestDb, id: &SessionId) -> Vec<session_events::Model> {
         .expect("events")
 }
 
+/// The `seq`s the audit table holds for `id`, in order.
+async fn seqs_of(db: &TestDb, id: &SessionId) -> Vec<i64> {
+    events_of(db, id).await.iter().map(|e| e.seq).collect()
+}
+
 /// A Redis server of the test's own behind a proxy the test can cut, a
 /// fresh audit database, and a configuration in a namespace of its own that
 /// reaches Redis through the proxy and gives up on it after `timeout`.
@@ -890,11 +895,7 @@ async fn a_staged_write_already_projected_is_not_applied_again(backend: Backend)
             Err(e) => assert!(tokio::time::Instant::now() < deadline, "step: {e}"),
         }
     }
-    let seqs: Vec<i64> = events_of(&db, &c.session_id)
-        .await
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let seqs = seqs_of(&db, &c.session_id).await;
     assert_eq!(seqs, [1, 2, 3]);
     assert_eq!(dead_letter_count(&db).await, 0);
 }
@@ -958,11 +959,7 @@ async fn a_write_applied_before_its_reply_was_lost_is_not_applied_twice(backend:
     assert_eq!(now.get("cart"), Some(&json!(1)));
     assert_eq!(stream_len(admin.clone()).await, 2);
     drain(&config, &db).await;
-    let seqs: Vec<i64> = events_of(&db, &c.session_id)
-        .await
-        .into_iter()
-        .map(|e| e.seq)
-        .collect();
+    let seqs = seqs_of(&db, &c.session_id).await;
     assert_eq!(seqs, [1, 2]);
     assert_eq!(dead_letter_count(&db).await, 0);
     let _: () = redis::cmd("PING")
@@ -1035,11 +1032,7 @@ async fn an_increment_whose_outcome_is_unknown_is_not_folded_again(backend: Back
     assert_eq!(now.version(), 2, "applied once");
     assert_eq!(now.get("n"), Some(&json!(1)));
     drain(&worker_config, &db).await;
-    let seqs: Vec<i64> = events_of(&db, &c.session_id)
-        .await
-        .into_iter()
-        .map(|e| e.seq)
-        .collect();
+    let seqs = seqs_of(&db, &c.session_id).await;
     assert_eq!(seqs, [1, 2]);
     assert_eq!(store.staged_count().await.expect("staged"), 0);
 }
@@ -1237,11 +1230,7 @@ async fn a_failed_synchronous_audit_write_leaves_no_gap_where_a_consumer_reads(c
         .update(&a.session_id, Changes::new().with_set("n", 3))
         .await
         .expect("update");
-    let seqs: Vec<i64> = events_of(&db, &a.session_id)
-        .await
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let seqs = seqs_of(&db, &a.session_id).await;
     if !consumer {
         assert_eq!(seqs, [1, 2, 4], "no consumer: committed at once");
         return;
@@ -1286,11 +1275,7 @@ async fn a_failed_synchronous_audit_write_leaves_no_gap_where_a_consumer_reads(c
         .update(&a.session_id, Changes::new().with_set("n", 4))
         .await
         .expect("update");
-    let seqs: Vec<i64> = events_of(&db, &a.session_id)
-        .await
-        .iter()
-        .map(|e| e.seq)
-        .collect();
+    let seqs = seqs_of(&db, &a.session_id).await;
     assert_eq!(seqs, [1, 2, 3]);
 }
 
