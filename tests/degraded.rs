@@ -89,6 +89,29 @@ async fn events_of(db: &TestDb, id: &SessionId) -> Vec<session_events::Model> {
         .expect("events")
 }
 
+/// Waits (at most 10 s) until `server`'s event stream of `config` holds
+/// `n` entries: a write the test cannot see answered reached Redis.
+async fn until_the_stream_holds(
+    server: &vedfolnir_tests::redis_server::RedisServer,
+    config: &Config,
+    n: u64,
+) {
+    let mut admin = server.connection().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while admin
+        .xlen::<_, u64>(&config.event_stream)
+        .await
+        .expect("xlen")
+        < n
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write reaches Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The `seq`s the audit table holds for `id`, in order.
 async fn seqs_of(db: &TestDb, id: &SessionId) -> Vec<i64> {
     events_of(db, id).await.iter().map(|e| e.seq).collect()
@@ -928,14 +951,7 @@ async fn a_write_applied_before_its_reply_was_lost_is_not_applied_twice(backend:
     };
     // Redis applies the write; its reply goes nowhere; then the connection
     // breaks.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while stream_len(admin.clone()).await < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the write reaches Redis"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_the_stream_holds(&server, &config, 2).await;
     proxy.cut();
     let s = write
         .await
@@ -992,25 +1008,13 @@ async fn an_increment_whose_outcome_is_unknown_is_not_folded_again(backend: Back
         .await
         .expect("create");
     let (mut worker, token) = drained_consumer(&worker_config, &db).await;
-    let admin = server.connection().await;
-    let stream_len = |mut admin: redis::aio::MultiplexedConnection| {
-        let stream = config.event_stream.clone();
-        async move { admin.xlen::<_, u64>(&stream).await.expect("xlen") }
-    };
     proxy.drop_replies(true);
     let write = {
         let store = store.clone();
         let (id, base) = (c.session_id.clone(), c.session.clone());
         tokio::spawn(async move { store.increment_from(&id, base, "n", 1).await })
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while stream_len(admin.clone()).await < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the increment reaches Redis"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_the_stream_holds(&server, &config, 2).await;
     // The consumer records it, then loses Redis; then this app server's
     // connection breaks.
     while worker.step(&token).await.expect("step") > 0 {}
