@@ -1180,12 +1180,15 @@ async fn an_audit_outage_fails_no_redis_operation() {
 /// A synchronous audit write fails (the database is cut), the next write of
 /// the same session is synchronous again, and Redis loses its data before
 /// the audit consumer has read the first (the twentieth long fault run).
-/// Where a consumer reads the stream, the second write is left to it, so the
-/// trail holds no gap and the session comes back at its last recorded
-/// version. Before, the second write was committed at once, the loss made
-/// the gap permanent, and the replay, which does not restore a session
-/// across a gap, lost the whole session. Where no consumer runs, nothing
-/// would ever fill the gap, and the write is committed as before.
+/// Before, the second write was committed at once, the loss made the gap
+/// permanent, and the replay, which does not restore a session across a
+/// gap, lost the whole session. Now the second write commits the events it
+/// finds missing among the stream's last entries with its own (`a`); where
+/// they are further back and a consumer reads the stream, it leaves its
+/// event to the consumer (`b`), so the trail holds no gap and the session
+/// comes back at its last recorded version. Where no consumer runs, nothing
+/// would ever fill that gap, and the write is committed as before. An end
+/// is committed whatever precedes it.
 async fn a_failed_synchronous_audit_write_leaves_no_gap_where_a_consumer_reads(consumer: bool) {
     let ctx = TestContext::new().await;
     let db = TestDb::new(Backend::Postgres).await;
@@ -1195,22 +1198,19 @@ async fn a_failed_synchronous_audit_write_leaves_no_gap_where_a_consumer_reads(c
         drain(&ctx.config, &db).await;
     }
     let store = app(&ctx.config, &db).await;
-    let a = store
-        .create(NewSession::for_user(20, "twenty").with("n", 0))
-        .await
-        .expect("create");
-    store
-        .update(&a.session_id, Changes::new().with_set("n", 1))
-        .await
-        .expect("update");
-    let ended = store
-        .create(NewSession::for_user(22, "ended"))
-        .await
-        .expect("create");
+    let mut ids = Vec::new();
+    for (n, name) in [(20, "a"), (21, "b"), (22, "ended")] {
+        let c = store
+            .create(NewSession::for_user(n, name).with("n", 0))
+            .await
+            .expect("create");
+        ids.push(c.session_id);
+    }
+    let [a, b, ended] = [&ids[0], &ids[1], &ids[2]];
     let outage = PgOutage::begin(&db).await;
-    for id in [&a.session_id, &ended.session_id] {
+    for id in [a, b, ended] {
         store
-            .update(id, Changes::new().with_set("n", 2))
+            .update(id, Changes::new().with_set("n", 1))
             .await
             .expect("an audit outage fails no write");
     }
@@ -1220,7 +1220,7 @@ async fn a_failed_synchronous_audit_write_leaves_no_gap_where_a_consumer_reads(c
     let mut attempts = 0;
     loop {
         let probe = store
-            .create(NewSession::for_user(21, "probe"))
+            .create(NewSession::for_user(23, "probe"))
             .await
             .expect("create");
         if !events_of(&db, &probe.session_id).await.is_empty() {
@@ -1230,28 +1230,40 @@ async fn a_failed_synchronous_audit_write_leaves_no_gap_where_a_consumer_reads(c
         assert!(attempts < 50, "synchronous audit writes commit again");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // `a`'s missing event is among the stream's last entries.
     store
-        .update(&a.session_id, Changes::new().with_set("n", 3))
+        .update(a, Changes::new().with_set("n", 2))
         .await
         .expect("update");
-    let seqs = seqs_of(&db, &a.session_id).await;
+    assert_eq!(seqs_of(&db, a).await, [1, 2, 3], "the gap filled");
+    // `b`'s and `ended`'s are further back than a write looks.
+    for _ in 0..300 {
+        store.create(NewSession::anonymous()).await.expect("create");
+    }
+    store
+        .update(b, Changes::new().with_set("n", 2))
+        .await
+        .expect("update");
     if !consumer {
-        assert_eq!(seqs, [1, 2, 4], "no consumer: committed at once");
+        assert_eq!(
+            seqs_of(&db, b).await,
+            [1, 3],
+            "no consumer: committed at once"
+        );
         return;
     }
     assert_eq!(
-        seqs,
-        [1, 2],
+        seqs_of(&db, b).await,
+        [1],
         "left to the consumer, not recorded after a gap"
     );
-    // An end is committed whatever precedes it.
     assert!(
         store
-            .destroy(&ended.session_id, DestroyReason::Logout)
+            .destroy(ended, DestroyReason::Logout)
             .await
             .expect("destroy")
     );
-    let kinds: Vec<(i64, String)> = events_of(&db, &ended.session_id)
+    let kinds: Vec<(i64, String)> = events_of(&db, ended)
         .await
         .into_iter()
         .map(|e| (e.seq, e.event_type))
@@ -1263,24 +1275,24 @@ async fn a_failed_synchronous_audit_write_leaves_no_gap_where_a_consumer_reads(c
     lose_redis_data(&ctx).await;
     let fresh = app(&ctx.config, &db).await;
     assert_eq!(
-        fresh.get(&ended.session_id).await.expect("get"),
+        fresh.get(ended).await.expect("get"),
         None,
         "an ended session stays ended"
     );
+    let back = fresh.get(a).await.expect("get").expect("restored");
+    assert_eq!((back.version(), back.get("n")), (3, Some(&json!(2))));
     let back = fresh
-        .get(&a.session_id)
+        .get(b)
         .await
         .expect("get")
         .expect("restored at its last recorded version");
-    assert_eq!(back.version(), 2);
-    assert_eq!(back.get("n"), Some(&json!(1)));
+    assert_eq!((back.version(), back.get("n")), (1, Some(&json!(0))));
     // Writes go on from there, and the trail stays contiguous.
     fresh
-        .update(&a.session_id, Changes::new().with_set("n", 4))
+        .update(b, Changes::new().with_set("n", 4))
         .await
         .expect("update");
-    let seqs = seqs_of(&db, &a.session_id).await;
-    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(seqs_of(&db, b).await, [1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,6 +56,10 @@ pub const CATCH_UP_AFTER: Duration = Duration::from_secs(1);
 /// database cannot be read.
 const CATCH_UP_RETRY: Duration = Duration::from_millis(250);
 
+/// How many stream entries before its own a synchronous write that would
+/// follow a gap looks through for the events it misses.
+const JUST_BEFORE: usize = 256;
+
 /// How long a reading of `partition_state` is trusted.
 const TRUST_FOR: Duration = Duration::from_millis(250);
 
@@ -458,7 +462,26 @@ impl SessionStore {
         // mutation still tries, so nothing acknowledged while the database
         // answers is missing from it.
         let limit = self.db_wait();
-        let write = audit.write_in_order(&events, &origins);
+        let write = async {
+            match audit.write_in_order(&events, &origins).await? {
+                Some(out) if out.gaps == 0 => Ok(Some(out)),
+                // An earlier event of the session is not in the table yet:
+                // most often a concurrent write of the same session whose
+                // own commit is a moment behind, or one whose synchronous
+                // write failed a moment ago. Its entry is then among the
+                // stream's last ones, and committed with these it leaves no
+                // gap (where no consumer runs, it fills the gap this write
+                // left).
+                first => {
+                    let mut with = self.just_before(&events).await;
+                    if with.is_empty() {
+                        return Ok(first);
+                    }
+                    with.extend(events.iter().cloned());
+                    Ok(audit.write_in_order(&with, &origins).await?.or(first))
+                }
+            }
+        };
         let failure = match tokio::time::timeout(limit, write).await {
             Ok(Ok(written)) => {
                 self.shared
@@ -496,6 +519,40 @@ impl SessionStore {
             "synchronous audit write failed; the audit consumer will record the events from the stream"
         );
         Ok(())
+    }
+
+    /// The events of `events`' sessions with a lower `seq` among the
+    /// [`JUST_BEFORE`] stream entries before each event's own, oldest
+    /// first (nothing when Redis does not answer).
+    async fn just_before(&self, events: &[Incoming]) -> Vec<Incoming> {
+        let mut found: Vec<Incoming> = Vec::new();
+        for i in events {
+            let Some(entry) = i.stream_id.as_deref() else {
+                continue;
+            };
+            let stream = &self.keys.for_session(&i.event.session_id).stream;
+            let page: redis::RedisResult<redis::streams::StreamRangeReply> = self
+                .conn
+                .clone()
+                .xrevrange_count(stream, format!("({entry}"), "-", JUST_BEFORE)
+                .await;
+            let Ok(page) = page else { continue };
+            for e in page.ids.iter().rev() {
+                let Ok(earlier) = crate::audit::consumer::decode_incoming(e) else {
+                    continue;
+                };
+                if earlier.event.session_id == i.event.session_id
+                    && earlier.event.seq < i.event.seq
+                    && !found
+                        .iter()
+                        .any(|f| f.event.event_id == earlier.event.event_id)
+                {
+                    found.push(earlier);
+                }
+            }
+        }
+        found.sort_by_key(|f| (f.event.session_id.to_string(), f.event.seq));
+        found
     }
 
     /// Logout everywhere, the second half: ends the sessions of `user_id`

@@ -223,7 +223,7 @@ enum Outcome {
     #[cfg(feature = "audit")]
     Staged(Staged),
     /// Redis may have applied the invocation before its connection broke,
-    /// and the database's view moved on from the version it was folded on:
+    /// and the database's view is not at the version it was folded on:
     /// nothing was staged (see `run_or_fallback`).
     #[cfg(feature = "audit")]
     Unknown,
@@ -333,12 +333,12 @@ impl SessionStore {
     /// audit database instead. They are built only then.
     ///
     /// When Redis may have applied the invocation before its connection
-    /// broke and the database's view of the session moved on from the
-    /// version it was folded on, nothing is staged ([`Outcome::Unknown`]):
-    /// folding the change again, under a new event id, on a view that may
-    /// already hold it (the audit consumer recorded it from the stream) or
-    /// beside Redis's copy of it would apply it twice, and answer the caller
-    /// with a state that never was.
+    /// broke and the database's view of the session is not at the version
+    /// it was folded on (it moved on, or it lags Redis), nothing is staged
+    /// ([`Outcome::Unknown`]): folding the change again, under a new event
+    /// id, on a view that may already hold it (the audit consumer recorded
+    /// it from the stream) or beside Redis's copy of it would apply it
+    /// twice, and answer the caller with a state that never was.
     async fn run_or_fallback(
         &self,
         part: &Keys,
