@@ -1177,6 +1177,56 @@ async fn an_audit_outage_fails_no_redis_operation() {
     outage.end().await;
 }
 
+/// Redis loses its data while a session's audit trail has a gap being
+/// filled (the twenty-sixth long fault run: a worker stopped with an entry
+/// pending, whose successor recorded the entries after it first). Its
+/// snapshot stops before events the table holds, so the session cannot be
+/// restored yet; before, a read answered "no session", and the user's
+/// requests were refused (403) until the gap was filled a moment later.
+/// Now the read is unavailable (503 from the web layer) until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_trail_has_a_gap_being_filled_is_not_answered_as_gone() {
+    use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
+    use vedfolnir_sessions::audit::entity::session_snapshots;
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = app(&ctx.config, &db).await;
+    let c = store
+        .create(NewSession::for_user(26, "twenty-six").with("n", 0))
+        .await
+        .expect("create");
+    for n in 1..=2 {
+        store
+            .update(&c.session_id, Changes::new().with_set("n", n))
+            .await
+            .expect("update");
+    }
+    assert_eq!(seqs_of(&db, &c.session_id).await, [1, 2, 3]);
+    // Seq 2 not recorded yet, and the snapshot folded up to seq 1.
+    session_events::Entity::delete_many()
+        .filter(session_events::Column::SessionId.eq(c.session_id.as_str()))
+        .filter(session_events::Column::Seq.eq(2))
+        .exec(&db.db)
+        .await
+        .expect("delete");
+    session_snapshots::Entity::update_many()
+        .col_expr(
+            session_snapshots::Column::Seq,
+            sea_orm::sea_query::Expr::value(1),
+        )
+        .filter(session_snapshots::Column::SessionId.eq(c.session_id.as_str()))
+        .exec(&db.db)
+        .await
+        .expect("update");
+    lose_redis_data(&ctx).await;
+    let fresh = app(&ctx.config, &db).await;
+    let err = fresh
+        .get(&c.session_id)
+        .await
+        .expect_err("not restorable yet, not gone");
+    assert!(err.is_unavailable(), "{err}");
+}
+
 /// A synchronous audit write fails (the database is cut), the next write of
 /// the same session is synchronous again, and Redis loses its data before
 /// the audit consumer has read the first (the twentieth long fault run).

@@ -40,7 +40,7 @@ use crate::audit::{outbox, partition};
 use crate::error::Result;
 use crate::id::SessionId;
 use crate::keys::Keys;
-use crate::session::Record;
+use crate::session::{Record, Status};
 
 /// How long a "recovering" answer is remembered, so that a burst of misses
 /// during a recovery costs one database read, not one each.
@@ -90,6 +90,17 @@ pub(super) enum Miss {
     /// process confirmed and the database cannot be read. The read answers
     /// this error, never "no session".
     Unknown(crate::error::Error),
+}
+
+/// The error of a read during recovery of a session that cannot be restored
+/// yet (see `restore_on_read`): unavailable, so the web layer answers 503
+/// and the request may be tried again.
+fn not_restorable_yet(id: &SessionId) -> crate::error::Error {
+    tracing::info!(session_id = %id, "the session's audit trail has a gap being filled; not restoring it yet");
+    crate::error::Error::Redis(redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "the session cannot be restored yet: its audit trail has a gap being filled",
+    )))
 }
 
 /// What each process remembers of a partition.
@@ -271,7 +282,20 @@ impl SessionStore {
         let Some(view) = self.fallback_view(id).await? else {
             return Ok(None);
         };
-        if admit(&view, Utc::now()).is_none() {
+        let now = Utc::now();
+        if admit(&view, now).is_none() {
+            // A live session whose snapshot stops before events the table
+            // holds (a gap an audit write is about to fill: an entry a
+            // stopped consumer left pending, claimed by the next) cannot be
+            // restored yet, but it is not gone: "no session" would log its
+            // user out.
+            if view.session.status() == Status::Live
+                && view.deadline.is_some_and(|d| d > now)
+                && view.behind_the_log()
+                && !self.ended_after(id, view.snapshot_seq()).await?
+            {
+                return Err(not_restorable_yet(id));
+            }
             return Ok(None);
         }
         if !view.staged.is_empty() {
@@ -293,6 +317,21 @@ impl SessionStore {
         }
         let json: Option<String> = self.conn.clone().get(self.keys.session(id)).await?;
         json.map(|j| super::parse_session(id, &j)).transpose()
+    }
+
+    /// Whether the audit table holds an end of `id` after `seq` (across a
+    /// gap the snapshot stops at: the session is gone whatever the gap
+    /// holds).
+    async fn ended_after(&self, id: &SessionId, seq: u64) -> Result<bool> {
+        use crate::audit::entity::session_events::{Column, Entity};
+        use sea_orm::{ColumnTrait as _, EntityTrait as _, PaginatorTrait as _, QueryFilter as _};
+        let ends = Entity::find()
+            .filter(Column::SessionId.eq(id.as_str()))
+            .filter(Column::Seq.gt(seq as i64))
+            .filter(Column::EventType.is_in(["destroyed", "expired"]))
+            .count(self.db()?)
+            .await?;
+        Ok(ends > 0)
     }
 
     /// Brings a session the database knows live back into Redis, for an end
