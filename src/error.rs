@@ -126,6 +126,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// An error that reads as unavailable ([`Error::is_unavailable`]) for an
+    /// operation the store cannot answer now although Redis did not fail:
+    /// the web layer answers 503, and the caller may try again.
+    #[cfg(feature = "audit")]
+    pub(crate) fn unavailable(reason: &'static str) -> Error {
+        Error::Redis(redis::RedisError::from((redis::ErrorKind::Io, reason)))
+    }
+
     /// Whether a mutation that failed with this error (one that means Redis
     /// is unavailable) may have been applied by Redis all the same: its
     /// connection broke or timed out after the command may have been sent.

@@ -242,32 +242,12 @@ pub enum Commit {
 /// Whether a write may leave a session's events with a gap in the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Order {
-    /// Whatever the table holds (the consumer, which writes what the stream
+    /// Whatever the table then holds (the consumer writes what the stream
     /// holds, in its order).
     Any,
     /// Nothing, unless every session of the batch is then folded to its
     /// newest event ([`AuditSink::write_in_order`]).
     NoGap,
-}
-
-/// Whether an audit consumer has drained any of the streams of `from`
-/// (read in `txn`).
-async fn consumer_reads(txn: &DatabaseTransaction, from: &[StreamOrigin]) -> Result<bool> {
-    for o in from {
-        let state = crate::audit::partition::load(txn, o.stream()).await?;
-        if state.is_some_and(|s| s.drained_at.is_some()) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-/// Whether `event` ends its session.
-fn ends(event: &Event) -> bool {
-    matches!(
-        event.kind,
-        crate::event::EventKind::Destroyed { .. } | crate::event::EventKind::Expired { .. }
-    )
 }
 
 /// The write side of the audit database.
@@ -354,43 +334,29 @@ impl AuditSink {
         match self.write_as(None, batch, dead, from, Order::Any).await? {
             Some(Commit::Done(out)) => Ok(out),
             // Only a fenced write checks a token, and only an ordered one
-            // is left to the consumer.
+            // writes nothing.
             Some(Commit::Fenced { .. }) | None => Ok(BatchOutcome::default()),
         }
     }
 
-    /// Like [`AuditSink::write_held`], for the events of one mutation
-    /// written beside the audit consumer (`DB_SESSION_SYNC`): where a
-    /// consumer reads the stream (it has drained it once), commits only when
-    /// the table then holds each session's events without a gap, or when
-    /// the mutation ends a session. `None`: nothing is written, and the
-    /// consumer records the events from the stream, in stream order.
-    ///
-    /// A synchronous write that failed leaves its event to the consumer; the
-    /// next one of the session, committed at once, would open a gap that a
-    /// loss of Redis data before the consumer's turn makes permanent, and a
-    /// replay does not restore a session across a gap. Left to the consumer
-    /// too, it is lost with that data set at worst, as any event not yet
-    /// recorded (invariant 8), and the session comes back at its last
-    /// recorded version. An end is committed whatever precedes it: the
-    /// database must know every end, so that nothing restores the session.
-    /// Where no consumer runs nothing would ever fill the gap, and the write
-    /// commits as [`AuditSink::write_held`] does.
+    /// Like [`AuditSink::write_held`], committing only when the table then
+    /// holds each session of the batch without a gap before its newest
+    /// event; `None` when it would not: nothing is written. A synchronous
+    /// write (`DB_SESSION_SYNC`) that would follow a gap looks for the
+    /// missing events first, so that it commits them with its own.
     pub async fn write_in_order(
         &self,
         batch: &[Incoming],
         from: &[StreamOrigin],
     ) -> Result<Option<BatchOutcome>> {
-        let order = if batch.iter().any(|i| ends(&i.event)) {
-            Order::Any
-        } else {
-            Order::NoGap
-        };
-        Ok(match self.write_as(None, batch, &[], from, order).await? {
-            Some(Commit::Done(out)) => Some(out),
-            Some(Commit::Fenced { .. }) => Some(BatchOutcome::default()),
-            None => None,
-        })
+        Ok(
+            match self.write_as(None, batch, &[], from, Order::NoGap).await? {
+                Some(Commit::Done(out)) => Some(out),
+                // Only a fenced write checks a token.
+                Some(Commit::Fenced { .. }) => Some(BatchOutcome::default()),
+                None => None,
+            },
+        )
     }
 
     /// Writes a batch in one transaction that commits only while `fence` is
@@ -432,7 +398,7 @@ impl AuditSink {
         order: Order,
     ) -> Result<Option<Commit>> {
         let held = async |txn: DatabaseTransaction, out: &BatchOutcome| -> Result<bool> {
-            if order == Order::NoGap && out.gaps > 0 && consumer_reads(&txn, from).await? {
+            if order == Order::NoGap && out.gaps > 0 {
                 txn.rollback().await?;
                 return Ok(false);
             }

@@ -426,9 +426,10 @@ impl SessionStore {
     /// accepted to the database before the mutation returns (the audit
     /// consumer later finds them there and skips them). A failure is logged
     /// and counted, not returned: the mutation succeeded, and the consumer
-    /// records it from the stream. So are events that would follow a gap in
-    /// their session's trail (an earlier synchronous write failed, or has
-    /// not committed yet): see [`crate::audit::AuditSink::write_in_order`].
+    /// records it from the stream. Events that would follow a gap in their
+    /// session's trail (an earlier synchronous write failed, or has not
+    /// committed yet) are committed with the missing ones when the stream's
+    /// last entries hold them ([`crate::audit::AuditSink::write_in_order`]).
     ///
     /// The one error: [`Error::DataLost`], when Redis lost its data set
     /// after it applied the mutation and before the commit (the commit
@@ -463,49 +464,32 @@ impl SessionStore {
         // answers is missing from it.
         let limit = self.db_wait();
         let write = async {
-            match audit.write_in_order(&events, &origins).await? {
-                Some(out) if out.gaps == 0 => Ok(Some(out)),
-                // An earlier event of the session is not in the table yet:
-                // most often a concurrent write of the same session whose
-                // own commit is a moment behind, or one whose synchronous
-                // write failed a moment ago. Its entry is then among the
-                // stream's last ones, and committed with these it leaves no
-                // gap (where no consumer runs, it fills the gap this write
-                // left).
-                first => {
-                    let mut with = self.just_before(&events).await;
-                    if !with.is_empty() {
-                        with.extend(events.iter().cloned());
-                        if let Some(out) = audit.write_in_order(&with, &origins).await? {
-                            return Ok(Some(out));
-                        }
-                    }
-                    if first.is_some() {
-                        return Ok(first);
-                    }
-                    // Not found: committed after the gap all the same. The
-                    // call is acknowledged, so its event must be in the
-                    // database (a loss of Redis data before the consumer's
-                    // turn would take it otherwise).
-                    audit.write_held(&events, &[], &origins).await.map(Some)
+            if let Some(out) = audit.write_in_order(&events, &origins).await? {
+                return Ok(out);
+            }
+            // An earlier event of the session is not in the table yet: most
+            // often a concurrent write of the same session whose own commit
+            // is a moment behind, or one whose synchronous write failed a
+            // moment ago. Its entry is then among the stream's last ones,
+            // and committed with these it leaves no gap.
+            let mut with = self.just_before(&events).await;
+            if !with.is_empty() {
+                with.extend(events.iter().cloned());
+                if let Some(out) = audit.write_in_order(&with, &origins).await? {
+                    return Ok(out);
                 }
             }
+            // Not found: committed after the gap all the same. The call is
+            // acknowledged, so its event must be in the database (a loss of
+            // Redis data before the consumer's turn would take it otherwise).
+            audit.write_held(&events, &[], &origins).await
         };
         let failure = match tokio::time::timeout(limit, write).await {
-            Ok(Ok(written)) => {
+            Ok(Ok(_)) => {
                 self.shared
                     .audit
                     .sync_failing
                     .store(false, Ordering::Release);
-                if written.is_none() {
-                    crate::telemetry::metrics()
-                        .audit_sync_deferred
-                        .add(events.len() as u64, &[]);
-                    tracing::debug!(
-                        events = events.len(),
-                        "an earlier event of the session is not recorded yet; the audit consumer records these in stream order"
-                    );
-                }
                 return Ok(());
             }
             Ok(Err(e @ Error::DataLost { .. })) => {
@@ -1252,10 +1236,9 @@ fn refused(redis_err: Error) -> Error {
 /// cannot be applied to Redis yet: Redis counts as unreachable for it.
 fn not_settled(id: &SessionId) -> Error {
     tracing::debug!(session_id = %id, "staged writes of the session wait; using the database");
-    Error::Redis(redis::RedisError::from((
-        redis::ErrorKind::Io,
+    Error::unavailable(
         "the session has writes staged during an outage that Redis does not have yet",
-    )))
+    )
 }
 
 /// A staged event left for a later round, and why (logged: a write that

@@ -160,10 +160,9 @@ fn outcome_unknown() -> Error {
     tracing::warn!(
         "redis may have applied a write before its connection broke, and the audit database moved on; not applying it again"
     );
-    Error::Redis(redis::RedisError::from((
-        redis::ErrorKind::Io,
+    Error::unavailable(
         "the write's outcome is unknown: redis may have applied it before its connection broke",
-    )))
+    )
 }
 
 /// Where a write ended up.

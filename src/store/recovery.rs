@@ -97,10 +97,9 @@ pub(super) enum Miss {
 /// and the request may be tried again.
 fn not_restorable_yet(id: &SessionId) -> crate::error::Error {
     tracing::info!(session_id = %id, "the session's audit trail has a gap being filled; not restoring it yet");
-    crate::error::Error::Redis(redis::RedisError::from((
-        redis::ErrorKind::Io,
+    crate::error::Error::unavailable(
         "the session cannot be restored yet: its audit trail has a gap being filled",
-    )))
+    )
 }
 
 /// What each process remembers of a partition.

@@ -133,11 +133,6 @@ pub struct Metrics {
     /// synchronous audit write (`DB_SESSION_SYNC`) failed; the audit
     /// consumer records them from the stream instead.
     pub audit_sync_failures: Counter<u64>,
-    /// `vedfolnir_audit_sync_deferred_total`: mutations whose synchronous
-    /// audit write was left to the consumer because an earlier event of
-    /// their session is not recorded yet (after a failed one, or a
-    /// concurrent write that commits later).
-    pub audit_sync_deferred: Counter<u64>,
     /// `vedfolnir_fallback_projected_total`: staged events applied to Redis
     /// once it answered again.
     pub fallback_projected: Counter<u64>,
@@ -211,12 +206,6 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
                 "Mutations whose synchronous audit write failed (audited later from the stream)",
             )
             .build(),
-        audit_sync_deferred: m
-            .u64_counter("vedfolnir.audit.sync_deferred")
-            .with_description(
-                "Mutations whose synchronous audit write waits for an earlier event of the session (audited later from the stream)",
-            )
-            .build(),
         fallback_projected: m
             .u64_counter("vedfolnir.fallback.projected")
             .with_description("Events staged during a Redis outage and applied to Redis since")
@@ -240,7 +229,6 @@ pub fn metrics() -> &'static Metrics {
             &m.recovery_runs,
             &m.redis_loss_detected,
             &m.audit_sync_failures,
-            &m.audit_sync_deferred,
             &m.fallback_projected,
         ] {
             c.add(0, &[]);
