@@ -10,6 +10,7 @@
 //! | `vedfolnir:expiry` | sorted set | session id → deadline (ms, Redis clock) |
 //! | `vedfolnir:user:<user_id>` | sorted set | session id → creation time (µs, Redis clock) |
 //! | `vedfolnir:epoch` | string | the id of this Redis data set; the audit database records the epoch it knows complete (see `docs/recovery.md`) |
+//! | `vedfolnir:recovered` | string | the epoch the audit database recorded complete, copied beside it: a data set that holds its own epoch here is complete, with no database read |
 //! | `vedfolnir:seq:~<event_id>` | string, PX TTL | an event staged while Redis was unreachable has been applied (projection runs at most once) |
 //!
 //! The session prefix comes from `REDIS_SESSION_PREFIX` and the stream from
@@ -36,6 +37,7 @@
 //! | `vedfolnir:expiry:{3}` | expiry index |
 //! | `vedfolnir:user:{3}:<user_id>` | the user's sessions in this partition |
 //! | `vedfolnir:epoch:{3}` | the partition's epoch |
+//! | `vedfolnir:recovered:{3}` | the partition's epoch known complete |
 //!
 //! So a session, its ledger, its partition's stream and the indexes one
 //! script call touches share one slot. A session's partition is the first 32
@@ -63,6 +65,12 @@ pub struct Keys {
     /// once beside the data. Gone or changed means Redis lost the data the
     /// audit database knows (see `audit::partition`, feature `audit`).
     pub epoch: String,
+    /// The epoch the audit database recorded complete, `<ns>recovered`,
+    /// written beside the data set once it did: equal to `epoch`, it tells
+    /// a process that Redis holds a complete data set without a database
+    /// read (lost with the data, like the epoch; epochs are never reused,
+    /// so a copy that lands in a later data set matches nothing).
+    pub recovered: String,
     /// Held while a process replays this partition after a loss,
     /// `<ns>healing`.
     pub healing: String,
@@ -117,6 +125,7 @@ impl Keys {
             stream: format!("{}{suf}", config.event_stream),
             expiry: format!("{namespace}expiry{suf}"),
             epoch: format!("{namespace}epoch{suf}"),
+            recovered: format!("{namespace}recovered{suf}"),
             healing: format!("{namespace}healing{suf}"),
             lease: format!("{namespace}lease{suf}"),
             outage: format!("{namespace}outage{suf}"),
@@ -289,6 +298,7 @@ mod tests {
                 k.stream.clone(),
                 k.expiry.clone(),
                 k.epoch.clone(),
+                k.recovered.clone(),
                 k.healing.clone(),
                 space.lease(p).to_owned(),
             ] {

@@ -1396,6 +1396,79 @@ async fn a_miss_after_redis_lost_its_data_is_no_answer_while_the_database_is_dow
     assert_eq!(back.get("username"), Some(&json!("sixteen")));
 }
 
+/// The twenty-ninth long fault run: an app server that last confirmed the
+/// data set Redis lost asked the database, at its first miss after another
+/// process's replay had finished, whether the new data set was complete; the
+/// database was cut, and a logged-out user's request got 503 instead of
+/// 401. The healer now copies the epoch it recorded beside the data set, so
+/// the miss stands without the database, while the live session is served.
+/// A copy that names another data set than Redis's (one written just after
+/// another loss) confirms nothing: that miss is still no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_after_a_finished_replay_stands_while_the_database_is_down() {
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = app(&ctx.config, &db).await;
+    let c = store
+        .create(NewSession::for_user(17, "seventeen"))
+        .await
+        .expect("create");
+    drain(&ctx.config, &db).await;
+    // A miss confirms this process's epoch.
+    let unknown = Token::generate().session_id();
+    assert_eq!(store.get(&unknown).await.expect("miss"), None);
+    let part = store.keys().for_session(&c.session_id).clone();
+    let lost: Option<String> = ctx.conn().get(&part.epoch).await.expect("epoch");
+
+    // Redis loses its data; another process replays it and records it.
+    lose_redis_data(&ctx).await;
+    let healer = app(&ctx.config, &db).await;
+    let summary = healer.heal().await.expect("heal").expect("replayed");
+    assert_eq!(summary.restored, 1);
+    let epoch: Option<String> = ctx.conn().get(&part.epoch).await.expect("epoch");
+    let copied: Option<String> = ctx.conn().get(&part.recovered).await.expect("copy");
+    assert!(
+        epoch.is_some() && epoch != lost,
+        "a new data set: {epoch:?}"
+    );
+    assert_eq!(
+        copied, epoch,
+        "the epoch recorded complete, beside the data"
+    );
+
+    // The audit database fails: this process, which confirmed the lost data
+    // set, answers the miss from Redis alone.
+    let outage = PgOutage::begin(&db).await;
+    assert_eq!(
+        store.get(&unknown).await.expect("the miss stands"),
+        None,
+        "Redis holds the data set the database recorded complete"
+    );
+    let served = store.get(&c.session_id).await.expect("get").expect("live");
+    assert_eq!(served.get("username"), Some(&json!("seventeen")));
+
+    // Redis loses its data again, and a late copy of the old epoch lands
+    // in the new data set: it names another epoch, so nothing is confirmed.
+    lose_redis_data(&ctx).await;
+    let _: () = ctx
+        .conn()
+        .set(&part.epoch, uuid::Uuid::now_v7().to_string())
+        .await
+        .expect("set");
+    let _: () = ctx
+        .conn()
+        .set(&part.recovered, epoch.expect("epoch"))
+        .await
+        .expect("set");
+    let read = store.get(&c.session_id).await;
+    assert!(
+        matches!(&read, Err(Error::Database(_))) || matches!(&read, Err(e) if e.is_unavailable()),
+        "a session the lost data set may have held is no miss: {read:?}"
+    );
+    outage.end().await;
+    assert!(store.get(&c.session_id).await.expect("get").is_some());
+}
+
 /// An outage of a PostgreSQL test database: new connections are refused
 /// and the open ones terminated, until [`PgOutage::end`].
 struct PgOutage {

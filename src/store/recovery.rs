@@ -200,8 +200,14 @@ impl SessionStore {
         if memo_fresh {
             return Miss::Recovering;
         }
-        let redis_epoch: Option<String> = match self.conn.clone().get(&part.epoch).await {
-            Ok(e) => e,
+        // One slot: the epoch and the copy of the one known complete.
+        let read: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
+            .arg(&part.epoch)
+            .arg(&part.recovered)
+            .query_async(&mut self.conn.clone())
+            .await;
+        let (redis_epoch, recovered) = match read {
+            Ok(r) => r,
             Err(e) => return Miss::Unknown(e.into()),
         };
         if let (Some(c), Some(r)) = (&confirmed, &redis_epoch)
@@ -211,6 +217,16 @@ impl SessionStore {
             // no loss of data came between (a new data set always gets a new
             // epoch), so the miss stands.
             return Miss::Stands;
+        }
+        if let Some(r) = &redis_epoch
+            && recovered.as_ref() == Some(r)
+        {
+            // Redis holds the data set the database recorded complete (a
+            // process copied the record beside it): no database read, so a
+            // process that last confirmed an earlier data set answers a
+            // miss during an audit outage too.
+            self.confirm(p, r);
+            return Miss::ReadAgain { epoch: r.clone() };
         }
         // Redis has no epoch, or not the one this process confirmed: it lost
         // a data set since, and only the database knows what was in it.
@@ -231,27 +247,44 @@ impl SessionStore {
                 return Miss::Stands;
             }
         };
-        if let Ok(mut m) = self.shared.audit.recovery.lock() {
-            let memo = m.entry(p).or_default();
-            match &state {
-                RecoveryState::Normal { epoch } => {
-                    memo.confirmed = Some(epoch.clone());
-                    memo.recovering_at = None;
-                }
-                RecoveryState::Recovering { .. } => {
+        match state {
+            RecoveryState::Recovering { .. } => {
+                if let Ok(mut m) = self.shared.audit.recovery.lock() {
+                    let memo = m.entry(p).or_default();
                     memo.confirmed = None;
                     memo.recovering_at = Some(Instant::now());
                 }
-            }
-        }
-        match state {
-            RecoveryState::Recovering { .. } => {
                 self.start_healing();
                 Miss::Recovering
             }
             // Normal now, but not known normal when the key was read: a
             // replay may have finished in between and put the session back.
-            RecoveryState::Normal { epoch } => Miss::ReadAgain { epoch },
+            RecoveryState::Normal { epoch } => {
+                self.confirm(p, &epoch);
+                self.mark_recovered(part, &epoch).await;
+                Miss::ReadAgain { epoch }
+            }
+        }
+    }
+
+    /// Remembers `epoch` as partition `p`'s complete data set.
+    fn confirm(&self, p: u32, epoch: &str) {
+        if let Ok(mut m) = self.shared.audit.recovery.lock() {
+            let memo = m.entry(p).or_default();
+            memo.confirmed = Some(epoch.to_owned());
+            memo.recovering_at = None;
+        }
+    }
+
+    /// Copies the epoch the database knows complete beside Redis's data
+    /// set (`<ns>recovered`), for processes that cannot read the database
+    /// when they need to know. Best effort: without it they ask the
+    /// database, as before. Written after Redis lost its data again, it
+    /// lands in a data set whose epoch is another, and is ignored there.
+    async fn mark_recovered(&self, part: &Keys, epoch: &str) {
+        let set: redis::RedisResult<()> = self.conn.clone().set(&part.recovered, epoch).await;
+        if let Err(e) = set {
+            tracing::debug!(err = %e, "copying the complete epoch into redis failed");
         }
     }
 
@@ -435,6 +468,7 @@ impl SessionStore {
                 let now: Option<String> = conn.get(&part.epoch).await?;
                 if now.as_deref() == Some(epoch.as_str()) {
                     partition::record_epoch(&db, &part.stream, epoch).await?;
+                    self.mark_recovered(part, epoch).await;
                 }
             }
             Ok::<_, crate::error::Error>(summary)
