@@ -55,7 +55,7 @@ use redis::{AsyncCommands as _, Script};
 #[cfg(feature = "audit")]
 use sea_orm::sea_query::{Expr, OnConflict, Query};
 #[cfg(feature = "audit")]
-use sea_orm::{ConnectionTrait as _, DatabaseConnection, DbBackend, TransactionTrait as _};
+use sea_orm::{ConnectionTrait as _, DatabaseConnection, DbBackend};
 
 #[cfg(feature = "audit")]
 use crate::audit::entity::lease_fences;
@@ -371,7 +371,7 @@ impl Fence {
     ) -> Result<Fence> {
         use lease_fences::Column as C;
         use sea_orm::ExprTrait as _;
-        let txn = db.begin().await?;
+        let txn = crate::audit::db::begin(db).await?;
         let backend = txn.get_database_backend();
         if backend == DbBackend::Postgres {
             txn.execute_raw(sea_orm::Statement::from_sql_and_values(

@@ -450,6 +450,91 @@ async fn a_healer_that_dies_mid_replay_holds_recovery_up_briefly() {
     assert!(next.get(&c.session_id).await.expect("get").is_some());
 }
 
+/// A transaction whose `BEGIN` was dropped before its answer was read is
+/// not left open on its pooled connection. sqlx 0.9.0 leaves one there (the
+/// connection counts as inside a transaction only once the answer is read),
+/// and a web request whose client went away, or the synchronous audit
+/// write's timeout, drops such futures: the next borrowers' statements ran
+/// inside it and held its locks (the twenty-ninth long fault run logged
+/// "there is already a transaction in progress" at the end of a 21 s stall
+/// after a Redis cut). The test polls a `begin` by hand until the server
+/// shows its connection inside a transaction, then drops it: the window.
+/// One pooled connection, so the statements after it run on that
+/// connection; `SET LOCAL` lasts to the end of a transaction, and outside
+/// one changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_begin_is_dropped_is_not_left_open() {
+    use std::future::Future as _;
+    use std::task::Poll;
+
+    use sea_orm::{ConnectOptions, ConnectionTrait as _, Database, DbBackend, Statement};
+    let db = TestDb::new(Backend::Postgres).await;
+    let app = format!("vtest-begin-{}", uuid::Uuid::new_v4().simple());
+    let mut opts = ConnectOptions::new(db.url.clone());
+    let name = app.clone();
+    opts.max_connections(1)
+        .min_connections(1)
+        .test_before_acquire(false)
+        .sqlx_logging(false)
+        .map_sqlx_postgres_opts(move |o| o.application_name(&name));
+    let pool = Database::connect(opts).await.expect("connect");
+    let show = || async {
+        let row = pool
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SHOW statement_timeout",
+            ))
+            .await
+            .expect("show")
+            .expect("a row");
+        row.try_get_by_index::<String>(0).expect("text")
+    };
+    let before = show().await;
+    let in_transaction = || async {
+        let row = db
+            .db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}' \
+                     AND state = 'idle in transaction'"
+                ),
+            ))
+            .await
+            .expect("pg_stat_activity")
+            .expect("a row");
+        row.try_get_by_index::<i64>(0).expect("count") > 0
+    };
+    let mut dropped_in_the_window = false;
+    'attempts: for _ in 0..20 {
+        let mut begin = Box::pin(vedfolnir_sessions::audit::db::begin(&pool));
+        for _ in 0..500 {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(begin.as_mut().poll(cx))).await;
+            if let Poll::Ready(txn) = polled {
+                // Begun and answered before the window was seen: give it
+                // back (rolled back) and try again.
+                drop(txn);
+                continue 'attempts;
+            }
+            if in_transaction().await {
+                drop(begin);
+                dropped_in_the_window = true;
+                break 'attempts;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert!(dropped_in_the_window, "no BEGIN was seen on the server");
+    pool.execute_unprepared("SET LOCAL statement_timeout = '4321ms'")
+        .await
+        .expect("set local");
+    assert_eq!(
+        show().await,
+        before,
+        "a statement after the dropped BEGIN ran inside its transaction"
+    );
+}
+
 /// A transaction left open on a pooled connection (its future dropped
 /// where the driver cannot roll it back) holds its locks for at most the
 /// pool's idle-in-transaction bound, not until the connection is next used:

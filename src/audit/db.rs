@@ -1,12 +1,46 @@
 //! Connecting to the audit database and checking its schema.
 
-use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use sea_orm::{
+    AccessMode, ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, IsolationLevel,
+    TransactionTrait as _,
+};
 
 use crate::error::{Error, Result};
 
 /// How long the server lets one of this pool's PostgreSQL connections sit
 /// idle inside a transaction before it ends the session.
 pub const IDLE_IN_TRANSACTION: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Begins a transaction that a caller dropped midway cannot leave open.
+///
+/// sqlx 0.9.0 counts a PostgreSQL connection as inside a transaction only
+/// once the answer to its `BEGIN` is read. A caller dropped before that (a
+/// web request whose client went away, a timeout around an audit write)
+/// returns the connection to the pool inside a transaction that nothing
+/// ends: the next borrowers' statements run in it and hold its locks until
+/// the server ends the session ([`IDLE_IN_TRANSACTION`] idle, which a busy
+/// connection never is), and their writes are lost with it (sqlx issue
+/// 4393, fixed after 0.9.0). The `BEGIN` runs on a task of its own, which
+/// reads its answer even when the caller is gone; a transaction nobody
+/// takes is then dropped, which rolls it back.
+pub async fn begin(db: &DatabaseConnection) -> Result<DatabaseTransaction> {
+    begin_with(db, None, None).await
+}
+
+/// [`begin`] with an isolation level and an access mode.
+pub async fn begin_with(
+    db: &DatabaseConnection,
+    isolation: Option<IsolationLevel>,
+    access: Option<AccessMode>,
+) -> Result<DatabaseTransaction> {
+    let db = db.clone();
+    let begun = tokio::spawn(async move { db.begin_with_config(isolation, access).await });
+    match begun.await {
+        Ok(txn) => Ok(txn?),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(Error::unavailable("the runtime is shutting down")),
+    }
+}
 
 /// Opens the audit database named by `DATABASE_URL` (SQLite file or
 /// PostgreSQL; see [`connection_url`]). The URL is never logged: it may hold

@@ -22,7 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait as _, ConnectionTrait, DatabaseConnection, EntityTrait as _, QueryFilter as _,
-    QueryOrder as _, QuerySelect as _, Set, TransactionTrait as _,
+    QueryOrder as _, QuerySelect as _, Set,
 };
 
 use super::entity::session_snapshots::{self, SnapshotStatus};
@@ -77,16 +77,17 @@ pub async fn view(
     session_id: &str,
     session_timeout: Duration,
 ) -> Result<Option<View>> {
-    use sea_orm::{AccessMode, IsolationLevel, TransactionTrait as _};
+    use sea_orm::{AccessMode, IsolationLevel};
     let txn = match db.get_database_backend() {
         sea_orm::DbBackend::Postgres => {
-            db.begin_with_config(
+            crate::audit::db::begin_with(
+                db,
                 Some(IsolationLevel::RepeatableRead),
                 Some(AccessMode::ReadOnly),
             )
             .await?
         }
-        _ => db.begin().await?,
+        _ => crate::audit::db::begin(db).await?,
     };
     let view = view_in(&txn, session_id, session_timeout).await;
     txn.commit().await?;
@@ -202,7 +203,7 @@ pub async fn stage(
     unsure: bool,
     opened: Option<chrono::DateTime<Utc>>,
 ) -> Result<Staged> {
-    let txn = db.begin().await?;
+    let txn = crate::audit::db::begin(db).await?;
     let only_new = writes.iter().all(|(expected, e)| {
         *expected == 0 && matches!(e.kind, crate::event::EventKind::Created { .. })
     });

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait as _, Set, Statement,
-    TransactionTrait as _, Value,
+    ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait as _, Set, Statement, Value,
 };
 use serde::Serialize;
 
@@ -266,7 +265,7 @@ async fn write(
            OR "session_snapshots"."user_id" IS DISTINCT FROM "excluded"."user_id"
            OR "session_snapshots"."expires_at" IS DISTINCT FROM "excluded"."expires_at""#,
     );
-    let txn = db.begin().await?;
+    let txn = crate::audit::db::begin(&db).await?;
     let mut written = 0;
     let mut models = models.into_iter().peekable();
     while models.peek().is_some() {

@@ -57,7 +57,7 @@ use sea_orm::sea_query::{Alias, Expr, OnConflict, Query};
 use sea_orm::{
     ActiveEnum as _, ColumnTrait as _, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
     DbBackend, EntityTrait as _, ExprTrait as _, QueryFilter as _, QueryOrder as _,
-    QuerySelect as _, Set, TransactionTrait as _,
+    QuerySelect as _, Set,
 };
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -433,7 +433,7 @@ impl AuditSink {
         refused.extend_from_slice(dead);
         let recorded_at = Utc::now();
         if self.try_plain(&batch) {
-            let txn = self.db.begin().await?;
+            let txn = crate::audit::db::begin(&self.db).await?;
             if let Some(fenced) = self.open(&txn, fence).await? {
                 txn.rollback().await?;
                 return Ok(Some(fenced));
@@ -451,7 +451,7 @@ impl AuditSink {
                 Err(e) => return Err(e),
             }
         }
-        let txn = self.db.begin().await?;
+        let txn = crate::audit::db::begin(&self.db).await?;
         if let Some(fenced) = self.open(&txn, fence).await? {
             txn.rollback().await?;
             return Ok(Some(fenced));
@@ -1210,7 +1210,7 @@ impl StreamOrigin {
 /// (it conflicts with the inserts' `ROW EXCLUSIVE`), taken and released;
 /// SQLite: a write, which waits for the database's one writer.
 pub async fn settle_writes(db: &DatabaseConnection) -> Result<()> {
-    let txn = db.begin().await?;
+    let txn = crate::audit::db::begin(db).await?;
     match txn.get_database_backend() {
         DbBackend::Postgres => {
             txn.execute_unprepared("SET LOCAL lock_timeout = '5s'")

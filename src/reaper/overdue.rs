@@ -40,7 +40,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, Condition, DatabaseConnection, EntityTrait as _,
-    QueryFilter as _, QueryOrder as _, QuerySelect as _, Set, TransactionTrait as _,
+    QueryFilter as _, QueryOrder as _, QuerySelect as _, Set,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -318,7 +318,7 @@ impl OverdueSweeper {
     ) -> Result<Settled> {
         use session_events::Column as E;
         use session_snapshots::Column as S;
-        let txn = self.db.begin().await?;
+        let txn = crate::audit::db::begin(&self.db).await?;
         let last: Option<Option<i64>> = session_events::Entity::find()
             .select_only()
             .column_as(E::Seq.max(), "max_seq")

@@ -63,7 +63,7 @@ use redis::AsyncCommands as _;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
     AccessMode, ColumnTrait as _, DatabaseConnection, DbBackend, EntityTrait as _, IsolationLevel,
-    QueryFilter as _, QueryOrder as _, QuerySelect as _, Set, TransactionTrait as _,
+    QueryFilter as _, QueryOrder as _, QuerySelect as _, Set,
 };
 use serde::Serialize;
 
@@ -670,14 +670,14 @@ impl Checker<'_> {
     /// view on PostgreSQL; SQLite transactions are serializable).
     async fn read_db_one(&self, id: &str) -> Result<DbView> {
         let txn = if self.db.get_database_backend() == DbBackend::Postgres {
-            self.db
-                .begin_with_config(
-                    Some(IsolationLevel::RepeatableRead),
-                    Some(AccessMode::ReadOnly),
-                )
-                .await?
+            crate::audit::db::begin_with(
+                &self.db,
+                Some(IsolationLevel::RepeatableRead),
+                Some(AccessMode::ReadOnly),
+            )
+            .await?
         } else {
-            self.db.begin().await?
+            crate::audit::db::begin(&self.db).await?
         };
         let mut view = DbView {
             snapshot: session_snapshots::Entity::find_by_id(id.to_owned())
@@ -1242,7 +1242,7 @@ impl Checker<'_> {
     /// only ever moves it forward, so a concurrent commit wins).
     async fn rebuild_snapshot(&self, id: &str) -> Result<String> {
         use session_snapshots::Column as S;
-        let txn = self.db.begin().await?;
+        let txn = crate::audit::db::begin(&self.db).await?;
         let current = session_snapshots::Entity::find_by_id(id.to_owned())
             .one(&txn)
             .await?;

@@ -214,7 +214,6 @@ impl SessionStore {
     /// when Redis is back for another process (then nothing may go to the
     /// database: the caller answers with the Redis error).
     async fn await_open(&self, part: &Keys) -> Result<Option<chrono::DateTime<Utc>>> {
-        use sea_orm::TransactionTrait as _;
         let db = self.db()?;
         let settle = chrono::Duration::from_std(self.settle_window()).unwrap_or_default();
         let open_after = self.open_after();
@@ -230,7 +229,7 @@ impl SessionStore {
                     ..
                 }) => Some(since),
                 _ => {
-                    let txn = db.begin().await?;
+                    let txn = crate::audit::db::begin(db).await?;
                     let since = partition::open_for_writes(&txn, &part.stream, settle).await?;
                     txn.commit().await?;
                     since

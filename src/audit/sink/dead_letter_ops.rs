@@ -14,7 +14,7 @@ use chrono::Utc;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait as _, DatabaseConnection, EntityTrait as _, QueryFilter as _, QueryOrder as _,
-    QuerySelect as _, TransactionTrait as _,
+    QuerySelect as _,
 };
 
 use super::{AuditSink, Cause, Incoming, cause_of, refusal, storable_reason};
@@ -122,7 +122,7 @@ impl AuditSink {
         };
         let stream_id = (!row.stream_id.starts_with("fallback-")).then(|| row.stream_id.clone());
         let incoming = Incoming { stream_id, event };
-        let txn = self.db.begin().await?;
+        let txn = crate::audit::db::begin(&self.db).await?;
         self.open(&txn, None).await?;
         match self.write_checked(&txn, &[&incoming], Utc::now()).await {
             Ok((out, refused)) => {
