@@ -1445,17 +1445,7 @@ async fn a_failed_synchronous_audit_write_without_a_consumer_is_followed_at_once
 /// session is served from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_after_redis_lost_its_data_is_no_answer_while_the_database_is_down() {
-    let ctx = TestContext::new().await;
-    let db = TestDb::new(Backend::Postgres).await;
-    let store = app(&ctx.config, &db).await;
-    let c = store
-        .create(NewSession::for_user(16, "sixteen"))
-        .await
-        .expect("create");
-    drain(&ctx.config, &db).await;
-    // A miss confirms this process's epoch.
-    let unknown = Token::generate().session_id();
-    assert_eq!(store.get(&unknown).await.expect("miss"), None);
+    let (ctx, db, store, c, unknown) = confirmed(16, "sixteen").await;
     let fresh = app(&ctx.config, &db).await;
 
     // An audit outage alone, Redis whole: misses stand, also for a process
@@ -1481,6 +1471,33 @@ async fn a_miss_after_redis_lost_its_data_is_no_answer_while_the_database_is_dow
     assert_eq!(back.get("username"), Some(&json!("sixteen")));
 }
 
+/// An app server on PostgreSQL with one session of `user`, the audit trail
+/// drained, whose miss of an unknown id (returned) has confirmed Redis's
+/// epoch.
+async fn confirmed(
+    user: u64,
+    name: &str,
+) -> (
+    TestContext,
+    TestDb,
+    SessionStore,
+    vedfolnir_sessions::store::Created,
+    SessionId,
+) {
+    let ctx = TestContext::new().await;
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = app(&ctx.config, &db).await;
+    let c = store
+        .create(NewSession::for_user(user, name))
+        .await
+        .expect("create");
+    drain(&ctx.config, &db).await;
+    // A miss confirms this process's epoch.
+    let unknown = Token::generate().session_id();
+    assert_eq!(store.get(&unknown).await.expect("miss"), None);
+    (ctx, db, store, c, unknown)
+}
+
 /// The twenty-ninth long fault run: an app server that last confirmed the
 /// data set Redis lost asked the database, at its first miss after another
 /// process's replay had finished, whether the new data set was complete; the
@@ -1491,17 +1508,7 @@ async fn a_miss_after_redis_lost_its_data_is_no_answer_while_the_database_is_dow
 /// another loss) confirms nothing: that miss is still no answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_after_a_finished_replay_stands_while_the_database_is_down() {
-    let ctx = TestContext::new().await;
-    let db = TestDb::new(Backend::Postgres).await;
-    let store = app(&ctx.config, &db).await;
-    let c = store
-        .create(NewSession::for_user(17, "seventeen"))
-        .await
-        .expect("create");
-    drain(&ctx.config, &db).await;
-    // A miss confirms this process's epoch.
-    let unknown = Token::generate().session_id();
-    assert_eq!(store.get(&unknown).await.expect("miss"), None);
+    let (ctx, db, store, c, unknown) = confirmed(17, "seventeen").await;
     let part = store.keys().for_session(&c.session_id).clone();
     let lost: Option<String> = ctx.conn().get(&part.epoch).await.expect("epoch");
 

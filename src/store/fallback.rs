@@ -84,6 +84,45 @@ const SYNC_TIMEOUT_FAILING: Duration = Duration::from_millis(250);
 /// Staged rows read per round of a projection.
 const PROJECTION_PAGE: u64 = 500;
 
+/// Stream entries read per `XRANGE` while a projection looks for staged
+/// events in the stream.
+const STREAM_PAGE: usize = 1000;
+
+/// What a projection has read of a partition's stream while it looks for
+/// the events it is about to apply: an unsure write's first attempt may
+/// have appended one before its connection broke (or an earlier
+/// projection, which could not delete its row). Every lookup reads what
+/// was appended since the last one, to the stream's end, so each row is
+/// checked against the stream as it is then; the span before is read once
+/// per page of rows, not once per row (with a row each, a backlog of a
+/// hundred staged writes read the same thousands of entries a hundred
+/// times, and took twenty seconds to project).
+struct StreamSeen {
+    /// Where the reading starts: half a minute before the earliest row's
+    /// `occurred_at` (the writer's clock; the margin covers clock skew and
+    /// the command timeout).
+    from_ms: i64,
+    /// The last entry read.
+    after: Option<String>,
+    /// Entry ids by event id.
+    ids: std::collections::HashMap<uuid::Uuid, String>,
+}
+
+impl StreamSeen {
+    fn before(rows: &[fallback_events::Model]) -> Self {
+        let earliest = rows
+            .iter()
+            .map(|r| r.occurred_at.timestamp_millis())
+            .min()
+            .unwrap_or(0);
+        StreamSeen {
+            from_ms: (earliest - 30_000).max(0),
+            after: None,
+            ids: std::collections::HashMap::new(),
+        }
+    }
+}
+
 /// What one projection of staged events did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ProjectionSummary {
@@ -794,12 +833,13 @@ impl SessionStore {
             let Some(last) = rows.last() else { break };
             after = last.id;
             let full = rows.len() as u64 >= PROJECTION_PAGE;
+            let mut seen = StreamSeen::before(&rows);
             for row in rows {
                 if blocked.contains(&row.session_id) {
                     summary.waiting += 1;
                     continue;
                 }
-                let projected = match self.project_row(db, &row).await {
+                let projected = match self.project_row(db, &row, &mut seen).await {
                     Ok(p) => p,
                     Err(e) if e.is_unavailable() || matches!(e, Error::Database(_)) => {
                         return Err(e);
@@ -845,8 +885,9 @@ impl SessionStore {
                 .all(&db)
                 .await?
         };
+        let mut seen = StreamSeen::before(&rows);
         for row in rows {
-            let projected = self.project_row(&db, &row).await?;
+            let projected = self.project_row(&db, &row, &mut seen).await?;
             if matches!(projected, Projected::Waiting)
                 || !self.finish_row(&db, row.id, &projected).await?
             {
@@ -903,6 +944,7 @@ impl SessionStore {
         &self,
         db: &sea_orm::DatabaseConnection,
         row: &fallback_events::Model,
+        seen: &mut StreamSeen,
     ) -> Result<Projected> {
         if outbox::logged(db, row.event_id).await? {
             return Ok(Projected::AlreadyThere(None));
@@ -916,7 +958,7 @@ impl SessionStore {
         // and the audit consumer has not recorded it yet. Applying it again
         // would log it twice and, for a change of keys, set them back to
         // what they were when it was staged.
-        if let Some(entry) = self.in_stream(part, row.event_id, row.occurred_at).await? {
+        if let Some(entry) = self.in_stream(part, seen, row.event_id).await? {
             // Recorded from the stream's own entry, with the seq Redis gave
             // it (an entry that does not decode is the consumer's to
             // dead-letter).
@@ -1040,41 +1082,44 @@ impl SessionStore {
         ))
     }
 
-    /// The entry of the partition's stream that holds `event_id`, if any, from half
-    /// a minute before `at` (the writer's clock; the margin covers clock
-    /// skew and the command timeout) to its end: a projection appends the
-    /// event when it applies it, however long after it was staged. A rare
-    /// path: only for staged events. An entry trimmed since was audited,
-    /// which the caller checks after this.
+    /// The entry of the partition's stream that holds `event_id`, if any
+    /// (see [`StreamSeen`]). A rare path: only for staged events. An entry
+    /// trimmed since was audited, which the caller checks after this.
     async fn in_stream(
         &self,
         part: &Keys,
+        seen: &mut StreamSeen,
         event_id: uuid::Uuid,
-        at: chrono::DateTime<Utc>,
     ) -> Result<Option<redis::streams::StreamId>> {
-        let wanted = event_id.to_string();
-        let mut start = format!("{}", (at.timestamp_millis() - 30_000).max(0));
-        let end = "+";
+        let mut conn = self.conn.clone();
         loop {
-            let page: redis::streams::StreamRangeReply = self
-                .conn
-                .clone()
-                .xrange_count(&part.stream, &start, end, 1000)
+            let start = match &seen.after {
+                Some(last) => format!("({last}"),
+                None => seen.from_ms.to_string(),
+            };
+            let page: redis::streams::StreamRangeReply = conn
+                .xrange_count(&part.stream, &start, "+", STREAM_PAGE)
                 .await?;
-            let full = page.ids.len() == 1000;
-            let last = page.ids.last().map(|e| e.id.clone());
-            if let Some(found) = page
-                .ids
-                .into_iter()
-                .find(|e| e.get::<String>("event_id").as_deref() == Some(wanted.as_str()))
-            {
-                return Ok(Some(found));
+            let full = page.ids.len() == STREAM_PAGE;
+            for e in page.ids {
+                if let Some(id) = e
+                    .get::<String>("event_id")
+                    .and_then(|v| uuid::Uuid::parse_str(&v).ok())
+                {
+                    seen.ids.insert(id, e.id.clone());
+                }
+                seen.after = Some(e.id);
             }
-            match last {
-                Some(last) if full => start = format!("({last}"),
-                _ => return Ok(None),
+            if !full {
+                break;
             }
         }
+        let Some(xid) = seen.ids.get(&event_id) else {
+            return Ok(None);
+        };
+        let entry: redis::streams::StreamRangeReply =
+            conn.xrange_count(&part.stream, xid, xid, 1).await?;
+        Ok(entry.ids.into_iter().next())
     }
 
     /// Puts a session Redis lacks back from the database, for a staged event

@@ -411,7 +411,8 @@ impl SessionStore {
     /// `None` when nothing needed healing, or another process holds the lock.
     pub async fn heal(&self) -> Result<Option<crate::recovery::ReplaySummary>> {
         let db = self.db()?.clone();
-        let owner = uuid::Uuid::now_v7().to_string();
+        // The process id names the holder for an operator (`GET <ns>healing`).
+        let owner = format!("{}:{}", std::process::id(), uuid::Uuid::now_v7());
         let mut conn = self.conn.clone();
         let mut lost = Vec::new();
         for part in self.keys.all() {

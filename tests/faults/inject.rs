@@ -47,7 +47,14 @@ pub async fn run_lane(
         }
         tokio::time::sleep_until(at).await;
         storm.send_modify(|n| *n += 1);
+        let watch = tokio::spawn(report_slow_settling(
+            sys.clone(),
+            origin,
+            f.kind.name(),
+            f.hold,
+        ));
         let rec = inject(&sys, origin, &f).await;
+        watch.abort();
         eprintln!(
             "  fault {:>6.2}s {}{} held {:.2}s, settled {}",
             rec.start.as_secs_f64(),
@@ -72,6 +79,34 @@ pub async fn run_lane(
 }
 
 /// The offset at which `cond` first held, polled within [`SETTLE`].
+/// How long after a fault ends the system may take to settle before the
+/// run says, every few seconds, what keeps it from settling.
+const SLOW_SETTLE: Duration = Duration::from_secs(8);
+
+/// Prints what keeps the system from settling while a fault's settling is
+/// slow (from [`SLOW_SETTLE`] after its hold), until it is aborted: the
+/// logs run at `warn`, and say nothing of a wait that is no failure.
+async fn report_slow_settling(
+    sys: Arc<System>,
+    origin: Instant,
+    kind: &'static str,
+    hold: Duration,
+) {
+    tokio::time::sleep(hold + SLOW_SETTLE).await;
+    loop {
+        let why = sys.unsettled().await;
+        if !why.is_empty() {
+            eprintln!(
+                "    {kind} still settling at {:.2}s (worker pid {:?}): {}",
+                origin.elapsed().as_secs_f64(),
+                sys.worker_pid().await,
+                why.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+}
+
 async fn settle_when<F, Fut>(origin: Instant, cond: F) -> Option<Duration>
 where
     F: FnMut() -> Fut,

@@ -879,8 +879,17 @@ impl System {
             let known = vedfolnir_sessions::audit::partition::load(&self.db.db, &part.stream).await;
             let known = known.ok().flatten().and_then(|r| r.redis_epoch);
             if !matches!(&epoch, Ok(Some(e)) if Some(e) == known.as_ref()) {
+                // Who replays, if anyone: the lock holds `<pid>:<uuid>`.
+                let lock: redis::RedisResult<(Option<String>, i64)> = redis::pipe()
+                    .cmd("GET")
+                    .arg(&part.healing)
+                    .cmd("PTTL")
+                    .arg(&part.healing)
+                    .query_async(&mut conn)
+                    .await;
                 out.push(format!(
-                    "partition {}: redis epoch {epoch:?}, the database knows {known:?}",
+                    "partition {}: redis epoch {epoch:?}, the database knows {known:?}, \
+                     healing lock (holder, ms left) {lock:?}",
                     part.partition
                 ));
             }
