@@ -671,13 +671,13 @@ impl Checker<'_> {
     async fn read_db_one(&self, id: &str) -> Result<DbView> {
         let txn = if self.db.get_database_backend() == DbBackend::Postgres {
             crate::audit::db::begin_with(
-                &self.db,
+                self.db,
                 Some(IsolationLevel::RepeatableRead),
                 Some(AccessMode::ReadOnly),
             )
             .await?
         } else {
-            crate::audit::db::begin(&self.db).await?
+            crate::audit::db::begin(self.db).await?
         };
         let mut view = DbView {
             snapshot: session_snapshots::Entity::find_by_id(id.to_owned())
@@ -1242,7 +1242,7 @@ impl Checker<'_> {
     /// only ever moves it forward, so a concurrent commit wins).
     async fn rebuild_snapshot(&self, id: &str) -> Result<String> {
         use session_snapshots::Column as S;
-        let txn = crate::audit::db::begin(&self.db).await?;
+        let txn = crate::audit::db::begin(self.db).await?;
         let current = session_snapshots::Entity::find_by_id(id.to_owned())
             .one(&txn)
             .await?;

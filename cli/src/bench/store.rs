@@ -108,7 +108,14 @@ fn session_of(rng: &mut StdRng, uid: u64) -> NewSession {
     let csrf: [u8; 32] = rng.random();
     NewSession::for_user(uid, format!("user{uid}"))
         .with("email", format!("user{uid}@example.com"))
-        .with("role", if uid % 10 == 0 { "admin" } else { "viewer" })
+        .with(
+            "role",
+            if uid.is_multiple_of(10) {
+                "admin"
+            } else {
+                "viewer"
+            },
+        )
         .with("platform_connection_id", 100 + uid % 7)
         .with("platform_name", "My Platform")
         .with("platform_type", "mastodon")
