@@ -450,6 +450,19 @@ async fn a_healer_that_dies_mid_replay_holds_recovery_up_briefly() {
     assert!(next.get(&c.session_id).await.expect("get").is_some());
 }
 
+/// The first column of the first row `sql` answers on PostgreSQL.
+async fn first<T: sea_orm::TryGetable>(db: &impl sea_orm::ConnectionTrait, sql: String) -> T {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            sql.clone(),
+        ))
+        .await
+        .expect(&sql)
+        .expect("a row");
+    row.try_get_by_index::<T>(0).expect("a value")
+}
+
 /// A transaction whose `BEGIN` was dropped before its answer was read is
 /// not left open on its pooled connection. sqlx 0.9.0 leaves one there (the
 /// connection counts as inside a transaction only once the answer is read),
@@ -467,7 +480,7 @@ async fn a_transaction_whose_begin_is_dropped_is_not_left_open() {
     use std::future::Future as _;
     use std::task::Poll;
 
-    use sea_orm::{ConnectOptions, ConnectionTrait as _, Database, DbBackend, Statement};
+    use sea_orm::{ConnectOptions, ConnectionTrait as _, Database};
     let db = TestDb::new(Backend::Postgres).await;
     let app = format!("vtest-begin-{}", uuid::Uuid::new_v4().simple());
     let mut opts = ConnectOptions::new(db.url.clone());
@@ -478,32 +491,14 @@ async fn a_transaction_whose_begin_is_dropped_is_not_left_open() {
         .sqlx_logging(false)
         .map_sqlx_postgres_opts(move |o| o.application_name(&name));
     let pool = Database::connect(opts).await.expect("connect");
-    let show = || async {
-        let row = pool
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SHOW statement_timeout",
-            ))
-            .await
-            .expect("show")
-            .expect("a row");
-        row.try_get_by_index::<String>(0).expect("text")
-    };
+    let show = || first::<String>(&pool, "SHOW statement_timeout".to_owned());
     let before = show().await;
     let in_transaction = || async {
-        let row = db
-            .db
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                format!(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}' \
-                     AND state = 'idle in transaction'"
-                ),
-            ))
-            .await
-            .expect("pg_stat_activity")
-            .expect("a row");
-        row.try_get_by_index::<i64>(0).expect("count") > 0
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}' \
+             AND state = 'idle in transaction'"
+        );
+        first::<i64>(&db.db, sql).await > 0
     };
     let mut dropped_in_the_window = false;
     'attempts: for _ in 0..20 {

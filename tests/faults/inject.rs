@@ -78,7 +78,6 @@ pub async fn run_lane(
     out
 }
 
-/// The offset at which `cond` first held, polled within [`SETTLE`].
 /// How long after a fault ends the system may take to settle before the
 /// run says, every few seconds, what keeps it from settling.
 const SLOW_SETTLE: Duration = Duration::from_secs(8);
@@ -107,6 +106,7 @@ async fn report_slow_settling(
     }
 }
 
+/// The offset at which `cond` first held, polled within [`SETTLE`].
 async fn settle_when<F, Fut>(origin: Instant, cond: F) -> Option<Duration>
 where
     F: FnMut() -> Fut,
