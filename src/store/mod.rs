@@ -143,6 +143,15 @@ struct AuditShared {
     mark_due: Mutex<std::collections::HashSet<u32>>,
     /// This process runs a replay.
     healing: AtomicBool,
+    /// The value of the healing locks this store takes, the same for all
+    /// its attempts (`<pid>:<uuid>`): a lock that an attempt of this store
+    /// left behind is this store's to take again at once (see
+    /// `recovery::heal`).
+    healer: String,
+    /// One of this store's `heal` calls is under way: another returns at
+    /// once, so a lock under this store's name held while it is not set was
+    /// left behind.
+    in_heal: AtomicBool,
     /// The last call to the audit database on a request's path (a
     /// synchronous write, a check for staged writes) failed: the next ones
     /// wait less.
@@ -176,6 +185,8 @@ impl Default for AuditShared {
             reopened: Mutex::new(std::collections::HashSet::new()),
             mark_due: Mutex::new(std::collections::HashSet::new()),
             healing: AtomicBool::new(false),
+            healer: format!("{}:{}", std::process::id(), uuid::Uuid::new_v4()),
+            in_heal: AtomicBool::new(false),
             sync_failing: AtomicBool::new(false),
             guard_until_ms: AtomicU64::new(0),
             fallback_writes: AtomicU64::new(0),

@@ -412,7 +412,7 @@ impl SessionStore {
     pub async fn heal(&self) -> Result<Option<crate::recovery::ReplaySummary>> {
         let db = self.db()?.clone();
         // The process id names the holder for an operator (`GET <ns>healing`).
-        let owner = format!("{}:{}", std::process::id(), uuid::Uuid::now_v7());
+        let owner = self.shared.audit.healer.clone();
         let mut conn = self.conn.clone();
         let mut lost = Vec::new();
         for part in self.keys.all() {
@@ -423,6 +423,11 @@ impl SessionStore {
         if lost.is_empty() {
             return Ok(None);
         }
+        if self.shared.audit.in_heal.swap(true, Ordering::AcqRel) {
+            // This store heals already: that call does the work.
+            return Ok(None);
+        }
+        let _in_heal = InHeal(&self.shared.audit.in_heal);
         let mut locked = Vec::new();
         for part in &lost {
             let got: redis::RedisResult<Option<String>> = redis::cmd("SET")
@@ -435,7 +440,25 @@ impl SessionStore {
                 .await;
             match got {
                 Ok(Some(_)) => locked.push(*part),
-                Ok(None) => {}
+                // Held. By this store when an earlier attempt of its own
+                // left the lock behind (no other is under way, `in_heal`): a
+                // `SET NX` that Redis applied but whose reply was lost, with
+                // a release that failed as well (Redis was just coming
+                // back), or an attempt that was stopped. Nobody replays
+                // under such a lock, and every healer would wait out
+                // HEALING_LOCK: this store takes it again (renewing it only
+                // if it holds this store's name).
+                Ok(None) => {
+                    let ttl = HEALING_LOCK.as_millis() as u64;
+                    match crate::lease::renew_held(&mut conn, &part.healing, &owner, ttl).await {
+                        Ok(1) => locked.push(*part),
+                        Ok(_) => {}
+                        Err(e) => {
+                            self.release_healing(&lost, &owner).await;
+                            return Err(e.into());
+                        }
+                    }
+                }
                 Err(e) => {
                     // Redis may have taken the lock and only its reply got
                     // lost (a connection that broke, a timeout): give back
@@ -530,6 +553,15 @@ impl SessionStore {
         let db = self.db()?;
         let streams = self.streams();
         outbox::count(db, &streams).await
+    }
+}
+
+/// Marks a `heal` call under way until it returns or is dropped.
+struct InHeal<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for InHeal<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
