@@ -1062,6 +1062,74 @@ async fn a_staged_write_already_projected_is_not_applied_again(backend: Backend)
     assert_eq!(dead_letter_count(&db).await, 0);
 }
 
+/// An audit consumer whose read Redis applied but whose reply it lost (the
+/// connection broke after the read went out: a cut, a worker stopped and
+/// resumed) does not know the entries that read delivered, pending under
+/// its own name. Its next step audits them. Before, they waited for its
+/// claim pass, `AUDIT_CLAIM_IDLE_MS` (30 s) later, and the group was not
+/// drained meanwhile (the thirty-fourth long fault run: a worker stopped
+/// past its lease did not settle within 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_a_lost_read_delivered_are_audited_at_the_next_step() {
+    let (server, proxy, db, config) =
+        behind_proxy(Backend::Postgres, Duration::from_millis(2000)).await;
+    // The app server writes on a connection of its own; only the
+    // consumer's goes through the proxy.
+    let direct = config
+        .clone()
+        .with_redis(RedisTarget::parse("REDIS_URL", &server.url()).expect("url"));
+    let store = app(&direct, &db).await;
+    let c = store
+        .create(NewSession::for_user(41, "forty-one"))
+        .await
+        .expect("create");
+    let (consumer, token) = drained_consumer(&config, &db).await;
+    assert_eq!(seqs_of(&db, &c.session_id).await, [1]);
+    store
+        .update(&c.session_id, Changes::new().with_set("cart", 1))
+        .await
+        .expect("update");
+    proxy.drop_replies(true);
+    let reading = tokio::spawn(async move {
+        let mut consumer = consumer;
+        let r = consumer.step(&token).await;
+        (consumer, token, r)
+    });
+    // Redis delivers the entry to the consumer, the reply goes nowhere,
+    // then the connection breaks.
+    let admin = server.connection().await;
+    let pending = |mut admin: redis::aio::MultiplexedConnection| {
+        let stream = config.event_stream.clone();
+        async move {
+            let reply: redis::streams::StreamPendingReply =
+                admin.xpending(&stream, "audit").await.expect("xpending");
+            reply.count()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pending(admin.clone()).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the read delivered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.cut();
+    let (mut consumer, token, read) = reading.await.expect("task");
+    assert!(read.is_err(), "the consumer never heard of it: {read:?}");
+    proxy.drop_replies(false);
+    proxy.restore();
+    // The app server's synchronous write recorded the event already: what
+    // the consumer owes is its acknowledgement, after its own commit.
+    assert_eq!(seqs_of(&db, &c.session_id).await, [1, 2]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pending(admin.clone()).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acknowledged at the next steps, not at the claim pass 30 s later"
+        );
+        let _ = consumer.step(&token).await;
+    }
+    assert_eq!(seqs_of(&db, &c.session_id).await, [1, 2]);
+}
+
 /// A write that Redis applied but whose reply was lost (the connection
 /// broke after the command went out) goes to the fallback, unsure; when
 /// Redis answers again the projection finds the event in the stream and does

@@ -10,7 +10,9 @@
 //! (`XREADGROUP … COUNT n BLOCK t`) on a connection of its own whose response
 //! timeout is longer than the block, and claim idle entries again every
 //! `AUDIT_CLAIM_IDLE_MS`, removing on the way the consumers that are idle
-//! and own nothing (dead workers). While a full batch commits, the next one
+//! and own nothing (dead workers). A read that failed may have been applied
+//! (entries delivered whose reply was lost): the next step drains this
+//! consumer's own pending entries first. While a full batch commits, the next one
 //! is read without blocking and decoded on another task, so the database,
 //! Redis and the decoding work at the same time during a backlog; that
 //! batch is written and acknowledged after the first, and finished on
@@ -288,6 +290,11 @@ pub struct AuditConsumer {
     /// Whether the first pass of a fenced consumer, which claims every
     /// other consumer's entries at once, is still to come.
     takeover: bool,
+    /// A read failed after it may have been applied: Redis may have
+    /// delivered entries to this consumer that it never saw, pending under
+    /// its name. The next step drains them, instead of the claim pass
+    /// `AUDIT_CLAIM_IDLE_MS` later.
+    own_pending: bool,
     /// The largest entry seen lately, bytes (decays by an eighth per read).
     entry_bytes: usize,
     /// The most entries the next read may ask for: grows while reads come
@@ -444,6 +451,7 @@ impl AuditConsumer {
             lease: None,
             fenced: false,
             takeover: false,
+            own_pending: false,
             entry_bytes: 0,
             count_cap: FIRST_READ,
         })
@@ -583,6 +591,11 @@ impl AuditConsumer {
             if n > 0 || self.fenced {
                 return Ok(n);
             }
+        } else if self.own_pending {
+            let n = self.drain_own(shutdown).await?;
+            if n > 0 || self.fenced {
+                return Ok(n);
+            }
         }
         let read_at = chrono::Utc::now();
         let (entries, full) = match self.read_new().await {
@@ -591,7 +604,10 @@ impl AuditConsumer {
                 self.ensure_group().await?;
                 return Ok(0);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                self.own_pending = true;
+                return Err(e.into());
+            }
         };
         let n = self.process(entries, Origin::New, full, shutdown).await?;
         if !full && self.ahead.is_none() && !self.fenced {
@@ -618,12 +634,13 @@ impl AuditConsumer {
                 break;
             }
             let count = self.read_count(left).min(self.cfg.batch - entries.len());
-            // Entries a failed read delivered stay pending and are recovered
-            // like any other; the ones in hand are written now.
+            // Entries a failed read delivered stay pending and are drained
+            // at the next step; the ones in hand are written now.
             let more = match self.read(">", false, count).await {
                 Ok(more) => more,
                 Err(e) => {
                     tracing::debug!(err = %e, "reading more of the batch failed");
+                    self.own_pending = true;
                     break;
                 }
             };
@@ -679,26 +696,9 @@ impl AuditConsumer {
     /// then claims other consumers' idle entries (all of them, on a fenced
     /// consumer's first pass).
     async fn recover(&mut self, shutdown: &CancellationToken) -> Result<usize> {
-        let mut total = 0;
-        loop {
-            let count = self.read_count(self.cfg.batch_bytes);
-            let own = match self.read("0", false, count).await {
-                Ok(e) => e,
-                Err(e) if is_nogroup(&e) => {
-                    self.ensure_group().await?;
-                    return Ok(total);
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if own.is_empty() {
-                break;
-            }
-            let full = own.len() >= count;
-            self.note_read(largest_entry(&own), full);
-            total += self.process(own, Origin::Pending, full, shutdown).await?;
-            if self.fenced {
-                return Ok(total);
-            }
+        let mut total = self.drain_own(shutdown).await?;
+        if self.fenced {
+            return Ok(total);
         }
         self.remove_dead_consumers().await;
         let min_idle = if self.takeover {
@@ -751,6 +751,37 @@ impl AuditConsumer {
             }
         }
         self.takeover = false;
+        Ok(total)
+    }
+
+    /// Drains this consumer's own pending entries: a batch left pending
+    /// when it stopped, or entries a read delivered whose reply it lost.
+    async fn drain_own(&mut self, shutdown: &CancellationToken) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let count = self.read_count(self.cfg.batch_bytes);
+            let own = match self.read("0", false, count).await {
+                Ok(e) => e,
+                Err(e) if is_nogroup(&e) => {
+                    // A new group: the entries pending in the old one are
+                    // gone with it.
+                    self.ensure_group().await?;
+                    self.own_pending = false;
+                    return Ok(total);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if own.is_empty() {
+                break;
+            }
+            let full = own.len() >= count;
+            self.note_read(largest_entry(&own), full);
+            total += self.process(own, Origin::Pending, full, shutdown).await?;
+            if self.fenced {
+                return Ok(total);
+            }
+        }
+        self.own_pending = false;
         Ok(total)
     }
 
