@@ -816,11 +816,15 @@ async fn attach_audit(store: SessionStore, config: &Config) -> SessionStore {
         eprintln!("warning: {e}; acting on Redis only");
         return store;
     }
-    store.with_audit(vedfolnir_sessions::audit::AuditSink::new(
-        db,
-        config.session_timeout,
-        config.event_stream.clone(),
-    ))
+    // A replay this command started in the background would end with it,
+    // and leave its healing lock to hold up the worker and the app servers.
+    store
+        .with_audit(vedfolnir_sessions::audit::AuditSink::new(
+            db,
+            config.session_timeout,
+            config.event_stream.clone(),
+        ))
+        .without_background_healing()
 }
 
 async fn session(store: &SessionStore, cmd: SessionCmd) -> Result<Value, Failure> {

@@ -152,6 +152,10 @@ struct AuditShared {
     /// once, so a lock under this store's name held while it is not set was
     /// left behind.
     in_heal: AtomicBool,
+    /// A miss that finds its partition recovering starts a replay in the
+    /// background (off for a short-lived process, see
+    /// `SessionStore::without_background_healing`).
+    background_healing: AtomicBool,
     /// The last call to the audit database on a request's path (a
     /// synchronous write, a check for staged writes) failed: the next ones
     /// wait less.
@@ -187,6 +191,7 @@ impl Default for AuditShared {
             healing: AtomicBool::new(false),
             healer: format!("{}:{}", std::process::id(), uuid::Uuid::new_v4()),
             in_heal: AtomicBool::new(false),
+            background_healing: AtomicBool::new(true),
             sync_failing: AtomicBool::new(false),
             guard_until_ms: AtomicU64::new(0),
             fallback_writes: AtomicU64::new(0),
@@ -245,6 +250,22 @@ impl SessionStore {
     #[cfg(feature = "audit")]
     pub fn with_audit(mut self, sink: AuditSink) -> Self {
         self.audit = Some(sink);
+        self
+    }
+
+    /// A store that never starts a replay in the background when it finds
+    /// that Redis lost its data, for a short-lived process (the CLI): the
+    /// replay would end with the process, and the healing lock it took would
+    /// hold every other healer up until it runs out (15 s). Its reads are
+    /// still answered from the database while a partition recovers, and
+    /// [`SessionStore::heal`] still heals when called; the worker and the app
+    /// servers heal on their own. Applies to every clone of this store.
+    #[cfg(feature = "audit")]
+    pub fn without_background_healing(self) -> Self {
+        self.shared
+            .audit
+            .background_healing
+            .store(false, Ordering::Release);
         self
     }
 

@@ -387,7 +387,9 @@ impl SessionStore {
 
     /// Starts a replay in the background unless this process runs one.
     pub(super) fn start_healing(&self) {
-        if self.shared.audit.healing.swap(true, Ordering::AcqRel) {
+        if !self.shared.audit.background_healing.load(Ordering::Acquire)
+            || self.shared.audit.healing.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
