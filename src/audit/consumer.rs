@@ -583,19 +583,18 @@ impl AuditConsumer {
         if let Some(ready) = self.ahead.take() {
             return self.write_batch(ready, Origin::New, shutdown).await;
         }
-        if self.claim_due() {
+        let recovered = if self.claim_due() {
             // Set before the attempt: a recovery that fails does not keep
             // new entries from being read, and is tried again when next due.
             self.last_claim = Some(Instant::now());
-            let n = self.recover(shutdown).await?;
-            if n > 0 || self.fenced {
-                return Ok(n);
-            }
+            self.recover(shutdown).await?
         } else if self.own_pending {
-            let n = self.drain_own(shutdown).await?;
-            if n > 0 || self.fenced {
-                return Ok(n);
-            }
+            self.drain_own(shutdown).await?
+        } else {
+            0
+        };
+        if recovered > 0 || self.fenced {
+            return Ok(recovered);
         }
         let read_at = chrono::Utc::now();
         let (entries, full) = match self.read_new().await {

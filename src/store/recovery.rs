@@ -440,8 +440,8 @@ impl SessionStore {
                 .arg(HEALING_LOCK.as_millis() as u64)
                 .query_async(&mut conn)
                 .await;
-            match got {
-                Ok(Some(_)) => locked.push(*part),
+            let taken = match got {
+                Ok(Some(_)) => Ok(true),
                 // Held. By this store when an earlier attempt of its own
                 // left the lock behind (no other is under way, `in_heal`): a
                 // `SET NX` that Redis applied but whose reply was lost, with
@@ -452,15 +452,15 @@ impl SessionStore {
                 // if it holds this store's name).
                 Ok(None) => {
                     let ttl = HEALING_LOCK.as_millis() as u64;
-                    match crate::lease::renew_held(&mut conn, &part.healing, &owner, ttl).await {
-                        Ok(1) => locked.push(*part),
-                        Ok(_) => {}
-                        Err(e) => {
-                            self.release_healing(&lost, &owner).await;
-                            return Err(e.into());
-                        }
-                    }
+                    crate::lease::renew_held(&mut conn, &part.healing, &owner, ttl)
+                        .await
+                        .map(|renewed| renewed == 1)
                 }
+                Err(e) => Err(e),
+            };
+            match taken {
+                Ok(true) => locked.push(*part),
+                Ok(false) => {}
                 Err(e) => {
                     // Redis may have taken the lock and only its reply got
                     // lost (a connection that broke, a timeout): give back
