@@ -186,8 +186,9 @@ impl Default for TlsConfig {
 pub enum Layout {
     /// An update writes the session key and the stream and nothing else:
     /// the expiry index holds a lower bound of each deadline, a session's
-    /// version and user are recorded only near its deadline, index members
-    /// are the 32 bytes of the id.
+    /// version and user are recorded only near its deadline, user index
+    /// members are the 32 bytes of the id and expiry index members its first
+    /// 30 (the last two in the score, [`crate::SessionId::expiry_score`]).
     #[default]
     Lean,
     /// What the release before the lean layout wrote and reads: a ledger

@@ -109,6 +109,10 @@ pub struct InvalidToken;
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(String);
 
+/// The step of the lean expiry index's scores, ms (see
+/// [`SessionId::expiry_score`]).
+const EXPIRY_STEP_MS: f64 = 64.0;
+
 impl SessionId {
     /// The id as text.
     pub fn as_str(&self) -> &str {
@@ -126,14 +130,51 @@ impl SessionId {
         out
     }
 
-    /// The id of an index member: 64 hex characters, or the 32 bytes they
-    /// spell (the lean layout). `None` for anything else.
+    /// The id of a user index member: 64 hex characters, or the 32 bytes
+    /// they spell (the lean layout). `None` for anything else.
     pub(crate) fn from_member(member: &[u8]) -> Option<SessionId> {
         match member.len() {
             32 => Some(SessionId(hex::encode(member))),
             64 => std::str::from_utf8(member).ok()?.parse().ok(),
             _ => None,
         }
+    }
+
+    /// The lean layout's expiry index member: the first 30 bytes of the id.
+    /// Its last two bytes are in the entry's score ([`SessionId::expiry_score`]).
+    pub fn expiry_member(&self) -> [u8; 30] {
+        let mut out = [0u8; 30];
+        out.copy_from_slice(&self.to_bytes()[..30]);
+        out
+    }
+
+    /// The lean layout's expiry index score for this id filed at `at_ms`:
+    /// the greatest `64k + f` not after `at_ms`, where the fraction `f`, in
+    /// [0, 64), is the id's last two bytes / 1024. A score is thus a time in
+    /// ms at most 64 ms early, never late, and a double exactly (below 2^43
+    /// ms, the year 2248). The script computes the same (`escore` in
+    /// `src/lua/session.lua`).
+    pub fn expiry_score(&self, at_ms: i64) -> f64 {
+        let bytes = self.to_bytes();
+        let f = f64::from(u16::from_be_bytes([bytes[30], bytes[31]])) / 1024.0;
+        ((at_ms as f64 - f) / EXPIRY_STEP_MS).floor() * EXPIRY_STEP_MS + f
+    }
+
+    /// The id of an expiry index entry: a member of [`SessionId::from_member`],
+    /// or the lean layout's 30 bytes with the last two from `score`. `None`
+    /// for anything else.
+    pub(crate) fn from_expiry_entry(member: &[u8], score: f64) -> Option<SessionId> {
+        if member.len() != 30 {
+            return SessionId::from_member(member);
+        }
+        let tail = score.rem_euclid(EXPIRY_STEP_MS) * 1024.0;
+        if !(tail.fract() == 0.0 && (0.0..65536.0).contains(&tail)) {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        bytes[..30].copy_from_slice(member);
+        bytes[30..].copy_from_slice(&(tail as u16).to_be_bytes());
+        Some(SessionId(hex::encode(bytes)))
     }
 }
 
@@ -188,6 +229,46 @@ mod tests {
         assert_eq!(t.expose().len(), TOKEN_LEN);
         assert_eq!(Token::parse(t.expose()), Ok(t.clone()));
         assert_ne!(Token::generate(), t, "two tokens must differ");
+    }
+
+    proptest::proptest! {
+        /// The lean expiry entry names its session exactly, at most 64 ms
+        /// early and never late, also after the score's round trip through
+        /// text (Redis answers scores with 17 significant digits, `%.17g`).
+        #[test]
+        fn an_expiry_entry_names_its_session(
+            bytes in proptest::array::uniform32(proptest::num::u8::ANY),
+            at in 0i64..(1i64 << 43) - 64,
+        ) {
+            let id = SessionId(hex::encode(bytes));
+            let score = id.expiry_score(at);
+            proptest::prop_assert!(score <= at as f64 && score > (at - 64) as f64, "{score} for {at}");
+            let back = format!("{score:.16e}").parse::<f64>().expect("a number");
+            proptest::prop_assert_eq!(back, score);
+            let member = id.expiry_member();
+            proptest::prop_assert_eq!(SessionId::from_expiry_entry(&member, back), Some(id.clone()));
+            // Another id's score names another id.
+            let other = score + 1.0 / 1024.0;
+            if other.rem_euclid(64.0) != 0.0 {
+                proptest::prop_assert_ne!(SessionId::from_expiry_entry(&member, other), Some(id));
+            }
+        }
+    }
+
+    #[test]
+    fn expiry_entries_of_other_forms_are_read_by_their_member() {
+        let id = Token::generate().session_id();
+        let hex = id.as_str().as_bytes().to_vec();
+        assert_eq!(SessionId::from_expiry_entry(&hex, 1234.0), Some(id.clone()));
+        assert_eq!(
+            SessionId::from_expiry_entry(&id.to_bytes(), 1234.0),
+            Some(id.clone())
+        );
+        // A 30-byte member whose score has no id in it: a score of another
+        // form, or a fraction finer than 1/1024.
+        let m = id.expiry_member();
+        assert!(SessionId::from_expiry_entry(&m, 1234.5 + 1.0 / 4096.0).is_none());
+        assert!(SessionId::from_expiry_entry(&m[..29], 1234.0).is_none());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Redis deletes a session key when its TTL runs out, silently. The reaper
 //! reads the expiry index (session → a time at or before its deadline, on
-//! Redis's clock) for entries that have come due and runs the same atomic
+//! Redis's clock; a member of the lean layout carries the id's last two bytes
+//! in its score, [`SessionId::expiry_score`]) for entries that have come due and runs the same atomic
 //! script path as every other mutation:
 //!
 //! - a session still live is filed again from its key's real TTL: at the
@@ -124,11 +125,11 @@ impl Reaper {
             .await?;
         let mut expired = 0;
         for (member, score) in due {
-            let Some(sid) = SessionId::from_member(&member) else {
+            let Some(sid) = SessionId::from_expiry_entry(&member, score) else {
                 let _: redis::RedisResult<u64> = conn.zrem(expiry, &member).await;
                 continue;
             };
-            if self.store.expire(&sid, score as i64).await? {
+            if self.store.expire(&sid, score).await? {
                 tracing::debug!(session_id = %sid, "expired");
                 crate::telemetry::metrics().expired.add(1, &[]);
                 expired += 1;

@@ -400,7 +400,7 @@ async fn idle_sessions_expire_exactly_once(backend: Backend) {
     assert_eq!(expired[0]["seq"], "2");
     assert!(
         !ctx.store
-            .expire(&kept.session_id, old_score as i64 - 5_000)
+            .expire(&kept.session_id, old_score - 5_000.0)
             .await
             .expect("expire")
     );

@@ -2,9 +2,11 @@
 //!
 //! - The lean layout: a live session far from its deadline is its key, an
 //!   entry in the expiry index at the look-ahead before its deadline (a lower
-//!   bound) and an entry in its user's index, members being the id's 32
-//!   bytes; no ledger. An update writes the key and the stream and nothing
-//!   else.
+//!   bound, under the id's first 30 bytes with the last two in the score)
+//!   and an entry in its user's index under the id's 32 bytes; no ledger.
+//!   An update writes the key and the stream and nothing else. Entries filed
+//!   under the 32 bytes before are read, filed again under the 30, and
+//!   removed with the session's end.
 //! - The reaper files a due entry again from the key's real TTL; within the
 //!   look-ahead it records the session's version and user (its ledger), a
 //!   write keeps that record current, and the `expired` event carries the
@@ -88,15 +90,7 @@ async fn ledger(ctx: &TestContext, id: &SessionId) -> Option<String> {
 /// Makes a session's expiry entry due now, under whichever member form it
 /// is filed: the reaper's visit, without waiting for it.
 async fn make_due(ctx: &TestContext, id: &SessionId) {
-    let key = ctx.expiry_key(id);
-    let mut conn = ctx.conn();
-    let lean: Option<f64> = conn.zscore(&key, &id.to_bytes()[..]).await.expect("zscore");
-    let n: u64 = if lean.is_some() {
-        conn.zadd(&key, &id.to_bytes()[..], 0).await.expect("zadd")
-    } else {
-        conn.zadd(&key, id.as_str(), 0).await.expect("zadd")
-    };
-    assert_eq!(n, 0, "the entry existed");
+    ctx.refile_expiry(id, 0).await;
 }
 
 /// Shortens a key's remaining life, as time passing would.
@@ -123,15 +117,23 @@ async fn an_update_writes_the_key_and_the_stream_only() {
         None,
         "no ledger while the deadline is far"
     );
-    // The expiry entry: the id's 32 bytes, at the look-ahead before the
-    // deadline.
-    let score: Option<f64> = ctx
+    // The expiry entry: the id's first 30 bytes, its last two in the
+    // score, at the look-ahead before the deadline.
+    let (member, score) = ctx.expiry_entry(id).await.expect("filed");
+    assert_eq!(member, id.expiry_member(), "filed under the 30 bytes");
+    let in_32: Option<f64> = ctx
         .conn()
         .zscore(ctx.expiry_key(id), &id.to_bytes()[..])
         .await
         .expect("zscore");
+    assert_eq!(in_32, None, "one entry");
     let want = now_ms() + 7_200_000 - 300_000;
-    let score = score.expect("filed under the 32 bytes") as i64;
+    assert_eq!(
+        score,
+        id.expiry_score(score.ceil() as i64),
+        "the id's score"
+    );
+    let score = score as i64;
     assert!((score - want).abs() < 2_000 * MS, "{score} vs {want}");
     let in_user: Option<f64> = ctx
         .conn()
@@ -205,14 +207,21 @@ async fn an_update_writes_the_key_and_the_stream_only() {
     assert!(new.is_empty(), "left its user's index");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_reaper_records_the_version_near_the_deadline_and_ends_with_the_last_write() {
+/// A namespace of sessions that live 6 s with a look-ahead of 3 s, and its
+/// reaper.
+async fn short_lived() -> (TestContext, Reaper) {
     let ctx = TestContext::with(|c| {
         c.with_session_timeout(Duration::from_secs(6))
             .with_expiry_lookahead(Duration::from_secs(3))
     })
     .await;
     let reaper = Reaper::new(ctx.store.clone(), ReaperConfig::default());
+    (ctx, reaper)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_records_the_version_near_the_deadline_and_ends_with_the_last_write() {
+    let (ctx, reaper) = short_lived().await;
     let c = ctx
         .store
         .create(NewSession::for_user(4, "near"))
@@ -719,6 +728,113 @@ async fn a_redis_without_the_library_is_given_it_by_the_next_call() {
     assert_eq!(len, 2, "one event per call");
     let now = store.get(&c.session_id).await.expect("get").expect("live");
     assert_eq!(now.get("theme"), Some(&json!("dark")));
+}
+
+/// Files a session's expiry entry as the lean layout filed it before its
+/// entries took 30 bytes: under the id's 32 bytes, at a whole ms.
+async fn file_as_before(ctx: &TestContext, id: &SessionId, at_ms: i64) {
+    ctx.unindex(&ctx.expiry_key(id), id).await;
+    let added: u64 = ctx
+        .conn()
+        .zadd(ctx.expiry_key(id), &id.to_bytes()[..], at_ms)
+        .await
+        .expect("zadd");
+    assert_eq!(added, 1);
+}
+
+/// An upgrade: the entries the lean layout filed under the id's 32 bytes
+/// (with whole-ms scores) are read by the reaper, filed again under the 30
+/// bytes, expire once with the version of the last write, and go with the
+/// session's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_entries_filed_under_the_32_bytes_are_read_and_filed_again() {
+    let (ctx, reaper) = short_lived().await;
+    let mut ids = Vec::new();
+    for name in ["far", "near", "ended"] {
+        let id = ctx
+            .store
+            .create(NewSession::for_user(9, name))
+            .await
+            .expect("create")
+            .session_id;
+        let score = ctx.expiry_score(&id).await.expect("filed");
+        file_as_before(&ctx, &id, score.floor() as i64).await;
+        ids.push(id);
+    }
+    let (far, near, ended) = (&ids[0], &ids[1], &ids[2]);
+    let in_32 = |id: &SessionId| {
+        let (mut conn, key, member) = (ctx.conn(), ctx.expiry_key(id), id.to_bytes());
+        async move {
+            let s: Option<f64> = conn.zscore(&key, &member[..]).await.expect("zscore");
+            s
+        }
+    };
+
+    // Due far from its deadline: filed again under the 30 bytes, at the
+    // look-ahead before the deadline, and only there.
+    file_as_before(&ctx, far, 0).await;
+    assert_eq!(reaper.sweep().await.expect("sweep"), 0);
+    let (member, score) = ctx.expiry_entry(far).await.expect("filed");
+    assert_eq!(member, far.expiry_member());
+    let pttl: i64 = ctx.conn().pttl(ctx.session_key(far)).await.expect("pttl");
+    let want = now_ms() + pttl - 3_000;
+    assert!((score as i64 - want).abs() < 1_000, "{score} vs {want}");
+    assert_eq!(in_32(far).await, None, "one entry");
+    // Filed under both forms (a server of the release before files it
+    // again beside this release's entry): the due one is visited, and one
+    // entry is left.
+    let added: u64 = ctx
+        .conn()
+        .zadd(ctx.expiry_key(far), &far.to_bytes()[..], 0)
+        .await
+        .expect("zadd");
+    assert_eq!(added, 1);
+    assert_eq!(reaper.sweep().await.expect("sweep"), 0);
+    assert_eq!(in_32(far).await, None, "the due entry was visited");
+    let (member, again) = ctx.expiry_entry(far).await.expect("filed");
+    assert_eq!(member, far.expiry_member());
+    assert!((again - score).abs() < 1_000.0, "{again} vs {score}");
+
+    // Near its deadline: the reaper records its version and user; then,
+    // its key gone and its entry under the 32 bytes again, it expires once
+    // with the version of its last write.
+    ctx.store
+        .update(near, Changes::new().with_set("cart", 2))
+        .await
+        .expect("update");
+    age(&ctx, near, 2_000).await;
+    file_as_before(&ctx, near, 0).await;
+    assert_eq!(reaper.sweep().await.expect("sweep"), 0);
+    assert_eq!(ledger(&ctx, near).await.as_deref(), Some("2|live|9"));
+    let (member, _) = ctx.expiry_entry(near).await.expect("filed");
+    assert_eq!(
+        member,
+        near.expiry_member(),
+        "filed again under the 30 bytes"
+    );
+    file_as_before(&ctx, near, now_ms() + 2_000).await;
+    age(&ctx, near, 1).await;
+    assert_eq!(sweep_until_one_expires(&reaper).await, 1);
+    assert_eq!(reaper.sweep().await.expect("sweep"), 0, "only once");
+    assert_eq!(
+        history(&ctx, near).await,
+        [
+            (1, "created".to_owned()),
+            (2, "updated".to_owned()),
+            (3, "expired".to_owned())
+        ]
+    );
+    assert_eq!(ctx.expiry_entry(near).await, None);
+
+    // An end removes the entry under the 32 bytes.
+    assert!(in_32(ended).await.is_some());
+    assert!(
+        ctx.store
+            .destroy(ended, DestroyReason::Logout)
+            .await
+            .expect("destroy")
+    );
+    assert_eq!(ctx.expiry_entry(ended).await, None, "no entry left");
 }
 
 /// Sweeps until every one of `ids` has an `expired` event (bounded); the

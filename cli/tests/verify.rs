@@ -454,10 +454,7 @@ async fn each_kind_of_damage_is_named_and_repaired(backend: Backend) {
     // 1: the expiry entry after the look-ahead before the deadline: the key
     // could expire before the reaper records its version and user.
     let late = chrono::Utc::now().timestamp_millis() + 7_300_000;
-    let _: () = conn
-        .zadd(f.ctx.expiry_key(&ids[1]), &ids[1].to_bytes()[..], late)
-        .await
-        .expect("zadd");
+    f.ctx.refile_expiry(&ids[1], late).await;
     // 2: missing from the expiry index.
     f.ctx.unindex(&f.ctx.expiry_key(&ids[2]), &ids[2]).await;
     // 3: the key made persistent.

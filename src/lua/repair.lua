@@ -16,8 +16,10 @@
 --
 -- Per-session keys are built from the prefixes, as in `session.lua`: in a
 -- partitioned deployment they carry the partition's hash tag, so everything
--- one call touches lives in one slot. An index member is the id's 64 hex
--- characters or its 32 bytes (the lean layout); both are read.
+-- one call touches lives in one slot. A user index member is the id's 64
+-- hex characters or its 32 bytes (the lean layout); an expiry index member
+-- is also either, or (the lean layout's) the id's first 30 bytes with its
+-- last two in the score, as `session.lua` writes it (`escore`). All are read.
 
 local expiry = KEYS[1]
 local op = ARGV[1]
@@ -49,6 +51,26 @@ local function score(key, id, m)
   return redis.call('ZSCORE', key, m) or redis.call('ZSCORE', key, id)
 end
 
+-- The score of a session in the expiry index under any member form.
+local function expiry_score(id, m)
+  return redis.call('ZSCORE', expiry, string.sub(m, 1, 30)) or score(expiry, id, m)
+end
+
+-- Files a session in the expiry index at `at` (ms) under this layout's
+-- member, and removes the other forms: `session.lua`'s `file`.
+local function file(id, m, at)
+  local w, s = id, at
+  if lean then
+    local a, b = string.byte(m, 31, 32)
+    local f = (a * 256 + b) / 1024
+    w, s = string.sub(m, 1, 30), math.floor((at - f) / 64) * 64 + f
+    redis.call('ZREM', expiry, m, id)
+  else
+    redis.call('ZREM', expiry, string.sub(m, 1, 30), m)
+  end
+  redis.call('ZADD', expiry, s, w)
+end
+
 if op == 'inspect' then
   -- ARGV[7] the session id, ARGV[8] its 32 bytes, ARGV[9…] users whose index
   -- to look in. Reply (all strings, '' for "none"): Redis's clock in ms, '1'
@@ -71,7 +93,7 @@ if op == 'inspect' then
     int(redis.call('PTTL', sp .. id)),
     ledger or '',
     int(redis.call('PTTL', lp .. id)),
-    score(expiry, id, m) or '',
+    expiry_score(id, m) or '',
     in_ledger_user or '',
   }
   for i = 9, #ARGV do
@@ -129,8 +151,7 @@ elseif op == 'reindex' then
   else
     at = deadline - ahead
   end
-  redis.call('ZREM', expiry, other)
-  redis.call('ZADD', expiry, at, w)
+  file(id, m, at)
   if user ~= '' then
     redis.call('ZREM', up .. user, other)
     redis.call('ZADD', up .. user, 'NX', now_us, w)
@@ -154,14 +175,10 @@ elseif op == 'requeue' then
   if not have or status ~= 'live' or have ~= seq then
     return { 'moved' }
   end
-  if score(expiry, id, m) then
+  if expiry_score(id, m) then
     return { 'ok' }
   end
-  local w = id
-  if lean then
-    w = m
-  end
-  redis.call('ZADD', expiry, 'NX', deadline, w)
+  file(id, m, deadline)
   return { 'ok' }
 end
 return redis.error_reply('unknown operation ' .. tostring(op))

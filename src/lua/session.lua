@@ -34,8 +34,9 @@
 -- due and files it again from the key's real TTL), the user index changes
 -- only when the user does, and a look exists only within the look-ahead of
 -- the deadline (written by the reaper) or for sessions whose timeout is no
--- longer than the look-ahead. Index members are the 32 raw bytes of the id.
--- A ledger that exists is always kept current.
+-- longer than the look-ahead. A user index member is the 32 raw bytes of the
+-- id; an expiry index member is its first 30 bytes, and its last two are in
+-- the score (see `escore`). A ledger that exists is always kept current.
 --
 -- The ledger layout writes what the previous release wrote and reads: a
 -- ledger for every live session, the exact deadline in the expiry index and
@@ -94,16 +95,54 @@ local function id_of(m)
   end
   return m
 end
--- The member this layout writes for a session: `m` is always the lean one.
+-- The user index member this layout writes for a session: `m` is always
+-- the lean one.
 local function member(id, m)
   if lean then
     return m
   end
   return id
 end
--- Removes a session from an index under both member forms.
+-- Removes a session from a user index under both member forms.
 local function unindex(key, id, m)
   redis.call('ZREM', key, m, id)
+end
+
+-- The lean layout's expiry index entry. Its member is the id's first 30
+-- bytes: a member of up to 30 bytes takes Redis's smallest string header
+-- and fits a 32-byte allocation, where 32 bytes take 48 (16 bytes less per
+-- session, in the index's skiplist and dict alike). The id's last two bytes
+-- are the score's fraction, `f` = their value / 1024, in [0, 64): the score
+-- is the greatest `64k + f` not after the time `at` (ms), so an entry is at
+-- most 64 ms early and never late, and the score is still a time in ms for
+-- every reader. Every such score is a double exactly (under 2^43 ms, the
+-- year 2248, with ten bits of fraction). See src/id.rs (`expiry_score`).
+local function emember(m)
+  return string.sub(m, 1, 30)
+end
+local function escore(at, m)
+  local a, b = string.byte(m, 31, 32)
+  local f = (a * 256 + b) / 1024
+  return math.floor((at - f) / 64) * 64 + f
+end
+-- The expiry index's score and member for a session filed at `at`.
+local function expiry_entry(id, m, at)
+  if lean then
+    return escore(at, m), emember(m)
+  end
+  return at, id
+end
+-- The expiry members of a session other than `w`, the one this layout
+-- writes (the three forms: 30 bytes, 32 bytes, hex).
+local function others(id, m, w)
+  if w == id then
+    return emember(m), m
+  end
+  return m, id
+end
+-- Removes a session from the expiry index under every member form.
+local function unfile(id, m)
+  redis.call('ZREM', expiry, emember(m), m, id)
 end
 
 local function parse_ledger(v)
@@ -158,11 +197,11 @@ local function file(id, m, remaining, with_ledger, again)
   if not with_ledger then
     at = at - ahead
   end
-  local w = member(id, m)
+  local score, w = expiry_entry(id, m, at)
   if again then
-    redis.call('ZREM', expiry, w == m and id or m)
+    redis.call('ZREM', expiry, others(id, m, w))
   end
-  redis.call('ZADD', expiry, at, w)
+  redis.call('ZADD', expiry, score, w)
 end
 
 -- A live session's key at `seq`. `fresh`: its first state here (created,
@@ -201,15 +240,15 @@ local function lower(id, m, ttl, with_ledger)
   if not with_ledger then
     at = at - ahead
   end
-  local w = member(id, m)
-  redis.call('ZREM', expiry, w == m and id or m)
-  redis.call('ZADD', expiry, 'LT', at, w)
+  local score, w = expiry_entry(id, m, at)
+  redis.call('ZREM', expiry, others(id, m, w))
+  redis.call('ZADD', expiry, 'LT', score, w)
 end
 
 local function store_end(id, m, seq, status, user, tomb)
   redis.call('DEL', sp .. id)
   redis.call('SET', lp .. id, int(seq) .. '|' .. status .. '|' .. user, 'PX', tomb)
-  unindex(expiry, id, m)
+  unfile(id, m)
   if user ~= '' then
     unindex(up .. user, id, m)
   end
@@ -378,7 +417,9 @@ local function create(keys, argv)
   local sid = log(keys[1], argv[6], argv[4], '1', 'created', argv[8], argv[7], argv[9], argv[10])
   local t = redis.call('TIME')
   local s, us = tonumber(t[1]), tonumber(t[2])
-  redis.call('ZADD', keys[3], s * 1000 + math.floor(us / 1000) + argv[2] - argv[3], argv[5])
+  local m = argv[5]
+  redis.call('ZADD', keys[3], escore(s * 1000 + math.floor(us / 1000) + argv[2] - argv[3], m),
+    emember(m))
   if keys[4] then
     redis.call('ZADD', keys[4], 'NX', s * 1000000 + us, argv[5])
   end
@@ -530,8 +571,8 @@ local function run(keys, argv)
     end
     return ended
   elseif op == 'expire' then
-    -- The reaper's visit of a due entry (filed under either member form,
-    -- with `score`). A session still live is filed again from its key's TTL, or,
+    -- The reaper's visit of a due entry (filed under any member form, with
+    -- `score`). A session still live is filed again from its key's TTL, or,
     -- within the look-ahead of its deadline, needs a look first ('look' with
     -- its JSON: the caller reads the user and calls `look`). A session whose
     -- key is gone ends with the version and user of its ledger; without a
@@ -545,14 +586,24 @@ local function run(keys, argv)
     local payload = arg()
     read_meta()
     clock()
-    local s = redis.call('ZSCORE', expiry, m) or redis.call('ZSCORE', expiry, id)
-    if not s or tonumber(s) ~= score or score > now then
+    -- The entry the reaper saw, under whichever form it has (a session an
+    -- older server filed again may have two for a moment; filing it again
+    -- below leaves one).
+    local seen = false
+    for _, w in ipairs({ emember(m), m, id }) do
+      local s = redis.call('ZSCORE', expiry, w)
+      if s and tonumber(s) == score then
+        seen = true
+        break
+      end
+    end
+    if not seen or score > now then
       -- Filed again since the reaper looked, or not due yet.
       return { 'skip' }
     end
     local json, lseq, status, user = state(id)
     if status and status ~= 'live' then
-      unindex(expiry, id, m)
+      unfile(id, m)
       return { 'gone' }
     end
     if json then
@@ -578,7 +629,7 @@ local function run(keys, argv)
       return { 'look', json }
     end
     if not lseq then
-      unindex(expiry, id, m)
+      unfile(id, m)
       return { 'gone' }
     end
     -- An early entry seen after the key went: the ledger's TTL (the deadline
@@ -587,8 +638,9 @@ local function run(keys, argv)
     if lpttl > 0 then
       local d = math.min(now, now + lpttl - tomb)
       if math.abs(d - score) > 1000 then
-        redis.call('ZADD', expiry, d, member(id, m))
-        redis.call('ZREM', expiry, member(id, m) == m and id or m)
+        local ds, w = expiry_entry(id, m, d)
+        redis.call('ZADD', expiry, ds, w)
+        redis.call('ZREM', expiry, others(id, m, w))
         return { 'skip' }
       end
     end

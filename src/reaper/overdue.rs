@@ -267,10 +267,10 @@ impl OverdueSweeper {
                         layout::inspect(&mut conn, keys, shape, id.as_str(), &[])
                             .await?
                             .expiry
-                            .unwrap_or(d)
+                            .unwrap_or(d as f64)
                     }
                 };
-                if score > view.now_ms {
+                if score > view.now_ms as f64 {
                     return Ok(Settled::Waiting(
                         "the expiry index puts its deadline ahead".to_owned(),
                     ));

@@ -80,7 +80,7 @@ impl Ledger {
 }
 
 /// One session's derived state in Redis, read atomically by one script call.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct RedisView {
     /// Redis's clock when it was read, ms.
     pub now_ms: i64,
@@ -94,8 +94,9 @@ pub(crate) struct RedisView {
     pub ledger: Option<Ledger>,
     /// The ledger's `PTTL`.
     pub ledger_pttl: i64,
-    /// The session's score in the expiry index.
-    pub expiry: Option<i64>,
+    /// The session's score in the expiry index, exactly (a lean entry's
+    /// fraction carries the id's last two bytes).
+    pub expiry: Option<f64>,
     /// For each user asked about, the session's score in that user's index.
     pub users: Vec<(String, Option<i64>)>,
 }
@@ -108,6 +109,11 @@ impl RedisView {
             .iter()
             .find(|(u, _)| u == user)
             .map(|(_, s)| s.is_some())
+    }
+
+    /// The expiry index's time for the session, whole ms.
+    pub(crate) fn expiry_ms(&self) -> Option<i64> {
+        self.expiry.map(|s| s.floor() as i64)
     }
 
     /// When the key runs out (Redis's clock, ms), if it has a TTL.
@@ -196,6 +202,12 @@ pub(crate) fn decode_inspect(parts: Vec<String>, users: &[&str]) -> Result<Redis
         }
         s.parse::<f64>().map(|f| Some(f as i64)).map_err(|_| bad())
     };
+    let exact = |s: &str| -> Result<Option<f64>> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse::<f64>().map(Some).map_err(|_| bad())
+    };
     let ledger = Ledger::parse(&parts[4]);
     let mut users: Vec<(String, Option<i64>)> = users
         .iter()
@@ -216,7 +228,7 @@ pub(crate) fn decode_inspect(parts: Vec<String>, users: &[&str]) -> Result<Redis
         ledger_raw: (!parts[4].is_empty()).then(|| parts[4].clone()),
         ledger,
         ledger_pttl: int(&parts[5])?,
-        expiry: score(&parts[6])?,
+        expiry: exact(&parts[6])?,
         users,
     })
 }
@@ -345,7 +357,7 @@ pub(crate) fn check_live(
         None if shape.layout == Layout::Lean => d - shape.lookahead_ms as i64,
         _ => d,
     });
-    match (view.expiry, latest) {
+    match (view.expiry_ms(), latest) {
         (None, _) => out.push(problem(
             "expiry_index_missing",
             "not in the expiry index: the reaper would never expire it".to_owned(),
@@ -471,7 +483,7 @@ mod tests {
             ledger_raw: Some("3|live|7".to_owned()),
             ledger: Ledger::parse("3|live|7"),
             ledger_pttl: 60_000 + 86_400_000,
-            expiry: Some(1_060_000),
+            expiry: Some(1_060_000.0),
             users: vec![("7".to_owned(), Some(5.0e15 as i64))],
         }
     }
@@ -534,7 +546,7 @@ mod tests {
         v.pttl = 10_000;
         assert_eq!(kinds(&v), ["ttl_wrong"]);
         let mut v = view();
-        v.expiry = Some(1_070_000);
+        v.expiry = Some(1_070_000.0);
         assert_eq!(kinds(&v), ["expiry_index_wrong"]);
         let mut v = view();
         v.expiry = None;
@@ -554,10 +566,10 @@ mod tests {
         v.ledger = None;
         v.ledger_raw = None;
         assert_eq!(kinds_in(&v, LEAN), ["expiry_index_wrong"]);
-        v.expiry = Some(1_060_000 - 20_000);
+        v.expiry = Some(1_040_000.0);
         assert!(kinds_in(&v, LEAN).is_empty());
         // Earlier still is fine: the reaper files it again.
-        v.expiry = Some(1_000_000);
+        v.expiry = Some(1_000_000.0);
         assert!(kinds_in(&v, LEAN).is_empty());
         // The ledger layout wants the ledger.
         assert_eq!(kinds_in(&v, LEDGER), ["ledger_missing"]);

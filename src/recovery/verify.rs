@@ -607,11 +607,12 @@ impl Checker<'_> {
             }
         }
         for part in keys.all() {
-            let members: Vec<Vec<u8>> = self.conn.zrange(&part.expiry, 0, -1).await?;
+            let entries: Vec<(Vec<u8>, f64)> =
+                self.conn.zrange_withscores(&part.expiry, 0, -1).await?;
             ids.extend(
-                members
+                entries
                     .iter()
-                    .filter_map(|m| SessionId::from_member(m))
+                    .filter_map(|(m, score)| SessionId::from_expiry_entry(m, *score))
                     .map(|id| id.as_str().to_owned()),
             );
         }
@@ -997,7 +998,7 @@ impl Checker<'_> {
                     .map(|ms| ms + self.store.config().session_timeout.as_millis() as i64)
             })
             .or_else(|| r.key_deadline())
-            .or(r.expiry);
+            .or(r.expiry_ms());
         for p in layout::check_live(r, &exp, self.tomb_ms, self.shape) {
             let fix = (p.reindexable && deadline.is_some()).then_some(Fix::Reindex);
             j.problem(p.kind, p.detail, fix);

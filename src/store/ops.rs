@@ -1424,15 +1424,19 @@ impl SessionStore {
         }
     }
 
-    /// The reaper's visit of an expiry index entry scored `deadline_ms`
-    /// that has come due: appends the `expired` event for a session past
-    /// its deadline, unless it was touched since or another reaper already
-    /// did. A session still live is filed again at the right time (after
-    /// recording its version and user when its deadline is near, in the
-    /// lean layout). Returns true when this call expired it.
-    pub async fn expire(&self, id: &SessionId, deadline_ms: i64) -> Result<bool> {
+    /// The reaper's visit of an expiry index entry that has come due,
+    /// scored `score` (ms, exactly as the index holds it): appends the
+    /// `expired` event for a session past its deadline, unless it was
+    /// touched since or another reaper already did. A session still live is
+    /// filed again at the right time (after recording its version and user
+    /// when its deadline is near, in the lean layout). Returns true when this
+    /// call expired it. The event's deadline is the score's whole ms: the
+    /// deadline itself, or up to 64 ms before it for an entry of the lean
+    /// layout ([`SessionId::expiry_score`]).
+    pub async fn expire(&self, id: &SessionId, score: f64) -> Result<bool> {
         self.shared.states.forget(id);
         let meta = Meta::now();
+        let deadline_ms = score.floor() as i64;
         let deadline = Timestamp::from_millis(deadline_ms)
             .ok_or_else(|| Error::Corrupt(format!("deadline {deadline_ms} out of range")))?;
         let kind = EventKind::Expired { deadline };
@@ -1440,7 +1444,7 @@ impl SessionStore {
         let part = self.keys.for_session(id);
         let inv = script::Expire {
             id,
-            score: deadline_ms,
+            score,
             tomb_ms: self.tomb_ms(),
             event_id,
             payload: &kind.payload_json(),

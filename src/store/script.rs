@@ -222,7 +222,8 @@ pub(crate) trait Operation {
 }
 
 /// The id twice: as text (keys, the stream) and as its 32 bytes (index
-/// members in the lean layout).
+/// members in the lean layout; the script takes the expiry index's 30 of
+/// them and their score from these).
 fn id(a: &mut redis::Cmd, id: &SessionId) {
     a.arg(id.as_str()).arg(&id.to_bytes()[..]);
 }
@@ -503,7 +504,9 @@ impl Operation for DestroyUser<'_> {
 #[derive(Debug)]
 pub(crate) struct Expire<'a> {
     pub id: &'a SessionId,
-    pub score: i64,
+    /// The entry's score, exactly (a lean entry's carries the id's last
+    /// two bytes).
+    pub score: f64,
     pub tomb_ms: u64,
     pub event_id: Uuid,
     pub payload: &'a str,

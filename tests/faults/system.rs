@@ -712,8 +712,10 @@ impl System {
                     let raw: Vec<u8> = (0..hex.len() / 2)
                         .filter_map(|j| u8::from_str_radix(&hex[2 * j..2 * j + 2], 16).ok())
                         .collect();
+                    let short = raw.get(..30).map(<[u8]>::to_vec).unwrap_or_default();
                     let _: i64 = conn.zrem(&part.expiry, &hex).await?;
                     let _: i64 = conn.zrem(&part.expiry, raw).await?;
+                    let _: i64 = conn.zrem(&part.expiry, short).await?;
                     "removed from the expiry index"
                 }
                 _ => {

@@ -222,23 +222,57 @@ impl TestContext {
         self.store.keys().for_session(id).expiry.clone()
     }
 
-    /// A session's score in its partition's expiry index, filed under
-    /// either member form (the id's 32 bytes in the lean layout, its hex in
-    /// the ledger layout).
+    /// A session's score in its partition's expiry index, filed under any
+    /// member form (the id's first 30 bytes in the lean layout, its 32 bytes
+    /// as the lean layout filed it before, its hex in the ledger layout).
     pub async fn expiry_score(&self, id: &SessionId) -> Option<f64> {
-        let key = self.expiry_key(id);
-        let mut conn = self.conn();
-        let lean: Option<f64> = conn.zscore(&key, &id.to_bytes()[..]).await.expect("zscore");
-        match lean {
-            Some(s) => Some(s),
-            None => conn.zscore(&key, id.as_str()).await.expect("zscore"),
-        }
+        Some(self.expiry_entry(id).await?.1)
     }
 
-    /// Removes a session from an index under both member forms, as damage
+    /// A session's member and score in its partition's expiry index, under
+    /// any member form.
+    pub async fn expiry_entry(&self, id: &SessionId) -> Option<(Vec<u8>, f64)> {
+        let key = self.expiry_key(id);
+        let mut conn = self.conn();
+        for member in [
+            id.expiry_member().to_vec(),
+            id.to_bytes().to_vec(),
+            id.as_str().as_bytes().to_vec(),
+        ] {
+            let score: Option<f64> = conn.zscore(&key, &member).await.expect("zscore");
+            if let Some(s) = score {
+                return Some((member, s));
+            }
+        }
+        None
+    }
+
+    /// Files a session's expiry entry (which must exist) at `at_ms` under the
+    /// member it has, as time passing or damage by hand would: the score of
+    /// a lean entry keeps the id's last two bytes.
+    pub async fn refile_expiry(&self, id: &SessionId, at_ms: i64) {
+        let (member, _) = self.expiry_entry(id).await.expect("in the expiry index");
+        let score = if member.len() == 30 {
+            id.expiry_score(at_ms)
+        } else {
+            at_ms as f64
+        };
+        let added: u64 = self
+            .conn()
+            .zadd(self.expiry_key(id), &member, score)
+            .await
+            .expect("zadd");
+        assert_eq!(added, 0, "the entry existed");
+    }
+
+    /// Removes a session from an index under every member form, as damage
     /// done by hand.
     pub async fn unindex(&self, key: &str, id: &SessionId) {
-        let members = [id.as_str().as_bytes().to_vec(), id.to_bytes().to_vec()];
+        let members = [
+            id.as_str().as_bytes().to_vec(),
+            id.to_bytes().to_vec(),
+            id.expiry_member().to_vec(),
+        ];
         let removed: u64 = self.conn().zrem(key, &members).await.expect("zrem");
         assert_eq!(removed, 1, "{id} was in {key}");
     }
