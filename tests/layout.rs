@@ -812,10 +812,42 @@ async fn expiry_entries_filed_under_the_32_bytes_are_read_and_filed_again() {
         near.expiry_member(),
         "filed again under the 30 bytes"
     );
-    file_as_before(&ctx, near, now_ms() + 2_000).await;
+    // Its key gone early and its entry under the 32 bytes again, more than
+    // a second away from the deadline its look tells (here: now, since the
+    // key went before the look's deadline): filed again there under the 30
+    // bytes, then expired once, carrying that deadline.
     age(&ctx, near, 1).await;
+    let key = ctx.session_key(near);
+    ctx.eventually("the key to go", Duration::from_secs(5), || {
+        let (mut conn, key) = (ctx.conn(), key.clone());
+        async move { !conn.exists::<_, bool>(&key).await.expect("exists") }
+    })
+    .await;
+    file_as_before(&ctx, near, 0).await;
+    assert_eq!(reaper.sweep().await.expect("sweep"), 0);
+    let (member, score) = ctx.expiry_entry(near).await.expect("filed");
+    assert_eq!(
+        member,
+        near.expiry_member(),
+        "filed again under the 30 bytes"
+    );
+    assert!(
+        (score - now_ms() as f64).abs() < 2_000.0,
+        "filed at the deadline: {score}"
+    );
     assert_eq!(sweep_until_one_expires(&reaper).await, 1);
     assert_eq!(reaper.sweep().await.expect("sweep"), 0, "only once");
+    let end = ctx.events_of(near).await.pop().expect("events");
+    let payload: Value = serde_json::from_str(&end["payload"]).expect("payload");
+    let at: chrono::DateTime<chrono::Utc> = payload["deadline"]
+        .as_str()
+        .expect("deadline")
+        .parse()
+        .expect("a time");
+    assert!(
+        (at.timestamp_millis() - now_ms()).abs() < 2_000,
+        "the event carries the deadline: {at}"
+    );
     assert_eq!(
         history(&ctx, near).await,
         [

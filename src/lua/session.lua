@@ -638,9 +638,7 @@ local function run(keys, argv)
     if lpttl > 0 then
       local d = math.min(now, now + lpttl - tomb)
       if math.abs(d - score) > 1000 then
-        local ds, w = expiry_entry(id, m, d)
-        redis.call('ZADD', expiry, ds, w)
-        redis.call('ZREM', expiry, others(id, m, w))
+        file(id, m, d - now, true, true)
         return { 'skip' }
       end
     end

@@ -195,19 +195,15 @@ pub(crate) fn decode_inspect(parts: Vec<String>, users: &[&str]) -> Result<Redis
         return Err(bad());
     }
     let int = |s: &str| s.parse::<i64>().map_err(|_| bad());
-    // Scores are doubles on the wire; deadlines are whole milliseconds.
-    let score = |s: &str| -> Result<Option<i64>> {
-        if s.is_empty() {
-            return Ok(None);
-        }
-        s.parse::<f64>().map(|f| Some(f as i64)).map_err(|_| bad())
-    };
+    // Scores are doubles on the wire: the expiry index's is kept exactly (a
+    // lean entry's fraction names the id), a user index's in whole units.
     let exact = |s: &str| -> Result<Option<f64>> {
         if s.is_empty() {
             return Ok(None);
         }
         s.parse::<f64>().map(Some).map_err(|_| bad())
     };
+    let score = |s: &str| -> Result<Option<i64>> { Ok(exact(s)?.map(|f| f as i64)) };
     let ledger = Ledger::parse(&parts[4]);
     let mut users: Vec<(String, Option<i64>)> = users
         .iter()
