@@ -23,7 +23,7 @@
 //!   (a restart without persistence, `FUNCTION FLUSH`) is given it by the
 //!   next call, which then succeeds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use redis::AsyncCommands as _;
@@ -101,6 +101,29 @@ async fn age(ctx: &TestContext, id: &SessionId, remaining_ms: i64) {
         .await
         .expect("pexpire");
     assert!(ok, "the key exists");
+}
+
+/// Lets a session's key run out now, as its deadline passing would, and
+/// waits (bounded) until Redis has dropped it.
+async fn run_out(ctx: &TestContext, id: &SessionId) {
+    age(ctx, id, 1).await;
+    let key = ctx.session_key(id);
+    ctx.eventually("the key to go", Duration::from_secs(5), || {
+        let (mut conn, key) = (ctx.conn(), key.clone());
+        async move { !conn.exists::<_, bool>(&key).await.expect("exists") }
+    })
+    .await;
+}
+
+/// The deadline an `expired` stream entry carries, ms.
+fn deadline_of(end: &HashMap<String, String>) -> i64 {
+    let payload: Value = serde_json::from_str(&end["payload"]).expect("payload");
+    let at: chrono::DateTime<chrono::Utc> = payload["deadline"]
+        .as_str()
+        .expect("deadline")
+        .parse()
+        .expect("a time");
+    at.timestamp_millis()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,14 +313,9 @@ async fn the_reaper_records_the_version_near_the_deadline_and_ends_with_the_last
     let end = events.last().expect("end");
     assert_eq!(end["seq"], "4");
     assert_eq!(end["user_id"], "4");
-    let payload: Value = serde_json::from_str(&end["payload"]).expect("payload");
-    let at: chrono::DateTime<chrono::Utc> = payload["deadline"]
-        .as_str()
-        .expect("deadline")
-        .parse()
-        .expect("a time");
+    let at = deadline_of(end);
     assert!(
-        (at.timestamp_millis() - deadline).abs() < 1_000,
+        (at - deadline).abs() < 1_000,
         "the event carries the deadline: {at}"
     );
     assert_eq!(ledger(&ctx, id).await.as_deref(), Some("4|expired|4"));
@@ -316,13 +334,7 @@ async fn a_session_whose_record_was_never_made_is_left_to_the_database_sweep() {
     let id = &c.session_id;
     // The reaper was down through the whole look-ahead: the key is gone
     // and nothing in Redis knows the version.
-    age(&ctx, id, 1).await;
-    let key = ctx.session_key(id);
-    ctx.eventually("the key to go", Duration::from_secs(5), || {
-        let (mut conn, key) = (ctx.conn(), key.clone());
-        async move { !conn.exists::<_, bool>(&key).await.expect("exists") }
-    })
-    .await;
+    run_out(&ctx, id).await;
     make_due(&ctx, id).await;
     assert_eq!(reaper.sweep().await.expect("sweep"), 0);
     assert!(
@@ -816,13 +828,7 @@ async fn expiry_entries_filed_under_the_32_bytes_are_read_and_filed_again() {
     // a second away from the deadline its look tells (here: now, since the
     // key went before the look's deadline): filed again there under the 30
     // bytes, then expired once, carrying that deadline.
-    age(&ctx, near, 1).await;
-    let key = ctx.session_key(near);
-    ctx.eventually("the key to go", Duration::from_secs(5), || {
-        let (mut conn, key) = (ctx.conn(), key.clone());
-        async move { !conn.exists::<_, bool>(&key).await.expect("exists") }
-    })
-    .await;
+    run_out(&ctx, near).await;
     file_as_before(&ctx, near, 0).await;
     assert_eq!(reaper.sweep().await.expect("sweep"), 0);
     let (member, score) = ctx.expiry_entry(near).await.expect("filed");
@@ -838,14 +844,9 @@ async fn expiry_entries_filed_under_the_32_bytes_are_read_and_filed_again() {
     assert_eq!(sweep_until_one_expires(&reaper).await, 1);
     assert_eq!(reaper.sweep().await.expect("sweep"), 0, "only once");
     let end = ctx.events_of(near).await.pop().expect("events");
-    let payload: Value = serde_json::from_str(&end["payload"]).expect("payload");
-    let at: chrono::DateTime<chrono::Utc> = payload["deadline"]
-        .as_str()
-        .expect("deadline")
-        .parse()
-        .expect("a time");
+    let at = deadline_of(&end);
     assert!(
-        (at.timestamp_millis() - now_ms()).abs() < 2_000,
+        (at - now_ms()).abs() < 2_000,
         "the event carries the deadline: {at}"
     );
     assert_eq!(
@@ -883,13 +884,7 @@ async fn reap_all(ctx: &TestContext, reaper: &Reaper, ids: &[&SessionId]) -> Vec
                 .into_iter()
                 .find(|e| e["type"] == "expired");
             if let Some(end) = end {
-                let payload: Value = serde_json::from_str(&end["payload"]).expect("payload");
-                let at: chrono::DateTime<chrono::Utc> = payload["deadline"]
-                    .as_str()
-                    .expect("deadline")
-                    .parse()
-                    .expect("a time");
-                deadlines.push(at.timestamp_millis());
+                deadlines.push(deadline_of(&end));
             }
         }
         if deadlines.len() == ids.len() {
